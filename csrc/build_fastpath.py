@@ -1,0 +1,43 @@
+"""cffi out-of-line API-mode build of ``geneve_dp._fastpath``.
+
+setup.py names ``ffibuilder`` in ``cffi_modules``; ``pip install -e .`` runs it. The
+module embeds a digest of the C sources so that ``geneve_dp.fastpath`` can refuse a
+build that no longer matches the checkout (see ``source_digest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from cffi import FFI
+
+CSRC = Path(__file__).resolve().parent
+
+
+def c_sources() -> list[Path]:
+    """The C files compiled into the module: every .c here (fuzz/ and tools are apart)."""
+    return sorted(CSRC.glob("*.c"))
+
+
+def source_digest() -> str:
+    """Digest of every file the module is built from, in a stable order."""
+    digest = hashlib.sha256()
+    for path in sorted([*CSRC.glob("*.c"), *CSRC.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+ffibuilder = FFI()
+ffibuilder.cdef((CSRC / "fastpath_cdef.h").read_text())
+ffibuilder.set_source(
+    "geneve_dp._fastpath",
+    f'#include "fastpath.h"\nconst char *gdp_build_id(void) {{ return "{source_digest()}"; }}\n',
+    sources=[str(p.relative_to(CSRC.parent)) for p in c_sources()],
+    include_dirs=[str(CSRC)],
+    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

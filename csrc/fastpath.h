@@ -1,0 +1,7 @@
+/* Everything the cffi module exposes: one include for build_fastpath.py. */
+#ifndef GDP_FASTPATH_H
+#define GDP_FASTPATH_H
+
+#include "geneve.h"
+
+#endif

@@ -1,0 +1,3 @@
+from geneve_dp.cli import main
+
+raise SystemExit(main())

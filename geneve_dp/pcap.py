@@ -1,0 +1,129 @@
+"""Classic libpcap files: a reader that finds GENEVE inside, and a writer for tests.
+
+Only what `geneve-dp decode --pcap` and the interop tests need: link types Ethernet,
+raw IP and Linux cooked capture (v1 and v2), outer IPv4/IPv6 and UDP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import wire
+
+LINKTYPE_ETHERNET = 1
+LINKTYPE_RAW = 101
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_LINUX_SLL2 = 276
+
+_MAGIC = {
+    b"\xd4\xc3\xb2\xa1": "<",
+    b"\xa1\xb2\xc3\xd4": ">",
+    b"\x4d\x3c\xb2\xa1": "<",  # nanosecond resolution
+    b"\xa1\xb2\x3c\x4d": ">",
+}
+
+
+class PcapError(Exception):
+    """The file is not a classic pcap we can read."""
+
+
+@dataclass(frozen=True)
+class UdpDatagram:
+    """A UDP datagram found in a captured frame."""
+
+    index: int  # 1-based frame number, as Wireshark counts
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    payload: bytes
+
+
+def read_frames(path: Path) -> tuple[int, Iterator[bytes]]:
+    """Link type and the frames of a classic pcap file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PcapError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(data) < 24 or data[:4] not in _MAGIC:
+        raise PcapError(f"{path} is not a classic pcap file (pcapng is not supported)")
+    endian = _MAGIC[data[:4]]
+    linktype = struct.unpack_from(endian + "I", data, 20)[0]
+
+    def frames() -> Iterator[bytes]:
+        pos = 24
+        while pos + 16 <= len(data):
+            incl = struct.unpack_from(endian + "I", data, pos + 8)[0]
+            pos += 16
+            yield data[pos : pos + incl]
+            pos += incl
+
+    return linktype, frames()
+
+
+def _l3_offset(linktype: int, frame: bytes) -> tuple[int, int] | None:
+    """(offset of the IP header, ethertype) for a frame of ``linktype``."""
+    if linktype == LINKTYPE_ETHERNET:
+        pos, ethertype = 12, None
+        while True:
+            if len(frame) < pos + 2:
+                return None
+            ethertype = struct.unpack_from("!H", frame, pos)[0]
+            if ethertype in (0x8100, 0x88A8):  # VLAN tags
+                pos += 4
+                continue
+            return pos + 2, ethertype
+    if linktype == LINKTYPE_LINUX_SLL:
+        return (16, struct.unpack_from("!H", frame, 14)[0]) if len(frame) >= 16 else None
+    if linktype == LINKTYPE_LINUX_SLL2:
+        return (20, struct.unpack_from("!H", frame, 0)[0]) if len(frame) >= 20 else None
+    if linktype == LINKTYPE_RAW and frame:
+        return 0, 0x0800 if frame[0] >> 4 == 4 else 0x86DD
+    return None
+
+
+def udp_datagrams(path: Path) -> Iterator[UdpDatagram]:
+    """Every UDP datagram in the file (IPv4 without fragments, IPv6 without extension headers)."""
+    linktype, frames = read_frames(path)
+    for index, frame in enumerate(frames, start=1):
+        found = _l3_offset(linktype, frame)
+        if found is None:
+            continue
+        off, ethertype = found
+        if ethertype == 0x0800 and len(frame) >= off + 20:
+            ihl = (frame[off] & 0x0F) * 4
+            if frame[off + 9] != 17 or struct.unpack_from("!H", frame, off + 6)[0] & 0x3FFF:
+                continue
+            src = ipaddress.IPv4Address(frame[off + 12 : off + 16])
+            dst = ipaddress.IPv4Address(frame[off + 16 : off + 20])
+            udp = off + ihl
+        elif ethertype == 0x86DD and len(frame) >= off + 40:
+            if frame[off + 6] != 17:
+                continue
+            src = ipaddress.IPv6Address(frame[off + 8 : off + 24])  # type: ignore[assignment]
+            dst = ipaddress.IPv6Address(frame[off + 24 : off + 40])  # type: ignore[assignment]
+            udp = off + 40
+        else:
+            continue
+        if len(frame) < udp + 8:
+            continue
+        sport, dport, length = struct.unpack_from("!HHH", frame, udp)
+        end = min(len(frame), udp + length) if length >= 8 else len(frame)
+        yield UdpDatagram(index, str(src), str(dst), sport, dport, frame[udp + 8 : end])
+
+
+def geneve_datagrams(path: Path, port: int = wire.GENEVE_PORT) -> Iterator[UdpDatagram]:
+    """The UDP datagrams sent to the GENEVE port."""
+    return (d for d in udp_datagrams(path) if d.dport == port)
+
+
+def write(path: Path, frames: list[bytes], linktype: int = LINKTYPE_ETHERNET) -> None:
+    """Write ``frames`` as a classic little-endian microsecond pcap."""
+    out = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype))
+    for i, frame in enumerate(frames):
+        out += struct.pack("<IIII", i, 0, len(frame), len(frame)) + frame
+    path.write_bytes(bytes(out))
