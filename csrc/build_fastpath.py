@@ -28,16 +28,34 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-ffibuilder = FFI()
-ffibuilder.cdef((CSRC / "fastpath_cdef.h").read_text())
-ffibuilder.set_source(
-    "geneve_dp._fastpath",
-    f'#include "fastpath.h"\nconst char *gdp_build_id(void) {{ return "{source_digest()}"; }}\n',
-    sources=[str(p.relative_to(CSRC.parent)) for p in c_sources()],
-    include_dirs=[str(CSRC)],
-    extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-    libraries=["pthread"],
-)
+def make_builder(absolute_sources: bool = False) -> FFI:
+    """The cffi builder; setuptools wants source paths relative to setup.py."""
+    builder = FFI()
+    builder.cdef((CSRC / "fastpath_cdef.h").read_text())
+    build_id = f'const char *gdp_build_id(void) {{ return "{source_digest()}"; }}\n'
+    builder.set_source(
+        "geneve_dp._fastpath",
+        '#include "fastpath.h"\n' + build_id,
+        sources=[str(p if absolute_sources else p.relative_to(CSRC.parent)) for p in c_sources()],
+        include_dirs=[str(CSRC)],
+        extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        libraries=["pthread"],
+    )
+    return builder
+
+
+ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)
+    # Quick in-place rebuild for development: `python csrc/build_fastpath.py`.
+    import os
+    import shutil
+    import sysconfig
+
+    os.chdir(CSRC.parent)
+    built = Path(make_builder(absolute_sources=True).compile(tmpdir="build/cffi"))
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    for stale in (CSRC.parent / "geneve_dp").glob("_fastpath*.so"):
+        stale.unlink()
+    shutil.copy2(built, CSRC.parent / "geneve_dp" / f"_fastpath{suffix}")
+    print(f"built geneve_dp/_fastpath{suffix} ({source_digest()})")

@@ -1,0 +1,217 @@
+"""What a tunnel endpoint is asked to be: validated, immutable, engine-independent.
+
+``TunnelSpec`` is the contract between the control side (CLI flags, TOML config, the
+Istio profiles) and the engines. Everything here is checked before any device or
+socket is created, so a bad value never leaves half a dataplane behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .. import codec, wire
+from ..errors import UserError
+from ..options import parse_option
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Mode = Literal["tap", "tun"]
+DfPolicy = Literal["unset", "set", "inherit"]
+MODES: tuple[Mode, ...] = ("tap", "tun")
+DF_POLICIES: tuple[DfPolicy, ...] = ("unset", "set", "inherit")
+ENGINES = ("c", "python")
+
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")  # IFNAMSIZ - 1, no whitespace, '/' or ':'
+
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """One endpoint, the userspace twin of `ip link add NAME type geneve id VNI remote IP`."""
+
+    name: str
+    vni: int
+    remote: IPAddress
+    local: IPAddress | None = None
+    port: int = wire.GENEVE_PORT
+    mode: Mode = "tap"
+    mtu: int | None = None  # None: underlay MTU minus the encapsulation overhead
+    ttl: int = 64
+    tos: int | None = None  # None: ECN copied from the inner header, DSCP 0
+    df: DfPolicy = "unset"
+    udp_csum: bool | None = None  # None: off over IPv4, on over IPv6 (as the kernel)
+    udp6_zero_csum_rx: bool = False
+    options: tuple[codec.Option, ...] = ()
+    reflect_options: bool = False
+    mac: str | None = None  # TAP only; None lets the kernel pick a random one
+
+    @property
+    def family(self) -> int:
+        return self.remote.version
+
+    @property
+    def tx_udp_csum(self) -> bool:
+        """Whether transmitted packets carry a UDP checksum."""
+        return self.udp_csum if self.udp_csum is not None else self.family == 6
+
+    @property
+    def protocol(self) -> int | None:
+        """The protocol type sent; None in TUN mode where it follows the IP version."""
+        return wire.Protocol.ETHERNET if self.mode == "tap" else None
+
+    @property
+    def overhead(self) -> int:
+        """Bytes the underlay carries on top of the device MTU."""
+        base = wire.OVERHEAD_IPV4 if self.family == 4 else wire.OVERHEAD_IPV6
+        opts = sum(o.wire_len for o in self.options)
+        return base + opts + (wire.ETH_HEADER_LEN if self.mode == "tap" else 0)
+
+
+def parse_address(value: object, field_name: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError as exc:
+        raise UserError(f"{value!r} is not an IPv4 or IPv6 address", field=field_name) from exc
+
+
+def _int(value: object, field_name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool):
+        raise UserError(f"{value!r} is not a number in {lo}..{hi}", field=field_name)
+    try:
+        number = int(value, 0) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{value!r} is not a number in {lo}..{hi}", field=field_name) from exc
+    if not lo <= number <= hi:
+        raise UserError(f"{number} is out of range {lo}..{hi}", field=field_name)
+    return number
+
+
+def _choice(value: object, field_name: str, choices: tuple[str, ...]) -> Any:
+    if value not in choices:
+        raise UserError(f"{value!r} is not one of {', '.join(choices)}", field=field_name)
+    return value
+
+
+def _bool(value: object, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{value!r} is not true or false", field=field_name)
+    return value
+
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+KEYS = (
+    "name vni remote local port mode mtu ttl tos df udp_csum udp6_zero_csum_rx "
+    "options reflect_options mac"
+).split()
+
+
+def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
+    """A TunnelSpec from loosely typed values (CLI flags or a TOML table).
+
+    ``where`` prefixes field names in errors, e.g. ``tunnel[2].`` for a config file.
+    """
+    unknown = sorted(set(raw) - set(KEYS))
+    if unknown:
+        raise UserError(f"unknown key; accepted keys: {', '.join(KEYS)}", field=where + unknown[0])
+
+    def f(key: str) -> str:
+        return where + key
+
+    if "name" not in raw or "vni" not in raw or "remote" not in raw:
+        missing = next(k for k in ("name", "vni", "remote") if k not in raw)
+        raise UserError("is required", field=f(missing))
+    name = str(raw["name"])
+    if not _IFNAME.match(name):
+        raise UserError(
+            f"{name!r} is not a device name (1-15 characters, no spaces, '/' or ':')",
+            field=f("name"),
+        )
+    vni = _int(raw["vni"], f("vni"), 0, wire.MAX_VNI)
+    remote = parse_address(raw["remote"], f("remote"))
+    if remote.is_unspecified or remote.is_multicast:
+        raise UserError(f"{remote} is not a unicast address", field=f("remote"))
+    local = parse_address(raw["local"], f("local")) if raw.get("local") is not None else None
+    if local is not None and local.version != remote.version:
+        raise UserError(f"{local} is not of the same family as remote {remote}", field=f("local"))
+    mode: Mode = _choice(raw.get("mode", "tap"), f("mode"), MODES)
+    mtu = _int(raw["mtu"], f("mtu"), 68, 65535) if raw.get("mtu") is not None else None
+    options = tuple(
+        parse_option(str(o), field=f("options")) if not isinstance(o, codec.Option) else o
+        for o in raw.get("options", ())
+    )
+    try:
+        codec.encode_options(options)
+    except codec.EncodeError as exc:
+        raise UserError(str(exc), field=f("options")) from exc
+    mac = raw.get("mac")
+    if mac is not None:
+        if mode != "tap":
+            raise UserError("only a TAP device has a MAC address", field=f("mac"))
+        if not _MAC.match(str(mac)) or int(str(mac)[:2], 16) & 1:
+            raise UserError(f"{mac!r} is not a unicast MAC like 02:00:00:00:00:01", field=f("mac"))
+    tos = _int(raw["tos"], f("tos"), 0, 255) if raw.get("tos") is not None else None
+    return TunnelSpec(
+        name=name,
+        vni=vni,
+        remote=remote,
+        local=local,
+        port=_int(raw.get("port", wire.GENEVE_PORT), f("port"), 1, 65535),
+        mode=mode,
+        mtu=mtu,
+        ttl=_int(raw.get("ttl", 64), f("ttl"), 1, 255),
+        tos=tos,
+        df=_choice(raw.get("df", "unset"), f("df"), DF_POLICIES),
+        udp_csum=_bool(raw["udp_csum"], f("udp_csum")) if raw.get("udp_csum") is not None else None,
+        udp6_zero_csum_rx=_bool(raw.get("udp6_zero_csum_rx", False), f("udp6_zero_csum_rx")),
+        options=options,
+        reflect_options=_bool(raw.get("reflect_options", False), f("reflect_options")),
+        mac=str(mac).lower() if mac is not None else None,
+    )
+
+
+def check_together(specs: list[TunnelSpec]) -> None:
+    """Refuse sets of tunnels the kernel would refuse: duplicate names, or two tunnels
+    that a receiver could not tell apart (same port, VNI and remote)."""
+    if not specs:
+        raise UserError("no tunnel given", field="tunnel")
+    names: set[str] = set()
+    keys: dict[tuple[int, int, IPAddress], str] = {}
+    for spec in specs:
+        if spec.name in names:
+            raise UserError(f"{spec.name!r} appears twice", field="name")
+        names.add(spec.name)
+        key = (spec.port, spec.vni, spec.remote)
+        if key in keys:
+            raise UserError(
+                f"{spec.name!r} and {keys[key]!r} have the same port, VNI and remote",
+                field="vni",
+            )
+        keys[key] = spec.name
+
+
+def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
+    """Tunnels from a TOML file of ``[[tunnel]]`` tables, plus its top-level settings.
+
+    Top-level keys other than ``tunnel`` (``engine``, ``netns``) are returned as is
+    for the caller to apply; each tunnel table takes the keys of ``KEYS``.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}", field="--config") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path} is not valid TOML: {exc}", field="--config") from exc
+    tables = data.pop("tunnel", None)
+    if not isinstance(tables, list) or not tables:
+        raise UserError(f"{path} has no [[tunnel]] tables", field="--config")
+    unknown = sorted(set(data) - {"engine", "netns"})
+    if unknown:
+        raise UserError("unknown top-level key; accepted: engine, netns, [[tunnel]]", unknown[0])
+    specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]
+    check_together(specs)
+    return specs, data
