@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..options import parse_option
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Mode = Literal["tap", "tun"]
 DfPolicy = Literal["unset", "set", "inherit"]
 MODES: tuple[Mode, ...] = ("tap", "tun")
@@ -48,6 +49,7 @@ class TunnelSpec:
     options: tuple[codec.Option, ...] = ()
     reflect_options: bool = False
     mac: str | None = None  # TAP only; None lets the kernel pick a random one
+    addresses: tuple[IPInterface, ...] = ()  # put on the device once it is up
 
     @property
     def family(self) -> int:
@@ -106,7 +108,7 @@ _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 KEYS = (
     "name vni remote local port mode mtu ttl tos df udp_csum udp6_zero_csum_rx "
-    "options reflect_options mac"
+    "options reflect_options mac addresses"
 ).split()
 
 
@@ -154,6 +156,12 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
             raise UserError("only a TAP device has a MAC address", field=f("mac"))
         if not _MAC.match(str(mac)) or int(str(mac)[:2], 16) & 1:
             raise UserError(f"{mac!r} is not a unicast MAC like 02:00:00:00:00:01", field=f("mac"))
+    addresses = []
+    for text in raw.get("addresses", ()):
+        try:
+            addresses.append(ipaddress.ip_interface(str(text)))
+        except ValueError as exc:
+            raise UserError(f"{text!r} is not an address/prefix", field=f("addresses")) from exc
     tos = _int(raw["tos"], f("tos"), 0, 255) if raw.get("tos") is not None else None
     return TunnelSpec(
         name=name,
@@ -171,6 +179,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         options=options,
         reflect_options=_bool(raw.get("reflect_options", False), f("reflect_options")),
         mac=str(mac).lower() if mac is not None else None,
+        addresses=tuple(addresses),
     )
 
 
