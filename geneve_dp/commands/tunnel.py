@@ -1,0 +1,302 @@
+"""`geneve-dp up`, `show` and `stats`: tunnel endpoints from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import wire
+from ..dataplane.spec import ENGINES, TunnelSpec, build_spec, check_together, load_config
+from ..errors import UserError
+
+UP_DESCRIPTION = """\
+Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM, then
+remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
+VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
+`engine` and `netns`, then one [[tunnel]] table per device with the keys name, vni,
+remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
+reflect_options, mac, addresses). Tunnels on the same port share one UDP socket and
+are told apart by VNI and outer source address. The device is set up (and given
+--address) once it exists; a line with "ready" is printed when forwarding.
+"""
+
+
+def register(sub: Any) -> None:
+    up = sub.add_parser(
+        "up",
+        help="create tunnel devices and forward until SIGTERM",
+        description=UP_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument("name", nargs="?", help="device name (1-15 characters)")
+    up.add_argument("--config", type=Path, metavar="FILE", help="TOML file with [[tunnel]] tables")
+    up.add_argument("--vni", help="virtual network identifier, 0..16777215")
+    up.add_argument("--remote", help="peer's underlay IPv4 or IPv6 address")
+    up.add_argument("--local", help="our underlay address (default: the route's source)")
+    up.add_argument("--port", default=wire.GENEVE_PORT, help="UDP port (default 6081)")
+    up.add_argument("--mode", default="tap", help="tap: Ethernet, 0x6558 (default); tun: IP")
+    up.add_argument("--mtu", help="device MTU (default: underlay MTU minus overhead)")
+    up.add_argument("--ttl", default=64, help="outer TTL, 1..255 (default 64)")
+    up.add_argument("--tos", help="outer DSCP/TOS byte (default: 0, ECN copied from inner)")
+    up.add_argument("--df", default="unset", help="outer DF bit: unset (default), set, inherit")
+    csum = up.add_mutually_exclusive_group()
+    csum.add_argument(
+        "--udp-csum",
+        dest="udp_csum",
+        action="store_const",
+        const=True,
+        help="compute outer UDP checksums (default: off over IPv4, on over IPv6)",
+    )
+    csum.add_argument(
+        "--no-udp-csum", dest="udp_csum", action="store_const", const=False, help="send checksum 0"
+    )
+    up.add_argument(
+        "--udp6-zero-csum-rx",
+        action="store_true",
+        help="accept zero UDP checksums over an IPv6 underlay (RFC 6935/6936)",
+    )
+    up.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="CLASS:TYPE:HEX",
+        help="TLV option added to every packet sent, e.g. 0x0102:0x01:deadbeef (repeatable)",
+    )
+    up.add_argument(
+        "--reflect-options",
+        action="store_true",
+        help="return the options seen on a flow on the packets of its reverse direction",
+    )
+    up.add_argument("--mac", help="TAP device MAC address (default: random)")
+    up.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="address to put on the device, e.g. 192.168.126.1/30 (repeatable)",
+    )
+    up.add_argument("--netns", help="create the devices inside this named network namespace")
+    up.add_argument(
+        "--engine", help="per-packet engine: c (default) or python (slow; a baseline and oracle)"
+    )
+    up.add_argument(
+        "--detach", action="store_true", help="go to the background once ready (print the pid)"
+    )
+    up.add_argument("--pidfile", type=Path, metavar="FILE", help="write the pid here while running")
+    up.add_argument("-v", "--verbose", action="store_true", help="log more")
+    up.set_defaults(func=cmd_up)
+
+    for name, helptext in (
+        ("show", "show running tunnels: device, VNI, remote, port, mode, MTU"),
+        ("stats", "show counters of running tunnels: packets, bytes, drops by reason"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext.capitalize() + ".")
+        p.add_argument("name", nargs="?", help="only this device")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=cmd_show if name == "show" else cmd_stats)
+
+
+_FLAG_FIELDS = {
+    "vni": "--vni",
+    "remote": "--remote",
+    "local": "--local",
+    "port": "--port",
+    "mode": "--mode",
+    "mtu": "--mtu",
+    "ttl": "--ttl",
+    "tos": "--tos",
+    "df": "--df",
+    "options": "--option",
+    "mac": "--mac",
+    "addresses": "--address",
+    "name": "NAME",
+}
+
+
+def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[str, Any]]:
+    """The tunnels and top-level settings that `up` was asked for."""
+    if args.config is not None:
+        if args.name or args.vni is not None or args.remote is not None:
+            raise UserError(
+                "give either --config FILE or NAME --vni --remote, not both", "--config"
+            )
+        return load_config(args.config)
+    if not args.name:
+        raise UserError("a device NAME (or --config FILE) is required", "NAME")
+    for flag in ("vni", "remote"):
+        if getattr(args, flag) is None:
+            raise UserError("is required", f"--{flag}")
+    raw: dict[str, Any] = {
+        "name": args.name,
+        "vni": args.vni,
+        "remote": args.remote,
+        "local": args.local,
+        "port": args.port,
+        "mode": args.mode,
+        "mtu": args.mtu,
+        "ttl": args.ttl,
+        "tos": args.tos,
+        "df": args.df,
+        "udp_csum": args.udp_csum,
+        "udp6_zero_csum_rx": args.udp6_zero_csum_rx,
+        "options": args.option,
+        "reflect_options": args.reflect_options,
+        "mac": args.mac,
+        "addresses": args.address,
+    }
+    try:
+        spec = build_spec(raw)
+    except UserError as exc:
+        # Name the command-line flag rather than the config key.
+        if exc.field in _FLAG_FIELDS:
+            raise UserError(str(exc).split(": ", 1)[1], _FLAG_FIELDS[exc.field]) from None
+        raise
+    return [spec], {}
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    specs, settings = specs_from_args(args)
+    check_together(specs)
+    engine = args.engine or settings.get("engine", "c")
+    if engine not in ENGINES:
+        raise UserError(f"{engine!r} is not one of {', '.join(ENGINES)}", "--engine")
+    netns = args.netns or settings.get("netns")
+    if os.geteuid() != 0:
+        raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"geneve-dp[{os.getpid()}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if netns:
+        from ..daemon import enter_netns
+
+        enter_netns(str(netns))
+    if args.detach:
+        return _up_detached(specs, engine, args.pidfile)
+    return _run_daemon(
+        specs, engine, args.pidfile, lambda msg: print(f"geneve-dp: {msg}", flush=True)
+    )
+
+
+def _run_daemon(specs: list[TunnelSpec], engine: str, pidfile: Path | None, on_ready: Any) -> int:
+    import uvloop
+
+    from ..daemon import Daemon
+
+    daemon = Daemon(specs, engine, pidfile)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(daemon.run(on_ready))
+
+
+def _up_detached(specs: list[TunnelSpec], engine: str, pidfile: Path | None) -> int:
+    """Fork; the child runs the daemon and reports readiness (or the error) through a
+    pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
+    from ..daemon import run_dir
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            report = pipe.read()
+        if report.startswith("ready"):
+            print(f"geneve-dp: {report.strip()}", flush=True)
+            return 0
+        message = report.strip() or "the dataplane exited before it was ready"
+        print(f"geneve-dp up: error: {message}", file=sys.stderr)
+        return 2
+    # Child: a session of its own, stdio to a log file, report through the pipe.
+    os.close(read_fd)
+    os.setsid()
+    rc = 1
+    try:
+        directory = run_dir()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log_path = directory / f"gdp-{os.getpid()}.log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+
+        def ready(message: str) -> None:
+            os.write(write_fd, message.encode())
+            os.close(write_fd)
+
+        rc = _run_daemon(specs, engine, pidfile, ready)
+    except UserError as exc:
+        try:
+            os.write(write_fd, str(exc).encode())
+        except OSError:
+            pass
+        rc = 2
+    except BaseException as exc:  # the parent must hear about any failure
+        try:
+            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(rc)
+
+
+def _tunnels(name: str | None) -> list[dict[str, Any]]:
+    from ..daemon import query_all
+
+    rows = []
+    for reply in query_all():
+        for tunnel in reply.get("tunnels", []):
+            rows.append({"pid": reply.get("pid"), "engine": reply.get("engine"), **tunnel})
+    if name is not None:
+        rows = [t for t in rows if t.get("name") == name]
+        if not rows:
+            raise UserError(f"no running tunnel named {name!r}", "NAME")
+    return rows
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    rows = _tunnels(args.name)
+    if args.json:
+        print(json.dumps([{k: v for k, v in t.items() if k != "counters"} for t in rows], indent=2))
+        return 0
+    if not rows:
+        print("no tunnels running")
+        return 0
+    print(
+        f"{'device':<15} {'vni':>8} {'remote':<26} {'port':>5} {'mode':<4} {'mtu':>5} "
+        f"{'engine':<6} pid"
+    )
+    for t in rows:
+        print(
+            f"{t['name']:<15} {t['vni']:>8} {t['remote']!s:<26} {t['port']:>5} {t['mode']:<4} "
+            f"{t['mtu']!s:>5} {t.get('engine', '')!s:<6} {t['pid']}"
+        )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    rows = _tunnels(args.name)
+    if args.json:
+        print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
+        return 0
+    if not rows:
+        print("no tunnels running")
+        return 0
+    for t in rows:
+        c = t["counters"]
+        print(
+            f"{t['name']}: rx {c['rx_packets']} pkts {c['rx_bytes']} bytes, "
+            f"tx {c['tx_packets']} pkts {c['tx_bytes']} bytes, control {c.get('control', 0)}"
+        )
+        drops = {k: v for k, v in c.get("drops", {}).items() if v}
+        print("  drops: " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
+        seen = c.get("options_seen", {})
+        if seen:
+            print("  options seen: " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
+    return 0
