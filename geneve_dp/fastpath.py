@@ -146,13 +146,15 @@ def encode(header: Header) -> bytes:
     """
     if header.version != wire.GENEVE_VERSION:
         raise EncodeError("the C codec writes only version 0")
+    if not 0 <= header.vni <= 0xFFFFFFFF:  # larger would not even fit the C argument
+        raise EncodeError(f"VNI {header.vni} is out of range 0..{wire.MAX_VNI}")
+    if not 0 <= header.protocol <= 0xFFFF:
+        raise EncodeError(f"protocol type {header.protocol} is out of range 0..65535")
     opts = codec.encode_options(header.options)
     if header.critical != any(o.critical for o in header.options):
         raise EncodeError("the C bit must be set exactly when some option is critical")
-    if not 0 <= header.protocol <= 0xFFFF:
-        raise EncodeError(f"protocol type {header.protocol} is out of range 0..65535")
-    if not 0 <= header.vni <= 0xFFFFFFFF:  # larger would not even fit the C argument
-        raise EncodeError(f"VNI {header.vni} is out of range 0..{wire.MAX_VNI}")
+    if header.opt_len != len(opts) // 4:
+        raise EncodeError(f"opt_len {header.opt_len} does not match options of {len(opts)} bytes")
     out = ffi.new("uint8_t[]", wire.MAX_HEADER_LEN)
     rc = lib.gdp_encode(
         header.vni, header.protocol, int(header.oam), opts, len(opts), out, len(out)
