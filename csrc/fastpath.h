@@ -3,5 +3,6 @@
 #define GDP_FASTPATH_H
 
 #include "geneve.h"
+#include "engine.h"
 
 #endif

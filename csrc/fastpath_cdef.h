@@ -42,3 +42,104 @@ size_t gdp_encode_batch(const uint32_t *vnis, uint16_t protocol, int oam,
                         const uint8_t *opts, size_t opts_len, uint8_t *const *outs,
                         size_t cap, size_t n, int *rcs);
 const char *gdp_build_id(void);
+
+/* ---- tunnel endpoint engine (engine.h) ---- */
+#define GDP_HEADROOM 320
+#define GDP_FRAME_MAX 65535
+#define GDP_BATCH 32
+#define GDP_MAX_TUNNELS 255
+#define GDP_OPTSEEN_SLOTS 32
+#define GDP_REFLECT_KEY_LEN 37
+#define GDP_MODE_TAP 0
+#define GDP_MODE_TUN 1
+#define GDP_DF_UNSET 0
+#define GDP_DF_SET 1
+#define GDP_DF_INHERIT 2
+#define GDP_DIR_RX 1
+#define GDP_DIR_TX 2
+#define GDP_DROP_COUNT 17
+#define GDP_E_ENGINE_TOO_MANY -20
+#define GDP_E_ENGINE_BUFFER -21
+#define GDP_E_ENGINE_CONFIG -22
+#define GDP_E_ENGINE_HEADER -23
+
+struct gdp_optseen {
+    uint16_t opt_class;
+    uint8_t type;
+    uint8_t used;
+    uint64_t count;
+};
+
+struct gdp_counters {
+    uint64_t rx_packets;
+    uint64_t rx_bytes;
+    uint64_t tx_packets;
+    uint64_t tx_bytes;
+    uint64_t control;
+    uint64_t tx_fragmented;
+    uint64_t drops[17];
+    uint64_t options_other;
+    struct gdp_optseen options_seen[32];
+};
+
+struct gdp_reflect_entry {
+    uint32_t seq;
+    uint8_t key_len;
+    uint8_t opts_len;
+    uint8_t key[37];
+    uint8_t opts[252];
+};
+
+struct gdp_tunnel {
+    int dev_fd;
+    int mode;
+    int family;
+    uint32_t vni;
+    uint16_t port;
+    uint8_t remote[16];
+    uint8_t local[16];
+    uint8_t mac[6];
+    uint8_t ttl;
+    uint8_t tos;
+    int tos_set;
+    int df;
+    int udp_csum;
+    uint32_t underlay_mtu;
+    uint8_t opts[252];
+    uint32_t opts_len;
+    struct gdp_reflect_entry *reflect;
+    uint32_t reflect_slots;
+    uint32_t hdr_len;
+    uint32_t max_inner;
+    uint8_t hdr[260];
+    struct gdp_counters counters;
+};
+
+struct gdp_sock_stats {
+    uint64_t drops[17];
+    uint64_t rx_queue_overflow;
+    uint64_t rx_packets;
+};
+
+struct gdp_engine_config {
+    int family;
+    int udp_fd;
+    int raw_fd;
+    int stop_fd;
+    int control_fd;
+    uint16_t sport_min;
+    uint16_t sport_max;
+    uint32_t hash_seed;
+};
+
+struct gdp_engine;
+
+size_t gdp_engine_size(void);
+size_t gdp_engine_buffers_size(void);
+int gdp_tunnel_prepare(struct gdp_tunnel *t);
+int gdp_engine_init(struct gdp_engine *e, const struct gdp_engine_config *cfg,
+                    struct gdp_tunnel *tunnels, uint32_t n, uint8_t *bufs,
+                    size_t bufs_len, struct gdp_sock_stats *stats);
+int gdp_engine_run(struct gdp_engine *e, int dirs);
+uint16_t gdp_inet_csum(const uint8_t *buf, size_t len);
+uint32_t gdp_flow_hash(const uint8_t *frame, size_t len, int mode, uint32_t seed);

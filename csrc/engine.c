@@ -1,0 +1,929 @@
+/* GENEVE tunnel endpoint engine (see engine.h).
+ *
+ * Receive: recvmmsg a batch of datagrams from the UDP socket (outer TOS from the
+ * IP_TOS / IPV6_TCLASS cmsg, outer source from msg_name), decode with gdp_decode,
+ * find the tunnel by VNI + outer source, apply the kernel geneve checks, and write
+ * the inner frame to the tunnel's device.
+ *
+ * Transmit: read frames from the devices straight into buffer + GDP_HEADROOM, write
+ * GENEVE, UDP and outer IP headers in front of them and hand a batch to sendmmsg on
+ * a raw socket. The raw socket is what lets the UDP source port follow the inner
+ * flow hash (a socket bound to 6081 could only ever send from 6081).
+ *
+ * No allocation here: the caller hands in every buffer (gdp_engine_init). */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "bytes.h"
+
+#define TX_SLOTS (GDP_BATCH * 4)
+#define CMSG_BUF 64
+#define ICMP_BUF (14 + 40 + 8 + 1232)
+
+#define ETH_P_IPV4 0x0800
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_VLAN 0x8100
+#define ETH_P_TEB 0x6558
+#define IP_DF 0x4000
+#define IP_MF 0x2000
+#define IP_OFFMASK 0x1FFF
+#define ECN_MASK 0x03
+#define ECN_CE 0x03
+#define ECN_ECT0 0x02
+
+struct gdp_engine {
+    struct gdp_engine_config cfg;
+    struct gdp_tunnel *tunnels;
+    uint32_t n;
+    struct gdp_sock_stats *stats;
+    uint8_t *rx_bufs;
+    uint8_t *tx_bufs;
+    uint32_t ip_id;
+    uint32_t rr;
+
+    /* receive scratch */
+    struct mmsghdr rx_msgs[GDP_BATCH];
+    struct iovec rx_iov[GDP_BATCH];
+    struct sockaddr_in6 rx_addr[GDP_BATCH];
+    uint8_t rx_cmsg[GDP_BATCH][CMSG_BUF] __attribute__((aligned(8)));
+    struct gdp_header rx_hdr;
+
+    /* transmit scratch: a slot is one outer datagram (a packet or one fragment) */
+    struct mmsghdr tx_msgs[TX_SLOTS];
+    struct iovec tx_iov[TX_SLOTS][2];
+    struct sockaddr_in6 tx_addr[TX_SLOTS];
+    uint8_t tx_fraghdr[TX_SLOTS][48];
+    uint32_t tx_tunnel[TX_SLOTS];
+    uint32_t tx_inner_len[TX_SLOTS]; /* set on a packet's last slot only */
+    uint8_t tx_last[TX_SLOTS];
+    uint8_t icmp[ICMP_BUF];
+    uint8_t hdr_scratch[GDP_MAX_HEADER_LEN];
+    struct pollfd pfds[GDP_MAX_TUNNELS + 2];
+};
+
+size_t gdp_engine_size(void) { return sizeof(struct gdp_engine); }
+
+size_t gdp_engine_buffers_size(void) { return (size_t)2 * GDP_BATCH * GDP_BUF_SIZE; }
+
+/* ---------------------------------------------------------------- checksums */
+
+static uint64_t csum_partial(const uint8_t *p, size_t len, uint64_t sum) {
+    while (len >= 4) {
+        sum += gdp_load32(p);
+        p += 4;
+        len -= 4;
+    }
+    if (len >= 2) {
+        sum += gdp_load16(p);
+        p += 2;
+        len -= 2;
+    }
+    if (len)
+        sum += (uint32_t)p[0] << 8;
+    return sum;
+}
+
+static uint16_t csum_fold(uint64_t sum) {
+    while (sum >> 16)
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+uint16_t gdp_inet_csum(const uint8_t *buf, size_t len) {
+    return csum_fold(csum_partial(buf, len, 0));
+}
+
+/* Checksum of an upper-layer message with the IPv4 or IPv6 pseudo header. */
+static uint16_t l4_csum(int ipver, const uint8_t *src, const uint8_t *dst, uint8_t proto,
+                        const uint8_t *msg, size_t len) {
+    size_t alen = ipver == 4 ? 4 : 16;
+    uint64_t sum = csum_partial(src, alen, 0);
+    sum = csum_partial(dst, alen, sum);
+    sum += proto;
+    sum += (uint32_t)len;
+    return csum_fold(csum_partial(msg, len, sum));
+}
+
+/* ---------------------------------------------------------------- inner parsing */
+
+struct inner {
+    int ipver;     /* 4, 6, or 0 for a non-IP frame */
+    size_t ip_off; /* where the IP header starts in the frame */
+    size_t ip_len; /* bytes from ip_off to the end of the frame */
+    uint8_t ecn;
+    int df;
+    uint8_t proto;
+    int ports;
+    uint16_t sport, dport;
+};
+
+/* Returns 0, or -1 when the frame cannot be a frame of this mode. */
+static int parse_inner(const uint8_t *f, size_t len, int mode, struct inner *in) {
+    memset(in, 0, sizeof(*in));
+    size_t off = 0;
+    int ver;
+    if (mode == GDP_MODE_TAP) {
+        if (len < 14)
+            return -1;
+        uint16_t type = gdp_load16(f + 12);
+        off = 14;
+        if (type == ETH_P_VLAN) {
+            if (len < 18)
+                return 0;
+            type = gdp_load16(f + 16);
+            off = 18;
+        }
+        if (type == ETH_P_IPV4)
+            ver = 4;
+        else if (type == ETH_P_IPV6)
+            ver = 6;
+        else
+            return 0;
+        if (len <= off || (f[off] >> 4) != ver)
+            return 0; /* claims IP but is not: carried as an opaque frame */
+    } else {
+        if (len < 1)
+            return -1;
+        ver = f[0] >> 4;
+        if (ver != 4 && ver != 6)
+            return -1;
+    }
+    const uint8_t *ip = f + off;
+    size_t left = len - off;
+    size_t l4 = 0;
+    if (ver == 4) {
+        if (left < 20)
+            return mode == GDP_MODE_TAP ? 0 : -1;
+        size_t ihl = (size_t)(ip[0] & 0x0F) * 4;
+        if (ihl < 20 || ihl > left)
+            return mode == GDP_MODE_TAP ? 0 : -1;
+        uint16_t frag = gdp_load16(ip + 6);
+        in->ecn = ip[1] & ECN_MASK;
+        in->df = (frag & IP_DF) != 0;
+        in->proto = ip[9];
+        if ((frag & (IP_MF | IP_OFFMASK)) == 0)
+            l4 = ihl;
+    } else {
+        if (left < 40)
+            return mode == GDP_MODE_TAP ? 0 : -1;
+        in->ecn = (uint8_t)((gdp_load16(ip) >> 4) & ECN_MASK);
+        in->proto = ip[6];
+        l4 = 40;
+    }
+    in->ipver = ver;
+    in->ip_off = off;
+    in->ip_len = left;
+    if (l4 && (in->proto == 6 || in->proto == 17 || in->proto == 132 || in->proto == 136) &&
+        left >= l4 + 4) {
+        in->ports = 1;
+        in->sport = gdp_load16(ip + l4);
+        in->dport = gdp_load16(ip + l4 + 2);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- hashing */
+
+static uint32_t mix(uint32_t h, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static uint32_t finalize(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+static uint32_t hash_inner(const uint8_t *f, size_t len, const struct inner *in,
+                           uint32_t seed) {
+    uint32_t h = 2166136261u ^ seed;
+    if (in->ipver) {
+        const uint8_t *ip = f + in->ip_off;
+        size_t alen = in->ipver == 4 ? 4 : 16;
+        const uint8_t *src = in->ipver == 4 ? ip + 12 : ip + 8;
+        h = mix(h, src, 2 * alen); /* source and destination are adjacent */
+        h = mix(h, &in->proto, 1);
+        if (in->ports) {
+            uint8_t ports[4];
+            gdp_store16(ports, in->sport);
+            gdp_store16(ports + 2, in->dport);
+            h = mix(h, ports, 4);
+        }
+    } else if (len >= 14) {
+        h = mix(h, f, 14); /* non-IP Ethernet: addresses and type */
+    }
+    return finalize(h);
+}
+
+uint32_t gdp_flow_hash(const uint8_t *frame, size_t len, int mode, uint32_t seed) {
+    struct inner in;
+    if (parse_inner(frame, len, mode, &in) < 0)
+        return 0;
+    return hash_inner(frame, len, &in, seed);
+}
+
+/* The same key for both directions of a flow: the lower endpoint first. */
+static size_t flow_key(const uint8_t *f, const struct inner *in, uint8_t *key) {
+    const uint8_t *ip = f + in->ip_off;
+    size_t alen = in->ipver == 4 ? 4 : 16;
+    uint8_t a[18], b[18];
+    memcpy(a, in->ipver == 4 ? ip + 12 : ip + 8, alen);
+    memcpy(b, in->ipver == 4 ? ip + 16 : ip + 24, alen);
+    gdp_store16(a + alen, in->ports ? in->sport : 0);
+    gdp_store16(b + alen, in->ports ? in->dport : 0);
+    int swap = memcmp(a, b, alen + 2) > 0;
+    key[0] = in->proto;
+    memcpy(key + 1, swap ? b : a, alen + 2);
+    memcpy(key + 1 + alen + 2, swap ? a : b, alen + 2);
+    return 1 + 2 * (alen + 2);
+}
+
+static struct gdp_reflect_entry *reflect_slot(struct gdp_tunnel *t, const uint8_t *key,
+                                              size_t klen) {
+    uint32_t h = finalize(mix(2166136261u, key, klen));
+    return &t->reflect[h & (t->reflect_slots - 1)];
+}
+
+static void reflect_store(struct gdp_tunnel *t, const uint8_t *f, const struct inner *in,
+                          const uint8_t *opts, size_t opts_len) {
+    uint8_t key[GDP_REFLECT_KEY_LEN];
+    size_t klen = flow_key(f, in, key);
+    struct gdp_reflect_entry *e = reflect_slot(t, key, klen);
+    if (e->key_len == klen && e->opts_len == opts_len && !memcmp(e->key, key, klen) &&
+        !memcmp(e->opts, opts, opts_len))
+        return; /* unchanged: spare the reader a retry */
+    uint32_t seq = __atomic_load_n(&e->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->seq, seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    e->key_len = (uint8_t)klen;
+    e->opts_len = (uint8_t)opts_len;
+    memcpy(e->key, key, klen);
+    memcpy(e->opts, opts, opts_len);
+    __atomic_store_n(&e->seq, seq + 2, __ATOMIC_RELEASE);
+}
+
+/* Copies the options remembered for the reverse flow into out; returns their length
+ * or 0. */
+static size_t reflect_lookup(struct gdp_tunnel *t, const uint8_t *f, const struct inner *in,
+                             uint8_t *out) {
+    uint8_t key[GDP_REFLECT_KEY_LEN];
+    size_t klen = flow_key(f, in, key);
+    struct gdp_reflect_entry *e = reflect_slot(t, key, klen);
+    for (int tries = 0; tries < 4; tries++) {
+        uint32_t s1 = __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE);
+        if (s1 & 1)
+            continue;
+        size_t olen = e->opts_len;
+        int match = e->key_len == klen && !memcmp(e->key, key, klen);
+        if (match && olen <= GDP_MAX_OPTIONS_LEN)
+            memcpy(out, e->opts, olen);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&e->seq, __ATOMIC_RELAXED) == s1)
+            return match ? olen : 0;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- setup */
+
+int gdp_tunnel_prepare(struct gdp_tunnel *t) {
+    if ((t->family != 4 && t->family != 6) || (t->mode != GDP_MODE_TAP && t->mode != GDP_MODE_TUN))
+        return GDP_E_ENGINE_CONFIG;
+    if (t->reflect && (t->reflect_slots == 0 || (t->reflect_slots & (t->reflect_slots - 1))))
+        return GDP_E_ENGINE_CONFIG;
+    int rc = gdp_encode(t->vni, t->mode == GDP_MODE_TAP ? ETH_P_TEB : ETH_P_IPV4, 0, t->opts,
+                        t->opts_len, t->hdr, sizeof(t->hdr));
+    if (rc < 0)
+        return GDP_E_ENGINE_HEADER;
+    t->hdr_len = (uint32_t)rc;
+    uint32_t outer = (t->family == 4 ? 20 : 40) + 8 + t->hdr_len;
+    if (t->underlay_mtu <= outer + 14)
+        return GDP_E_ENGINE_CONFIG;
+    t->max_inner = t->underlay_mtu - outer;
+    return 0;
+}
+
+int gdp_engine_init(struct gdp_engine *e, const struct gdp_engine_config *cfg,
+                    struct gdp_tunnel *tunnels, uint32_t n, uint8_t *bufs,
+                    size_t bufs_len, struct gdp_sock_stats *stats) {
+    if (n == 0 || n > GDP_MAX_TUNNELS)
+        return GDP_E_ENGINE_TOO_MANY;
+    if (bufs_len < gdp_engine_buffers_size())
+        return GDP_E_ENGINE_BUFFER;
+    if (cfg->sport_min == 0 || cfg->sport_max < cfg->sport_min)
+        return GDP_E_ENGINE_CONFIG;
+    for (uint32_t i = 0; i < n; i++)
+        if (tunnels[i].family != cfg->family || tunnels[i].hdr_len == 0)
+            return GDP_E_ENGINE_CONFIG;
+    memset(e, 0, sizeof(*e));
+    e->cfg = *cfg;
+    e->tunnels = tunnels;
+    e->n = n;
+    e->stats = stats;
+    e->rx_bufs = bufs;
+    e->tx_bufs = bufs + (size_t)GDP_BATCH * GDP_BUF_SIZE;
+    e->ip_id = cfg->hash_seed;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- receive */
+
+static void count_options(struct gdp_tunnel *t, const struct gdp_header *h) {
+    for (uint32_t i = 0; i < h->n_options; i++) {
+        const struct gdp_option *o = &h->options[i];
+        struct gdp_optseen *free_slot = NULL;
+        int found = 0;
+        for (int s = 0; s < GDP_OPTSEEN_SLOTS; s++) {
+            struct gdp_optseen *q = &t->counters.options_seen[s];
+            if (!q->used) {
+                free_slot = q;
+                break; /* slots fill in order: the first free one ends the search */
+            }
+            if (q->opt_class == o->opt_class && q->type == o->type) {
+                q->count++;
+                found = 1;
+                break;
+            }
+        }
+        if (found)
+            continue;
+        if (free_slot) {
+            free_slot->opt_class = o->opt_class;
+            free_slot->type = o->type;
+            free_slot->count = 1;
+            __atomic_store_n(&free_slot->used, 1, __ATOMIC_RELEASE);
+        } else {
+            t->counters.options_other++;
+        }
+    }
+}
+
+/* RFC 6040 decapsulation: outer CE marks an ECN-capable inner packet CE and drops a
+ * Not-ECT one. Returns 0 to deliver, -1 to drop. */
+static int ecn_decap(uint8_t *f, const struct inner *in, uint8_t outer_tos) {
+    if ((outer_tos & ECN_MASK) != ECN_CE || !in->ipver)
+        return 0;
+    if (in->ecn == 0)
+        return -1;
+    if (in->ecn == ECN_CE)
+        return 0;
+    uint8_t *ip = f + in->ip_off;
+    if (in->ipver == 4) {
+        /* Incremental checksum update (RFC 1624) for the changed TOS word. */
+        uint16_t old = gdp_load16(ip);
+        uint16_t new = (uint16_t)(old | ECN_CE);
+        uint32_t sum = (uint16_t)~gdp_load16(ip + 10);
+        sum += (uint16_t)~old;
+        sum += new;
+        while (sum >> 16)
+            sum = (sum & 0xFFFF) + (sum >> 16);
+        ip[1] |= ECN_CE;
+        gdp_store16(ip + 10, (uint16_t)~sum);
+    } else {
+        ip[1] |= ECN_CE << 4;
+    }
+    return 0;
+}
+
+static void send_control(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt, size_t len) {
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    t->counters.control++;
+    if (e->cfg.control_fd < 0)
+        return;
+    uint8_t tag[4];
+    gdp_store32(tag, idx);
+    struct iovec iov[2] = {{tag, 4}, {(void *)pkt, len}};
+    struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+    if (sendmsg(e->cfg.control_fd, &m, MSG_DONTWAIT) < 0)
+        t->counters.drops[GDP_DROP_CONTROL_QUEUE_FULL]++;
+}
+
+static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
+                   const struct sockaddr_in6 *from, uint8_t outer_tos) {
+    struct gdp_sock_stats *ss = e->stats;
+    struct gdp_header *h = &e->rx_hdr;
+    int rc = gdp_decode(pkt, len, h);
+    if (rc < 0) {
+        static const int reason[] = {0, GDP_DROP_TRUNCATED, GDP_DROP_BAD_VERSION,
+                                     GDP_DROP_OPTIONS_TRUNCATED, GDP_DROP_OPTION_OVERRUNS};
+        ss->drops[-rc >= 1 && -rc <= 4 ? reason[-rc] : GDP_DROP_TRUNCATED]++;
+        return;
+    }
+    const uint8_t *src;
+    size_t alen;
+    if (e->cfg.family == 4) {
+        src = (const uint8_t *)&((const struct sockaddr_in *)from)->sin_addr;
+        alen = 4;
+    } else {
+        src = (const uint8_t *)&from->sin6_addr;
+        alen = 16;
+    }
+    uint32_t idx = e->n;
+    int vni_seen = 0;
+    for (uint32_t i = 0; i < e->n; i++) {
+        if (e->tunnels[i].vni != h->vni)
+            continue;
+        vni_seen = 1;
+        if (!memcmp(e->tunnels[i].remote, src, alen)) {
+            idx = i;
+            break;
+        }
+    }
+    if (idx == e->n) {
+        ss->drops[vni_seen ? GDP_DROP_WRONG_REMOTE : GDP_DROP_UNKNOWN_VNI]++;
+        return;
+    }
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    struct gdp_counters *c = &t->counters;
+    if (h->n_options)
+        count_options(t, h);
+    int critical = 0;
+    for (uint32_t i = 0; i < h->n_options; i++)
+        critical |= (h->options[i].type & 0x80) != 0;
+    if (critical != h->critical) {
+        c->drops[GDP_DROP_C_BIT_MISMATCH]++;
+        return;
+    }
+    if (critical) {
+        c->drops[GDP_DROP_CRITICAL_OPTION]++;
+        return;
+    }
+    if (h->oam) {
+        send_control(e, idx, pkt, len);
+        return;
+    }
+    uint16_t proto = h->protocol;
+    if (t->mode == GDP_MODE_TAP ? proto != ETH_P_TEB : proto != ETH_P_IPV4 && proto != ETH_P_IPV6) {
+        c->drops[GDP_DROP_WRONG_PROTOCOL]++;
+        return;
+    }
+    uint8_t *f = pkt + rc;
+    size_t flen = len - (size_t)rc;
+    struct inner in;
+    if (parse_inner(f, flen, t->mode, &in) < 0) {
+        c->drops[GDP_DROP_INNER_TRUNCATED]++;
+        return;
+    }
+    if (t->mode == GDP_MODE_TUN && in.ipver != (proto == ETH_P_IPV4 ? 4 : 6)) {
+        c->drops[GDP_DROP_WRONG_PROTOCOL]++;
+        return;
+    }
+    if (t->mode == GDP_MODE_TAP && !memcmp(f + 6, t->mac, 6)) {
+        c->drops[GDP_DROP_OWN_MAC]++;
+        return;
+    }
+    if (ecn_decap(f, &in, outer_tos) < 0) {
+        c->drops[GDP_DROP_ECN_NOT_ECT]++;
+        return;
+    }
+    if (t->reflect && h->opt_len && in.ipver)
+        reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
+    if (write(t->dev_fd, f, flen) != (ssize_t)flen) {
+        c->drops[GDP_DROP_DEV_WRITE]++;
+        return;
+    }
+    c->rx_packets++;
+    c->rx_bytes += flen;
+}
+
+static uint8_t cmsg_tos(struct msghdr *m, struct gdp_sock_stats *ss) {
+    uint8_t tos = 0;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(m); cm; cm = CMSG_NXTHDR(m, cm)) {
+        if (cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_TOS &&
+            cm->cmsg_len >= CMSG_LEN(1)) {
+            tos = *CMSG_DATA(cm);
+        } else if (cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_TCLASS &&
+                   cm->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int v;
+            memcpy(&v, CMSG_DATA(cm), sizeof(v));
+            tos = (uint8_t)v;
+        } else if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SO_RXQ_OVFL &&
+                   cm->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
+            uint32_t v;
+            memcpy(&v, CMSG_DATA(cm), sizeof(v));
+            ss->rx_queue_overflow = v;
+        }
+    }
+    return tos;
+}
+
+/* Drain the UDP socket; returns 0, or -errno on a hard error. */
+static int rx_batch(struct gdp_engine *e) {
+    for (int rounds = 0; rounds < 64; rounds++) {
+        for (int i = 0; i < GDP_BATCH; i++) {
+            struct msghdr *m = &e->rx_msgs[i].msg_hdr;
+            e->rx_iov[i].iov_base = e->rx_bufs + (size_t)i * GDP_BUF_SIZE;
+            e->rx_iov[i].iov_len = GDP_BUF_SIZE;
+            m->msg_iov = &e->rx_iov[i];
+            m->msg_iovlen = 1;
+            m->msg_name = &e->rx_addr[i];
+            m->msg_namelen = sizeof(e->rx_addr[i]);
+            m->msg_control = e->rx_cmsg[i];
+            m->msg_controllen = CMSG_BUF;
+            m->msg_flags = 0;
+        }
+        int n = recvmmsg(e->cfg.udp_fd, e->rx_msgs, GDP_BATCH, MSG_DONTWAIT, NULL);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return 0;
+            if (errno == ECONNREFUSED || errno == ENOBUFS || errno == ENOMEM)
+                continue; /* transient: ICMP errors queued on the socket */
+            return -errno;
+        }
+        for (int i = 0; i < n; i++) {
+            struct msghdr *m = &e->rx_msgs[i].msg_hdr;
+            e->stats->rx_packets++;
+            uint8_t tos = cmsg_tos(m, e->stats);
+            size_t len = e->rx_msgs[i].msg_len;
+            if (m->msg_flags & MSG_TRUNC)
+                len = 0; /* cannot happen with 64 KiB buffers; never forward a part */
+            rx_one(e, e->rx_iov[i].iov_base, len, &e->rx_addr[i], tos);
+        }
+        if (n < GDP_BATCH)
+            return 0;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- transmit */
+
+struct tx_state {
+    int slots; /* used transmit slots */
+    int bufs;  /* used transmit buffers */
+};
+
+static void tx_send(struct gdp_engine *e, struct tx_state *st) {
+    int done = 0;
+    int waits = 0;
+    while (done < st->slots) {
+        int r = sendmmsg(e->cfg.raw_fd, e->tx_msgs + done, (unsigned)(st->slots - done), 0);
+        if (r > 0) {
+            for (int i = done; i < done + r; i++)
+                if (e->tx_last[i]) {
+                    struct gdp_counters *c = &e->tunnels[e->tx_tunnel[i]].counters;
+                    c->tx_packets++;
+                    c->tx_bytes += e->tx_inner_len[i];
+                }
+            done += r;
+            continue;
+        }
+        if ((errno == EAGAIN || errno == ENOBUFS) && waits < 10) {
+            /* The raw socket's send buffer is full: wait for room rather than drop. */
+            struct pollfd p = {e->cfg.raw_fd, POLLOUT, 0};
+            poll(&p, 1, 10);
+            waits++;
+            continue;
+        }
+        if (errno == EINTR)
+            continue;
+        /* This datagram failed: drop its whole packet, count it once. */
+        e->tunnels[e->tx_tunnel[done]].counters.drops[GDP_DROP_TX_ERROR]++;
+        while (done < st->slots && !e->tx_last[done])
+            done++;
+        done++;
+    }
+    st->slots = 0;
+}
+
+static void tx_flush(struct gdp_engine *e, struct tx_state *st) {
+    tx_send(e, st);
+    st->bufs = 0;
+}
+
+static void add_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *h,
+                     size_t hlen, uint8_t *d, size_t dlen, uint32_t inner_len, int last) {
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    if (st->slots >= TX_SLOTS)
+        tx_send(e, st);
+    int s = st->slots++;
+    struct sockaddr_in6 *a = &e->tx_addr[s];
+    memset(a, 0, sizeof(*a));
+    socklen_t alen;
+    if (t->family == 4) {
+        struct sockaddr_in *a4 = (struct sockaddr_in *)a;
+        a4->sin_family = AF_INET;
+        memcpy(&a4->sin_addr, t->remote, 4);
+        alen = sizeof(*a4);
+    } else {
+        a->sin6_family = AF_INET6;
+        memcpy(&a->sin6_addr, t->remote, 16);
+        alen = sizeof(*a);
+    }
+    e->tx_iov[s][0].iov_base = h;
+    e->tx_iov[s][0].iov_len = hlen;
+    e->tx_iov[s][1].iov_base = d;
+    e->tx_iov[s][1].iov_len = dlen;
+    struct msghdr *m = &e->tx_msgs[s].msg_hdr;
+    memset(m, 0, sizeof(*m));
+    m->msg_name = a;
+    m->msg_namelen = alen;
+    m->msg_iov = e->tx_iov[s];
+    m->msg_iovlen = dlen ? 2 : 1;
+    e->tx_tunnel[s] = idx;
+    e->tx_inner_len[s] = last ? inner_len : 0;
+    e->tx_last[s] = (uint8_t)last;
+}
+
+/* ICMP "fragmentation needed" / ICMPv6 "packet too big" back into the device, from
+ * the inner destination to the inner source, as the kernel's tunnel PMTU check does.
+ * Returns 1 if sent, 0 if this packet gets none. */
+static int send_too_big(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t *f,
+                        const struct inner *in) {
+    const uint8_t *ip = f + in->ip_off;
+    size_t l2 = t->mode == GDP_MODE_TAP ? 14 : 0;
+    uint32_t mtu = t->max_inner - (uint32_t)l2;
+    uint8_t *o = e->icmp;
+    uint8_t *oip = o + l2;
+    size_t total;
+    if (in->ipver == 4) {
+        size_t ihl = (size_t)(ip[0] & 0x0F) * 4;
+        if (!in->df || mtu < 576)
+            return 0;
+        if (ip[9] == 1 && in->ip_len > ihl) {
+            uint8_t type = ip[ihl];
+            if (type == 3 || type == 4 || type == 5 || type == 11 || type == 12)
+                return 0; /* never an ICMP error about an ICMP error */
+        }
+        size_t quote = in->ip_len < 548 ? in->ip_len : 548;
+        total = 20 + 8 + quote;
+        memset(oip, 0, 28);
+        oip[0] = 0x45;
+        gdp_store16(oip + 2, (uint16_t)total);
+        oip[8] = 64;
+        oip[9] = 1;
+        memcpy(oip + 12, ip + 16, 4);
+        memcpy(oip + 16, ip + 12, 4);
+        gdp_store16(oip + 10, gdp_inet_csum(oip, 20));
+        uint8_t *ic = oip + 20;
+        ic[0] = 3;
+        ic[1] = 4;
+        gdp_store16(ic + 6, (uint16_t)mtu);
+        memcpy(ic + 8, ip, quote);
+        gdp_store16(ic + 2, gdp_inet_csum(ic, 8 + quote));
+    } else {
+        if (mtu < 1280)
+            return 0;
+        if (ip[6] == 58 && in->ip_len > 40 && ip[40] < 128)
+            return 0;
+        size_t quote = in->ip_len < 1232 ? in->ip_len : 1232;
+        total = 40 + 8 + quote;
+        memset(oip, 0, 48);
+        oip[0] = 0x60;
+        gdp_store16(oip + 4, (uint16_t)(8 + quote));
+        oip[6] = 58;
+        oip[7] = 64;
+        memcpy(oip + 8, ip + 24, 16);
+        memcpy(oip + 24, ip + 8, 16);
+        uint8_t *ic = oip + 40;
+        ic[0] = 2;
+        gdp_store32(ic + 4, mtu);
+        memcpy(ic + 8, ip, quote);
+        gdp_store16(ic + 2, l4_csum(6, oip + 8, oip + 24, 58, ic, 8 + quote));
+    }
+    if (l2) {
+        memcpy(o, f + 6, 6); /* to the sender */
+        memcpy(o + 6, f, 6); /* from the address it sent to */
+        gdp_store16(o + 12, in->ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6);
+    }
+    if (write(t->dev_fd, o, l2 + total) < 0)
+        t->counters.drops[GDP_DROP_DEV_WRITE]++;
+    return 1;
+}
+
+/* Encapsulate the frame at buf + GDP_HEADROOM (flen bytes) for tunnel idx into one or
+ * more transmit slots. */
+static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *buf,
+                   size_t flen) {
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    struct gdp_counters *c = &t->counters;
+    uint8_t *f = buf + GDP_HEADROOM;
+    struct inner in;
+    if (parse_inner(f, flen, t->mode, &in) < 0) {
+        c->drops[GDP_DROP_TX_BAD_FRAME]++;
+        return;
+    }
+    /* GENEVE header: the template, or with the reverse flow's options appended. */
+    const uint8_t *hdr = t->hdr;
+    size_t hlen = t->hdr_len;
+    if (t->reflect && in.ipver && flen <= t->max_inner) {
+        uint8_t opts[GDP_MAX_OPTIONS_LEN * 2];
+        memcpy(opts, t->opts, t->opts_len);
+        size_t extra = reflect_lookup(t, f, &in, opts + t->opts_len);
+        size_t olen = t->opts_len + extra;
+        /* Reflection never makes a packet that fitted need fragments. */
+        if (extra && olen <= GDP_MAX_OPTIONS_LEN && flen + olen - t->opts_len <= t->max_inner) {
+            int rc = gdp_encode(t->vni, ETH_P_TEB, 0, opts, olen, e->hdr_scratch,
+                                sizeof(e->hdr_scratch));
+            if (rc > 0) {
+                hdr = e->hdr_scratch;
+                hlen = (size_t)rc;
+            }
+        }
+    }
+    uint8_t *g = f - hlen;
+    memcpy(g, hdr, hlen);
+    uint16_t proto = t->mode == GDP_MODE_TAP ? ETH_P_TEB : in.ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6;
+    gdp_store16(g + 2, proto);
+
+    size_t iplen = t->family == 4 ? 20 : 40;
+    size_t udplen = 8 + hlen + flen;
+    size_t total = iplen + udplen;
+    int df;
+    if (t->df == GDP_DF_SET)
+        df = 1;
+    else if (t->df == GDP_DF_INHERIT)
+        df = in.ipver == 6 || (in.ipver == 4 && in.df);
+    else
+        df = 0;
+    int frags = total > t->underlay_mtu;
+    if (frags) {
+        if (flen > t->max_inner && in.ipver && send_too_big(e, t, f, &in)) {
+            c->drops[GDP_DROP_TOO_BIG]++;
+            return;
+        }
+        if (df || (t->family == 4 ? total > 65535 : udplen > 65535)) {
+            c->drops[GDP_DROP_TOO_BIG]++;
+            return;
+        }
+    }
+    uint8_t *u = g - 8;
+    uint16_t sport = (uint16_t)(e->cfg.sport_min +
+                                (((uint64_t)hash_inner(f, flen, &in, e->cfg.hash_seed) *
+                                  (uint64_t)(e->cfg.sport_max - e->cfg.sport_min + 1)) >> 32));
+    gdp_store16(u, sport);
+    gdp_store16(u + 2, t->port);
+    gdp_store16(u + 4, (uint16_t)udplen);
+    gdp_store16(u + 6, 0);
+    if (t->udp_csum) {
+        uint16_t cs = l4_csum(t->family, t->local, t->remote, 17, u, udplen);
+        gdp_store16(u + 6, cs ? cs : 0xFFFF);
+    }
+    uint8_t ecn = in.ecn == ECN_CE ? ECN_ECT0 : in.ecn;
+    uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) | ecn);
+    uint8_t *ip = u - iplen;
+    if (t->family == 4) {
+        ip[0] = 0x45;
+        ip[1] = tos;
+        gdp_store16(ip + 2, (uint16_t)total);
+        /* A nonzero ID of our own: with ID 0 the kernel would pick one per datagram and
+         * the fragments of one packet would not share it. */
+        if (++e->ip_id == 0 || (e->ip_id & 0xFFFF) == 0)
+            e->ip_id++;
+        gdp_store16(ip + 4, (uint16_t)e->ip_id);
+        gdp_store16(ip + 6, df ? IP_DF : 0);
+        ip[8] = t->ttl;
+        ip[9] = 17;
+        gdp_store16(ip + 10, 0);
+        memcpy(ip + 12, t->local, 4);
+        memcpy(ip + 16, t->remote, 4);
+    } else {
+        gdp_store32(ip, 0x60000000u | (uint32_t)tos << 20);
+        gdp_store16(ip + 4, (uint16_t)udplen);
+        ip[6] = 17;
+        ip[7] = t->ttl;
+        memcpy(ip + 8, t->local, 16);
+        memcpy(ip + 24, t->remote, 16);
+    }
+    if (!frags) {
+        add_slot(e, st, idx, ip, total, NULL, 0, (uint32_t)flen, 1);
+        return;
+    }
+    /* Fragment the outer packet, as the kernel does for a tunnel with DF unset. The
+     * raw socket sends exactly what it is given (EMSGSIZE above the device MTU). */
+    size_t fh = t->family == 4 ? 20 : 48;
+    size_t chunk = (t->underlay_mtu - fh) & ~(size_t)7;
+    size_t plen = udplen;
+    size_t nfrag = (plen + chunk - 1) / chunk;
+    if (nfrag > TX_SLOTS) {
+        c->drops[GDP_DROP_TOO_BIG]++;
+        return;
+    }
+    if (st->slots + (int)nfrag > TX_SLOTS)
+        tx_send(e, st); /* sends the slots so far; the buffers stay taken until tx_flush */
+    if (++e->ip_id == 0)
+        e->ip_id++;
+    for (size_t off = 0; off < plen; off += chunk) {
+        size_t n = plen - off < chunk ? plen - off : chunk;
+        int more = off + n < plen;
+        uint8_t *fhdr = e->tx_fraghdr[st->slots];
+        if (t->family == 4) {
+            memcpy(fhdr, ip, 20);
+            gdp_store16(fhdr + 2, (uint16_t)(20 + n));
+            gdp_store16(fhdr + 6, (uint16_t)((off / 8) | (more ? IP_MF : 0)));
+        } else {
+            memcpy(fhdr, ip, 40);
+            fhdr[6] = 44;
+            gdp_store16(fhdr + 4, (uint16_t)(8 + n));
+            uint8_t *fr = fhdr + 40;
+            fr[0] = 17;
+            fr[1] = 0;
+            gdp_store16(fr + 2, (uint16_t)(off | (more ? 1 : 0)));
+            gdp_store32(fr + 4, e->ip_id);
+        }
+        add_slot(e, st, idx, fhdr, fh, u + off, n, (uint32_t)flen, !more);
+    }
+    c->tx_fragmented++;
+}
+
+/* Read what the ready devices have, encapsulate, send in batches. */
+static void tx_round(struct gdp_engine *e, struct tx_state *st) {
+    for (uint32_t k = 0; k < e->n; k++) {
+        uint32_t idx = (e->rr + k) % e->n;
+        struct pollfd *p = &e->pfds[1 + idx];
+        if (!(p->revents & (POLLIN | POLLERR | POLLHUP)))
+            continue;
+        struct gdp_tunnel *t = &e->tunnels[idx];
+        /* A bounded number of frames per device per round keeps tunnels fair. */
+        for (int got = 0; got < GDP_BATCH * 2; got++) {
+            if (st->bufs == GDP_BATCH)
+                tx_flush(e, st);
+            uint8_t *buf = e->tx_bufs + (size_t)st->bufs * GDP_BUF_SIZE;
+            ssize_t r = read(t->dev_fd, buf + GDP_HEADROOM, GDP_FRAME_MAX);
+            if (r < 0)
+                break; /* EAGAIN: drained (other errors: the device is going away) */
+            if (r == 0)
+                break;
+            st->bufs++;
+            tx_one(e, st, idx, buf, (size_t)r);
+        }
+    }
+    e->rr++;
+    tx_flush(e, st);
+}
+
+int gdp_engine_run(struct gdp_engine *e, int dirs) {
+    struct tx_state st = {0, 0};
+    int do_rx = (dirs & GDP_DIR_RX) != 0;
+    int do_tx = (dirs & GDP_DIR_TX) != 0;
+    /* Each direction has its own pollfd set: pfds for transmit, a local one for
+     * receive, so two threads can run one engine. */
+    struct pollfd rxp[2] = {{e->cfg.stop_fd, POLLIN, 0}, {e->cfg.udp_fd, POLLIN, 0}};
+    if (do_tx) {
+        e->pfds[0].fd = e->cfg.stop_fd;
+        e->pfds[0].events = POLLIN;
+        for (uint32_t i = 0; i < e->n; i++) {
+            e->pfds[1 + i].fd = e->tunnels[i].dev_fd;
+            e->pfds[1 + i].events = POLLIN;
+        }
+    }
+    for (;;) {
+        if (do_rx && !do_tx) {
+            if (poll(rxp, 2, -1) < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (rxp[0].revents)
+                return 0;
+            if (rxp[1].revents) {
+                int rc = rx_batch(e);
+                if (rc < 0)
+                    return rc;
+            }
+        } else if (do_tx && !do_rx) {
+            if (poll(e->pfds, e->n + 1, -1) < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (e->pfds[0].revents)
+                return 0;
+            tx_round(e, &st);
+        } else {
+            /* Both directions in one thread: poll the socket with the devices. */
+            struct pollfd *p = e->pfds;
+            p[0].fd = e->cfg.stop_fd;
+            p[0].events = POLLIN;
+            p[e->n + 1].fd = e->cfg.udp_fd;
+            p[e->n + 1].events = POLLIN;
+            if (poll(p, e->n + 2, -1) < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (p[0].revents)
+                return 0;
+            if (p[e->n + 1].revents) {
+                int rc = rx_batch(e);
+                if (rc < 0)
+                    return rc;
+            }
+            tx_round(e, &st);
+        }
+    }
+}

@@ -1,0 +1,160 @@
+/* GENEVE tunnel endpoint engine: batched forwarding between TAP/TUN devices and the
+ * underlay (recvmmsg on a UDP socket, sendmmsg on a raw IP socket).
+ *
+ * Python (geneve_dp/dataplane/engine_c.py) opens every fd, fills struct gdp_tunnel
+ * and allocates all memory; C only moves packets and counts. One engine serves one
+ * receive socket (one family and port) and the tunnels demultiplexed from it. */
+#ifndef GDP_ENGINE_H
+#define GDP_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "geneve.h"
+
+/* Room in front of an inner frame for outer IPv6 (40) + fragment header (8) +
+ * UDP (8) + the largest GENEVE header (260), rounded up. */
+#define GDP_HEADROOM 320
+#define GDP_FRAME_MAX 65535
+#define GDP_BUF_SIZE (GDP_HEADROOM + GDP_FRAME_MAX + 1)
+#define GDP_BATCH 32
+#define GDP_MAX_TUNNELS 255
+#define GDP_OPTSEEN_SLOTS 32
+#define GDP_REFLECT_KEY_LEN 37
+
+#define GDP_MODE_TAP 0
+#define GDP_MODE_TUN 1
+#define GDP_DF_UNSET 0
+#define GDP_DF_SET 1
+#define GDP_DF_INHERIT 2
+
+#define GDP_DIR_RX 1
+#define GDP_DIR_TX 2
+
+/* Drop reasons: one counter each (engine_c.DROP_REASONS lists the names in this
+ * order). 0..5 are counted on the socket (no tunnel can be named), the rest on the
+ * tunnel. */
+#define GDP_DROP_TRUNCATED 0           /* UDP payload shorter than a GENEVE header */
+#define GDP_DROP_BAD_VERSION 1         /* Ver != 0 */
+#define GDP_DROP_OPTIONS_TRUNCATED 2   /* Opt Len reaches past the packet */
+#define GDP_DROP_OPTION_OVERRUNS 3     /* option lengths do not add up to Opt Len */
+#define GDP_DROP_UNKNOWN_VNI 4         /* no tunnel has this VNI */
+#define GDP_DROP_WRONG_REMOTE 5        /* VNI known, outer source is not its remote */
+#define GDP_DROP_CRITICAL_OPTION 6     /* an unknown critical option (we know none) */
+#define GDP_DROP_C_BIT_MISMATCH 7      /* C bit disagrees with the options' types */
+#define GDP_DROP_WRONG_PROTOCOL 8      /* protocol type not carried in this mode */
+#define GDP_DROP_INNER_TRUNCATED 9     /* inner frame too short for its own headers */
+#define GDP_DROP_ECN_NOT_ECT 10        /* outer CE on a Not-ECT inner packet (RFC 6040) */
+#define GDP_DROP_OWN_MAC 11            /* inner source MAC is the device's (loop guard) */
+#define GDP_DROP_CONTROL_QUEUE_FULL 12 /* O-bit packet, control queue full */
+#define GDP_DROP_DEV_WRITE 13          /* writing to the device failed */
+#define GDP_DROP_TOO_BIG 14            /* inner packet over the path MTU (ICMP sent if IP) */
+#define GDP_DROP_TX_BAD_FRAME 15       /* frame read from the device is not encapsulable */
+#define GDP_DROP_TX_ERROR 16           /* the underlay send failed */
+#define GDP_DROP_COUNT 17
+
+struct gdp_optseen {
+    uint16_t opt_class;
+    uint8_t type;
+    uint8_t used;
+    uint64_t count;
+};
+
+struct gdp_counters {
+    uint64_t rx_packets;
+    uint64_t rx_bytes;
+    uint64_t tx_packets;
+    uint64_t tx_bytes;
+    uint64_t control;
+    uint64_t tx_fragmented; /* packets sent as several outer fragments */
+    uint64_t drops[GDP_DROP_COUNT];
+    uint64_t options_other; /* options seen after the table below filled up */
+    struct gdp_optseen options_seen[GDP_OPTSEEN_SLOTS];
+};
+
+/* One remembered flow for reflect_options. ``seq`` is a seqlock: the receive thread
+ * writes, the transmit thread reads. */
+struct gdp_reflect_entry {
+    uint32_t seq;
+    uint8_t key_len;
+    uint8_t opts_len;
+    uint8_t key[GDP_REFLECT_KEY_LEN];
+    uint8_t opts[GDP_MAX_OPTIONS_LEN];
+};
+
+struct gdp_tunnel {
+    /* Filled by the caller before gdp_tunnel_prepare. */
+    int dev_fd;
+    int mode;
+    int family; /* 4 or 6 */
+    uint32_t vni;
+    uint16_t port; /* destination UDP port */
+    uint8_t remote[16];
+    uint8_t local[16];
+    uint8_t mac[6];
+    uint8_t ttl;
+    uint8_t tos;
+    int tos_set;
+    int df;
+    int udp_csum;
+    uint32_t underlay_mtu;
+    uint8_t opts[GDP_MAX_OPTIONS_LEN];
+    uint32_t opts_len;
+    struct gdp_reflect_entry *reflect; /* NULL: no reflection */
+    uint32_t reflect_slots;            /* a power of two */
+    /* Set by gdp_tunnel_prepare. */
+    uint32_t hdr_len;     /* GENEVE header length with the configured options */
+    uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */
+    uint8_t hdr[GDP_MAX_HEADER_LEN];
+    /* Counters, written only by the engine threads. */
+    struct gdp_counters counters;
+};
+
+struct gdp_sock_stats {
+    uint64_t drops[GDP_DROP_COUNT]; /* only the socket-level reasons are used */
+    uint64_t rx_queue_overflow;     /* SO_RXQ_OVFL: dropped by the kernel before us */
+    uint64_t rx_packets;            /* datagrams read from the socket */
+};
+
+struct gdp_engine_config {
+    int family;
+    int udp_fd;      /* bound, nonblocking, IP_RECVTOS/IPV6_RECVTCLASS and SO_RXQ_OVFL on */
+    int raw_fd;      /* raw IPPROTO_RAW socket with header inclusion, nonblocking */
+    int stop_fd;     /* readable (eventfd) when the workers must return */
+    int control_fd;  /* nonblocking datagram socket for O-bit packets, or -1 */
+    uint16_t sport_min;
+    uint16_t sport_max;
+    uint32_t hash_seed;
+};
+
+struct gdp_engine;
+
+/* Error codes of the setup functions (engine_c.py maps them to exceptions). */
+#define GDP_E_ENGINE_TOO_MANY (-20)
+#define GDP_E_ENGINE_BUFFER (-21)
+#define GDP_E_ENGINE_CONFIG (-22)
+#define GDP_E_ENGINE_HEADER (-23)
+
+/* Bytes the caller must allocate for the opaque engine (zeroed). */
+size_t gdp_engine_size(void);
+/* Bytes of packet buffers the caller must allocate for one engine. */
+size_t gdp_engine_buffers_size(void);
+
+/* Build the header template and the MTU limits of a filled-in tunnel. */
+int gdp_tunnel_prepare(struct gdp_tunnel *t);
+
+/* Attach config, tunnels (array of n), buffers and socket counters. */
+int gdp_engine_init(struct gdp_engine *e, const struct gdp_engine_config *cfg,
+                    struct gdp_tunnel *tunnels, uint32_t n, uint8_t *bufs,
+                    size_t bufs_len, struct gdp_sock_stats *stats);
+
+/* Forward until stop_fd becomes readable. ``dirs`` is GDP_DIR_RX, GDP_DIR_TX or
+ * both; run one thread per direction to use two cores. Returns 0 when stopped, or
+ * -errno when a socket or poll fails in a way that cannot be counted and skipped. */
+int gdp_engine_run(struct gdp_engine *e, int dirs);
+
+/* Pure helpers, exposed for tests. */
+uint16_t gdp_inet_csum(const uint8_t *buf, size_t len);
+uint32_t gdp_flow_hash(const uint8_t *frame, size_t len, int mode, uint32_t seed);
+
+#endif
