@@ -406,7 +406,7 @@ static void send_control(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt,
     if (e->cfg.control_fd < 0)
         return;
     uint8_t tag[4];
-    gdp_store32(tag, idx);
+    gdp_store32(tag, e->cfg.control_tag | idx);
     struct iovec iov[2] = {{tag, 4}, {(void *)pkt, len}};
     struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
     if (sendmsg(e->cfg.control_fd, &m, MSG_DONTWAIT) < 0)

@@ -125,6 +125,7 @@ struct gdp_engine_config {
     uint16_t sport_min;
     uint16_t sport_max;
     uint32_t hash_seed;
+    uint32_t control_tag; /* ORed into the tunnel index that prefixes a control message */
 };
 
 struct gdp_engine;

@@ -1,0 +1,193 @@
+"""Dataplane: the object the daemon drives (start, stop, status, check).
+
+Status layout (one dict per tunnel)::
+
+    name, ifindex, vni, remote, local, port, mode, mtu, engine,
+    counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
+               drops: {reason: n for every name in DROP_REASONS},
+               options_seen: {"0xCLASS:0xTYPE": n}, options_other},
+    socket:   {family, port, rx_packets, rx_queue_overflow,
+               drops: {reason: n for every name in SOCKET_DROP_REASONS}}
+
+Drops that cannot be attributed to a tunnel (bad header, unknown VNI, wrong outer
+source) are counted on the receive socket; ``socket`` is that socket's counters, so
+tunnels sharing a port show the same ``socket`` numbers (sum them once per port). The
+socket-level names stay at zero in ``counters.drops``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from ..errors import UserError
+from .endpoint import Group, close_resources, open_resources
+from .spec import TunnelSpec, check_together
+
+ControlHook = Callable[[str, bytes], None]
+
+
+class GroupEngine(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+    def join(self, timeout: float) -> None: ...
+    def dead(self) -> str | None: ...
+    def counters(self, i: int) -> dict[str, object]: ...
+    def socket_counters(self) -> dict[str, object]: ...
+
+
+class Dataplane:
+    """Tunnel endpoints for ``specs`` run by the ``engine`` ("c" or "python")."""
+
+    def __init__(
+        self,
+        specs: list[TunnelSpec],
+        engine: str = "c",
+        control_hook: ControlHook | None = None,
+    ) -> None:
+        if engine not in ("c", "python"):
+            raise UserError(f"{engine!r} is not one of c, python", field="engine")
+        check_together(specs)
+        self.specs = list(specs)
+        self.engine = engine
+        self.control_hook = control_hook
+        self._groups: list[Group] = []
+        self._engines: list[GroupEngine] = []
+        self._stop_fd = -1
+        self._ctl: tuple[socket.socket, socket.socket] | None = None
+        self._ctl_thread: threading.Thread | None = None
+        self._started = False
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._started:
+            return
+        try:
+            self._groups = open_resources(self.specs)
+            self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            control_fd = -1
+            if self.control_hook is not None:
+                # Bounded queue of O-bit packets: the C side writes without waiting,
+                # counting control_queue_full when the buffer is full.
+                self._ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._ctl[1].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
+                self._ctl[1].setblocking(False)
+                control_fd = self._ctl[1].fileno()
+            for gi, group in enumerate(self._groups):
+                self._engines.append(self._make_engine(group, control_fd, gi))
+        except BaseException:
+            self._teardown()
+            raise
+        for eng in self._engines:
+            eng.start()
+        if self._ctl is not None:
+            self._ctl_thread = threading.Thread(
+                target=self._control_loop, name="gdp-control", daemon=True
+            )
+            self._ctl_thread.start()
+        self._started = True
+
+    def _make_engine(self, group: Group, control_fd: int, gi: int) -> GroupEngine:
+        if self.engine == "c":
+            from .engine_c import CGroupEngine
+
+            return CGroupEngine(group, self._stop_fd, control_fd, gi)
+        from .engine_py import PyGroupEngine
+
+        return PyGroupEngine(group, self._stop_fd, control_fd, gi)
+
+    def stop(self) -> None:
+        if self._stop_fd >= 0:
+            os.eventfd_write(self._stop_fd, 1)
+        for eng in self._engines:
+            eng.join(5.0)
+        if self._ctl_thread is not None:
+            self._ctl_thread.join(5.0)
+            self._ctl_thread = None
+        self._teardown()
+        self._started = False
+
+    def _teardown(self) -> None:
+        close_resources(self._groups)
+        self._groups = []
+        self._engines = []
+        if self._ctl is not None:
+            for s in self._ctl:
+                s.close()
+            self._ctl = None
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+
+    def check(self) -> None:
+        """Raise RuntimeError if a worker thread died."""
+        if not self._started:
+            return
+        for eng in self._engines:
+            why = eng.dead()
+            if why is not None:
+                raise RuntimeError(f"dataplane worker died: {why}")
+        if self._ctl_thread is not None and not self._ctl_thread.is_alive():
+            raise RuntimeError("dataplane control reader died")
+
+    # ------------------------------------------------------------- control messages
+
+    def _control_loop(self) -> None:
+        assert self._ctl is not None and self.control_hook is not None
+        reader = self._ctl[0]
+        names = {
+            (gi, ti): t.spec.name
+            for gi, g in enumerate(self._groups)
+            for ti, t in enumerate(g.tunnels)
+        }
+        # Each message starts with a 4-byte tag: group index << 24 | tunnel index.
+        while True:
+            ready, _, _ = select.select([reader, self._stop_fd], [], [], 1.0)
+            if self._stop_fd in ready:
+                return
+            if reader not in ready:
+                continue
+            try:
+                msg = reader.recv(70000)
+            except OSError:
+                return
+            if len(msg) < 4:
+                continue
+            tag = int.from_bytes(msg[:4], "big")
+            name = names.get((tag >> 24, tag & 0xFFFFFF))
+            if name is None:
+                continue
+            with contextlib.suppress(Exception):  # a failing hook must not stop the reader
+                self.control_hook(name, msg[4:])
+
+    # ------------------------------------------------------------- status
+
+    def status(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for group, eng in zip(self._groups, self._engines, strict=False):
+            sock = {"family": group.family, "port": group.port, **eng.socket_counters()}
+            for i, tun in enumerate(group.tunnels):
+                spec = tun.spec
+                out.append(
+                    {
+                        "name": spec.name,
+                        "ifindex": tun.device.ifindex,
+                        "vni": spec.vni,
+                        "remote": str(spec.remote),
+                        "local": str(tun.local),
+                        "port": spec.port,
+                        "mode": spec.mode,
+                        "mtu": tun.device.mtu,
+                        "engine": eng.name,
+                        "counters": eng.counters(i),
+                        "socket": sock,
+                    }
+                )
+        return out

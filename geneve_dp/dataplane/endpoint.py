@@ -1,0 +1,242 @@
+"""Kernel resources of tunnel endpoints, shared by both engines.
+
+``open_resources`` turns validated TunnelSpecs into open TAP/TUN devices (named, MTU
+set, up), receive sockets (one per family and port) and raw transmit sockets. Any
+failure undoes what was already created and raises UserError naming the field.
+Netlink goes through pyroute2's sync API (ARCHITECTURE rule 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import UserError
+from .spec import IPAddress, TunnelSpec
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+# Socket options the socket module does not name (linux/in.h, in6.h, udp.h, socket.h).
+IP_RECVTOS = 13
+IPV6_RECVTCLASS = 66
+IPV6_HDRINCL = 36
+SO_RXQ_OVFL = 40
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+UDP_NO_CHECK6_RX = 102
+SOCKET_BUFFER = 4 << 20
+
+
+@dataclass
+class Device:
+    fd: int
+    name: str
+    ifindex: int
+    mac: bytes  # 6 bytes for TAP, empty for TUN
+    mtu: int
+
+
+@dataclass
+class Tunnel:
+    """One endpoint: its spec, its device and what was resolved at start."""
+
+    spec: TunnelSpec
+    device: Device
+    local: IPAddress
+    underlay_mtu: int
+
+
+@dataclass
+class Group:
+    """Tunnels sharing one receive socket (same family and port)."""
+
+    family: int
+    port: int
+    udp: socket.socket
+    raw: socket.socket
+    tunnels: list[Tunnel] = field(default_factory=list)
+
+
+def _af(family: int) -> socket.AddressFamily:
+    return socket.AF_INET if family == 4 else socket.AF_INET6
+
+
+def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress]:
+    """Underlay MTU and local address for the route to spec.remote."""
+    try:
+        kwargs: dict[str, object] = {"dst": str(spec.remote)}
+        if spec.local is not None:
+            kwargs["src"] = str(spec.local)
+        route = ipr.route("get", **kwargs)[0]
+    except NetlinkError as exc:
+        raise UserError(
+            f"no route to {spec.remote}: {os.strerror(exc.code)}", field="remote"
+        ) from exc
+    oif = route.get_attr("RTA_OIF")
+    mtu = 0
+    metrics = route.get_attr("RTA_METRICS")
+    if metrics is not None:
+        mtu = metrics.get_attr("RTAX_MTU") or 0
+    if not mtu and oif:
+        mtu = ipr.link("get", index=oif)[0].get_attr("IFLA_MTU")
+    if spec.local is not None:
+        local: IPAddress = spec.local
+    else:
+        # The kernel's source choice for the route to the remote, fixed at start.
+        with socket.socket(_af(spec.family), socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((str(spec.remote), spec.port))
+            except OSError as exc:
+                raise UserError(
+                    f"no route to {spec.remote}: {exc.strerror}", field="remote"
+                ) from exc
+            local = ipaddress.ip_address(probe.getsockname()[0].split("%")[0])
+    return int(mtu), local
+
+
+def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int) -> Device:
+    if ipr.link_lookup(ifname=spec.name):
+        raise UserError(f"a device named {spec.name!r} already exists", field="name")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UserError(f"cannot open /dev/net/tun: {exc.strerror}", field="name") from exc
+    try:
+        flags = (IFF_TAP if spec.mode == "tap" else IFF_TUN) | IFF_NO_PI
+        ifr = struct.pack("16sH22x", spec.name.encode(), flags)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as exc:
+            raise UserError(
+                f"cannot create device {spec.name!r}: {exc.strerror}", field="name"
+            ) from exc
+        ifindex = ipr.link_lookup(ifname=spec.name)[0]
+        try:
+            if spec.mac is not None:
+                ipr.link("set", index=ifindex, address=spec.mac)
+            ipr.link("set", index=ifindex, mtu=mtu)
+        except NetlinkError as exc:
+            raise UserError(
+                f"cannot set MTU {mtu} on {spec.name}: {os.strerror(exc.code)}", field="mtu"
+            ) from exc
+        ipr.link("set", index=ifindex, state="up")
+        link = ipr.link("get", index=ifindex)[0]
+        mac = b""
+        if spec.mode == "tap":
+            mac = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+        return Device(fd=fd, name=spec.name, ifindex=ifindex, mac=mac, mtu=mtu)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_group(family: int, port: int, specs: list[TunnelSpec]) -> Group:
+    af = _af(family)
+    udp = socket.socket(af, socket.SOCK_DGRAM)
+    raw: socket.socket | None = None
+    try:
+        if family == 6:
+            udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVTCLASS, 1)
+            # The socket, not the tunnel, decides whether a zero UDP checksum over
+            # IPv6 is accepted (as in the kernel, where the port's socket is shared):
+            # any tunnel on the port asking for it turns it on for the port.
+            if any(s.udp6_zero_csum_rx for s in specs):
+                udp.setsockopt(socket.SOL_UDP, UDP_NO_CHECK6_RX, 1)
+        else:
+            udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
+        udp.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        with contextlib.suppress(OSError):
+            udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
+        try:
+            udp.bind(("::" if family == 6 else "0.0.0.0", port))
+        except OSError as exc:
+            raise UserError(
+                f"cannot bind UDP port {port} ({'IPv6' if family == 6 else 'IPv4'}): "
+                f"{exc.strerror}",
+                field="port",
+            ) from exc
+        udp.setblocking(False)
+        try:
+            raw = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        except OSError as exc:
+            raise UserError(f"cannot open a raw socket: {exc.strerror}", field="port") from exc
+        if family == 4:
+            raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        else:
+            raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
+        raw.setblocking(False)
+        return Group(family=family, port=port, udp=udp, raw=raw)
+    except BaseException:
+        udp.close()
+        if raw is not None:
+            raw.close()
+        raise
+
+
+def close_resources(groups: list[Group]) -> None:
+    """Close every fd; non-persistent devices vanish with theirs. Idempotent."""
+    for group in groups:
+        for tunnel in group.tunnels:
+            if tunnel.device.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(tunnel.device.fd)
+                tunnel.device.fd = -1
+        group.udp.close()
+        group.raw.close()
+
+
+def open_resources(specs: list[TunnelSpec]) -> list[Group]:
+    """Devices and sockets for ``specs``, grouped by receive socket."""
+    groups: dict[tuple[int, int], Group] = {}
+    try:
+        with IPRoute() as ipr:
+            for spec in specs:
+                key = (spec.family, spec.port)
+                if key not in groups:
+                    groups[key] = _open_group(
+                        spec.family, spec.port, [s for s in specs if (s.family, s.port) == key]
+                    )
+                underlay_mtu, local = _route(ipr, spec)
+                mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead
+                if mtu < 68:
+                    raise UserError(
+                        f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
+                        field="mtu",
+                    )
+                device = _open_device(ipr, spec, mtu)
+                groups[key].tunnels.append(Tunnel(spec, device, local, underlay_mtu))
+    except NetlinkError as exc:
+        close_resources(list(groups.values()))
+        raise UserError(f"netlink: {os.strerror(exc.code)}", field="name") from exc
+    except BaseException:
+        close_resources(list(groups.values()))
+        raise
+    return list(groups.values())
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The netns' ephemeral port range: where transmit source ports are drawn from."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+__all__ = ["Device", "Group", "Tunnel", "close_resources", "errno", "open_resources"]

@@ -1,0 +1,154 @@
+"""The C engine: fills the C structs from open resources and runs gdp_engine_run in
+two threads per receive socket (one per direction), with the GIL released by cffi."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any
+
+from ..codec import encode_options
+from ..fastpath import ffi, lib
+from .endpoint import Group, ephemeral_ports
+from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
+
+REFLECT_SLOTS = 1024
+
+_SETUP_RC = {
+    lib.GDP_E_ENGINE_TOO_MANY: f"at most {lib.GDP_MAX_TUNNELS} tunnels share one port",
+    lib.GDP_E_ENGINE_BUFFER: "engine buffers too small",
+    lib.GDP_E_ENGINE_CONFIG: "engine configuration rejected (family, mode or MTU)",
+    lib.GDP_E_ENGINE_HEADER: "GENEVE header template could not be encoded",
+}
+
+assert len(DROP_REASONS) == lib.GDP_DROP_COUNT
+
+
+class EngineSetupError(RuntimeError):
+    """A negative return code of gdp_tunnel_prepare or gdp_engine_init."""
+
+    def __init__(self, rc: int) -> None:
+        self.rc = rc
+        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"))
+
+
+def _check(rc: int) -> None:
+    if rc < 0:
+        raise EngineSetupError(rc)
+
+
+_DF = {"unset": lib.GDP_DF_UNSET, "set": lib.GDP_DF_SET, "inherit": lib.GDP_DF_INHERIT}
+
+
+class CGroupEngine:
+    """One receive socket's tunnels driven by the C loop."""
+
+    name = "c"
+
+    def __init__(self, group: Group, stop_fd: int, control_fd: int, group_index: int) -> None:
+        self.group = group
+        n = len(group.tunnels)
+        self._keep: list[Any] = []
+        self.tunnels = ffi.new("struct gdp_tunnel[]", n)
+        for i, tun in enumerate(group.tunnels):
+            spec, t = tun.spec, self.tunnels[i]
+            t.dev_fd = tun.device.fd
+            t.mode = lib.GDP_MODE_TAP if spec.mode == "tap" else lib.GDP_MODE_TUN
+            t.family = spec.family
+            t.vni = spec.vni
+            t.port = spec.port
+            ffi.memmove(t.remote, spec.remote.packed, len(spec.remote.packed))
+            ffi.memmove(t.local, tun.local.packed, len(tun.local.packed))
+            if tun.device.mac:
+                ffi.memmove(t.mac, tun.device.mac, 6)
+            t.ttl = spec.ttl
+            t.tos = spec.tos or 0
+            t.tos_set = spec.tos is not None
+            t.df = _DF[spec.df]
+            t.udp_csum = spec.tx_udp_csum
+            t.underlay_mtu = tun.underlay_mtu
+            opts = encode_options(spec.options)
+            ffi.memmove(t.opts, opts, len(opts))
+            t.opts_len = len(opts)
+            if spec.reflect_options:
+                table = ffi.new("struct gdp_reflect_entry[]", REFLECT_SLOTS)
+                self._keep.append(table)
+                t.reflect = table
+                t.reflect_slots = REFLECT_SLOTS
+            _check(lib.gdp_tunnel_prepare(self.tunnels + i))
+        cfg = ffi.new("struct gdp_engine_config *")
+        cfg.family = group.family
+        cfg.udp_fd = group.udp.fileno()
+        cfg.raw_fd = group.raw.fileno()
+        cfg.stop_fd = stop_fd
+        cfg.control_fd = control_fd
+        cfg.sport_min, cfg.sport_max = ephemeral_ports()
+        cfg.hash_seed = random.getrandbits(32)
+        cfg.control_tag = group_index << 24
+        self.stats = ffi.new("struct gdp_sock_stats *")
+        self._mem = ffi.new("uint8_t[]", lib.gdp_engine_size())
+        self.engine = ffi.cast("struct gdp_engine *", self._mem)
+        self._bufs = ffi.new("uint8_t[]", lib.gdp_engine_buffers_size())
+        _check(
+            lib.gdp_engine_init(
+                self.engine, cfg, self.tunnels, n, self._bufs, len(self._bufs), self.stats
+            )
+        )
+        self._threads: list[threading.Thread] = []
+        self.results: dict[str, int] = {}
+
+    def start(self) -> None:
+        for label, dirs in (("rx", lib.GDP_DIR_RX), ("tx", lib.GDP_DIR_TX)):
+            th = threading.Thread(
+                target=self._run,
+                args=(label, dirs),
+                name=f"gdp-{label}-v{self.group.family}-{self.group.port}",
+                daemon=True,
+            )
+            th.start()
+            self._threads.append(th)
+
+    def _run(self, label: str, dirs: int) -> None:
+        self.results[label] = lib.gdp_engine_run(self.engine, dirs)
+
+    def join(self, timeout: float) -> None:
+        for th in self._threads:
+            th.join(timeout)
+
+    def dead(self) -> str | None:
+        """Why a worker ended, if one did."""
+        for th in self._threads:
+            if not th.is_alive():
+                label = th.name.split("-")[1]
+                rc = self.results.get(label)
+                return f"{th.name} ended (rc {rc})"
+        return None
+
+    def counters(self, i: int) -> dict[str, object]:
+        c = self.tunnels[i].counters
+        seen: dict[str, int] = {}
+        for s in range(lib.GDP_OPTSEEN_SLOTS):
+            q = c.options_seen[s]
+            if not q.used:
+                break
+            seen[f"0x{q.opt_class:04x}:0x{q.type:02x}"] = int(q.count)
+        drops = {name: int(c.drops[k]) for k, name in enumerate(DROP_REASONS)}
+        return {
+            "rx_packets": int(c.rx_packets),
+            "rx_bytes": int(c.rx_bytes),
+            "tx_packets": int(c.tx_packets),
+            "tx_bytes": int(c.tx_bytes),
+            "control": int(c.control),
+            "tx_fragmented": int(c.tx_fragmented),
+            "drops": drops,
+            "options_seen": seen,
+            "options_other": int(c.options_other),
+        }
+
+    def socket_counters(self) -> dict[str, object]:
+        s = self.stats
+        return {
+            "rx_packets": int(s.rx_packets),
+            "rx_queue_overflow": int(s.rx_queue_overflow),
+            "drops": {name: int(s.drops[k]) for k, name in enumerate(SOCKET_DROP_REASONS)},
+        }
