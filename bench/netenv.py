@@ -1,0 +1,182 @@
+"""The benchmark's own world: two network namespaces joined by a veth "underlay".
+
+Every name carries the process id and a counter (gdpb-<pid>-<n>-a/-b), so concurrent
+runs and leftovers of a crashed run never collide, and ``close()`` removes the
+namespaces (killing whatever still runs inside) whatever happened before. Also the CPU
+accounting helpers: per-process time from /proc/PID/stat and system-wide softirq time
+from /proc/stat.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+_counter = itertools.count()
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class NetenvError(RuntimeError):
+    """A setup command failed; the message names the command and its stderr."""
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise NetenvError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass
+class Underlay:
+    """Namespaces ``a`` (sender side) and ``b`` (receiver side) with veth ``va``/``vb``.
+
+    ``a_ip``/``b_ip`` are the underlay addresses (the tunnel endpoints' outer addresses);
+    the veth MTU is chosen by the scenario.
+    """
+
+    mtu: int = 1500
+    subnet: str = "10.201.0"
+    a: str = ""
+    b: str = ""
+    va: str = "gdpb-ua"
+    vb: str = "gdpb-ub"
+    made: list[str] = field(default_factory=list)
+
+    @property
+    def a_ip(self) -> str:
+        return f"{self.subnet}.1"
+
+    @property
+    def b_ip(self) -> str:
+        return f"{self.subnet}.2"
+
+    def open(self) -> Underlay:
+        base = f"gdpb-{os.getpid()}-{next(_counter)}"
+        self.a, self.b = f"{base}-a", f"{base}-b"
+        try:
+            for ns in (self.a, self.b):
+                sh("ip", "netns", "add", ns)
+                self.made.append(ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # Create the pair inside namespace a directly, so no device ever appears in
+            # the caller's namespace (nothing to clean up there if we die midway).
+            sh(
+                "ip", "-n", self.a, "link", "add", self.va, "mtu", str(self.mtu), "type", "veth",
+                "peer", "name", self.vb, "mtu", str(self.mtu), "netns", self.b,
+            )  # fmt: skip
+            for ns, dev, ip in ((self.a, self.va, self.a_ip), (self.b, self.vb, self.b_ip)):
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def exec_a(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.a, *cmd, check=check)
+
+    def close(self) -> None:
+        for ns in reversed(self.made):
+            kill_netns_processes(ns)
+            sh("ip", "netns", "del", ns, check=False)
+        self.made.clear()
+
+    def __enter__(self) -> Underlay:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def kill_netns_processes(ns: str) -> None:
+    """SIGKILL whatever still runs in ``ns`` (only processes started for this run live
+    there), so that deleting the namespace really frees it."""
+    pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (a dataplane may run helper processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds so far of these processes, all their threads included
+    (the kernel sums threads into the group leader's /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited: its time is lost to us, which the caller avoids by
+            # reading before stopping it
+        # The command name may contain spaces and parentheses; fields after the last
+        # ')' are fixed: utime and stime are the 12th and 13th of them.
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def softirq_seconds() -> float:
+    """System-wide softirq CPU seconds since boot (the 7th column of /proc/stat's cpu
+    line). Kernel paths (veth, VXLAN) do their work there, not in any process."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[7]) / CLK_TCK
+
+
+class BlackholeNetns:
+    """One namespace whose only route leads into a veth with its peer down: the kernel
+    takes every packet through the full UDP/IP send path and the veth then drops it.
+    Sending there measures the generator (and the send-side stack) alone, the ceiling
+    every real path is compared with."""
+
+    dst_ip = "10.203.0.2"
+
+    def __init__(self) -> None:
+        self.name = f"gdpb-{os.getpid()}-{next(_counter)}-gen"
+
+    def __enter__(self) -> BlackholeNetns:
+        sh("ip", "netns", "add", self.name)
+        try:
+            ns = ("ip", "-n", self.name)
+            sh(*ns, "link", "set", "lo", "up")
+            # The peer (gdpb-cb) stays down, so the veth has no carrier and drops
+            # everything at transmit; a permanent neighbour entry means no ARP attempt.
+            sh(*ns, "link", "add", "gdpb-ca", "type", "veth", "peer", "name", "gdpb-cb")
+            sh(*ns, "addr", "add", "10.203.0.1/24", "dev", "gdpb-ca")
+            sh(*ns, "link", "set", "gdpb-ca", "up")
+            sh(*ns, "neigh", "add", self.dst_ip, "lladdr", "02:00:00:00:00:02", "dev", "gdpb-ca",
+               "nud", "permanent")  # fmt: skip
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        kill_netns_processes(self.name)
+        sh("ip", "netns", "del", self.name, check=False)

@@ -1,0 +1,217 @@
+"""Results -> a Markdown table with ratios to kernel VXLAN, and PNG plots.
+
+Ratios rather than absolute numbers are the point: the machines are shared, noisy VMs,
+so only figures taken side by side in one run compare.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+Json = dict[str, Any]
+
+
+def failures(scenario: Json) -> list[str]:
+    """Every error of a scenario: its own and each failed step's, named."""
+    out = []
+    if scenario.get("error"):
+        out.append(scenario["error"])
+    for step in scenario.get("udp", []):
+        if step.get("error"):
+            out.append(f"udp {step['frame']} B: {step['error']}")
+    for step in scenario.get("tcp", []):
+        if step.get("error"):
+            out.append(f"tcp x{step['streams']}: {step['error']}")
+    rr = scenario.get("rr")
+    if rr and rr.get("error"):
+        out.append(f"rr: {rr['error']}")
+    return out
+
+
+def _ok(step: Json | None) -> bool:
+    return bool(step) and step is not None and step.get("error") is None
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return ""
+    return f" (x{value / base:.2f})"
+
+
+def _udp(scenario: Json, frame: int) -> Json | None:
+    for step in scenario.get("udp", []):
+        if step["frame"] == frame and _ok(step):
+            return dict(step)
+    return None
+
+
+def _tcp(scenario: Json, streams: int) -> Json | None:
+    for step in scenario.get("tcp", []):
+        if step["streams"] == streams and _ok(step):
+            return dict(step)
+    return None
+
+
+def _fmt_num(v: float, digits: int = 3) -> str:
+    return f"{v:.{digits}g}" if v < 10**digits else f"{v:.0f}"
+
+
+def markdown(results: Json) -> str:
+    params = results["parameters"]
+    m = results["machine"]
+    scenarios = results["scenarios"]
+    base = next((s for s in scenarios if s["id"] == results["baseline"]), None)
+    frames: list[int] = params["frames"]
+    small = frames[0]
+    streams: list[int] = params.get("tcp_streams", [1, 4])
+    lines = [
+        f"### geneve-dp bench{' --quick' if params['quick'] else ''}, {results['started']}",
+        "",
+        f"Machine: {m['cores']} cores ({m.get('cpu_model') or 'unknown CPU'}), "
+        f"kernel {m['kernel']}. All figures from this one run; (xN) is the ratio to kernel "
+        "VXLAN in the same run: higher is better for rates, lower is better for latency "
+        "and CPU.",
+        "",
+    ]
+    head = [f"UDP {small} B frames: kpps delivered, loss"]
+    head += [f"TCP {n} stream{'s' if n > 1 else ''}: Gbit/s" for n in streams]
+    head += ["UDP RR p50 / p99 / p99.9: µs", "CPU s: dataplane / softirq"]
+    lines.append("| path | " + " | ".join(head) + " |")
+    lines.append("|---" * (len(head) + 1) + "|")
+    notes: list[str] = []
+    for s in scenarios:
+        cells = []
+        u, bu = _udp(s, small), _udp(base, small) if base else None
+        if u:
+            kpps = u["delivered_pps"] / 1e3
+            cells.append(
+                f"{_fmt_num(kpps)}{_ratio(kpps, bu['delivered_pps'] / 1e3 if bu else None)}, "
+                f"{u['loss']:.1%}"
+            )
+        else:
+            cells.append("error")
+        for n in streams:
+            t, bt = _tcp(s, n), _tcp(base, n) if base else None
+            cells.append(
+                f"{_fmt_num(t['gbps'])}{_ratio(t['gbps'], bt['gbps'] if bt else None)}"
+                if t
+                else "error"
+            )
+        rr = s.get("rr")
+        brr = base.get("rr") if base else None
+        if _ok(rr):
+            assert rr is not None
+            cells.append(
+                f"{rr['p50_us']:.0f} / {rr['p99_us']:.0f} / {rr['p999_us']:.0f}"
+                + _ratio(rr["p50_us"], brr["p50_us"] if _ok(brr) and brr else None)
+            )
+        else:
+            cells.append("error")
+        cpu = s.get("cpu")
+        if cpu:
+            dp = "n/a" if cpu["dataplane_s"] is None else f"{cpu['dataplane_s']:.1f}"
+            cells.append(f"{dp} / {cpu['softirq_s']:.1f}")
+        else:
+            cells.append("error")
+        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+        notes += [f"- {s['label']}: {e}" for e in failures(s)]
+    if len(frames) > 1:
+        lines += [
+            "",
+            "UDP kpps delivered by frame size (ratio to kernel VXLAN):",
+            "",
+            "| path | " + " | ".join(f"{f} B" for f in frames) + " |",
+            "|---" * (len(frames) + 1) + "|",
+        ]
+        for s in scenarios:
+            cells = []
+            for f in frames:
+                u, bu = _udp(s, f), _udp(base, f) if base else None
+                if u:
+                    kpps = u["delivered_pps"] / 1e3
+                    cells.append(
+                        f"{_fmt_num(kpps)}{_ratio(kpps, bu['delivered_pps'] / 1e3 if bu else None)}"
+                    )
+                else:
+                    cells.append("error")
+            lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"UDP: {params['flows']} flows, {params['udp_seconds']:g} s per size, bursts of "
+        f"{params['burst']}, offered rate "
+        f"{'unlimited' if not params['rate'] else str(params['rate']) + ' pps'}; "
+        f"TCP: iperf3, {params['tcp_seconds']:g} s; RR: {params.get('rr_payload', 64)} B UDP "
+        f"ping-pong for {params.get('rr_seconds', 0):g} s. CPU: whole scenario; dataplane = "
+        "user+system time of the geneve-dp processes (n/a for kernel paths), softirq = "
+        "system-wide.",
+    ]
+    gen = results.get("generator") or {}
+    gen_steps = {g["frame"]: g["pps"] for g in gen.get("steps", [])}
+    best = max(
+        (u["delivered_pps"] for s in scenarios for u in s.get("udp", []) if _ok(u)), default=0
+    )
+    if small in gen_steps:
+        lines += [
+            "",
+            f"Generator alone (packets sent through the full UDP/IP stack into a veth that "
+            f"drops them): {_fmt_num(gen_steps[small] / 1e3)} kpps at {small} B"
+            + (
+                f", {gen_steps[small] / best:.1f}x the highest rate any path delivered."
+                if best
+                else "."
+            ),
+        ]
+    elif gen.get("error"):
+        notes.append(f"- generator ceiling: {gen['error']}")
+    if notes:
+        lines += ["", "Errors:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: Json, out_dir: Path) -> list[str]:
+    """pps_vs_size.png and latency_cdf.png; returns notes on what was written or why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, never a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["plots skipped: matplotlib is not installed (pip install -e '.[bench]')"]
+    notes = []
+    scenarios = results["scenarios"]
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for s in scenarios:
+        pts = [(u["frame"], u["delivered_pps"] / 1e3) for u in s["udp"] if _ok(u)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=s["label"])
+    ax.set_xlabel("Ethernet frame size, bytes (UDP payload + 46)")
+    ax.set_ylabel("packets delivered, kpps (log)")
+    ax.set_yscale("log")
+    ax.set_title("UDP packets per second delivered vs packet size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_dir / "pps_vs_size.png", dpi=110)
+    plt.close(fig)
+    notes.append(f"wrote {out_dir / 'pps_vs_size.png'}")
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for s in scenarios:
+        rr = s.get("rr")
+        if _ok(rr) and rr is not None and rr.get("cdf_us"):
+            cdf = rr["cdf_us"]
+            ys = [i / (len(cdf) - 1) for i in range(len(cdf))]
+            ax.plot(cdf, ys, label=s["label"])
+    ax.set_xlabel("round-trip time, µs (log)")
+    ax.set_xscale("log")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"UDP request/response latency CDF ({results['parameters']['rr_payload']} B)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency_cdf.png", dpi=110)
+    plt.close(fig)
+    notes.append(f"wrote {out_dir / 'latency_cdf.png'}")
+    return notes

@@ -1,0 +1,214 @@
+"""The paths under test. Each one builds its tunnel (or none) over a fresh underlay and
+says where traffic goes in and out, and which processes do the forwarding.
+
+All of them carry the same inner packets: the tunnels get an underlay MTU of 1600 and a
+tunnel MTU of 1500, so a 1472-byte UDP payload or a 1448-byte TCP segment crosses every
+path unfragmented, exactly as on the bare veth (MTU 1500 there).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .netenv import Underlay, sh
+
+INNER_SUBNET = "10.202.0"
+TUNNEL_MTU = 1500
+TUNNEL_UNDERLAY_MTU = 1600
+VNI = 42
+
+
+@dataclass
+class Path:
+    """Where a scenario's traffic enters (namespace ``src_ns``) and whom it is for."""
+
+    src_ns: str
+    dst_ns: str
+    src_ip: str
+    dst_ip: str
+    # Processes that forward the packets (their CPU time is the dataplane's cost);
+    # empty for kernel paths, whose work is softirq time.
+    dataplane_pids: list[int] = field(default_factory=list)
+
+
+class Scenario:
+    id = ""
+    label = ""
+    description = ""
+    kernel_path = True
+    underlay_mtu = TUNNEL_UNDERLAY_MTU
+
+    def __init__(self) -> None:
+        self.underlay: Underlay | None = None
+
+    def start(self) -> Path:
+        """Build the namespaces and the path; on failure leave nothing behind."""
+        self.underlay = Underlay(mtu=self.underlay_mtu).open()
+        try:
+            return self.build(self.underlay)
+        except BaseException:
+            self.stop()
+            raise
+
+    def build(self, u: Underlay) -> Path:
+        raise NotImplementedError
+
+    def alive(self) -> str | None:
+        """None while the path can still forward, else why not (a crashed process)."""
+        return None
+
+    def stop(self) -> None:
+        if self.underlay is not None:
+            self.underlay.close()
+            self.underlay = None
+
+
+class BareVeth(Scenario):
+    id = "veth"
+    label = "bare veth"
+    description = "no tunnel: the underlay veth itself, MTU 1500 (the ceiling)"
+    underlay_mtu = 1500
+
+    def build(self, u: Underlay) -> Path:
+        return Path(u.a, u.b, u.a_ip, u.b_ip)
+
+
+class KernelVxlan(Scenario):
+    id = "vxlan"
+    label = "kernel VXLAN"
+    description = "kernel VXLAN (UDP 4789, VNI 42) over the veth: the in-kernel reference"
+
+    def build(self, u: Underlay) -> Path:
+        for n, (ns, dev, local, remote) in enumerate(
+            ((u.a, u.va, u.a_ip, u.b_ip), (u.b, u.vb, u.b_ip, u.a_ip)), start=1
+        ):
+            sh(
+                "ip", "-n", ns, "link", "add", "vx0", "mtu", str(TUNNEL_MTU), "type", "vxlan",
+                "id", str(VNI), "remote", remote, "local", local, "dstport", "4789", "dev", dev,
+            )  # fmt: skip
+            sh("ip", "-n", ns, "addr", "add", f"{INNER_SUBNET}.{n}/24", "dev", "vx0")
+            sh("ip", "-n", ns, "link", "set", "vx0", "up")
+        return Path(u.a, u.b, f"{INNER_SUBNET}.1", f"{INNER_SUBNET}.2")
+
+
+class GeneveDp(Scenario):
+    """Two `geneve-dp up` endpoints, one per namespace, as the CLI runs them."""
+
+    kernel_path = False
+    ready_timeout = 30.0
+
+    def __init__(self, mode: str, engine: str) -> None:
+        super().__init__()
+        self.mode, self.engine = mode, engine
+        self.id = f"geneve-dp-{engine}-{mode}"
+        self.label = f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}"
+        self.description = (
+            f"two `geneve-dp up --mode {mode} --engine {engine}` endpoints (VNI {VNI}, "
+            f"UDP 6081) over the veth"
+        )
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[deque[str]] = []
+
+    def build(self, u: Underlay) -> Path:
+        for n, (ns, local, remote) in enumerate(((u.a, u.a_ip, u.b_ip), (u.b, u.b_ip, u.a_ip)), 1):
+            cmd = [
+                sys.executable, "-m", "geneve_dp", "up", "gdp0",
+                "--vni", str(VNI), "--remote", remote, "--local", local,
+                "--mode", self.mode, "--engine", self.engine, "--netns", ns,
+                "--mtu", str(TUNNEL_MTU), "--address", f"{INNER_SUBNET}.{n}/24",
+            ]  # fmt: skip
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            self.procs.append(proc)
+            log: deque[str] = deque(maxlen=20)
+            self.logs.append(log)
+            self._wait_ready(proc, log)
+        return Path(
+            u.a,
+            u.b,
+            f"{INNER_SUBNET}.1",
+            f"{INNER_SUBNET}.2",
+            dataplane_pids=[p.pid for p in self.procs],
+        )
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], log: deque[str]) -> None:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.ready_timeout
+        buf = b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(
+                    f"geneve-dp up printed no 'ready' within {self.ready_timeout:.0f} s: "
+                    + " | ".join(log)
+                )
+            readable, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+            if not readable:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"geneve-dp up exited ({proc.returncode}) before ready: " + " | ".join(log)
+                    )
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                proc.wait(timeout=5)
+                raise RuntimeError(
+                    f"geneve-dp up exited ({proc.returncode}) before ready: " + " | ".join(log)
+                )
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").strip()
+                log.append(text)
+                if "ready" in text:
+                    # Keep reading its output in the background so a chatty daemon can
+                    # never block on a full pipe while we measure it.
+                    threading.Thread(target=self._drain, args=(proc, log), daemon=True).start()
+                    return
+
+    @staticmethod
+    def _drain(proc: subprocess.Popen[bytes], log: deque[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.append(line.decode(errors="replace").strip())
+
+    def alive(self) -> str | None:
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                return f"geneve-dp up exited ({proc.returncode}): " + " | ".join(log)
+        return None
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        super().stop()
+
+
+def all_scenarios() -> list[Scenario]:
+    return [
+        BareVeth(),
+        KernelVxlan(),
+        GeneveDp("tap", "c"),
+        GeneveDp("tun", "c"),
+        GeneveDp("tap", "python"),
+    ]
+
+
+SCENARIO_IDS = [s.id for s in all_scenarios()]

@@ -1,0 +1,215 @@
+"""The shape of results.json, as a JSON Schema (draft 2020-12 subset), and a small
+validator for exactly that subset, so checking a result needs no extra package.
+
+A step that failed carries its identifying keys and an ``error`` string instead of
+figures; a figure is never made up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMA_ID = "geneve-dp-bench/1"
+
+NUM = {"type": "number", "minimum": 0}
+INT = {"type": "integer", "minimum": 0}
+ERROR = {"type": ["string", "null"]}
+
+CPU = {
+    "type": "object",
+    "required": ["dataplane_s", "softirq_s", "wall_s"],
+    "properties": {
+        "dataplane_s": {"type": ["number", "null"]},
+        "softirq_s": {"type": "number"},
+        "wall_s": NUM,
+        "note": {"type": "string"},
+    },
+}
+
+UDP_STEP = {
+    "type": "object",
+    "required": ["frame", "payload", "error"],
+    "properties": {
+        "frame": {"type": "integer", "minimum": 64, "maximum": 1518},
+        "payload": {"type": "integer", "minimum": 18, "maximum": 1472},
+        "sent": INT,
+        "sent_pps": NUM,
+        "received": INT,
+        "delivered_pps": NUM,
+        "delivered_gbps": NUM,
+        "lost": INT,
+        "loss": {"type": "number", "minimum": 0, "maximum": 1},
+        "reordered": INT,
+        "duplicates": INT,
+        "send_errors": INT,
+        "one_way_latency_us": {
+            "type": "object",
+            "properties": {k: NUM for k in ("p50", "p99", "p999", "max")},
+        },
+        "cpu": CPU,
+        "error": ERROR,
+    },
+}
+
+TCP_STEP = {
+    "type": "object",
+    "required": ["streams", "seconds", "error"],
+    "properties": {
+        "streams": {"type": "integer", "minimum": 1},
+        "seconds": NUM,
+        "gbps": NUM,
+        "sender_gbps": NUM,
+        "retransmits": INT,
+        "cpu": CPU,
+        "error": ERROR,
+    },
+}
+
+RR_STEP = {
+    "type": "object",
+    "required": ["payload", "error"],
+    "properties": {
+        "payload": INT,
+        "requests": INT,
+        "responses": INT,
+        "timeouts": INT,
+        "transactions_per_s": NUM,
+        **{k: NUM for k in ("p50_us", "p90_us", "p99_us", "p999_us", "mean_us", "max_us")},
+        "cdf_us": {"type": "array", "items": NUM},
+        "cpu": CPU,
+        "error": ERROR,
+    },
+}
+
+SCENARIO = {
+    "type": "object",
+    "required": ["id", "label", "description", "kernel_path", "error", "udp", "tcp", "rr", "cpu"],
+    "properties": {
+        "id": {"type": "string"},
+        "label": {"type": "string"},
+        "description": {"type": "string"},
+        "kernel_path": {"type": "boolean"},
+        "error": ERROR,
+        "setup_s": NUM,
+        "elapsed_s": NUM,
+        "udp": {"type": "array", "items": UDP_STEP},
+        "tcp": {"type": "array", "items": TCP_STEP},
+        "rr": {"oneOf": [{"type": "null"}, RR_STEP]},
+        "cpu": {"oneOf": [{"type": "null"}, CPU]},
+    },
+}
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": SCHEMA_ID,
+    "type": "object",
+    "required": [
+        "schema",
+        "started",
+        "machine",
+        "parameters",
+        "generator",
+        "baseline",
+        "scenarios",
+    ],
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "started": {"type": "string"},
+        "elapsed_s": NUM,
+        "machine": {
+            "type": "object",
+            "required": ["cores", "kernel"],
+            "properties": {
+                "cores": {"type": "integer", "minimum": 1},
+                "cpu_model": {"type": "string"},
+                "memory_gb": NUM,
+                "kernel": {"type": "string"},
+                "python": {"type": "string"},
+                "iperf3": {"type": "string"},
+            },
+        },
+        "parameters": {
+            "type": "object",
+            "required": ["quick", "frames", "payloads", "udp_seconds", "tcp_seconds"],
+            "properties": {
+                "quick": {"type": "boolean"},
+                "frames": {"type": "array", "items": {"type": "integer"}},
+                "payloads": {"type": "array", "items": {"type": "integer"}},
+                "udp_seconds": NUM,
+                "tcp_seconds": NUM,
+                "rr_seconds": NUM,
+                "rr_payload": INT,
+                "flows": {"type": "integer", "minimum": 1},
+                "burst": {"type": "integer", "minimum": 1},
+                "rate": NUM,
+                "tcp_streams": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+            },
+        },
+        "generator": {
+            "type": "object",
+            "required": ["seconds", "steps", "error"],
+            "properties": {
+                "seconds": NUM,
+                "steps": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["frame", "pps"],
+                        "properties": {"frame": INT, "pps": NUM},
+                    },
+                },
+                "error": ERROR,
+            },
+        },
+        "baseline": {"type": "string"},
+        "scenarios": {"type": "array", "items": SCENARIO},
+    },
+}
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "object": (dict,),
+    "array": (list,),
+    "string": (str,),
+    "boolean": (bool,),
+    "integer": (int,),
+    "number": (int, float),
+    "null": (type(None),),
+}
+
+
+def _is(value: Any, name: str) -> bool:
+    # bool is an int in Python but not a number in JSON.
+    if name in ("integer", "number") and isinstance(value, bool):
+        return False
+    return isinstance(value, _TYPES[name])
+
+
+def validate(value: Any, schema: dict[str, Any] | None = None, where: str = "$") -> list[str]:
+    """Problems found, as "path: what" strings; empty means valid."""
+    s = SCHEMA if schema is None else schema
+    if "oneOf" in s:
+        matches = sum(1 for sub in s["oneOf"] if not validate(value, sub, where))
+        return [] if matches == 1 else [f"{where}: matches {matches} of oneOf"]
+    if "const" in s and value != s["const"]:
+        return [f"{where}: expected {s['const']!r}, got {value!r}"]
+    if "type" in s:
+        names = s["type"] if isinstance(s["type"], list) else [s["type"]]
+        if not any(_is(value, n) for n in names):
+            return [f"{where}: expected {'/'.join(names)}, got {type(value).__name__}"]
+    problems: list[str] = []
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in s and value < s["minimum"]:
+            problems.append(f"{where}: {value} < minimum {s['minimum']}")
+        if "maximum" in s and value > s["maximum"]:
+            problems.append(f"{where}: {value} > maximum {s['maximum']}")
+    if isinstance(value, dict):
+        for key in s.get("required", []):
+            if key not in value:
+                problems.append(f"{where}: missing {key!r}")
+        for key, sub in s.get("properties", {}).items():
+            if key in value:
+                problems += validate(value[key], sub, f"{where}.{key}")
+    if isinstance(value, list) and "items" in s:
+        for i, item in enumerate(value):
+            problems += validate(item, s["items"], f"{where}[{i}]")
+    return problems
