@@ -1,0 +1,150 @@
+"""The tunnel devices of the profiles, as geneve-dp endpoints run by the daemon.
+
+`geneve-dp up --config FILE --detach --pidfile FILE` creates TAP devices that behave
+like kernel geneve devices and keeps them alive until SIGTERM. The profiles write the
+config, start it, and stop it by pid on `down`; after a crash the devices are deleted
+by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..netconf import links
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    vni: int
+    remote: str
+    port: int
+    address: str  # "a.b.c.d/len"
+
+
+def render_config(endpoints: list[Endpoint]) -> str:
+    """The daemon's TOML config for ``endpoints`` (TAP, Ethernet payload, like the kernel)."""
+    out = []
+    for ep in endpoints:
+        out += [
+            "[[tunnel]]",
+            f'name = "{ep.name}"',
+            f"vni = {ep.vni}",
+            f'remote = "{ep.remote}"',
+            f"port = {ep.port}",
+            'mode = "tap"',
+            f'addresses = ["{ep.address}"]',
+            "",
+        ]
+    return "\n".join(out)
+
+
+# For experiments while the endpoint daemon is unavailable: kernel VXLAN devices with the
+# same names, VNIs, remotes and addresses. Never the default; tests say when they use it.
+STANDIN_ENV = "GENEVE_DP_AMBIENT_STANDIN"
+
+
+def _start_vxlan_standin(endpoints: list[Endpoint]) -> None:
+    with links.iproute() as ipr:
+        for ep in endpoints:
+            ipr.link(
+                "add",
+                ifname=ep.name,
+                kind="vxlan",
+                vxlan_id=ep.vni,
+                vxlan_group=ep.remote,
+                vxlan_port=ep.port,
+                vxlan_learning=0,
+            )
+            idx = ipr.link_lookup(ifname=ep.name)[0]
+            addr, plen = ep.address.split("/")
+            ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
+            ipr.link("set", index=idx, state="up")
+
+
+def start(endpoints: list[Endpoint], state_dir: Path, role: str) -> Path:
+    """Start the daemon for ``endpoints``; returns its pidfile once the devices are up."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if os.environ.get(STANDIN_ENV) == "vxlan":
+        _start_vxlan_standin(endpoints)
+        return state_dir / f"{role}-endpoints.pid"
+    config = state_dir / f"{role}-endpoints.toml"
+    pidfile = state_dir / f"{role}-endpoints.pid"
+    config.write_text(render_config(endpoints))
+    cmd = [sys.executable, "-m", "geneve_dp", "up", "--config", str(config)]
+    cmd += ["--detach", "--pidfile", str(pidfile)]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=START_TIMEOUT, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise UserError(
+            f"the tunnel endpoints did not come up within {START_TIMEOUT:.0f}s", field="endpoints"
+        ) from exc
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        detail = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise UserError(f"starting the tunnel endpoints failed: {detail}", field="endpoints")
+    for ep in endpoints:
+        if links.link(ep.name) is None:
+            raise UserError(f"the endpoint daemon did not create {ep.name}", field="endpoints")
+    return pidfile
+
+
+def _is_our_daemon(pid: int, pidfile: Path) -> bool:
+    """Guard against a recycled pid: the process must be a geneve-dp `up` of this config."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    args = [a.decode(errors="replace") for a in cmdline]
+    config = str(pidfile).removesuffix(".pid") + ".toml"
+    return "geneve_dp" in " ".join(args) and config in args
+
+
+def stop(pidfile: Path | None, devices: list[str]) -> None:
+    """SIGTERM the daemon (which removes its devices), then delete whatever is left."""
+    if pidfile is not None:
+        pid = None
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().split()[0])
+        if pid is not None and _is_our_daemon(pid, pidfile):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                if _zombie(pid):
+                    break
+                time.sleep(0.05)
+            if Path(f"/proc/{pid}").exists() and not _zombie(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+        Path(str(pidfile).removesuffix(".pid") + ".toml").unlink(missing_ok=True)
+    # Devices of a daemon that was SIGKILLed (TAP devices vanish with their fd unless
+    # persistent, but a stand-in or a stuck daemon may leave them).
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for name in devices:
+        while links.link(name) is not None and time.monotonic() < deadline:
+            if links.delete_link(name):
+                break
+            time.sleep(0.05)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"

@@ -1,0 +1,256 @@
+"""The ztunnel pod's side (reference §4): run inside the ztunnel's network namespace.
+
+`ztunnel up` installs `pistioin`/`pistioout` (VNI 1000/1001, remote = the host IP the
+node sends from), ip rules 20000 and 20003, table 100 `local 0.0.0.0/0 dev lo` plus the
+vestigial tables 101/102 routes, the four mangle PREROUTING rules (TPROXY to
+15008/15001/15006, mark 0x4d3 for original-source returns) and rp_filter off. Istio
+flushes mangle PREROUTING and nat OUTPUT there; we record what they held so `down`
+can put it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+from ..netconf import iptables, links
+from . import checks, endpoints, rules
+from . import constants as k
+from .node import route_from_dict, route_to_dict, rule_to_dict
+from .state import StateFile, state_dir
+
+STATE_NAME = "ztunnel.json"
+
+
+@dataclass(frozen=True)
+class ZtunnelConfig:
+    host_ip: ipaddress.IPv4Address  # the node's address as seen from here (GetHostIPByRoute)
+    ztunnel_ip: ipaddress.IPv4Address
+    eth: str
+    port: int = 6081
+
+
+def resolve(host_ip: str | None, port: int = 6081) -> ZtunnelConfig:
+    host = checks.ipv4(host_ip, "--host-ip")
+    checks.port(port)
+    route = checks.route_or_fail(host, "--host-ip")
+    if route.src is None:
+        raise UserError(f"no local address routes to {host}", "--host-ip")
+    if route.gateway is not None:
+        raise UserError(
+            f"{host} is behind gateway {route.gateway}; give the node's address on the "
+            "ztunnel pod's link",
+            "--host-ip",
+        )
+    return ZtunnelConfig(host, route.src, route.oif, port)
+
+
+def ztunnel_endpoints(cfg: ZtunnelConfig) -> list[endpoints.Endpoint]:
+    host = str(cfg.host_ip)
+    return [
+        endpoints.Endpoint(
+            k.ZT_INBOUND_TUN,
+            k.INBOUND_TUN_VNI,
+            host,
+            cfg.port,
+            f"{k.ZT_INBOUND_TUN_IP}/{k.TUN_PREFIX}",
+        ),
+        endpoints.Endpoint(
+            k.ZT_OUTBOUND_TUN,
+            k.OUTBOUND_TUN_VNI,
+            host,
+            cfg.port,
+            f"{k.ZT_OUTBOUND_TUN_IP}/{k.TUN_PREFIX}",
+        ),
+    ]
+
+
+def ztunnel_rules() -> list[links.Rule]:
+    return [
+        links.Rule(
+            k.TPROXY_MARK_PRIORITY,
+            fwmark=k.TPROXY_MARK,
+            fwmask=k.TPROXY_MASK,
+            table=k.ROUTE_TABLE_INBOUND,
+        ),
+        links.Rule(
+            k.ORG_SRC_PRIORITY,
+            fwmark=k.ORG_SRC_RET_MARK,
+            fwmask=k.ORG_SRC_RET_MASK,
+            table=k.ROUTE_TABLE_INBOUND,
+        ),
+    ]
+
+
+def ztunnel_routes(cfg: ZtunnelConfig) -> list[links.Route]:
+    host = f"{cfg.host_ip}/32"
+    return [
+        links.Route(k.ROUTE_TABLE_INBOUND, "0.0.0.0/0", "lo", type="local"),
+        # Tables 101/102 are not consulted by any rule since 1.18; Istio still fills them.
+        links.Route(
+            k.ROUTE_TABLE_OUTBOUND, "0.0.0.0/0", k.ZT_OUTBOUND_TUN, gateway=k.OUTBOUND_TUN_IP
+        ),
+        links.Route(k.ROUTE_TABLE_PROXY, "0.0.0.0/0", k.ZT_INBOUND_TUN, gateway=k.INBOUND_TUN_IP),
+        links.Route(k.ROUTE_TABLE_OUTBOUND, host, cfg.eth, scope=links.SCOPE_LINK),
+        links.Route(k.ROUTE_TABLE_PROXY, host, cfg.eth, scope=links.SCOPE_LINK),
+    ]
+
+
+def ztunnel_sysctls(cfg: ZtunnelConfig) -> list[tuple[str, str]]:
+    devs = (k.ZT_OUTBOUND_TUN, k.ZT_INBOUND_TUN, "default", "all", cfg.eth)
+    return [(links.conf_key(d, "rp_filter"), "0") for d in devs]
+
+
+def _state() -> StateFile:
+    return StateFile.load(state_dir() / STATE_NAME)
+
+
+def up(cfg: ZtunnelConfig, log: Any = None) -> None:
+    say = log or (lambda _msg: None)
+    down(quiet=True)
+    st = StateFile(state_dir() / STATE_NAME)
+    st.data = {
+        "config": {
+            "host_ip": str(cfg.host_ip),
+            "ztunnel_ip": str(cfg.ztunnel_ip),
+            "eth": cfg.eth,
+            "port": cfg.port,
+        },
+        "complete": False,
+    }
+    st.save()
+    try:
+        eps = ztunnel_endpoints(cfg)
+        say(f"endpoints {k.ZT_INBOUND_TUN}, {k.ZT_OUTBOUND_TUN} -> {cfg.host_ip}:{cfg.port}")
+        st.data["endpoints"] = {"devices": [e.name for e in eps], "pidfile": None}
+        st.save()
+        for e in eps:
+            links.delete_link(e.name)
+        pidfile = endpoints.start(eps, st.path.parent, "ztunnel")
+        st.data["endpoints"]["pidfile"] = str(pidfile)
+        st.save()
+
+        say("sysctls: rp_filter=0")
+        sysctls: dict[str, str] = st.data.setdefault("sysctls", {})
+        for key, value in ztunnel_sysctls(cfg):
+            old = links.sysctl_get(key)
+            if old is None:
+                continue
+            sysctls.setdefault(key, old)
+            st.save()
+            links.sysctl_set(key, value)
+
+        say("ip rules 20000, 20003; table 100 local default; tables 101, 102")
+        for rule in ztunnel_rules():
+            st.record("rules", rule_to_dict(rule))
+            links.add_rule(rule)
+        for r in ztunnel_routes(cfg):
+            st.record("routes", route_to_dict(r))
+            links.add_route(r)
+
+        say("iptables: mangle PREROUTING TPROXY to 15008/15001/15006, mark 0x4d3")
+        current = iptables.save()
+        ruleset = rules.ztunnel_ruleset(cfg.ztunnel_ip, cfg.eth)
+        # What the flush will take away, so that `down` can restore it.
+        flushed = [
+            [table, chain, spec]
+            for table, chain in ruleset.flush_builtin
+            for c, spec in current.get(table, iptables.SavedTable()).rules
+            if c == chain
+        ]
+        st.data["flushed"] = flushed
+        st.data["tables_before"] = sorted(current)
+        st.data["iptables"] = True
+        st.save()
+        iptables.restore(iptables.render_apply(ruleset, current))
+        st.data["complete"] = True
+        st.save()
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            down(quiet=True)
+        if isinstance(exc, UserError):
+            raise
+        if isinstance(exc, Exception):
+            raise UserError(
+                f"ztunnel setup failed and was rolled back: {exc}", "ztunnel up"
+            ) from exc
+        raise
+
+
+def down(quiet: bool = False) -> list[str]:
+    done: list[str] = []
+    st = _state()
+    data = st.data
+    cfg = data.get("config") or {}
+
+    if _iptables_ok():
+        # Our four rules, found by comparison (iptables -C), whatever their eth/IP were.
+        zt_ip = cfg.get("ztunnel_ip")
+        eth = cfg.get("eth")
+        present: list[iptables.Rule] = []
+        if zt_ip and eth:
+            ruleset = rules.ztunnel_ruleset(ipaddress.IPv4Address(zt_ip), eth)
+            present = [r for r in ruleset.rules if iptables.rule_exists(r)]
+        else:
+            present = _tproxy_rules_by_text()
+        restore = [iptables.Rule(t, c, s) for t, c, s in data.get("flushed", [])]
+        text = iptables.render_remove([], {}, delete_rules=present, restore_rules=restore)
+        if text:
+            iptables.restore(text)
+            done.append(f"{len(present)} mangle PREROUTING rules")
+        if "tables_before" in data:
+            created = set(iptables.save()) - set(data["tables_before"])
+            done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+
+    for rd in reversed(data.get("routes", [])):
+        r = route_from_dict(rd)
+        if links.del_route(r):
+            done.append(f"route {r.describe()}")
+    for rule in ztunnel_rules():
+        if links.del_rule(rule):
+            done.append(f"ip rule {rule.describe()}")
+
+    ep = data.get("endpoints") or {}
+    pidfile = ep.get("pidfile")
+    names = [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN]
+    present_devs = [d for d in names if links.link(d) is not None]
+    from pathlib import Path
+
+    endpoints.stop(
+        Path(pidfile) if pidfile else st.path.parent / "ztunnel-endpoints.pid",
+        names,
+    )
+    done += [f"device {d}" for d in present_devs]
+
+    for key, old in reversed(list(data.get("sysctls", {}).items())):
+        with contextlib.suppress(OSError):
+            links.sysctl_set(key, old)
+    st.remove()
+    return done
+
+
+def _tproxy_rules_by_text() -> list[iptables.Rule]:
+    """Without a record: the mangle PREROUTING rules that only we write (crash case)."""
+    saved = iptables.save().get("mangle")
+    if saved is None:
+        return []
+    out = []
+    for chain, spec in saved.rules:
+        if chain != "PREROUTING":
+            continue
+        ours_tproxy = "-j TPROXY" in spec and "--tproxy-mark 0x400/0xfff" in spec
+        ours_mark = "--set-xmark 0x4d3/0xfff" in spec
+        if ours_tproxy or ours_mark:
+            out.append(iptables.Rule("mangle", chain, spec))
+    return out
+
+
+def _iptables_ok() -> bool:
+    try:
+        iptables.require_binaries()
+    except UserError:
+        return False
+    return True

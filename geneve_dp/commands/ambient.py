@@ -1,0 +1,244 @@
+"""`geneve-dp node|ztunnel|pod|proxy|demo`: the Istio ambient profiles from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..ambient import constants as k
+
+
+def _say(msg: str) -> None:
+    print(f"  {msg}", file=sys.stderr)
+
+
+def register(sub: Any) -> None:
+    node = sub.add_parser(
+        "node",
+        help="the node side of Istio ambient redirection (istioin/istioout, ipset, iptables)",
+        description=(
+            "Set up or remove the node side of Istio ambient (1.18-1.20) iptables + GENEVE "
+            "redirection in the current network namespace: geneve-dp endpoints istioin "
+            "(VNI 1000) and istioout (VNI 1001) towards the ztunnel pod, the "
+            f"{k.IPSET_NAME} ipset, the ztunnel-* iptables chains, ip rules 100-103 and "
+            "tables 100-102. Needs root."
+        ),
+    )
+    nsub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = nsub.add_parser("up", help="install (idempotent; re-enrols known pods)")
+    up.add_argument("--ztunnel-ip", metavar="IP", help="the ztunnel pod's IPv4 address")
+    up.add_argument(
+        "--ztunnel-veth", metavar="DEV", help="host-side veth of the ztunnel pod (must be a veth)"
+    )
+    up.add_argument(
+        "--host-ip",
+        metavar="IP",
+        help="node address used as source of routes to pods (default: the source the "
+        "kernel picks towards the ztunnel IP)",
+    )
+    up.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
+    up.add_argument(
+        "--dns-capture", action="store_true", help="DNAT ambient pods' UDP/53 to ztunnel:15053"
+    )
+    up.add_argument(
+        "--istio-version",
+        choices=k.ISTIO_VERSIONS,
+        default=k.DEFAULT_ISTIO_VERSION,
+        help="which release's rules to reproduce (default %(default)s)",
+    )
+    up.set_defaults(func=cmd_node_up)
+    down = nsub.add_parser("down", help="remove everything `node up` installed")
+    down.set_defaults(func=cmd_node_down)
+    rend = nsub.add_parser(
+        "render", help="print the iptables-restore input `node up` would apply (no root)"
+    )
+    rend.add_argument("--ztunnel-ip", metavar="IP", required=True)
+    rend.add_argument("--ztunnel-veth", metavar="DEV", required=True)
+    rend.add_argument("--host-ip", metavar="IP", required=True)
+    rend.add_argument("--port", type=int, default=6081)
+    rend.add_argument("--dns-capture", action="store_true")
+    rend.add_argument("--istio-version", choices=k.ISTIO_VERSIONS, default=k.DEFAULT_ISTIO_VERSION)
+    rend.set_defaults(func=cmd_node_render)
+
+    zt = sub.add_parser(
+        "ztunnel",
+        help="the ztunnel pod side (pistioin/pistioout, TPROXY rules); run in its netns",
+        description=(
+            "Set up or remove the ztunnel pod's side, in the current network namespace: "
+            "endpoints pistioin/pistioout towards the node, ip rules 20000/20003, table 100 "
+            "local default, and mangle PREROUTING TPROXY rules to 15008/15001/15006. Needs root."
+        ),
+    )
+    zsub = zt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    zup = zsub.add_parser("up", help="install (idempotent)")
+    zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
+    zup.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
+    zup.set_defaults(func=cmd_ztunnel_up)
+    zdown = zsub.add_parser("down", help="remove everything `ztunnel up` installed")
+    zdown.set_defaults(func=cmd_ztunnel_down)
+
+    pod = sub.add_parser(
+        "pod",
+        help="enrol a pod in the mesh or remove it (ipset entry + table-100 route)",
+        description="Enrol a pod IP in ambient redirection on this node, or remove it.",
+    )
+    psub = pod.add_subparsers(dest="action", required=True, metavar="ACTION")
+    padd = psub.add_parser("add", help="enrol a pod (adding twice is a no-op)")
+    padd.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
+    padd.add_argument("--uid", required=True, help="the pod's UID (ipset comment)")
+    padd.set_defaults(func=cmd_pod_add)
+    pdel = psub.add_parser("del", help="remove a pod (an unknown pod is not an error)")
+    pdel.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
+    pdel.set_defaults(func=cmd_pod_del)
+    plist = psub.add_parser("list", help="enrolled pods, one 'IP UID' per line")
+    plist.set_defaults(func=cmd_pod_list)
+
+    px = sub.add_parser(
+        "proxy",
+        help="a small transparent stand-in for ztunnel (TPROXY listeners, passthrough)",
+        description=(
+            "Listen on 15001, 15006 and 15008 with IP_TRANSPARENT, log each accepted "
+            "connection as a JSON line (listener, client, original destination) and forward "
+            "it to the original destination from the client's address, like ztunnel's "
+            "passthrough. No mTLS, no HBONE."
+        ),
+    )
+    px.add_argument("--log", metavar="FILE", help="append JSON lines here (default: stdout)")
+    px.add_argument(
+        "--ports",
+        default=",".join(str(p) for p in k.PROXY_PORTS),
+        help="listener ports (default %(default)s)",
+    )
+    px.add_argument("--no-spoof", action="store_true", help="connect from our own address")
+    px.set_defaults(func=cmd_proxy)
+
+    demo = sub.add_parser(
+        "demo",
+        help="build a node, pods, ztunnel and a server in namespaces and walk the scenario",
+        description=(
+            "Build, in network namespaces, a node with two ambient pods and one plain pod, a "
+            "ztunnel pod and a server beyond the node; run node up, ztunnel up, pod add, the "
+            "stand-in proxy and servers; check each step of the scenario (expected vs "
+            "observed, PASS/FAIL); tear everything down. Exit code 0 only if all passed. "
+            "Needs root."
+        ),
+    )
+    demo.add_argument("--keep", action="store_true", help="leave the namespaces up at the end")
+    demo.set_defaults(func=cmd_demo)
+
+
+def _version(value: str) -> k.IstioVersion:
+    for v in k.ISTIO_VERSIONS:
+        if v == value:
+            return v
+    return k.DEFAULT_ISTIO_VERSION
+
+
+def cmd_node_up(args: argparse.Namespace) -> int:
+    from ..ambient import checks, node
+
+    checks.require_tools("node up")
+    cfg = node.resolve(
+        args.ztunnel_ip,
+        args.ztunnel_veth,
+        args.host_ip,
+        args.port,
+        args.dns_capture,
+        _version(args.istio_version),
+    )
+    node.up(cfg, log=_say)
+    print(
+        f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
+        f"GENEVE port {cfg.port}, Istio {cfg.version} rules"
+    )
+    return 0
+
+
+def cmd_node_down(args: argparse.Namespace) -> int:
+    from ..ambient import checks, node
+
+    checks.require_root("node down")
+    done = node.down()
+    print(f"node down: removed {len(done)} objects" + (f" ({', '.join(done)})" if done else ""))
+    return 0
+
+
+def cmd_node_render(args: argparse.Namespace) -> int:
+    from ..ambient import checks, rules
+    from ..netconf import iptables
+
+    cfg = rules.NodeRulesConfig(
+        checks.ipv4(args.ztunnel_ip, "--ztunnel-ip"),
+        args.ztunnel_veth,
+        checks.ipv4(args.host_ip, "--host-ip"),
+        checks.port(args.port),
+        args.dns_capture,
+        _version(args.istio_version),
+    )
+    sys.stdout.write(iptables.render_apply(rules.node_ruleset(cfg), {}))
+    return 0
+
+
+def cmd_ztunnel_up(args: argparse.Namespace) -> int:
+    from ..ambient import checks, ztunnel
+
+    checks.require_tools("ztunnel up")
+    cfg = ztunnel.resolve(args.host_ip, args.port)
+    ztunnel.up(cfg, log=_say)
+    print(
+        f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, tunnels to {cfg.host_ip}:{cfg.port}, "
+        "TPROXY to 15008/15001/15006"
+    )
+    return 0
+
+
+def cmd_ztunnel_down(args: argparse.Namespace) -> int:
+    from ..ambient import checks, ztunnel
+
+    checks.require_root("ztunnel down")
+    done = ztunnel.down()
+    print(f"ztunnel down: removed {len(done)} objects" + (f" ({', '.join(done)})" if done else ""))
+    return 0
+
+
+def cmd_pod_add(args: argparse.Namespace) -> int:
+    from ..ambient import checks, pods
+
+    checks.require_root("pod add")
+    print(pods.add(args.ip, args.uid).message)
+    return 0
+
+
+def cmd_pod_del(args: argparse.Namespace) -> int:
+    from ..ambient import checks, pods
+
+    checks.require_root("pod del")
+    print(pods.delete(args.ip).message)
+    return 0
+
+
+def cmd_pod_list(args: argparse.Namespace) -> int:
+    from ..ambient import pods
+
+    for ip, uid in sorted(pods.listing().items()):
+        print(f"{ip} {uid}")
+    return 0
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from ..ambient import proxy
+    from ..errors import UserError
+
+    try:
+        ports = [int(p) for p in str(args.ports).split(",") if p]
+    except ValueError as exc:
+        raise UserError(f"{args.ports!r} is not a comma-separated port list", "--ports") from exc
+    return proxy.main(ports, args.log, spoof=not args.no_spoof)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..ambient import checks, demo
+
+    checks.require_tools("demo")
+    return demo.run(keep=args.keep)

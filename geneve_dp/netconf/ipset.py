@@ -1,0 +1,107 @@
+"""IPv4 hash:ip sets with per-entry comments, through pyroute2's IPSet (netlink).
+
+The ambient profile keeps one set of enrolled pod IPs, each entry commented with the
+pod's UID, like `ipset create NAME hash:ip family inet comment`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
+from typing import Any
+
+from pyroute2 import IPSet
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import UserError
+
+IPSET_ERR_EXIST = 4103  # kernel ipset: "element already added"
+IPSET_ERR_EXIST_SETNAME = 4097  # kernel ipset: "set with the same name already exists"
+IPSET_ERR_NOT_EXIST = 4102  # element not in set  (kernel's IPSET_ERR_EXIST is 4103)
+
+
+@contextlib.contextmanager
+def _ipset() -> Iterator[Any]:
+    try:
+        s = IPSet()
+    except (OSError, NetlinkError) as exc:
+        raise UserError(f"cannot open the kernel ipset interface: {exc}", field="ipset") from exc
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def exists(name: str) -> bool:
+    with _ipset() as s:
+        try:
+            list(s.headers(name))  # a generator: the request is only sent when iterated
+        except NetlinkError:
+            return False
+    return True
+
+
+def create(name: str) -> bool:
+    """Create the set; False when it already existed (as Istio, EEXIST is fine)."""
+    with _ipset() as s:
+        try:
+            s.create(name, stype="hash:ip", family=2, comment=True)
+        except NetlinkError as exc:
+            if exc.code in (errno.EEXIST, IPSET_ERR_EXIST_SETNAME):
+                return False
+            raise
+    return True
+
+
+def destroy(name: str) -> bool:
+    with _ipset() as s:
+        try:
+            s.destroy(name)
+        except NetlinkError as exc:
+            if exc.code == errno.ENOENT:
+                return False
+            raise
+    return True
+
+
+def entries(name: str) -> dict[str, str]:
+    """IP -> comment of every entry; empty if the set does not exist."""
+    out: dict[str, str] = {}
+    with _ipset() as s:
+        try:
+            msgs = list(s.list(name))
+        except NetlinkError:
+            return out
+    for msg in msgs:
+        adt = msg.get_attr("IPSET_ATTR_ADT")
+        if adt is None:
+            continue
+        for data in adt.get_attrs("IPSET_ATTR_DATA"):
+            ip_from = data.get_attr("IPSET_ATTR_IP_FROM")
+            if ip_from is None:
+                continue
+            ip = ip_from.get_attr("IPSET_ATTR_IPADDR_IPV4")
+            out[str(ip)] = str(data.get_attr("IPSET_ATTR_COMMENT") or "")
+    return out
+
+
+def add(name: str, ip: str, comment: str) -> bool:
+    """Add ``ip`` with ``comment``; False when it was already there."""
+    with _ipset() as s:
+        try:
+            s.add(name, ip, etype="ip", comment=comment)
+        except NetlinkError as exc:
+            if exc.code == IPSET_ERR_EXIST:
+                return False
+            raise
+    return True
+
+
+def delete(name: str, ip: str) -> bool:
+    with _ipset() as s:
+        try:
+            s.delete(name, ip, etype="ip")
+        except NetlinkError:
+            return False
+    return True

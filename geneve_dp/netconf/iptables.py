@@ -1,0 +1,273 @@
+"""iptables as one atomic text: render iptables-restore input, apply it, read iptables-save.
+
+The rule sets themselves (which rules, in which order) come from the ambient profiles
+as ``Ruleset`` values; this module turns a ruleset plus what is currently installed into
+iptables-restore input (pure functions, unit tested without root) and applies that
+input with one ``iptables-restore --noflush`` call, so the kernel sees all of it or
+none of it. Only the chains named in the ruleset are touched.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+TABLE_ORDER = ("raw", "mangle", "nat", "filter", "security")
+BUILTIN_CHAINS = {
+    "raw": ("PREROUTING", "OUTPUT"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "security": ("INPUT", "FORWARD", "OUTPUT"),
+}
+
+RESTORE = "iptables-restore"
+SAVE = "iptables-save"
+CHECK = "iptables"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain we own in ``table``, hooked from built-in ``parent`` by a jump at position 1."""
+
+    table: str
+    name: str
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule appended to ``chain``; ``spec`` is iptables argument text after ``-A CHAIN``."""
+
+    table: str
+    chain: str
+    spec: str
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Everything a profile installs.
+
+    ``chains`` are created (or flushed when present) and hooked; ``flush_builtin`` lists
+    built-in chains that are flushed before ``rules`` are appended (the ztunnel side
+    owns its namespace's mangle PREROUTING and nat OUTPUT, as Istio does).
+    """
+
+    chains: tuple[Chain, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    flush_builtin: tuple[tuple[str, str], ...] = ()
+
+    def tables(self) -> list[str]:
+        used = {c.table for c in self.chains} | {r.table for r in self.rules}
+        used |= {t for t, _ in self.flush_builtin}
+        return [t for t in TABLE_ORDER if t in used]
+
+
+@dataclass
+class SavedTable:
+    chains: dict[str, str] = field(default_factory=dict)  # name -> policy ("-" for user chains)
+    rules: list[tuple[str, str]] = field(default_factory=list)  # (chain, spec) in order
+
+
+Saved = dict[str, SavedTable]
+
+
+def parse_save(text: str) -> Saved:
+    """The tables, chains and rules of iptables-save output (counters and comments dropped)."""
+    tables: Saved = {}
+    current: SavedTable | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], SavedTable())
+        elif line == "COMMIT":
+            current = None
+        elif current is None:
+            continue
+        elif line.startswith(":"):
+            name, policy, *_ = line[1:].split()
+            current.chains[name] = policy
+        elif line.startswith("-A "):
+            _, chain, *rest = line.split(" ", 2)
+            current.rules.append((chain, rest[0] if rest else ""))
+    return tables
+
+
+def normalize_save(text: str) -> str:
+    """iptables-save output without comments and counters, for comparisons."""
+    out = []
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(":"):
+            name, policy, *_ = line[1:].split()
+            line = f":{name} {policy}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _jumps_to(saved: Saved, table: str, target: str) -> list[tuple[str, str]]:
+    """Rules in ``table`` whose only job is to jump to ``target``."""
+    st = saved.get(table)
+    if st is None:
+        return []
+    return [(c, s) for c, s in st.rules if s == f"-j {target}"]
+
+
+def render_apply(ruleset: Ruleset, current: Saved) -> str:
+    """iptables-restore --noflush input that makes ``ruleset`` installed, idempotently.
+
+    Our chains are declared (which creates them, or flushes them when they exist), any
+    existing jumps to them are removed and one jump per chain is inserted first in its
+    parent, built-in chains we own are flushed, then every rule is appended in order.
+    """
+    out: list[str] = []
+    for table in ruleset.tables():
+        out.append(f"*{table}")
+        chains = [c for c in ruleset.chains if c.table == table]
+        for c in chains:
+            out.append(f":{c.name} - [0:0]")
+        for c in chains:
+            for parent, spec in _jumps_to(current, table, c.name):
+                out.append(f"-D {parent} {spec}")
+        for t, builtin in ruleset.flush_builtin:
+            if t == table:
+                out.append(f"-F {builtin}")
+        for c in chains:
+            if c.parent is not None:
+                out.append(f"-I {c.parent} 1 -j {c.name}")
+        for r in ruleset.rules:
+            if r.table == table:
+                out.append(f"-A {r.chain} {r.spec}")
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def render_remove(
+    tables_chains: Iterable[tuple[str, str]],
+    current: Saved,
+    delete_rules: Sequence[Rule] = (),
+    restore_rules: Sequence[Rule] = (),
+) -> str:
+    """iptables-restore --noflush input that removes chains (and every jump to them).
+
+    Only chains that exist in ``current`` are named, so the text also works after a
+    partial setup or a crash. ``delete_rules`` (known to be present) are deleted from
+    built-in chains and ``restore_rules`` appended back (what a flush had removed).
+    """
+    by_table: dict[str, list[str]] = {}
+    for table, name in tables_chains:
+        st = current.get(table)
+        if st is not None and name in st.chains:
+            by_table.setdefault(table, []).append(name)
+    used = set(by_table) | {r.table for r in delete_rules} | {r.table for r in restore_rules}
+    out: list[str] = []
+    for table in [t for t in TABLE_ORDER if t in used]:
+        out.append(f"*{table}")
+        names = by_table.get(table, [])
+        for name in names:
+            for parent, spec in _jumps_to(current, table, name):
+                out.append(f"-D {parent} {spec}")
+        for r in delete_rules:
+            if r.table == table:
+                out.append(f"-D {r.chain} {r.spec}")
+        for name in names:
+            out.append(f"-F {name}")
+        for name in names:
+            out.append(f"-X {name}")
+        for r in restore_rules:
+            if r.table == table:
+                out.append(f"-A {r.chain} {r.spec}")
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def owned_chains(current: Saved, prefix: str) -> list[tuple[str, str]]:
+    """(table, chain) of every user chain whose name starts with ``prefix``."""
+    return [
+        (table, name)
+        for table, st in current.items()
+        for name, policy in st.chains.items()
+        if policy == "-" and name.startswith(prefix)
+    ]
+
+
+# --- the side-effecting part -------------------------------------------------------------
+
+
+def require_binaries() -> None:
+    for binary in (RESTORE, SAVE, CHECK):
+        if shutil.which(binary) is None:
+            raise UserError(f"{binary} is not installed (apt-get install iptables)", field=binary)
+
+
+def save() -> Saved:
+    return parse_save(save_text())
+
+
+def save_text() -> str:
+    proc = subprocess.run([SAVE], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise UserError(f"{SAVE} failed: {proc.stderr.strip()}", field=SAVE)
+    return proc.stdout
+
+
+def restore(text: str) -> None:
+    """Apply iptables-restore input atomically, keeping every chain it does not name."""
+    if not text:
+        return
+    proc = subprocess.run(
+        [RESTORE, "--noflush"], input=text, capture_output=True, text=True, timeout=30
+    )
+    if proc.returncode != 0:
+        detail = " ".join(proc.stderr.split())
+        raise UserError(f"{RESTORE} refused the rules: {detail}", field=RESTORE)
+
+
+def rule_exists(rule: Rule) -> bool:
+    """Whether ``rule`` is in its chain (iptables -C compares rules, not text)."""
+    proc = subprocess.run(
+        [CHECK, "-w", "5", "-t", rule.table, "-C", rule.chain, *shlex.split(rule.spec)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return proc.returncode == 0
+
+
+def is_nft_backend() -> bool:
+    proc = subprocess.run([CHECK, "--version"], capture_output=True, text=True, timeout=10)
+    return "nf_tables" in proc.stdout
+
+
+def drop_empty_tables(tables: Iterable[str]) -> list[str]:
+    """Delete tables that our setup created and that are empty again.
+
+    iptables-nft creates a table (with its built-in chains) on first use and never
+    deletes it, so without this `iptables-save` after teardown would list tables that
+    were not there before. A table goes only if it holds no rule, no user chain and
+    only ACCEPT policies, i.e. it has no effect at all.
+    """
+    wanted = set(tables)
+    if not wanted or shutil.which("nft") is None or not is_nft_backend():
+        return []
+    dropped = []
+    for name, st in save().items():
+        if name not in wanted or st.rules:
+            continue
+        if any(policy != "ACCEPT" for policy in st.chains.values()):
+            continue  # a user chain ("-") or a DROP policy: not empty
+        proc = subprocess.run(
+            ["nft", "delete", "table", "ip", name], capture_output=True, text=True, timeout=10
+        )
+        if proc.returncode == 0:
+            dropped.append(name)
+    return dropped

@@ -1,0 +1,344 @@
+"""Links, routes, rules and sysctls of the current network namespace, through pyroute2.
+
+Synchronous and short-lived: each helper opens its own netlink socket, so callers
+never share one across threads and never run this on an event loop (ARCHITECTURE
+rule 5). "Current namespace" is the calling process's; run under ``ip netns exec`` to
+act on another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+AF_INET = 2
+SCOPE_LINK = 253
+SCOPE_HOST = 254
+RTNH_F_ONLINK = 4
+FR_ACT_TO_TBL = 1
+FR_ACT_GOTO = 2
+
+
+@contextlib.contextmanager
+def iproute() -> Iterator[Any]:
+    ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    index: int
+    name: str
+    kind: str | None
+    up: bool
+
+
+def link(name: str) -> LinkInfo | None:
+    with iproute() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            return None
+        msg = ipr.get_links(idx[0])[0]
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return LinkInfo(idx[0], name, kind, bool(msg["flags"] & 1))
+
+
+def link_names() -> list[str]:
+    with iproute() as ipr:
+        return sorted(str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links())
+
+
+def delete_link(name: str) -> bool:
+    """Set down then delete ``name``; False when it did not exist."""
+    with iproute() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            return False
+        with contextlib.suppress(NetlinkError):
+            ipr.link("set", index=idx[0], state="down")
+        try:
+            ipr.link("del", index=idx[0])
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class RouteTo:
+    oif: str
+    src: ipaddress.IPv4Address | None
+    gateway: ipaddress.IPv4Address | None
+
+
+def route_get(dst: ipaddress.IPv4Address) -> RouteTo | None:
+    """What the kernel would do for a packet from this host to ``dst`` (None: unreachable)."""
+    with iproute() as ipr:
+        try:
+            msg = ipr.route("get", dst=str(dst))[0]
+        except NetlinkError:
+            return None
+        if msg["type"] != 1:  # RTN_UNICAST; unreachable/prohibit/blackhole are no route
+            return None
+        oif = msg.get_attr("RTA_OIF")
+        names = ipr.get_links(oif)
+        name = names[0].get_attr("IFLA_IFNAME") if names else str(oif)
+    src = msg.get_attr("RTA_PREFSRC")
+    gw = msg.get_attr("RTA_GATEWAY")
+    return RouteTo(
+        str(name),
+        ipaddress.IPv4Address(src) if src else None,
+        ipaddress.IPv4Address(gw) if gw else None,
+    )
+
+
+@dataclass(frozen=True)
+class Route:
+    """One IPv4 route, described the way we create and delete it."""
+
+    table: int
+    dst: str  # "a.b.c.d/len"; "0.0.0.0/0" for default
+    dev: str
+    gateway: str | None = None
+    src: str | None = None
+    scope: int = 0
+    onlink: bool = False
+    type: str = "unicast"
+
+    def describe(self) -> str:
+        parts = [self.type] if self.type != "unicast" else []
+        parts.append("default" if self.dst == "0.0.0.0/0" else self.dst)
+        if self.gateway:
+            parts += ["via", self.gateway]
+        parts += ["dev", self.dev, "table", str(self.table)]
+        if self.src:
+            parts += ["src", self.src]
+        if self.scope == SCOPE_LINK:
+            parts += ["scope", "link"]
+        if self.onlink:
+            parts.append("onlink")
+        return " ".join(parts)
+
+
+def _route_kwargs(ipr: Any, r: Route) -> dict[str, Any]:
+    idx = ipr.link_lookup(ifname=r.dev)
+    if not idx:
+        raise LookupError(f"device {r.dev} does not exist")
+    kw: dict[str, Any] = {"dst": r.dst, "table": r.table, "oif": idx[0], "family": AF_INET}
+    if r.gateway:
+        kw["gateway"] = r.gateway
+    if r.src:
+        kw["prefsrc"] = r.src
+    if r.type == "local":
+        kw["type"] = "local"
+        kw["scope"] = SCOPE_HOST
+    elif r.scope:
+        kw["scope"] = r.scope
+    if r.onlink:
+        kw["flags"] = RTNH_F_ONLINK
+    return kw
+
+
+def add_route(r: Route) -> bool:
+    """Add ``r``; False when an equal route (same table, dst, type) was already there."""
+    with iproute() as ipr:
+        try:
+            ipr.route("add", **_route_kwargs(ipr, r))
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                return False
+            raise
+    return True
+
+
+def del_route(r: Route) -> bool:
+    """Delete ``r`` if present (matched on table, dst, type, device and gateway)."""
+    with iproute() as ipr:
+        try:
+            kw = _route_kwargs(ipr, r)
+        except LookupError:
+            return False  # the device is gone, so the kernel already dropped the route
+        kw.pop("prefsrc", None)
+        kw.pop("flags", None)
+        try:
+            ipr.route("del", **kw)
+        except NetlinkError as exc:
+            if exc.code in (errno.ESRCH, errno.ENOENT):
+                return False
+            raise
+    return True
+
+
+def route_exists(r: Route) -> bool:
+    with iproute() as ipr:
+        idx = ipr.link_lookup(ifname=r.dev)
+        if not idx:
+            return False
+        net = ipaddress.IPv4Network(r.dst)
+        for msg in ipr.get_routes(family=AF_INET, table=r.table):
+            if msg.get_attr("RTA_TABLE") != r.table:
+                continue
+            dst = msg.get_attr("RTA_DST") or "0.0.0.0"
+            if (dst, msg["dst_len"]) != (str(net.network_address), net.prefixlen):
+                continue
+            if msg.get_attr("RTA_OIF") == idx[0] and msg.get_attr("RTA_GATEWAY") == r.gateway:
+                return True
+    return False
+
+
+def flush_table(table: int) -> int:
+    """Delete every IPv4 route in ``table``; the number deleted."""
+    n = 0
+    with iproute() as ipr:
+        for msg in ipr.get_routes(family=AF_INET, table=table):
+            if msg.get_attr("RTA_TABLE") != table:
+                continue
+            with contextlib.suppress(NetlinkError):
+                ipr.route(
+                    "del",
+                    table=table,
+                    dst=msg.get_attr("RTA_DST") or "0.0.0.0",
+                    dst_len=msg["dst_len"],
+                    type=msg["type"],
+                    family=AF_INET,
+                )
+                n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An IPv4 policy rule: ``priority [fwmark M/MASK] (lookup TABLE | goto TARGET)``."""
+
+    priority: int
+    table: int | None = None
+    fwmark: int | None = None
+    fwmask: int | None = None
+    goto: int | None = None
+
+    def describe(self) -> str:
+        parts = [f"{self.priority}:"]
+        if self.fwmark is not None:
+            parts.append(f"fwmark {self.fwmark:#x}/{self.fwmask or 0xFFFFFFFF:#x}")
+        parts.append(f"goto {self.goto}" if self.goto is not None else f"lookup {self.table}")
+        return " ".join(parts)
+
+
+def _rule_kwargs(r: Rule) -> dict[str, Any]:
+    kw: dict[str, Any] = {"priority": r.priority, "family": AF_INET}
+    if r.fwmark is not None:
+        kw["fwmark"] = r.fwmark
+        kw["fwmask"] = r.fwmask if r.fwmask is not None else 0xFFFFFFFF
+    if r.goto is not None:
+        kw["action"] = "FR_ACT_GOTO"
+        kw["goto"] = r.goto
+    else:
+        kw["table"] = r.table
+    return kw
+
+
+def list_rules() -> list[Rule]:
+    out = []
+    with iproute() as ipr:
+        for msg in ipr.get_rules(family=AF_INET):
+            action = msg["action"]
+            table = msg.get_attr("FRA_TABLE") or msg["table"]
+            out.append(
+                Rule(
+                    priority=msg.get_attr("FRA_PRIORITY") or 0,
+                    table=table if action == FR_ACT_TO_TBL else None,
+                    fwmark=msg.get_attr("FRA_FWMARK"),
+                    fwmask=msg.get_attr("FRA_FWMASK"),
+                    goto=msg.get_attr("FRA_GOTO") if action == FR_ACT_GOTO else None,
+                )
+            )
+    return out
+
+
+def add_rule(r: Rule) -> bool:
+    """Add ``r`` unless an identical rule exists; True when added."""
+    if r in list_rules():
+        return False
+    with iproute() as ipr:
+        ipr.rule("add", **_rule_kwargs(r))
+    return True
+
+
+def del_rule(r: Rule) -> bool:
+    """Delete every copy of ``r``; True when at least one was there."""
+    n = list_rules().count(r)
+    with iproute() as ipr:
+        for _ in range(n):
+            with contextlib.suppress(NetlinkError):
+                ipr.rule("del", **_rule_kwargs(r))
+    return n > 0
+
+
+# --- sysctls ---------------------------------------------------------------------------
+
+
+def _sysctl_path(key: str) -> Path:
+    return Path("/proc/sys") / key.replace(".", "/")
+
+
+def conf_key(dev: str, name: str) -> str:
+    """``net.ipv4.conf.DEV.NAME`` (dots in device names are not used here)."""
+    return f"net.ipv4.conf.{dev}.{name}"
+
+
+def sysctl_get(key: str) -> str | None:
+    try:
+        return _sysctl_path(key).read_text().strip()
+    except OSError:
+        return None
+
+
+def sysctl_set(key: str, value: str) -> str | None:
+    """Write ``value``; return the previous value (None if the key does not exist)."""
+    old = sysctl_get(key)
+    if old is None:
+        return None
+    if old != value:
+        _sysctl_path(key).write_text(value + "\n")
+    return old
+
+
+# --- namespaces ------------------------------------------------------------------------
+
+
+def current_netns_name() -> str:
+    """The name under /run/netns of this process's network namespace, or "host"."""
+    try:
+        me = os.stat("/proc/self/ns/net")
+    except OSError:
+        return "host"
+    try:
+        init = os.stat("/proc/1/ns/net")
+        if (init.st_dev, init.st_ino) == (me.st_dev, me.st_ino):
+            return "host"
+    except OSError:
+        pass
+    run = Path("/run/netns")
+    if run.is_dir():
+        for entry in sorted(run.iterdir()):
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+                return entry.name
+    return f"netns-{me.st_ino}"
