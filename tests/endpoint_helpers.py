@@ -149,3 +149,134 @@ def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1], sys.argv[2]))
+
+
+# ---------------------------------------------------------------- crafted packets
+
+
+def ip_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ipv4_udp(src: str, dst: str, payload: bytes, tos: int = 0, df: bool = False) -> bytes:
+    """An IPv4/UDP packet (UDP checksum 0) built from raw bytes."""
+    import ipaddress
+    import struct
+
+    udp = struct.pack("!HHHH", 40000, 9999, 8 + len(payload), 0) + payload
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        tos,
+        20 + len(udp),
+        1,
+        0x4000 if df else 0,
+        64,
+        17,
+        0,
+        ipaddress.ip_address(src).packed,
+        ipaddress.ip_address(dst).packed,
+    )
+    hdr = hdr[:10] + ip_checksum(hdr).to_bytes(2, "big") + hdr[12:]
+    return hdr + udp
+
+
+def ether(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
+    return dst + src + ethertype.to_bytes(2, "big") + payload
+
+
+def geneve(
+    vni: int,
+    protocol: int,
+    payload: bytes,
+    options: bytes = b"",
+    oam: bool = False,
+    critical: bool = False,
+    version: int = 0,
+    opt_len: int | None = None,
+) -> bytes:
+    """A GENEVE header from raw fields: nothing is fixed up, so it can be wrong."""
+    words = len(options) // 4 if opt_len is None else opt_len
+    b0 = (version << 6) | (words & 0x3F)
+    b1 = (0x80 if oam else 0) | (0x40 if critical else 0)
+    return (
+        bytes([b0, b1])
+        + protocol.to_bytes(2, "big")
+        + (vni << 8).to_bytes(4, "big")
+        + options
+        + payload
+    )
+
+
+def option(opt_class: int, opt_type: int, data: bytes = b"") -> bytes:
+    return opt_class.to_bytes(2, "big") + bytes([opt_type, len(data) // 4]) + data
+
+
+SNIFF_SCRIPT = r"""
+import socket, sys, time, json
+dev, seconds, marker = sys.argv[1], float(sys.argv[2]), bytes.fromhex(sys.argv[3])
+sentinel = bytes.fromhex(sys.argv[4]) if len(sys.argv) > 4 else None
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((dev, 0))
+s.settimeout(0.1)
+print("sniffing", flush=True)
+out = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        data, addr = s.recvfrom(70000)
+    except socket.timeout:
+        continue
+    if addr[2] == socket.PACKET_OUTGOING:
+        continue
+    if marker in data:
+        out.append(data.hex())
+    if sentinel is not None and sentinel in data:
+        break
+print(json.dumps(out), flush=True)
+"""
+
+
+class Sniffer:
+    """Frames containing ``marker`` received on ``dev`` in ``ns`` for ``seconds``."""
+
+    def __init__(
+        self, ns: Netns, dev: str, seconds: float, marker: bytes, sentinel: bytes | None = None
+    ) -> None:
+        extra = [sentinel.hex()] if sentinel is not None else []
+        self.proc = ns.popen(
+            [sys.executable, "-c", SNIFF_SCRIPT, dev, str(seconds), marker.hex(), *extra],
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "sniffing"
+
+    def frames(self) -> list[bytes]:
+        out, _ = self.proc.communicate(timeout=30)
+        return [bytes.fromhex(h) for h in json.loads(out)]
+
+
+SEND_SCRIPT = r"""
+import json, socket, sys
+for src, dst, port, tos, hexdata in json.loads(sys.argv[1]):
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+    else:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
+    s.bind((src, 0))
+    s.sendto(bytes.fromhex(hexdata), (dst, port))
+    s.close()
+"""
+
+
+def send_udp(ns: Netns, packets: list[tuple[str, str, int, int, bytes]]) -> None:
+    """Send UDP payloads (src, dst, port, tos, payload) from a plain socket in ``ns``."""
+    arg = json.dumps([[s, d, p, t, b.hex()] for s, d, p, t, b in packets])
+    ns.run(sys.executable, "-c", SEND_SCRIPT, arg, timeout=20)
