@@ -137,7 +137,8 @@ class Server:
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None:
                 self.kill()
-                raise PktgenError(f"{self.mode} did not start: {seen.decode(errors='replace')}")
+                why = seen.decode(errors="replace").strip()
+                raise PktgenError(f"{self.mode} did not start: {why}")
             readable, _, _ = select.select([fd], [], [], left)
             if readable:
                 chunk = os.read(fd, 4096)

@@ -9,6 +9,7 @@ path unfragmented, exactly as on the bare veth (MTU 1500 there).
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -149,27 +150,28 @@ class GeneveDp(Scenario):
             if left <= 0:
                 raise RuntimeError(
                     f"geneve-dp up printed no 'ready' within {self.ready_timeout:.0f} s: "
-                    + " | ".join(log)
+                    + _tail(log)
                 )
             readable, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
             if not readable:
                 if proc.poll() is not None:
                     raise RuntimeError(
-                        f"geneve-dp up exited ({proc.returncode}) before ready: " + " | ".join(log)
+                        f"geneve-dp up exited ({proc.returncode}) before ready: " + _tail(log)
                     )
                 continue
             chunk = os.read(proc.stdout.fileno(), 4096)
             if not chunk:
                 proc.wait(timeout=5)
                 raise RuntimeError(
-                    f"geneve-dp up exited ({proc.returncode}) before ready: " + " | ".join(log)
+                    f"geneve-dp up exited ({proc.returncode}) before ready: " + _tail(log)
                 )
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 text = line.decode(errors="replace").strip()
                 log.append(text)
-                if "ready" in text:
+                # A word match: "already exists" in an error must not count.
+                if re.search(r"\bready\b", text):
                     # Keep reading its output in the background so a chatty daemon can
                     # never block on a full pipe while we measure it.
                     threading.Thread(target=self._drain, args=(proc, log), daemon=True).start()
@@ -184,7 +186,7 @@ class GeneveDp(Scenario):
     def alive(self) -> str | None:
         for proc, log in zip(self.procs, self.logs, strict=True):
             if proc.poll() is not None:
-                return f"geneve-dp up exited ({proc.returncode}): " + " | ".join(log)
+                return f"geneve-dp up exited ({proc.returncode}): " + _tail(log)
         return None
 
     def stop(self) -> None:
@@ -199,6 +201,11 @@ class GeneveDp(Scenario):
                 proc.wait()
         self.procs.clear()
         super().stop()
+
+
+def _tail(log: deque[str], n: int = 3) -> str:
+    """The last lines a failed daemon printed (a traceback's last line names the error)."""
+    return " | ".join(list(log)[-n:]) or "(no output)"
 
 
 def all_scenarios() -> list[Scenario]:

@@ -482,12 +482,13 @@ def run_scenario(scenario: Scenario, cfg: Json, log: Progress, index: str) -> Js
 
 def run(args: argparse.Namespace, log: Progress | None = None) -> int:
     """The suite from parsed arguments; returns the exit code (1 if a scenario failed)."""
+    # Options first, so a typo is reported the same way with or without root.
+    cfg = settings(args)
+    scenarios = parse_scenarios(args.scenarios)
     if os.geteuid() != 0:
         raise BenchError("needs root (it creates network namespaces, veths and tunnels)")
     if shutil.which("iperf3") is None:
         raise BenchError("iperf3 is not installed (apt-get install iperf3)")
-    cfg = settings(args)
-    scenarios = parse_scenarios(args.scenarios)
     log = log or Progress()
     out_dir: Path = args.out or RESULTS_DIR / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,242 @@
+"""The suite's option checks, results schema, Markdown table and plots, on synthetic
+results (no root, no traffic), and `geneve-dp bench` wiring."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report, schema, suite
+from geneve_dp import cli
+
+
+def udp(frame: int, kpps: float, error: str | None = None) -> dict[str, Any]:
+    if error:
+        return {"frame": frame, "payload": frame - 46, "error": error}
+    cpu = {"dataplane_s": None, "softirq_s": 0.5, "wall_s": 1.0}
+    return {
+        "frame": frame,
+        "payload": frame - 46,
+        "sent": 1000,
+        "sent_pps": kpps * 1e3,
+        "received": 990,
+        "delivered_pps": kpps * 1e3,
+        "delivered_gbps": 0.1,
+        "lost": 10,
+        "loss": 0.01,
+        "reordered": 0,
+        "duplicates": 0,
+        "send_errors": 0,
+        "one_way_latency_us": {"p50": 10.0, "p99": 20.0, "p999": 30.0, "max": 40.0},
+        "cpu": cpu,
+        "error": None,
+    }
+
+
+def scenario(sid: str, label: str, kpps: float, gbps: float, p50: float) -> dict[str, Any]:
+    cpu = {"dataplane_s": None, "softirq_s": 1.0, "wall_s": 9.0, "note": "n/a"}
+    return {
+        "id": sid,
+        "label": label,
+        "description": label,
+        "kernel_path": True,
+        "error": None,
+        "setup_s": 0.5,
+        "elapsed_s": 9.0,
+        "udp": [udp(64, kpps), udp(1518, kpps / 2)],
+        "tcp": [
+            {
+                "streams": n,
+                "seconds": 2,
+                "gbps": gbps * n,
+                "sender_gbps": gbps * n,
+                "retransmits": 0,
+                "cpu": cpu,
+                "error": None,
+            }
+            for n in (1, 4)
+        ],  # fmt: skip
+        "rr": {
+            "payload": 64,
+            "requests": 100,
+            "responses": 100,
+            "timeouts": 0,
+            "transactions_per_s": 1e4,
+            "p50_us": p50,
+            "p90_us": p50 * 1.5,
+            "p99_us": p50 * 2,
+            "p999_us": p50 * 3,
+            "mean_us": p50,
+            "max_us": p50 * 4,
+            "cdf_us": [p50 * (1 + i / 100) for i in range(201)],
+            "cpu": cpu,
+            "error": None,
+        },
+        "cpu": cpu,
+    }
+
+
+@pytest.fixture
+def results() -> dict[str, Any]:
+    broken = scenario("geneve-dp-python-tap", "geneve-dp Python engine, TAP", 1, 1, 1)
+    broken.update(error="setup failed: engine missing", udp=[], tcp=[], rr=None, cpu=None)
+    return {
+        "schema": schema.SCHEMA_ID,
+        "started": "2026-11-24T00:00:00+00:00",
+        "elapsed_s": 50.0,
+        "machine": {"cores": 2, "kernel": "6.1", "cpu_model": "x", "memory_gb": 4.0},
+        "parameters": {
+            "quick": True,
+            "frames": [64, 1518],
+            "payloads": [18, 1472],
+            "udp_seconds": 1,
+            "tcp_seconds": 2,
+            "rr_seconds": 1,
+            "rr_payload": 64,
+            "flows": 4,
+            "burst": 32,
+            "rate": 0,
+            "tcp_streams": [1, 4],
+        },
+        "generator": {"seconds": 1, "steps": [{"frame": 64, "pps": 800e3}], "error": None},
+        "baseline": "vxlan",
+        "scenarios": [
+            scenario("veth", "bare veth", 250, 10, 20),
+            scenario("vxlan", "kernel VXLAN", 125, 8, 40),
+            broken,
+        ],
+    }
+
+
+def test_results_match_schema(results: dict[str, Any]) -> None:
+    assert schema.validate(results) == []
+
+
+def test_schema_agrees_with_jsonschema(results: dict[str, Any]) -> None:
+    # Our validator covers a subset of JSON Schema; the reference implementation, where
+    # installed, must agree that the schema is well-formed and the sample valid.
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(schema.SCHEMA)
+    jsonschema.validate(results, schema.SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda r: r.pop("machine"), "missing 'machine'"),
+        (lambda r: r["scenarios"][0]["udp"][0].update(loss=1.5), "maximum"),
+        (lambda r: r["scenarios"][0]["tcp"][0].update(gbps="fast"), "expected number"),
+        (lambda r: r["scenarios"][1].update(rr=[]), "oneOf"),
+        (lambda r: r.update(schema="other/1"), "expected"),
+        (lambda r: r["machine"].update(cores=True), "expected integer"),
+    ],
+)
+def test_schema_rejects(results: dict[str, Any], mutate: Any, needle: str) -> None:
+    bad = copy.deepcopy(results)
+    mutate(bad)
+    problems = schema.validate(bad)
+    assert problems and any(needle in p for p in problems), problems
+
+
+def test_markdown_has_ratios_to_vxlan_and_errors(results: dict[str, Any]) -> None:
+    md = report.markdown(results)
+    rows: dict[str, str] = {}
+    for line in md.splitlines():
+        if line.startswith("| "):  # the summary table comes first; keep its rows
+            rows.setdefault(line.split("|")[1].strip(), line)
+    assert "(x2.00)" in rows["bare veth"]  # 250 kpps vs 125
+    assert "(x1.00)" in rows["kernel VXLAN"]
+    assert "(x0.50)" in rows["bare veth"]  # rr p50 20 us vs 40 us
+    assert "error" in rows["geneve-dp Python engine, TAP"]
+    assert "setup failed: engine missing" in md
+    assert "1518 B" in md  # the per-size table
+    assert "3.2x the highest rate" in md  # generator 800 kpps vs 250
+
+
+def test_failures_lists_every_error(results: dict[str, Any]) -> None:
+    s = results["scenarios"][0]
+    assert report.failures(s) == []
+    s["udp"][1] = udp(1518, 0, error="boom")
+    s["rr"]["error"] = "no responses"
+    assert report.failures(s) == ["udp 1518 B: boom", "rr: no responses"]
+
+
+def test_plots_written(results: dict[str, Any], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    notes = report.plots(results, tmp_path)
+    assert len(notes) == 2
+    for name in ("pps_vs_size.png", "latency_cdf.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_round_trip_through_json(results: dict[str, Any]) -> None:
+    assert schema.validate(json.loads(json.dumps(results))) == []
+
+
+@pytest.mark.parametrize(
+    "text, frames",
+    [("64", [64]), ("64,1518", [64, 1518]), ("18p,1472p", [64, 1518]), (" 100p ", [146])],
+)
+def test_parse_sizes(text: str, frames: list[int]) -> None:
+    assert suite.parse_sizes(text) == frames
+
+
+@pytest.mark.parametrize("text", ["63", "1519", "17p", "1473p", "big", ""])
+def test_parse_sizes_rejects(text: str) -> None:
+    with pytest.raises(suite.BenchError, match="--sizes"):
+        suite.parse_sizes(text)
+
+
+def test_parse_scenarios() -> None:
+    assert [s.id for s in suite.parse_scenarios("vxlan,veth")] == ["veth", "vxlan"]
+    with pytest.raises(suite.BenchError, match="--scenarios: unknown nope"):
+        suite.parse_scenarios("veth,nope")
+
+
+def test_quick_settings_are_bounded() -> None:
+    args = suite.build_parser().parse_args(["--quick"])
+    cfg = suite.settings(args)
+    per_scenario = (
+        len(cfg["frames"]) * cfg["udp_seconds"]
+        + len(cfg["tcp_streams"]) * cfg["tcp_seconds"]
+        + cfg["rr_seconds"]
+    )
+    # 5 scenarios of measuring time plus setup must fit 90 s with room to spare.
+    assert per_scenario * 5 <= 45
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--sizes", "10"], "--sizes: frame size 10 is outside 64..1518"),
+        (["bench", "--flows", "0"], "--flows: 0 is outside 1..4096"),
+        (["bench", "--udp-seconds", "100"], "--udp-seconds"),
+        (["bench", "--scenarios", "x"], "--scenarios: unknown x"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_bench_codec_passes_every_argument_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str] | None] = []
+    fake = types.ModuleType("bench.codec")
+
+    def main(argv: list[str] | None) -> int:
+        seen.append(argv)
+        return 0
+
+    fake.main = main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bench.codec", fake)
+    assert cli.main(["bench", "codec", "--help", "-n", "5", "x"]) == 0
+    assert seen == [["--help", "-n", "5", "x"]]
