@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 NODE_UNDERLAY_IP = "10.0.0.1"
 SERVER_IP = "10.0.0.2"
@@ -119,7 +120,7 @@ class World:
         return proc
 
     def spawn(self, ns: str, args: Sequence[str], log: Path) -> subprocess.Popen[str]:
-        out = open(log, "a")  # noqa: SIM115 - owned by the child for its lifetime
+        out = open(log, "a")  # the child keeps it open
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, *args],
             stdout=out,
@@ -214,7 +215,7 @@ class World:
         raise CommandError(f"{what} did not start within {timeout:.0f}s")
 
     # --- observing ---------------------------------------------------------------------
-    def proxy_records(self) -> list[dict[str, object]]:
+    def proxy_records(self) -> list[dict[str, Any]]:
         import json
 
         out = []

@@ -1,0 +1,399 @@
+"""`geneve-dp demo`: the Istio ambient redirection scenario, built and checked for real.
+
+A ``Scenario`` owns a ``World`` (namespaces, see topology.py), brings up the node and
+ztunnel profiles with geneve-dp endpoints, enrols the ambient pods, starts the
+stand-in proxy and the echo servers, then runs seven steps. Each step states what
+the reference (istio-ambient-redirect.md §6) predicts and checks it against what was
+observed: the proxy's accept log (listener, client, original destination), the
+GENEVE packets counted per VNI by the tunnel endpoints, iptables rule counters, and
+the echo replies (which say the address the far end saw). Checks use counters and
+logs, never timing. The e2e tests run the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import constants as k
+from . import topology as t
+
+VNI_DEVICES = {
+    k.OUTBOUND_TUN_VNI: (k.OUTBOUND_TUN, k.ZT_OUTBOUND_TUN),
+    k.INBOUND_TUN_VNI: (k.INBOUND_TUN, k.ZT_INBOUND_TUN),
+}
+
+# iptables rules whose packet counters prove the return paths (reference §6.2-§6.4).
+NODE_P10 = f"-i {t.ZTUNNEL_VETH} -j MARK --set-xmark 0x210/0x210"  # spoofed source from ztunnel
+NODE_P8 = "-m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40"  # proxy return
+NODE_F2 = "-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK"  # remember on the conn
+ZT_Z4 = "-j MARK --set-xmark 0x4d3/0xfff"  # original-source return, ztunnel side
+
+
+@dataclass
+class Step:
+    number: int
+    title: str
+    expected: str
+    observed: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def check(self, ok: bool, what: str) -> None:
+        """Record an observation; a false one fails the step."""
+        (self.observed if ok else self.failures).append(what)
+
+
+@dataclass(frozen=True)
+class Geneve:
+    """GENEVE packets per VNI: encapsulated by the node, decapsulated by ztunnel."""
+
+    node_tx: dict[int, int]
+    zt_rx: dict[int, int]
+
+    def delta(self, later: Geneve, vni: int) -> tuple[int, int]:
+        return later.node_tx[vni] - self.node_tx[vni], later.zt_rx[vni] - self.zt_rx[vni]
+
+
+class Scenario:
+    def __init__(self, world: t.World | None = None, say: Callable[[str], None] | None = None):
+        self.w = world or t.World()
+        self.say = say or (lambda _m: None)
+        self.before: dict[str, dict[str, str]] = {}
+        self.pids: dict[str, int] = {}
+
+    # --- setup / teardown ---------------------------------------------------------------
+    def setup(self) -> None:
+        w = self.w
+        self.say("building namespaces: node, ztunnel pod, pod-a, pod-b (ambient), pod-p, server")
+        w.build()
+        self.before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
+        self.say(f"node up (ztunnel {t.ZTUNNEL_IP} via {t.ZTUNNEL_VETH})")
+        w.gdp(w.node, "node", "up", "--ztunnel-ip", t.ZTUNNEL_IP, "--ztunnel-veth", t.ZTUNNEL_VETH)
+        self.say(f"ztunnel up (host IP {t.GATEWAY_IP})")
+        w.gdp(w.zt, "ztunnel", "up", "--host-ip", t.GATEWAY_IP)
+        for pod in t.PODS:
+            if pod.ambient:
+                self.say(f"pod add {pod.ip} ({pod.role})")
+                w.gdp(w.node, "pod", "add", pod.ip, "--uid", pod.uid)
+        self.say("starting the stand-in proxy (15001/15006/15008) and the echo servers")
+        w.start_servers()
+        w.start_proxy()
+        self.pids = {
+            "node": _pid(w.state_root / w.node / "node-endpoints.pid"),
+            "ztunnel": _pid(w.state_root / w.zt / "ztunnel-endpoints.pid"),
+        }
+
+    def teardown_profiles(self) -> tuple[str, str]:
+        w = self.w
+        node = w.gdp(w.node, "node", "down", check=False)
+        zt = w.gdp(w.zt, "ztunnel", "down", check=False)
+        return node.stdout.strip() + node.stderr.strip(), zt.stdout.strip() + zt.stderr.strip()
+
+    def destroy(self) -> None:
+        try:
+            self.teardown_profiles()
+        finally:
+            self.w.destroy()
+
+    # --- observation helpers --------------------------------------------------------------
+    def geneve(self) -> Geneve:
+        from ..daemon import query_all
+
+        by_pid: dict[int, dict[str, dict[str, Any]]] = {}
+        for reply in query_all():
+            rows = {r["name"]: r["counters"] for r in reply.get("tunnels", [])}
+            by_pid[int(reply.get("pid", 0))] = rows
+        node = by_pid.get(self.pids.get("node", -1), {})
+        zt = by_pid.get(self.pids.get("ztunnel", -1), {})
+        node_tx, zt_rx = {}, {}
+        for vni, (host_dev, zt_dev) in VNI_DEVICES.items():
+            node_tx[vni] = int(node.get(host_dev, {}).get("tx_packets", 0))
+            zt_rx[vni] = int(zt.get(zt_dev, {}).get("rx_packets", 0))
+        return Geneve(node_tx, zt_rx)
+
+    def rule_packets(self, ns: str, needle: str) -> int:
+        total = 0
+        for line in self.w.run(ns, "iptables-save", "-c").stdout.splitlines():
+            if needle in line and line.startswith("["):
+                total += int(line[1:].split(":", 1)[0])
+        return total
+
+    def accepts(self) -> list[dict[str, Any]]:
+        return [r for r in self.w.proxy_records() if r.get("event") == "accept"]
+
+    def client(self, role: str, proto: str, host: str, port: int, data: str) -> str | None:
+        proc = self.w.run(
+            self.w.ns(role),
+            sys.executable,
+            "-m",
+            "geneve_dp.ambient.echo",
+            proto,
+            host,
+            str(port),
+            data,
+            check=False,
+            timeout=20,
+        )
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    def _connect_and_check(
+        self,
+        step: Step,
+        role: str,
+        proto: str,
+        host: str,
+        port: int,
+        saw: str,
+        data: str,
+    ) -> str | None:
+        reply = self.client(role, proto, host, port, data)
+        step.check(reply is not None, f"{role} -> {host}:{port}/{proto}: reply {reply!r}")
+        if reply is not None:
+            step.check(
+                f"saw {saw}:" in reply and reply.endswith(data),
+                f"the far end saw source {saw} and echoed the data",
+            )
+        return reply
+
+    def _new_accepts(self, before: int) -> list[dict[str, Any]]:
+        return self.accepts()[before:]
+
+    # --- the steps ------------------------------------------------------------------------
+    def step1(self) -> Step:
+        a = t.PODS[0]
+        s = Step(
+            1,
+            "ambient pod -> server, TCP: captured outbound",
+            "mark 0x100 -> table 101 -> istioout, VNI 1001 -> pistioout -> TPROXY :15001; "
+            f"proxy sees original destination {t.SERVER_IP}:{t.TCP_PORT}; echo comes back",
+        )
+        n, g0 = len(self.accepts()), self.geneve()
+        self._connect_and_check(s, a.role, "tcp", t.SERVER_IP, t.TCP_PORT, a.ip, "step1-data")
+        new, g1 = self._new_accepts(n), self.geneve()
+        hit = [r for r in new if r["listener"] == k.ZTUNNEL_OUTBOUND_PORT]
+        s.check(len(hit) == 1, f"15001 listener accepted {len(hit)} connection(s)")
+        if hit:
+            r = hit[0]
+            s.check(
+                r["orig_dst"] == f"{t.SERVER_IP}:{t.TCP_PORT}",
+                f"original destination {r['orig_dst']}",
+            )
+            s.check(r["client"].startswith(a.ip + ":"), f"client {r['client']}")
+            s.check(
+                str(r.get("upstream_src", "")).startswith(a.ip + ":"),
+                f"upstream leg sourced from {r.get('upstream_src')} (original source kept)",
+            )
+        tx, rx = g0.delta(g1, k.OUTBOUND_TUN_VNI)
+        s.check(tx >= 1 and rx >= 1, f"GENEVE VNI 1001: node sent {tx}, ztunnel received {rx}")
+        tx0, rx0 = g0.delta(g1, k.INBOUND_TUN_VNI)
+        s.observed.append(f"GENEVE VNI 1000: node sent {tx0}, ztunnel received {rx0}")
+        return s
+
+    def _not_captured(self, s: Step, role: str, proto: str, port: int, src: str) -> None:
+        n, g0 = len(self.accepts()), self.geneve()
+        self._connect_and_check(s, role, proto, t.SERVER_IP, port, src, f"step{s.number}-data")
+        new, g1 = self._new_accepts(n), self.geneve()
+        s.check(not new, f"proxy accepted {len(new)} connection(s)")
+        for vni in (k.OUTBOUND_TUN_VNI, k.INBOUND_TUN_VNI):
+            tx, rx = g0.delta(g1, vni)
+            s.check(tx == 0 and rx == 0, f"GENEVE VNI {vni}: node sent {tx}, ztunnel received {rx}")
+
+    def step2(self) -> Step:
+        p = t.PODS[2]
+        s = Step(
+            2,
+            "plain pod -> server, TCP: not captured",
+            "not in the ipset: no mark, main table; no proxy log, no GENEVE packet",
+        )
+        self._not_captured(s, p.role, "tcp", t.TCP_PORT, p.ip)
+        return s
+
+    def step3(self) -> Step:
+        a = t.PODS[0]
+        s = Step(
+            3,
+            "ambient pod -> server, UDP: not captured",
+            "UDP gets mark 0x220 (skip) -> main table; no proxy log, no GENEVE packet",
+        )
+        self._not_captured(s, a.role, "udp", t.UDP_PORT, a.ip)
+        return s
+
+    def step4(self) -> Step:
+        b = t.PODS[1]
+        s = Step(
+            4,
+            "server -> ambient pod, TCP: captured inbound",
+            "rule 103 -> table 100 -> istioin, VNI 1000 -> pistioin -> TPROXY :15006; "
+            "destination port 15008 -> the 15008 listener",
+        )
+        for port, listener in ((t.TCP_PORT, k.ZTUNNEL_INBOUND_PLAINTEXT_PORT),
+                               (k.ZTUNNEL_INBOUND_PORT, k.ZTUNNEL_INBOUND_PORT)):  # fmt: skip
+            n, g0 = len(self.accepts()), self.geneve()
+            self._connect_and_check(s, "server", "tcp", b.ip, port, t.SERVER_IP, f"step4-{port}")
+            new, g1 = self._new_accepts(n), self.geneve()
+            hit = [r for r in new if r["listener"] == listener]
+            s.check(
+                len(hit) == 1 and len(new) == 1,
+                f"to port {port}: listener {listener} accepted {len(hit)} "
+                f"(all listeners: {[r['listener'] for r in new]})",
+            )
+            if hit:
+                s.check(
+                    hit[0]["orig_dst"] == f"{b.ip}:{port}",
+                    f"original destination {hit[0]['orig_dst']}, client {hit[0]['client']}",
+                )
+            tx, rx = g0.delta(g1, k.INBOUND_TUN_VNI)
+            s.check(tx >= 1 and rx >= 1, f"GENEVE VNI 1000: node sent {tx}, ztunnel received {rx}")
+        return s
+
+    def step5(self) -> Step:
+        a, b = t.PODS[0], t.PODS[1]
+        s = Step(
+            5,
+            "ztunnel's spoofed-source legs and their return paths",
+            "from ztunnel veth with foreign source: mark 0x210 (saved on the conn); replies "
+            "get 0x040 -> rule 102 -> table 102 -> ztunnel veth; in ztunnel mark 0x4d3 -> "
+            "rule 20003 -> local; connections of steps 1 and 4 complete both ways",
+        )
+        w = self.w
+        c0 = {
+            "P10 0x210": self.rule_packets(w.node, NODE_P10),
+            "P8 0x040": self.rule_packets(w.node, NODE_P8),
+            "F2 connmark 0x210": self.rule_packets(w.node, NODE_F2),
+            "Z4 0x4d3 (ztunnel)": self.rule_packets(w.zt, ZT_Z4),
+        }
+        n = len(self.accepts())
+        self._connect_and_check(s, a.role, "tcp", t.SERVER_IP, t.TCP_PORT, a.ip, "step5-out")
+        self._connect_and_check(s, "server", "tcp", b.ip, t.TCP_PORT, t.SERVER_IP, "step5-in")
+        c1 = {
+            "P10 0x210": self.rule_packets(w.node, NODE_P10),
+            "P8 0x040": self.rule_packets(w.node, NODE_P8),
+            "F2 connmark 0x210": self.rule_packets(w.node, NODE_F2),
+            "Z4 0x4d3 (ztunnel)": self.rule_packets(w.zt, ZT_Z4),
+        }
+        for name in c0:
+            d = c1[name] - c0[name]
+            s.check(d >= 1, f"{name}: +{d} packets")
+        closes = [r for r in self.w.proxy_records() if r.get("event") == "close"]
+        new_ids = {(r["client"], r["listener"]) for r in self._new_accepts(n)}
+        done = [r for r in closes if (r["client"], r["listener"]) in new_ids]
+        both = [r for r in done if r["bytes_up"] > 0 and r["bytes_down"] > 0]
+        s.check(
+            len(both) == 2,
+            f"proxied connections with bytes both ways: {len(both)} of {len(new_ids)}",
+        )
+        route = w.run(w.node, "ip", "route", "get", a.ip, "mark", "0x40").stdout.split("\n")[0]
+        s.check(
+            f"via {t.ZTUNNEL_IP} dev {t.ZTUNNEL_VETH}" in route, f"node route (mark 0x40): {route}"
+        )
+        route = w.run(w.zt, "ip", "route", "get", a.ip, "mark", "0x4d3").stdout.split("\n")[0]
+        s.check(route.startswith("local "), f"ztunnel route (mark 0x4d3): {route}")
+        return s
+
+    def step6(self) -> Step:
+        a = t.PODS[0]
+        s = Step(
+            6,
+            "pod del for an ambient pod: its next connection is not captured",
+            "ipset entry and table-100 route gone; no proxy log, no GENEVE packet",
+        )
+        out = self.w.gdp(self.w.node, "pod", "del", a.ip).stdout.strip()
+        s.observed.append(f"pod del: {out}")
+        members = self.w.run(self.w.node, "ipset", "list", k.IPSET_NAME).stdout
+        s.check(a.ip not in members, f"{a.ip} not in ipset {k.IPSET_NAME}")
+        table = self.w.run(self.w.node, "ip", "route", "show", "table", "100").stdout
+        s.check(a.ip not in table, f"no table-100 route for {a.ip}")
+        self._not_captured(s, a.role, "tcp", t.TCP_PORT, a.ip)
+        return s
+
+    def step7(self) -> Step:
+        s = Step(
+            7,
+            "node down + ztunnel down: nothing left",
+            "iptables-save, ip rule, ip route show table all, ipset list, ip link identical "
+            "to before node up, in the node and in the ztunnel namespace",
+        )
+        self.w.stop_procs()
+        node_out, zt_out = self.teardown_profiles()
+        s.observed += [node_out.split(" (")[0], zt_out.split(" (")[0]]
+        for ns, label in ((self.w.node, "node"), (self.w.zt, "ztunnel")):
+            after = self.w.snapshot(ns)
+            for what, text in self.before[ns].items():
+                same = after[what] == text
+                s.check(same, f"{label}: {what} {'identical' if same else 'DIFFERS'}")
+                if not same:
+                    s.failures.append(_diff(text, after[what]))
+        return s
+
+    def steps(self) -> list[Callable[[], Step]]:
+        return [self.step1, self.step2, self.step3, self.step4, self.step5, self.step6, self.step7]
+
+
+def _pid(path: Any) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _diff(a: str, b: str) -> str:
+    import difflib
+
+    lines = difflib.unified_diff(a.splitlines(), b.splitlines(), "before", "after", lineterm="")
+    return "\n".join(list(lines)[:40])
+
+
+def run(keep: bool = False) -> int:
+    """The demo: build, walk the scenario, print each step, tear down. 0 iff all passed."""
+    started = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - started:5.1f}s] {msg}", flush=True)
+
+    sc = Scenario(say=say)
+    results: list[Step] = []
+    try:
+        try:
+            sc.setup()
+        except Exception as exc:
+            say(f"setup failed: {exc}")
+            return 1
+        for fn in sc.steps():
+            try:
+                step = fn()
+            except Exception as exc:
+                step = Step(len(results) + 1, fn.__name__, "(step raised)")
+                step.failures.append(f"{type(exc).__name__}: {exc}")
+            results.append(step)
+            verdict = "PASS" if step.passed else "FAIL"
+            say(f"step {step.number}: {step.title} ... {verdict}")
+            print(f"         expected: {step.expected}")
+            for o in step.observed:
+                print(f"         observed: {o}")
+            for f in step.failures:
+                for line in f.splitlines():
+                    print(f"         FAILED:   {line}")
+    finally:
+        if keep:
+            say(f"keeping namespaces {', '.join(sc.w.namespaces)} (delete with `ip netns del`)")
+        else:
+            sc.w.destroy()
+            say("namespaces removed")
+    passed = sum(s.passed for s in results)
+    total = len(sc.steps())
+    say(f"{passed}/{total} steps passed")
+    summary = {
+        "passed": passed,
+        "total": total,
+        "failed": [s.number for s in results if not s.passed],
+    }
+    print(json.dumps(summary))
+    return 0 if passed == total and len(results) == total else 1
