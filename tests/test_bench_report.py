@@ -39,6 +39,19 @@ def udp(frame: int, kpps: float, error: str | None = None) -> dict[str, Any]:
     }
 
 
+def tcp(streams: int, gbps: float) -> dict[str, Any]:
+    cpu = {"dataplane_s": None, "softirq_s": 0.5, "wall_s": 2.0}
+    return {
+        "streams": streams,
+        "seconds": 2,
+        "gbps": gbps,
+        "sender_gbps": gbps,
+        "retransmits": 0,
+        "cpu": cpu,
+        "error": None,
+    }
+
+
 def scenario(sid: str, label: str, kpps: float, gbps: float, p50: float) -> dict[str, Any]:
     cpu = {"dataplane_s": None, "softirq_s": 1.0, "wall_s": 9.0, "note": "n/a"}
     return {
@@ -50,18 +63,7 @@ def scenario(sid: str, label: str, kpps: float, gbps: float, p50: float) -> dict
         "setup_s": 0.5,
         "elapsed_s": 9.0,
         "udp": [udp(64, kpps), udp(1518, kpps / 2)],
-        "tcp": [
-            {
-                "streams": n,
-                "seconds": 2,
-                "gbps": gbps * n,
-                "sender_gbps": gbps * n,
-                "retransmits": 0,
-                "cpu": cpu,
-                "error": None,
-            }
-            for n in (1, 4)
-        ],  # fmt: skip
+        "tcp": [tcp(n, gbps * n) for n in (1, 4)],
         "rr": {
             "payload": 64,
             "requests": 100,
