@@ -85,6 +85,8 @@ def parse_save(text: str) -> Saved:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if line.startswith("[") and "] " in line:  # iptables-save -c packet:byte counters
+            line = line.split("] ", 1)[1]
         if line.startswith("*"):
             current = tables.setdefault(line[1:], SavedTable())
         elif line == "COMMIT":
