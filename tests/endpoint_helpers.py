@@ -132,7 +132,10 @@ def endpoint(ns: Netns, engine: str, specs: list[dict[str, Any]]) -> Iterator[En
 def underlay(a: Netns, b: Netns, mtu: int = 1500) -> None:
     """veth ua (10.0.0.1, fd00::1) in a to ub (10.0.0.2, fd00::2) in b."""
     veth(a, "ua", b, "ub")
-    for ns, ifname, v4, v6 in ((a, "ua", "10.0.0.1/24", "fd00::1/64"), (b, "ub", "10.0.0.2/24", "fd00::2/64")):
+    for ns, ifname, v4, v6 in (
+        (a, "ua", "10.0.0.1/24", "fd00::1/64"),
+        (b, "ub", "10.0.0.2/24", "fd00::2/64"),
+    ):
         ns.run("ip", "link", "set", ifname, "mtu", str(mtu))
         ns.run("ip", "addr", "add", v4, "dev", ifname)
         ns.run("ip", "addr", "add", v6, "dev", ifname, "nodad")

@@ -48,8 +48,11 @@ class Env:
     mac: bytes
 
 
-@pytest.fixture(scope="module", params=[(e, m) for e in ENGINES for m in ("tap", "tun")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(e, m) for e in ENGINES for m in ("tap", "tun")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     if os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces and real devices)")
@@ -58,14 +61,21 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     try:
         underlay(a, b)
         b.run("ip", "addr", "add", f"{OTHER}/24", "dev", "ub")
-        spec = {"name": "gt0", "vni": VNI, "remote": REMOTE, "mode": mode,
-                "addresses": ["192.168.100.1/24"]}
+        spec = {
+            "name": "gt0",
+            "vni": VNI,
+            "remote": REMOTE,
+            "mode": mode,
+            "addresses": ["192.168.100.1/24"],
+        }
         ep = Endpoint(a, engine, [spec])
         try:
             assert ep.error is None, ep.error
             mac = b""
             if mode == "tap":
-                mac = bytes.fromhex(a.run("cat", "/sys/class/net/gt0/address").stdout.strip().replace(":", ""))
+                mac = bytes.fromhex(
+                    a.run("cat", "/sys/class/net/gt0/address").stdout.strip().replace(":", "")
+                )
             yield Env(mode, a, b, ep, mac)
         finally:
             ep.close()
@@ -85,7 +95,9 @@ def proto(env: Env) -> int:
     return 0x6558 if env.mode == "tap" else 0x0800
 
 
-def run_case(env: Env, payload_for: Any, src: str = REMOTE, tos: int = 0) -> tuple[list[bytes], dict[str, Any]]:
+def run_case(
+    env: Env, payload_for: Any, src: str = REMOTE, tos: int = 0
+) -> tuple[list[bytes], dict[str, Any]]:
     """Send the case packet then a sentinel; return delivered frames and counter deltas."""
     marker = f"GDPMARK{next(_marks):06d}".encode()
     sentinel = f"GDPSENT{next(_marks):06d}".encode()
@@ -94,7 +106,9 @@ def run_case(env: Env, payload_for: Any, src: str = REMOTE, tos: int = 0) -> tup
     ok = geneve(VNI, proto(env), inner(env, sentinel))
     send_udp(env.b, [(src, LOCAL, 6081, tos, payload_for(marker)), (REMOTE, LOCAL, 6081, 0, ok)])
     frames = sniffer.frames()
-    assert wait_for(lambda: env.ep.tunnel("gt0")["counters"]["rx_packets"] > before["counters"]["rx_packets"])
+    assert wait_for(
+        lambda: env.ep.tunnel("gt0")["counters"]["rx_packets"] > before["counters"]["rx_packets"]
+    )
     after = env.ep.tunnel("gt0")
     return frames, diff(before, after)
 
@@ -123,33 +137,86 @@ def _cases() -> dict[str, tuple[Any, str, int, dict[str, int]]]:
     opt = option(0x0102, 0x01, b"\x11\x22\x33\x44")
     crit = option(0x0102, 0x81, b"\x11\x22\x33\x44")
     return {
-        "unknown_vni": (lambda e, m: g(VNI + 1, proto(e), inner(e, m)), REMOTE, 0,
-                        {"socket.drops.unknown_vni": 1}),
-        "wrong_remote": (lambda e, m: g(VNI, proto(e), inner(e, m)), OTHER, 0,
-                         {"socket.drops.wrong_remote": 1}),
-        "bad_version": (lambda e, m: g(VNI, proto(e), inner(e, m), version=1), REMOTE, 0,
-                        {"socket.drops.bad_version": 1}),
-        "truncated": (lambda e, m: g(VNI, proto(e), b"")[:5] + m[:0], REMOTE, 0,
-                      {"socket.drops.truncated": 1}),
-        "options_truncated": (lambda e, m: g(VNI, proto(e), inner(e, m), opt_len=63), REMOTE, 0,
-                              {"socket.drops.options_truncated": 1}),
-        "option_overruns": (lambda e, m: g(VNI, proto(e), inner(e, m),
-                                           options=bytes.fromhex("01020102"), opt_len=1), REMOTE, 0,
-                            {"socket.drops.option_overruns": 1}),
-        "critical_option": (lambda e, m: g(VNI, proto(e), inner(e, m), options=crit, critical=True),
-                            REMOTE, 0, {"counters.drops.critical_option": 1}),
-        "c_bit_without_critical": (lambda e, m: g(VNI, proto(e), inner(e, m), options=opt, critical=True),
-                                   REMOTE, 0, {"counters.drops.c_bit_mismatch": 1}),
-        "critical_without_c_bit": (lambda e, m: g(VNI, proto(e), inner(e, m), options=crit),
-                                   REMOTE, 0, {"counters.drops.c_bit_mismatch": 1}),
-        "oam": (lambda e, m: g(VNI, proto(e), inner(e, m), oam=True), REMOTE, 0,
-                {"counters.control": 1}),
-        "ecn_ce_on_not_ect": (lambda e, m: g(VNI, proto(e), inner(e, m)), REMOTE, 3,
-                              {"counters.drops.ecn_not_ect": 1}),
-        "wrong_protocol": (lambda e, m: g(VNI, 0x0800 if e.mode == "tap" else 0x6558, inner(e, m)),
-                           REMOTE, 0, {"counters.drops.wrong_protocol": 1}),
-        "inner_truncated": (lambda e, m: g(VNI, proto(e), inner(e, m)[:10]), REMOTE, 0,
-                            {"counters.drops.inner_truncated": 1}),
+        "unknown_vni": (
+            lambda e, m: g(VNI + 1, proto(e), inner(e, m)),
+            REMOTE,
+            0,
+            {"socket.drops.unknown_vni": 1},
+        ),
+        "wrong_remote": (
+            lambda e, m: g(VNI, proto(e), inner(e, m)),
+            OTHER,
+            0,
+            {"socket.drops.wrong_remote": 1},
+        ),
+        "bad_version": (
+            lambda e, m: g(VNI, proto(e), inner(e, m), version=1),
+            REMOTE,
+            0,
+            {"socket.drops.bad_version": 1},
+        ),
+        "truncated": (
+            lambda e, m: g(VNI, proto(e), b"")[:5] + m[:0],
+            REMOTE,
+            0,
+            {"socket.drops.truncated": 1},
+        ),
+        "options_truncated": (
+            lambda e, m: g(VNI, proto(e), inner(e, m), opt_len=63),
+            REMOTE,
+            0,
+            {"socket.drops.options_truncated": 1},
+        ),
+        "option_overruns": (
+            lambda e, m: g(
+                VNI, proto(e), inner(e, m), options=bytes.fromhex("01020102"), opt_len=1
+            ),
+            REMOTE,
+            0,
+            {"socket.drops.option_overruns": 1},
+        ),
+        "critical_option": (
+            lambda e, m: g(VNI, proto(e), inner(e, m), options=crit, critical=True),
+            REMOTE,
+            0,
+            {"counters.drops.critical_option": 1},
+        ),
+        "c_bit_without_critical": (
+            lambda e, m: g(VNI, proto(e), inner(e, m), options=opt, critical=True),
+            REMOTE,
+            0,
+            {"counters.drops.c_bit_mismatch": 1},
+        ),
+        "critical_without_c_bit": (
+            lambda e, m: g(VNI, proto(e), inner(e, m), options=crit),
+            REMOTE,
+            0,
+            {"counters.drops.c_bit_mismatch": 1},
+        ),
+        "oam": (
+            lambda e, m: g(VNI, proto(e), inner(e, m), oam=True),
+            REMOTE,
+            0,
+            {"counters.control": 1},
+        ),
+        "ecn_ce_on_not_ect": (
+            lambda e, m: g(VNI, proto(e), inner(e, m)),
+            REMOTE,
+            3,
+            {"counters.drops.ecn_not_ect": 1},
+        ),
+        "wrong_protocol": (
+            lambda e, m: g(VNI, 0x0800 if e.mode == "tap" else 0x6558, inner(e, m)),
+            REMOTE,
+            0,
+            {"counters.drops.wrong_protocol": 1},
+        ),
+        "inner_truncated": (
+            lambda e, m: g(VNI, proto(e), inner(e, m)[:10]),
+            REMOTE,
+            0,
+            {"counters.drops.inner_truncated": 1},
+        ),
     }
 
 
@@ -161,8 +228,11 @@ def test_dropped_and_counted(env: Env, case: str) -> None:
     build, src, tos, expected = CASES[case]
     frames, delta = run_case(env, lambda m: build(env, m), src=src, tos=tos)
     assert frames == [], f"{case}: delivered {frames}"
-    sentinel = {"counters.rx_packets": 1, "counters.rx_bytes": delta.get("counters.rx_bytes"),
-                "socket.rx_packets": 2}
+    sentinel = {
+        "counters.rx_packets": 1,
+        "counters.rx_bytes": delta.get("counters.rx_bytes"),
+        "socket.rx_packets": 2,
+    }
     assert delta == {**sentinel, **expected}, delta
 
 
@@ -190,9 +260,7 @@ def test_non_critical_option_delivered_and_counted(env: Env) -> None:
 
 
 def test_outer_ce_marks_ect_inner(env: Env) -> None:
-    frames, delta = run_case(
-        env, lambda m: geneve(VNI, proto(env), inner(env, m, tos=0x02)), tos=3
-    )
+    frames, delta = run_case(env, lambda m: geneve(VNI, proto(env), inner(env, m, tos=0x02)), tos=3)
     assert len(frames) == 1, delta
     ip = frames[0][14:] if env.mode == "tap" else frames[0]
     assert ip[1] & 3 == 3, f"inner ECN {ip[1] & 3}"

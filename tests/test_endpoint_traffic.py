@@ -4,6 +4,8 @@ in each (both engines, TAP and TUN, IPv4 and IPv6 underlay)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,9 +46,6 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
 
 def tcp_transfer(client: Netns, server: Netns, addr: str, size: int) -> None:
     """Send ``size`` random bytes over TCP and check the digest on the other side."""
-    import subprocess
-    import sys
-
     srv = server.popen([sys.executable, "-c", SERVER, addr], stdout=subprocess.PIPE)
     try:
         assert srv.stdout is not None
@@ -62,12 +61,26 @@ def tcp_transfer(client: Netns, server: Netns, addr: str, size: int) -> None:
 Pair = tuple[Netns, Netns, Endpoint, Endpoint]
 
 
-def _specs(mode: str, family: int, **extra: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _specs(
+    mode: str, family: int, **extra: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ra, rb = ("10.0.0.2", "10.0.0.1") if family == 4 else ("fd00::2", "fd00::1")
-    a = {"name": "gt0", "vni": 100, "remote": ra, "mode": mode,
-         "addresses": ["192.168.100.1/24", "fd10::1/64"], **extra}
-    b = {"name": "gt0", "vni": 100, "remote": rb, "mode": mode,
-         "addresses": ["192.168.100.2/24", "fd10::2/64"], **extra}
+    a = {
+        "name": "gt0",
+        "vni": 100,
+        "remote": ra,
+        "mode": mode,
+        "addresses": ["192.168.100.1/24", "fd10::1/64"],
+        **extra,
+    }
+    b = {
+        "name": "gt0",
+        "vni": 100,
+        "remote": rb,
+        "mode": mode,
+        "addresses": ["192.168.100.2/24", "fd10::2/64"],
+        **extra,
+    }
     return [a], [b]
 
 
@@ -102,7 +115,7 @@ def test_ping_and_tcp(pair: Pair) -> None:
 
 @pytest.mark.parametrize("pair", [(e, "tap", 4) for e in ENGINES], indirect=True, ids=ENGINES)
 def test_arp_resolves_through_tap(pair: Pair) -> None:
-    a, b, ea, _ = pair
+    a, b, _ea, _ = pair
     a.run("ping", "-c", "1", "-W", "2", "192.168.100.2", timeout=10)
     neigh = a.run("ip", "neigh", "show", "192.168.100.2", "dev", "gt0").stdout
     mac_b = b.run("cat", "/sys/class/net/gt0/address").stdout.strip()
@@ -127,8 +140,11 @@ def test_start_errors_name_the_field(netns_factory: Callable[[str], Netns], engi
     with endpoint(a, engine, [{"name": "gt1", "vni": 1, "remote": "10.9.9.9"}]) as ep:
         assert ep.error is not None and ep.error["field"] == "remote", ep.error
     # Port in use: nothing of the first tunnel is left behind.
-    blocker = a.popen(["python3", "-c", "import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',6081));print('x',flush=True);time.sleep(30)"],
-                      stdout=__import__("subprocess").PIPE)
+    hold = (
+        "import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+        "s.bind(('0.0.0.0',6081));print('x',flush=True);time.sleep(30)"
+    )
+    blocker = a.popen(["python3", "-c", hold], stdout=subprocess.PIPE)
     try:
         assert blocker.stdout is not None and blocker.stdout.readline().strip() == "x"
         with endpoint(a, engine, [{"name": "gt1", "vni": 1, "remote": "10.0.0.2"}]) as ep:

@@ -21,16 +21,32 @@ Pair = tuple[Netns, Netns, Endpoint, Endpoint]
 
 
 def _pair(
-    netns_factory: Callable[[str], Netns], engine: str, mode: str, family: int,
-    a_extra: dict[str, Any], b_extra: dict[str, Any],
+    netns_factory: Callable[[str], Netns],
+    engine: str,
+    mode: str,
+    family: int,
+    a_extra: dict[str, Any],
+    b_extra: dict[str, Any],
 ) -> Iterator[Pair]:
     a, b = netns_factory("a"), netns_factory("b")
     underlay(a, b)
     ra, rb = ("10.0.0.2", "10.0.0.1") if family == 4 else ("fd00::2", "fd00::1")
-    sa = {"name": "gt0", "vni": 100, "remote": ra, "mode": mode,
-          "addresses": ["192.168.100.1/24", "fd10::1/64"], **a_extra}
-    sb = {"name": "gt0", "vni": 100, "remote": rb, "mode": mode,
-          "addresses": ["192.168.100.2/24", "fd10::2/64"], **b_extra}
+    sa = {
+        "name": "gt0",
+        "vni": 100,
+        "remote": ra,
+        "mode": mode,
+        "addresses": ["192.168.100.1/24", "fd10::1/64"],
+        **a_extra,
+    }
+    sb = {
+        "name": "gt0",
+        "vni": 100,
+        "remote": rb,
+        "mode": mode,
+        "addresses": ["192.168.100.2/24", "fd10::2/64"],
+        **b_extra,
+    }
     with endpoint(a, engine, [sa]) as ea, endpoint(b, engine, [sb]) as eb:
         assert ea.error is None and eb.error is None, (ea.error, eb.error)
         yield a, b, ea, eb
@@ -45,14 +61,24 @@ def parse_outer(frame: bytes) -> dict[str, Any] | None:
         if ip[9] != 17:
             return None
         frag = int.from_bytes(ip[6:8], "big")
-        out = {"family": 4, "tos": ip[1], "ttl": ip[8], "df": bool(frag & 0x4000),
-               "frag": frag & 0x3FFF}
+        out = {
+            "family": 4,
+            "tos": ip[1],
+            "ttl": ip[8],
+            "df": bool(frag & 0x4000),
+            "frag": frag & 0x3FFF,
+        }
         udp = ip[ihl:]
     elif etype == 0x86DD:
         if ip[6] != 17:
             return None
-        out = {"family": 6, "tos": (int.from_bytes(ip[:2], "big") >> 4) & 0xFF,
-               "ttl": ip[7], "df": False, "frag": 0}
+        out = {
+            "family": 6,
+            "tos": (int.from_bytes(ip[:2], "big") >> 4) & 0xFF,
+            "ttl": ip[7],
+            "df": False,
+            "frag": 0,
+        }
         udp = ip[40:]
     else:
         return None
@@ -68,7 +94,9 @@ def parse_outer(frame: bytes) -> dict[str, Any] | None:
     return out
 
 
-def capture(ns: Netns, dev: str, action: Callable[[], None], seconds: float = 2.5) -> list[dict[str, Any]]:
+def capture(
+    ns: Netns, dev: str, action: Callable[[], None], seconds: float = 2.5
+) -> list[dict[str, Any]]:
     sniffer = Sniffer(ns, dev, seconds, b"")
     action()
     return [p for p in (parse_outer(f) for f in sniffer.frames()) if p is not None]
@@ -83,13 +111,19 @@ def pair(netns_factory: Callable[[str], Netns], request: pytest.FixtureRequest) 
 OPT = "0x0102:0x01:aabbccdd"
 
 
+def ping(ns: Netns, *args: str, check: bool = True) -> None:
+    ns.run("ping", "-c", "2", "-i", "0.2", *args, check=check, timeout=10)
+
+
 def _id(p: Any) -> str:
     return f"{p[0]}-{p[1]}-ipv{p[2]}"
 
 
 @pytest.mark.parametrize(
-    "pair", [(e, "tap", f, {"options": [OPT]}, {}) for e in ENGINES for f in (4, 6)],
-    indirect=True, ids=_id,
+    "pair",
+    [(e, "tap", f, {"options": [OPT]}, {}) for e in ENGINES for f in (4, 6)],
+    indirect=True,
+    ids=_id,
 )
 def test_outer_headers_and_options(pair: Pair) -> None:
     a, b, ea, eb = pair
@@ -98,8 +132,12 @@ def test_outer_headers_and_options(pair: Pair) -> None:
     def traffic() -> None:
         for port in range(3):
             # Distinct flows: UDP packets to different ports; then a ping.
-            a.run("python3", "-c", f"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
-                  f"[s.sendto(b'x',('192.168.100.2',{7000 + port})) for _ in range(3)]")
+            a.run(
+                "python3",
+                "-c",
+                f"import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+                f"[s.sendto(b'x',('192.168.100.2',{7000 + port})) for _ in range(3)]",
+            )
         a.run("ping", "-c", "2", "-i", "0.2", "-W", "1", "192.168.100.2", check=False)
 
     pkts = capture(b, "ub", traffic)
@@ -107,7 +145,9 @@ def test_outer_headers_and_options(pair: Pair) -> None:
     for p in pkts:
         h = p["header"]
         assert h.vni == 100 and h.protocol == 0x6558 and not h.oam
-        assert [(o.opt_class, o.type, o.data) for o in h.options] == [(0x0102, 0x01, bytes.fromhex("aabbccdd"))]
+        assert [(o.opt_class, o.type, o.data) for o in h.options] == [
+            (0x0102, 0x01, bytes.fromhex("aabbccdd"))
+        ]
         assert p["ttl"] == 64 and not p["df"] and p["tos"] & 0xFC == 0
         assert 32768 <= p["sport"] <= 60999, p["sport"]
         if family == 4:
@@ -124,10 +164,14 @@ def test_source_port_follows_flow(pair: Pair) -> None:
     a, b, _, _ = pair
 
     def traffic() -> None:
-        a.run("python3", "-c", "import socket,time\n"
-              "for p in range(16):\n"
-              " s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-              " [s.sendto(b'flow%d' % p,('192.168.100.2',7000+p)) for _ in range(3)]\n")
+        a.run(
+            "python3",
+            "-c",
+            "import socket,time\n"
+            "for p in range(16):\n"
+            " s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            " [s.sendto(b'flow%d' % p,('192.168.100.2',7000+p)) for _ in range(3)]\n",
+        )
 
     pkts = capture(b, "ub", traffic, seconds=2.0)
     # Inner UDP destination port (TUN: the inner IPv4 header is 20 bytes) -> outer ports.
@@ -142,11 +186,13 @@ def test_source_port_follows_flow(pair: Pair) -> None:
 
 
 @pytest.mark.parametrize(
-    "pair", [(e, "tap", 4, {"reflect_options": True}, {"options": [OPT]}) for e in ENGINES],
-    indirect=True, ids=_id,
+    "pair",
+    [(e, "tap", 4, {"reflect_options": True}, {"options": [OPT]}) for e in ENGINES],
+    indirect=True,
+    ids=_id,
 )
 def test_reflect_options_on_reverse_flow(pair: Pair) -> None:
-    a, b, ea, _ = pair
+    _a, b, ea, _ = pair
 
     def traffic() -> None:
         b.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "192.168.100.1")
@@ -164,24 +210,25 @@ def test_reflect_options_on_reverse_flow(pair: Pair) -> None:
 @pytest.mark.parametrize(
     "pair",
     [(e, m, f, {"mtu": 1500}, {"mtu": 1500}) for e in ENGINES for m, f in (("tap", 4), ("tun", 6))],
-    indirect=True, ids=_id,
+    indirect=True,
+    ids=_id,
 )
 def test_too_big_gets_icmp_and_fragmentation(pair: Pair) -> None:
     a, b, ea, _ = pair
     t = ea.tunnel("gt0")
-    path_mtu = 1500 - (20 if t["remote"] == "10.0.0.2" else 40) - 16 - (14 if t["mode"] == "tap" else 0)
+    path_mtu = (
+        1500 - (20 if t["remote"] == "10.0.0.2" else 40) - 16 - (14 if t["mode"] == "tap" else 0)
+    )
     # IPv4 without DF: the outer packet is fragmented, as the kernel does (DF unset).
-    a.run("ping", "-M", "dont", "-c", "2", "-i", "0.2", "-W", "2", "-s", "1472", "192.168.100.2", timeout=10)
+    ping(a, "-M", "dont", "-W", "2", "-s", "1472", "192.168.100.2")
     assert ea.tunnel("gt0")["counters"]["tx_fragmented"] >= 1
     # IPv4 with DF: ICMP fragmentation needed back into the device; the kernel learns.
-    a.run("ping", "-M", "do", "-c", "2", "-i", "0.2", "-W", "1", "-s", "1472", "192.168.100.2",
-          check=False, timeout=10)
+    ping(a, "-M", "do", "-W", "1", "-s", "1472", "192.168.100.2", check=False)
     route = a.run("ip", "route", "get", "192.168.100.2").stdout
     assert re.search(rf"mtu {path_mtu}\b", route), route
-    a.run("ping", "-M", "do", "-c", "2", "-i", "0.2", "-W", "2", "-s", str(path_mtu - 28),
-          "192.168.100.2", timeout=10)
+    ping(a, "-M", "do", "-W", "2", "-s", str(path_mtu - 28), "192.168.100.2")
     # IPv6 inner: ICMPv6 packet too big.
-    a.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "1", "-s", "1452", "fd10::2", check=False, timeout=10)
+    ping(a, "-6", "-W", "1", "-s", "1452", "fd10::2", check=False)
     route6 = a.run("ip", "-6", "route", "get", "fd10::2").stdout
     assert re.search(rf"mtu {path_mtu}\b", route6), route6
     assert ea.tunnel("gt0")["counters"]["drops"]["too_big"] >= 2

@@ -149,10 +149,10 @@ class Dataplane:
         }
         # Each message starts with a 4-byte tag: group index << 24 | tunnel index.
         while True:
-            ready, _, _ = select.select([reader, self._stop_fd], [], [], 1.0)
+            ready, _, _ = select.select([reader.fileno(), self._stop_fd], [], [], 1.0)
             if self._stop_fd in ready:
                 return
-            if reader not in ready:
+            if reader.fileno() not in ready:
                 continue
             try:
                 msg = reader.recv(70000)

@@ -28,7 +28,7 @@ def inet_csum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     b = bytes(data)
     if len(b) % 2:
         b += b"\0"
-    s = start + sum(struct.unpack(f"!{len(b) // 2}H", b))
+    s: int = start + sum(struct.unpack(f"!{len(b) // 2}H", b))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
@@ -182,8 +182,10 @@ class PyGroupEngine:
     def start(self) -> None:
         for label, target in (("rx", self._rx_loop), ("tx", self._tx_loop)):
             th = threading.Thread(
-                target=self._guard, args=(label, target),
-                name=f"gdp-{label}-py-v{self.group.family}-{self.group.port}", daemon=True,
+                target=self._guard,
+                args=(label, target),
+                name=f"gdp-{label}-py-v{self.group.family}-{self.group.port}",
+                daemon=True,
             )
             th.start()
             self._threads.append(th)
@@ -211,7 +213,7 @@ class PyGroupEngine:
         udp = self.group.udp
         cmsg_space = socket.CMSG_SPACE(4) * 3
         while True:
-            ready, _, _ = select.select([udp, self.stop_fd], [], [])
+            ready, _, _ = select.select([udp.fileno(), self.stop_fd], [], [])
             if self.stop_fd in ready:
                 return
             for _ in range(64):
@@ -238,8 +240,9 @@ class PyGroupEngine:
         except codec.DecodeError as exc:
             self.sock_drops[exc.reason] += 1
             return
-        src_packed = socket.inet_pton(socket.AF_INET if self.group.family == 4 else socket.AF_INET6,
-                                      src.split("%")[0])
+        src_packed = socket.inet_pton(
+            socket.AF_INET if self.group.family == 4 else socket.AF_INET6, src.split("%")[0]
+        )
         idx = -1
         vni_seen = False
         for i, t in enumerate(self.tunnels):
@@ -255,11 +258,11 @@ class PyGroupEngine:
         t = self.tunnels[idx]
         c = t.c
         for o in h.options:
-            key = (o.opt_class, o.type)
-            if key in c.options_seen:
-                c.options_seen[key] += 1
+            seen_key = (o.opt_class, o.type)
+            if seen_key in c.options_seen:
+                c.options_seen[seen_key] += 1
             elif len(c.options_seen) < OPTSEEN_SLOTS:
-                c.options_seen[key] = 1
+                c.options_seen[seen_key] = 1
             else:
                 c.options_other += 1
         critical = any(o.critical for o in h.options)
@@ -394,11 +397,23 @@ class PyGroupEngine:
         tos = ((t.spec.tos or 0) & 0xFC) | ecn
         self.ip_id = (self.ip_id + 1) & 0xFFFF or 1
         if fam == 4:
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, tos, total, self.ip_id,
-                             0x4000 if df else 0, t.spec.ttl, 17, 0, t.local, t.remote)
+            ip = struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                tos,
+                total,
+                self.ip_id,
+                0x4000 if df else 0,
+                t.spec.ttl,
+                17,
+                0,
+                t.local,
+                t.remote,
+            )
         else:
-            ip = struct.pack("!IHBB16s16s", 0x60000000 | tos << 20, udplen, 17, t.spec.ttl,
-                             t.local, t.remote)
+            ip = struct.pack(
+                "!IHBB16s16s", 0x60000000 | tos << 20, udplen, 17, t.spec.ttl, t.local, t.remote
+            )
         if not frags:
             ok = self._send(t, ip + udp)
         else:
@@ -448,8 +463,9 @@ class PyGroupEngine:
             quote = ip[:548]
             icmp = bytearray(struct.pack("!BBHHH", 3, 4, 0, 0, mtu)) + quote
             icmp[2:4] = inet_csum(icmp).to_bytes(2, "big")
-            hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1,
-                                        0, dst, src))
+            hdr = bytearray(
+                struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0, dst, src)
+            )
             hdr[10:12] = inet_csum(hdr).to_bytes(2, "big")
             out = bytes(hdr) + bytes(icmp)
         else:
@@ -482,7 +498,9 @@ class PyGroupEngine:
             "control": c.control,
             "tx_fragmented": c.tx_fragmented,
             "drops": dict(c.drops),
-            "options_seen": {f"0x{k[0]:04x}:0x{k[1]:02x}": n for k, n in list(c.options_seen.items())},
+            "options_seen": {
+                f"0x{k[0]:04x}:0x{k[1]:02x}": n for k, n in list(c.options_seen.items())
+            },
             "options_other": c.options_other,
         }
 
