@@ -60,14 +60,14 @@ def decode_error(rc: int) -> DecodeError:
 
 
 def _header_from_c(buf: bytes, h: Any) -> Header:
-    options = tuple(
-        Option(
-            o.opt_class,
-            o.type,
-            buf[o.data_offset : o.data_offset + o.data_len],
+    n = h.n_options
+    options: tuple[Option, ...] = ()
+    if n:
+        opts = h.options
+        options = tuple(
+            Option(o.opt_class, o.type, buf[o.data_offset : o.data_offset + o.data_len])
+            for o in (opts[i] for i in range(n))
         )
-        for o in (h.options[i] for i in range(h.n_options))
-    )
     return Header(
         vni=h.vni,
         protocol=h.protocol,

@@ -6,6 +6,8 @@ codecs return the same header and payload offset or name the same decode reason.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -239,3 +241,23 @@ def test_c_encode_batch() -> None:
     for i in (0, 1, 3, 4):
         want = codec.encode(Header(vni=vnis[i], protocol=0x0800, oam=True))
         assert bytes(ffi.buffer(bufs[i], 8)) == want
+
+
+# ---- the benchmark runs (its figures are not asserted: it is not a test) -----------------
+
+
+def test_codec_benchmark_smoke(tmp_path: Path) -> None:
+    from bench import codec as bench_codec
+
+    out = tmp_path / "bench.json"
+    rc = bench_codec.main(["--quick", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == (0 if doc["pass"] else 1)
+    assert set(doc["results"]) == {"decode", "encode"}
+    for op in ("decode", "encode"):
+        assert set(doc["results"][op]) == set(bench_codec.IMPLS)
+        for impl in bench_codec.IMPLS:
+            figures = doc["results"][op][impl]
+            assert set(figures) == {"0", "1", "4"}
+            assert all(v > 0 for v in figures.values())
+    assert "decode c-batch64 vs scapy" in doc["speedups"]

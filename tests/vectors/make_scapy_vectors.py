@@ -73,8 +73,8 @@ CASES: list[tuple[str, dict[str, int], list[tuple[int, int, bytes]], Any]] = [
 ]
 
 
-def build(fields: dict[str, int], options: list[tuple[int, int, bytes]], inner: Any) -> bytes:
-    pkt = GENEVE(
+def build(fields: dict[str, Any], options: list[tuple[int, int, bytes]], inner: Any) -> bytes:
+    pkt: Any = GENEVE(
         **fields, options=[GeneveOptions(classid=c, type=t, data=d) for c, t, d in options]
     )
     if inner is not None:
