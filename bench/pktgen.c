@@ -10,12 +10,14 @@
  *   offset 2  u16 flow index (which source port sent it)
  *   offset 4  u32 sequence number, per flow, starting at 0
  *   offset 8  u64 send time, CLOCK_MONOTONIC nanoseconds
+ * --size is the UDP payload; --frame-size the whole Ethernet frame it makes, FCS
+ * included (RFC 2544 sizes: 64 is an 18-byte payload over IPv4, 1518 a 1472-byte one).
  * Sender and receiver run on one machine (in different network namespaces, which share
  * the clock), so receive time minus send time is the one-way latency.
  *
  * Modes (each prints one JSON object on stdout when it ends):
- *   send       --dst IP --port N [--sport BASE] [--flows N] [--size BYTES] [--rate PPS]
- *              [--duration S | --count N] [--burst N]
+ *   send       --dst IP --port N [--sport BASE] [--flows N] [--size BYTES | --frame-size F]
+ *              [--rate PPS] [--duration S | --count N] [--burst N]
  *   sink       --bind IP --port N [--timeout S] [--idle S] [--max-samples N]
  *   rr-server  --bind IP --port N [--timeout S]
  *   rr         --dst IP --port N [--size BYTES] [--duration S | --count N]
@@ -106,6 +108,7 @@ struct opts {
     int sport;
     int flows;
     int size;
+    int frame_size;
     int burst;
     double rate;
     double duration;
@@ -147,6 +150,7 @@ static void parse_opts(int argc, char **argv, struct opts *o) {
         else if (!strcmp(k, "--sport")) o->sport = (int)parse_num(k, v, 1, 65535);
         else if (!strcmp(k, "--flows")) o->flows = (int)parse_num(k, v, 1, MAX_FLOWS);
         else if (!strcmp(k, "--size")) o->size = (int)parse_num(k, v, HDR_LEN, MAX_PAYLOAD);
+        else if (!strcmp(k, "--frame-size")) o->frame_size = (int)parse_num(k, v, 64, 65535);
         else if (!strcmp(k, "--burst")) o->burst = (int)parse_num(k, v, 1, MAX_BURST);
         else if (!strcmp(k, "--rate")) o->rate = parse_num(k, v, 0, 1e9);
         else if (!strcmp(k, "--duration")) o->duration = parse_num(k, v, 0, 86400);
@@ -159,6 +163,12 @@ static void parse_opts(int argc, char **argv, struct opts *o) {
     }
     if (!o->addr) usage_error("--dst (send, rr) or --bind (sink, rr-server) is required", NULL);
     if (!o->port) usage_error("--port is required", NULL);
+    if (o->frame_size) {
+        /* Ethernet header + FCS, then IPv4 (20) or IPv6 (40), then UDP (8). */
+        int l3 = strchr(o->addr, ':') ? 40 : 20;
+        o->size = o->frame_size - 18 - l3 - 8;
+        if (o->size < HDR_LEN) usage_error("--frame-size leaves less than a 16-byte payload", NULL);
+    }
     if (o->sport && o->sport + o->flows - 1 > 65535) usage_error("--sport + --flows > 65535", NULL);
 }
 

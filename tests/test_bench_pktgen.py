@@ -168,3 +168,13 @@ def test_bad_options_exit_2() -> None:
         proc = subprocess.run([str(pktgen.binary()), *argv], capture_output=True, text=True)
         assert proc.returncode == 2, argv
         assert proc.stderr.startswith("gdp-pktgen: ")
+
+
+@pytest.mark.parametrize("frame, payload", [(64, 18), (1518, 1472)])
+def test_frame_size_means_whole_ethernet_frame(ns: Netns, frame: int, payload: int) -> None:
+    assert pktgen.payload_for_frame(frame) == payload
+    with pktgen.Server("sink", ns.name, bind=LO, port=9107, idle=0.3, timeout=10) as sink:
+        sent = pktgen.run("send", ns.name, dst=LO, port=9107, frame_size=frame, count=10)
+        received = sink.result(timeout=15)
+    assert sent["payload_size"] == payload
+    assert received["received_bytes"] == 10 * payload
