@@ -9,7 +9,8 @@
  *      contiguous and ending exactly at the payload);
  *   4. requires every shorter prefix that still holds the base header to fail with the
  *      right reason, and the batch entry point to agree with the single one;
- *   5. re-encodes a successful decode with gdp_encode and decodes that again.
+ *   5. re-encodes a successful decode with gdp_encode and decodes that again;
+ *   6. checks gdp_options_check on the raw input against an independent walk.
  * Any disagreement aborts, which libFuzzer reports as a crash with the input saved.
  *
  * With -DGDP_FUZZ_SELFTEST an input starting "OOB!" reads one byte past the buffer, one
@@ -71,6 +72,23 @@ static int ref_decode(const uint8_t *b, size_t n, struct ref_header *h) {
     }
     h->payload_offset = (unsigned)end;
     return (int)end;
+}
+
+/* gdp_options_check's contract, walked independently: 1 if some option is critical, 0 if
+ * none is, GDP_E_BAD_OPTIONS unless the area is whole words, at most 252 bytes, without
+ * reserved bits, and walks exactly. */
+static int ref_options_check(const uint8_t *b, size_t n) {
+    if (n > GDP_MAX_OPTIONS_LEN || n % 4)
+        return GDP_E_BAD_OPTIONS;
+    int critical = 0;
+    for (size_t i = 0; i < n;) {
+        if (b[i + 3] >= 32 || i + 4 + 4 * (size_t)b[i + 3] > n)
+            return GDP_E_BAD_OPTIONS;
+        if (b[i + 2] >= 128)
+            critical = 1;
+        i += 4 + 4 * (size_t)b[i + 3];
+    }
+    return critical;
 }
 
 /* ---- checks ------------------------------------------------------------------------ */
@@ -135,6 +153,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         CHECK(sum != 0);
     }
 #endif
+    /* The raw input as an option area, for the encoder's validation. */
+    CHECK(gdp_options_check(data, size) == ref_options_check(data, size));
+
     int rc = decode_exact(data, size, &hdr);
     int ref_rc = ref_decode(data, size, &ref);
 #ifdef GDP_FUZZ_SELFTEST
