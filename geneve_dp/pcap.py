@@ -18,6 +18,8 @@ LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101
 LINKTYPE_LINUX_SLL = 113
 LINKTYPE_LINUX_SLL2 = 276
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
 
 _MAGIC = {
     b"\xd4\xc3\xb2\xa1": "<",
@@ -81,8 +83,9 @@ def _l3_offset(linktype: int, frame: bytes) -> tuple[int, int] | None:
         return (16, struct.unpack_from("!H", frame, 14)[0]) if len(frame) >= 16 else None
     if linktype == LINKTYPE_LINUX_SLL2:
         return (20, struct.unpack_from("!H", frame, 0)[0]) if len(frame) >= 20 else None
-    if linktype == LINKTYPE_RAW and frame:
-        return 0, 0x0800 if frame[0] >> 4 == 4 else 0x86DD
+    if linktype in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6) and frame:
+        version = frame[0] >> 4
+        return (0, 0x0800 if version == 4 else 0x86DD) if version in (4, 6) else None
     return None
 
 
@@ -96,7 +99,9 @@ def udp_datagrams(path: Path) -> Iterator[UdpDatagram]:
         off, ethertype = found
         if ethertype == 0x0800 and len(frame) >= off + 20:
             ihl = (frame[off] & 0x0F) * 4
-            if frame[off + 9] != 17 or struct.unpack_from("!H", frame, off + 6)[0] & 0x3FFF:
+            if ihl < 20 or frame[off + 9] != 17:  # not a valid header, or not UDP
+                continue
+            if struct.unpack_from("!H", frame, off + 6)[0] & 0x3FFF:  # a fragment
                 continue
             src = ipaddress.IPv4Address(frame[off + 12 : off + 16])
             dst = ipaddress.IPv4Address(frame[off + 16 : off + 20])

@@ -294,3 +294,38 @@ def test_decode_real_capture(tmp_path: Path, name: str, family: int) -> None:
         assert linktype == pcap.LINKTYPE_ETHERNET
     if "nano" in name:
         assert out.read_bytes()[:4] == b"\x4d\x3c\xb2\xa1"
+
+
+def test_ipv4_header_shorter_than_20_bytes_is_skipped(tmp_path: Path) -> None:
+    # IHL 4 is invalid. Read naively, the "UDP header" would start at byte 16, inside
+    # the IP header: make those bytes look like a datagram to 6081 so a reader that
+    # trusts IHL reports a GENEVE packet that is not there.
+    payload = codec.encode(H1)
+    fake_udp = struct.pack("!HH", 4321, wire.GENEVE_PORT)  # as the destination address
+    ip = bytearray(udp_ip("192.0.2.1", socket.inet_ntoa(fake_udp), 9, 9, payload))
+    ip[0] = 0x44
+    ip[20:24] = struct.pack("!HH", 8 + len(payload), 0)  # the fake UDP length/checksum
+    path = tmp_path / "ihl.pcap"
+    pcap.write(path, [ethernet(bytes(ip))])
+    assert list(pcap.udp_datagrams(path)) == []
+
+
+def test_big_endian_pcap_and_ip_only_linktypes(tmp_path: Path) -> None:
+    v4 = udp_ip("192.0.2.1", "192.0.2.2", 5001, 6081, codec.encode(H1))
+    v6 = udp_ip("2001:db8::1", "2001:db8::2", 5002, 6081, codec.encode(H2))
+    not_ip = b"\x00" * 40
+    be = struct.pack(">IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, pcap.LINKTYPE_ETHERNET)
+    for i, frame in enumerate([ethernet(v4), ethernet(v6)]):
+        be += struct.pack(">IIII", i, 0, len(frame), len(frame)) + frame
+    (tmp_path / "be.pcap").write_bytes(be)
+    pcap.write(tmp_path / "ipv4.pcap", [v4, not_ip], linktype=pcap.LINKTYPE_IPV4)
+    pcap.write(tmp_path / "ipv6.pcap", [not_ip, v6], linktype=pcap.LINKTYPE_IPV6)
+    got = {
+        name: [(d.index, d.src, d.sport) for d in pcap.geneve_datagrams(tmp_path / name)]
+        for name in ("be.pcap", "ipv4.pcap", "ipv6.pcap")
+    }
+    assert got == {
+        "be.pcap": [(1, "192.0.2.1", 5001), (2, "2001:db8::1", 5002)],
+        "ipv4.pcap": [(1, "192.0.2.1", 5001)],
+        "ipv6.pcap": [(2, "2001:db8::1", 5002)],
+    }
