@@ -91,6 +91,23 @@ class Underlay:
         self.close()
 
 
+def remove_stale() -> list[str]:
+    """Delete namespaces left by earlier runs that died without cleaning up (SIGKILL):
+    ours are named gdpb-<pid>-..., so any whose pid no longer runs is an orphan."""
+    removed = []
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        parts = name.split("-")
+        if len(parts) < 3 or parts[0] != "gdpb" or not parts[1].isdigit():
+            continue
+        if int(parts[1]) == os.getpid() or os.path.exists(f"/proc/{parts[1]}"):
+            continue
+        kill_netns_processes(name)
+        sh("ip", "netns", "del", name, check=False)
+        removed.append(name)
+    return removed
+
+
 def kill_netns_processes(ns: str) -> None:
     """SIGKILL whatever still runs in ``ns`` (only processes started for this run live
     there), so that deleting the namespace really frees it."""

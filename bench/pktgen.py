@@ -58,25 +58,35 @@ def frame_for_payload(payload: int) -> int:
     return payload + ETH_OVERHEAD + IPV4_UDP
 
 
+def _binary_path() -> Path:
+    # Beside the source in a checkout; in a per-user cache when the package directory
+    # is read-only (installed into site-packages).
+    if os.access(HERE, os.W_OK):
+        return BINARY
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "geneve-dp" / BINARY.name
+
+
 def binary() -> Path:
     """The generator binary, built (or rebuilt after an edit of pktgen.c) on demand."""
+    target = _binary_path()
     with _build_lock:
-        if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
-            return BINARY
+        if target.exists() and target.stat().st_mtime >= SOURCE.stat().st_mtime:
+            return target
         cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if cc is None:
             raise PktgenError("no C compiler (gcc or cc) to build bench/pktgen.c")
-        BUILD_DIR.mkdir(exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         # Build to a temporary name and rename, so a concurrent user never runs a
         # half-written binary.
-        tmp = BINARY.with_name(f"{BINARY.name}.{os.getpid()}.tmp")
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         proc = subprocess.run(
             [cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise PktgenError(f"building {SOURCE.name} failed:\n{proc.stderr.strip()}")
-        tmp.replace(BINARY)
-        return BINARY
+        tmp.replace(target)
+        return target
 
 
 def _argv(mode: str, netns: str | None, options: dict[str, object]) -> list[str]:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from . import pktgen, report, schema
-from .netenv import BlackholeNetns, cpu_seconds, process_tree, sh, softirq_seconds
+from .netenv import (
+    BlackholeNetns,
+    cpu_seconds,
+    process_tree,
+    remove_stale,
+    sh,
+    softirq_seconds,
+)
 from .pktgen import Json
 from .scenarios import SCENARIO_IDS, Scenario, all_scenarios
 from .scenarios import Path as NetPath
@@ -490,6 +498,22 @@ def run(args: argparse.Namespace, log: Progress | None = None) -> int:
     if shutil.which("iperf3") is None:
         raise BenchError("iperf3 is not installed (apt-get install iperf3)")
     log = log or Progress()
+    for name in remove_stale():
+        log(f"removed namespace {name} left by an earlier run")
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, through every finally that
+    # stops daemons and deletes namespaces, instead of killing us mid-setup.
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args, cfg, scenarios, log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run(args: argparse.Namespace, cfg: Json, scenarios: list[Scenario], log: Progress) -> int:
     out_dir: Path = args.out or RESULTS_DIR / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out_dir.mkdir(parents=True, exist_ok=True)
     pktgen.binary()

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces and real devices)")
     before = leftover_namespaces()
-    t0 = time.monotonic()
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--sizes", "64",
@@ -39,7 +37,6 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
         text=True,
         timeout=240,
     )  # fmt: skip
-    elapsed = time.monotonic() - t0
     results = json.loads((tmp_path / "results.json").read_text())
     assert schema.validate(results) == []
     assert [s["id"] for s in results["scenarios"]] == SCENARIO_IDS
@@ -65,4 +62,3 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0
     # Everything the suite created is gone again.
     assert leftover_namespaces() <= before
-    assert elapsed < 120
