@@ -329,3 +329,11 @@ def test_big_endian_pcap_and_ip_only_linktypes(tmp_path: Path) -> None:
         "ipv4.pcap": [(1, "192.0.2.1", 5001)],
         "ipv6.pcap": [(2, "2001:db8::1", 5002)],
     }
+
+
+def test_port_out_of_range_is_one_line_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "p.pcap"
+    pcap.write(path, [geneve_frame(codec.encode(H1), "192.0.2.1", "192.0.2.2")])
+    rc, records, stderr = run_decode("--pcap", str(path), "--port", "70000")
+    assert rc == 2 and records == []
+    assert "--port" in stderr and "1..65535" in stderr and len(stderr.strip().splitlines()) == 1
