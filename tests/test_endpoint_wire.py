@@ -235,3 +235,79 @@ def test_too_big_gets_icmp_and_fragmentation(pair: Pair) -> None:
     # TCP with the default MSS (from the 1500 device MTU) still completes.
     tcp_transfer(b, a, "192.168.100.1", 1 << 20)
     tcp_transfer(a, b, "fd10::2", 1 << 20)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        (
+            e,
+            "tap",
+            f,
+            {"udp_csum": True if f == 4 else None, "df": "inherit", "tos": 0xB8, "ttl": 9},
+            {},
+        )
+        for e in ENGINES
+        for f in (4, 6)
+    ],
+    indirect=True,
+    ids=_id,
+)
+def test_outer_settings(pair: Pair) -> None:
+    a, b, ea, eb = pair
+    family = 4 if ea.tunnel("gt0")["remote"] == "10.0.0.2" else 6
+    before = eb.tunnel("gt0")["counters"]["rx_packets"]
+
+    def traffic() -> None:
+        ping(a, "-M", "do", "-Q", "2", "-W", "1", "192.168.100.2")
+        ping(a, "-M", "dont", "-W", "1", "192.168.100.2")
+
+    pkts = [p for p in capture(b, "ub", traffic) if len(p["inner"]) > 14 + 20]
+    icmp = [p for p in pkts if p["inner"][12:14] == b"\x08\x00" and p["inner"][14 + 9] == 1]
+    assert len(icmp) >= 4, pkts
+    for p in icmp:
+        inner_ip = p["inner"][14:]
+        inner_df = bool(inner_ip[6] & 0x40)
+        assert p["ttl"] == 9 and p["tos"] & 0xFC == 0xB8
+        assert p["tos"] & 3 == inner_ip[1] & 3  # ECN copied (no CE here)
+        if family == 4:
+            assert p["df"] == inner_df  # inherit
+        assert p["csum"] != 0  # udp_csum on over IPv4, the default over IPv6
+    assert any(p["tos"] & 3 == 2 for p in icmp), "ECT(0) from ping -Q 2 not copied"
+    # Every packet was accepted by the receiving kernel's UDP checksum check.
+    assert eb.tunnel("gt0")["counters"]["rx_packets"] - before >= len(icmp)
+
+
+ZERO_CSUM_SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 101, 1)  # UDP_NO_CHECK6_TX: send with checksum 0
+s.bind(("fd00::2", 0))
+s.sendto(bytes.fromhex(sys.argv[1]), ("fd00::1", 6081))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("allow", [False, True], ids=["refused", "allowed"])
+def test_udp6_zero_checksum_rx(
+    netns_factory: Callable[[str], Netns], engine: str, allow: bool
+) -> None:
+    """A zero UDP checksum over IPv6 is accepted only with udp6_zero_csum_rx. The
+    refusal happens in the kernel's UDP socket (counted in Udp6 InErrors/InCsumErrors,
+    not in our counters), exactly as for a kernel geneve device."""
+    from tests.endpoint_helpers import geneve, ipv4_udp
+
+    a, b = netns_factory("a"), netns_factory("b")
+    underlay(a, b)
+    spec = {"name": "gt0", "vni": 7, "remote": "fd00::2", "mode": "tun"}
+    spec["udp6_zero_csum_rx"] = allow
+    spec["addresses"] = ["192.168.100.1/24"]
+    with endpoint(a, engine, [spec]) as ep:
+        assert ep.error is None, ep.error
+        marker = b"ZEROCSUM-MARK"
+        sniffer = Sniffer(a, "gt0", 2.0, marker)
+        pkt = geneve(7, 0x0800, ipv4_udp("192.168.100.2", "192.168.100.1", marker))
+        b.run("python3", "-c", ZERO_CSUM_SEND, pkt.hex(), timeout=10)
+        frames = sniffer.frames()
+        assert (len(frames) == 1) == allow, frames
+        assert ep.tunnel("gt0")["counters"]["rx_packets"] == (1 if allow else 0)
