@@ -158,6 +158,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def busy_seconds() -> float:
+    """System-wide non-idle CPU seconds since boot: everything the run cost the machine
+    (generator, sink, daemons, kernel), so paths compare on total work too."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user).
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
 def softirq_seconds() -> float:
     """System-wide softirq CPU seconds since boot (the 7th column of /proc/stat's cpu
     line). Kernel paths (veth, VXLAN) do their work there, not in any process."""

@@ -76,7 +76,7 @@ def markdown(results: Json) -> str:
     ]
     head = [f"UDP {small} B frames: kpps delivered, loss"]
     head += [f"TCP {n} stream{'s' if n > 1 else ''}: Gbit/s" for n in streams]
-    head += ["UDP RR p50 / p99 / p99.9: µs", "CPU s: dataplane / softirq"]
+    head += ["UDP RR p50 / p99 / p99.9: µs", "CPU s: dataplane / softirq / machine"]
     lines.append("| path | " + " | ".join(head) + " |")
     lines.append("|---" * (len(head) + 1) + "|")
     notes: list[str] = []
@@ -111,7 +111,8 @@ def markdown(results: Json) -> str:
         cpu = s.get("cpu")
         if cpu:
             dp = "n/a" if cpu["dataplane_s"] is None else f"{cpu['dataplane_s']:.1f}"
-            cells.append(f"{dp} / {cpu['softirq_s']:.1f}")
+            busy = f"{cpu['busy_s']:.1f}" if "busy_s" in cpu else "n/a"
+            cells.append(f"{dp} / {cpu['softirq_s']:.1f} / {busy}")
         else:
             cells.append("error")
         lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
@@ -143,8 +144,8 @@ def markdown(results: Json) -> str:
         f"{'unlimited' if not params['rate'] else str(params['rate']) + ' pps'}; "
         f"TCP: iperf3, {params['tcp_seconds']:g} s; RR: {params.get('rr_payload', 64)} B UDP "
         f"ping-pong for {params.get('rr_seconds', 0):g} s. CPU: whole scenario; dataplane = "
-        "user+system time of the geneve-dp processes (n/a for kernel paths), softirq = "
-        "system-wide.",
+        "user+system time of the geneve-dp processes (n/a for kernel paths); softirq and "
+        "machine (all non-idle time, generator and sink included) are system-wide.",
     ]
     gen = results.get("generator") or {}
     gen_steps = {g["frame"]: g["pps"] for g in gen.get("steps", [])}

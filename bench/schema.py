@@ -21,6 +21,7 @@ CPU = {
     "properties": {
         "dataplane_s": {"type": ["number", "null"]},
         "softirq_s": {"type": "number"},
+        "busy_s": {"type": "number"},
         "wall_s": NUM,
         "note": {"type": "string"},
     },

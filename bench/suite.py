@@ -25,6 +25,7 @@ from typing import Any
 from . import pktgen, report, schema
 from .netenv import (
     BlackholeNetns,
+    busy_seconds,
     cpu_seconds,
     process_tree,
     remove_stale,
@@ -216,12 +217,14 @@ class CpuMeter:
         self.pids = [p for pid in path.dataplane_pids for p in process_tree(pid)]
         self.proc0 = cpu_seconds(self.pids)
         self.soft0 = softirq_seconds()
+        self.busy0 = busy_seconds()
         self.wall0 = time.monotonic()
 
     def read(self) -> Json:
         return {
             "dataplane_s": round(cpu_seconds(self.pids) - self.proc0, 3) if self.pids else None,
             "softirq_s": round(softirq_seconds() - self.soft0, 3),
+            "busy_s": round(busy_seconds() - self.busy0, 3),
             "wall_s": round(time.monotonic() - self.wall0, 3),
         }
 
@@ -472,9 +475,11 @@ def run_scenario(scenario: Scenario, cfg: Json, log: Progress, index: str) -> Js
             )
         entry["cpu"] = total.read()
         entry["cpu"]["note"] = (
-            "kernel path: no dataplane process; softirq_s is system-wide softirq time"
+            "kernel path: no dataplane process; softirq_s and busy_s (all non-idle time) "
+            "are system-wide"
             if scenario.kernel_path
-            else "dataplane_s: utime+stime of both geneve-dp processes; softirq_s system-wide"
+            else "dataplane_s: utime+stime of both geneve-dp processes; softirq_s and busy_s "
+            "(all non-idle time) are system-wide"
         )
     except Exception as exc:
         entry["error"] = f"{type(exc).__name__}: {exc}"
