@@ -8,6 +8,7 @@ build with a message that says how to rebuild it.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,21 @@ def _header_from_c(buf: bytes, h: Any) -> Header:
     )
 
 
+_scratch = threading.local()
+
+
+def _scratch_header() -> Any:
+    """A per-thread struct for one decode (cffi releases the GIL during the C call)."""
+    out = getattr(_scratch, "header", None)
+    if out is None:
+        out = _scratch.header = ffi.new("struct gdp_header *")
+    return out
+
+
 def decode(buf: bytes | bytearray | memoryview) -> tuple[Header, int]:
     """Same contract as ``codec.decode``, parsed by the C codec."""
-    data = bytes(buf)
-    out = ffi.new("struct gdp_header *")
+    data = buf if type(buf) is bytes else bytes(buf)
+    out = _scratch_header()
     rc = lib.gdp_decode(data, len(data), out)
     if rc < 0:
         raise decode_error(rc)

@@ -261,3 +261,20 @@ def test_codec_benchmark_smoke(tmp_path: Path) -> None:
             assert set(figures) == {"0", "1", "4"}
             assert all(v > 0 for v in figures.values())
     assert "decode c-batch64 vs scapy" in doc["speedups"]
+
+
+def test_decode_from_many_threads_at_once() -> None:
+    # The C call runs without the GIL; each thread must decode into its own struct.
+    from concurrent.futures import ThreadPoolExecutor
+
+    packets = [v.data for v in VECTORS] * 40
+    want = [decode_json(codec.decode, p) for p in packets]
+
+    def work(offset: int) -> list[dict[str, Any]]:
+        order = packets[offset:] + packets[:offset]
+        got = [decode_json(fastpath.decode, p) for p in order]
+        return got[len(packets) - offset :] + got[: len(packets) - offset]
+
+    with ThreadPoolExecutor(4) as pool:
+        for got in pool.map(work, range(0, 200, 50)):
+            assert got == want
