@@ -705,6 +705,64 @@ static int send_too_big(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_
     return 1;
 }
 
+/* UDP and outer IP headers in front of ``g`` (the GENEVE header). The datagram is
+ * g[0 .. glen) followed by rest[0 .. rest_len) (sent as a second iovec); an even glen
+ * lets the checksum run over the two parts in turn. Returns the outer IP header. */
+static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash,
+                           uint8_t inner_ecn, int df, uint8_t *g, size_t glen,
+                           const uint8_t *rest, size_t rest_len) {
+    size_t iplen = t->family == 4 ? 20 : 40;
+    size_t udplen = 8 + glen + rest_len;
+    size_t total = iplen + udplen;
+    uint8_t *u = g - 8;
+    uint16_t sport = (uint16_t)(e->cfg.sport_min +
+                                (((uint64_t)hash *
+                                  (uint64_t)(e->cfg.sport_max - e->cfg.sport_min + 1)) >> 32));
+    gdp_store16(u, sport);
+    gdp_store16(u + 2, t->port);
+    gdp_store16(u + 4, (uint16_t)udplen);
+    gdp_store16(u + 6, 0);
+    if (t->udp_csum) {
+        size_t alen = t->family == 4 ? 4 : 16;
+        uint64_t sum = csum_partial(t->local, alen, 0);
+        sum = csum_partial(t->remote, alen, sum);
+        sum += 17 + (uint32_t)udplen;
+        sum = csum_partial(u, 8 + glen, sum);
+        if (rest_len)
+            sum = csum_partial(rest, rest_len, sum);
+        uint16_t cs = csum_fold(sum);
+        gdp_store16(u + 6, cs ? cs : 0xFFFF);
+    }
+    /* RFC 6040 normal mode: ECN copied, except that CE goes out as ECT(0). */
+    uint8_t ecn = inner_ecn == ECN_CE ? ECN_ECT0 : inner_ecn;
+    uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) | ecn);
+    uint8_t *ip = u - iplen;
+    if (t->family == 4) {
+        ip[0] = 0x45;
+        ip[1] = tos;
+        gdp_store16(ip + 2, (uint16_t)total);
+        /* A nonzero ID of our own: with ID 0 the kernel would pick one per datagram and
+         * the fragments of one packet would not share it. */
+        if (++e->ip_id == 0 || (e->ip_id & 0xFFFF) == 0)
+            e->ip_id++;
+        gdp_store16(ip + 4, (uint16_t)e->ip_id);
+        gdp_store16(ip + 6, df ? IP_DF : 0);
+        ip[8] = t->ttl;
+        ip[9] = 17;
+        gdp_store16(ip + 10, 0);
+        memcpy(ip + 12, t->local, 4);
+        memcpy(ip + 16, t->remote, 4);
+    } else {
+        gdp_store32(ip, 0x60000000u | (uint32_t)tos << 20);
+        gdp_store16(ip + 4, (uint16_t)udplen);
+        ip[6] = 17;
+        ip[7] = t->ttl;
+        memcpy(ip + 8, t->local, 16);
+        memcpy(ip + 24, t->remote, 16);
+    }
+    return ip;
+}
+
 /* Encapsulate the frame at buf + GDP_HEADROOM (flen bytes) for tunnel idx into one or
  * more transmit slots. */
 static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *buf,
@@ -761,44 +819,9 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
             return;
         }
     }
+    uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
+    uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + flen, NULL, 0);
     uint8_t *u = g - 8;
-    uint16_t sport = (uint16_t)(e->cfg.sport_min +
-                                (((uint64_t)hash_inner(f, flen, &in, e->cfg.hash_seed) *
-                                  (uint64_t)(e->cfg.sport_max - e->cfg.sport_min + 1)) >> 32));
-    gdp_store16(u, sport);
-    gdp_store16(u + 2, t->port);
-    gdp_store16(u + 4, (uint16_t)udplen);
-    gdp_store16(u + 6, 0);
-    if (t->udp_csum) {
-        uint16_t cs = l4_csum(t->family, t->local, t->remote, 17, u, udplen);
-        gdp_store16(u + 6, cs ? cs : 0xFFFF);
-    }
-    uint8_t ecn = in.ecn == ECN_CE ? ECN_ECT0 : in.ecn;
-    uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) | ecn);
-    uint8_t *ip = u - iplen;
-    if (t->family == 4) {
-        ip[0] = 0x45;
-        ip[1] = tos;
-        gdp_store16(ip + 2, (uint16_t)total);
-        /* A nonzero ID of our own: with ID 0 the kernel would pick one per datagram and
-         * the fragments of one packet would not share it. */
-        if (++e->ip_id == 0 || (e->ip_id & 0xFFFF) == 0)
-            e->ip_id++;
-        gdp_store16(ip + 4, (uint16_t)e->ip_id);
-        gdp_store16(ip + 6, df ? IP_DF : 0);
-        ip[8] = t->ttl;
-        ip[9] = 17;
-        gdp_store16(ip + 10, 0);
-        memcpy(ip + 12, t->local, 4);
-        memcpy(ip + 16, t->remote, 4);
-    } else {
-        gdp_store32(ip, 0x60000000u | (uint32_t)tos << 20);
-        gdp_store16(ip + 4, (uint16_t)udplen);
-        ip[6] = 17;
-        ip[7] = t->ttl;
-        memcpy(ip + 8, t->local, 16);
-        memcpy(ip + 24, t->remote, 16);
-    }
     if (!frags) {
         add_slot(e, st, idx, ip, total, NULL, 0, (uint32_t)flen, 1);
         return;
