@@ -297,6 +297,12 @@ def down(quiet: bool = False) -> list[str]:
         rd = info.get("route")
         if rd and links.del_route(route_from_dict(rd)):
             done.append(f"route {route_from_dict(rd).describe()}")
+    if not data.get("config"):
+        # No record (lost with /run, or never written): do as Istio's cleanupNode and
+        # flush our three tables, which nothing else is meant to use.
+        for table in k.NODE_TABLES:
+            if links.flush_table(table):
+                done.append(f"routes of table {table}")
     for rule in node_rules():  # by selector: ours whether or not recorded
         if links.del_rule(rule):
             done.append(f"ip rule {rule.describe()}")

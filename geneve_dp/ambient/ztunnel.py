@@ -209,6 +209,11 @@ def down(quiet: bool = False) -> list[str]:
         r = route_from_dict(rd)
         if links.del_route(r):
             done.append(f"route {r.describe()}")
+    if not cfg:
+        # No record: Istio's clean slate for this namespace flushes tables 100-102.
+        for table in k.NODE_TABLES:
+            if links.flush_table(table):
+                done.append(f"routes of table {table}")
     for rule in ztunnel_rules():
         if links.del_rule(rule):
             done.append(f"ip rule {rule.describe()}")

@@ -10,7 +10,7 @@ from ..ambient import constants as k
 
 
 def _say(msg: str) -> None:
-    print(f"  {msg}", file=sys.stderr)
+    print(f"  {msg}", flush=True)
 
 
 def register(sub: Any) -> None:

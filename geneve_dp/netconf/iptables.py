@@ -231,7 +231,7 @@ def restore(text: str) -> None:
     )
     if proc.returncode != 0:
         detail = " ".join(proc.stderr.split())
-        raise UserError(f"{RESTORE} refused the rules: {detail}", field=RESTORE)
+        raise UserError(f"refused the rules: {detail}", field=RESTORE)
 
 
 def rule_exists(rule: Rule) -> bool:

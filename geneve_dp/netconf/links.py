@@ -207,15 +207,17 @@ def flush_table(table: int) -> int:
         for msg in ipr.get_routes(family=AF_INET, table=table):
             if msg.get_attr("RTA_TABLE") != table:
                 continue
+            kw: dict[str, Any] = {
+                "table": table,
+                "dst": f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}",
+                "type": msg["type"],
+                "scope": msg["scope"],
+                "family": AF_INET,
+            }
+            if msg.get_attr("RTA_OIF") is not None:
+                kw["oif"] = msg.get_attr("RTA_OIF")
             with contextlib.suppress(NetlinkError):
-                ipr.route(
-                    "del",
-                    table=table,
-                    dst=msg.get_attr("RTA_DST") or "0.0.0.0",
-                    dst_len=msg["dst_len"],
-                    type=msg["type"],
-                    family=AF_INET,
-                )
+                ipr.route("del", **kw)
                 n += 1
     return n
 
