@@ -167,7 +167,9 @@ def encode(header: Header) -> bytes:
         raise EncodeError("the C bit must be set exactly when some option is critical")
     if header.opt_len != len(opts) // 4:
         raise EncodeError(f"opt_len {header.opt_len} does not match options of {len(opts)} bytes")
-    out = ffi.new("uint8_t[]", wire.MAX_HEADER_LEN)
+    out = getattr(_scratch, "encode_out", None)
+    if out is None:
+        out = _scratch.encode_out = ffi.new("uint8_t[]", wire.MAX_HEADER_LEN)
     rc = lib.gdp_encode(
         header.vni, header.protocol, int(header.oam), opts, len(opts), out, len(out)
     )

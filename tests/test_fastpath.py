@@ -278,3 +278,24 @@ def test_decode_from_many_threads_at_once() -> None:
     with ThreadPoolExecutor(4) as pool:
         for got in pool.map(work, range(0, 200, 50)):
             assert got == want
+
+
+def test_encode_from_many_threads_at_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    hs = [
+        Header(
+            vni=i, options=tuple(Option(i % 7, i % 256, bytes(4 * (i % 5))) for _ in range(i % 4))
+        )
+        for i in range(400)
+    ]
+    want = [codec.encode(h) for h in hs]
+
+    def work(step: int) -> list[bytes]:
+        order = list(range(len(hs)))[::step]
+        got = {i: fastpath.encode(hs[i]) for i in order}
+        return [got[i] for i in sorted(got)]
+
+    with ThreadPoolExecutor(4) as pool:
+        for step, got in zip((1, -1, 1, -1), pool.map(work, (1, -1, 1, -1)), strict=True):
+            assert got == want, step
