@@ -69,7 +69,14 @@ def markdown(results: Json) -> str:
         f"### geneve-dp bench{' --quick' if params['quick'] else ''}, {results['started']}",
         "",
         f"Machine: {m['cores']} cores ({m.get('cpu_model') or 'unknown CPU'}), "
-        f"kernel {m['kernel']}. All figures from this one run; (xN) is the ratio to kernel "
+        f"kernel {m['kernel']}"
+        + (
+            f", load average {m['loadavg'][0]:.1f} at the start and "
+            f"{m['loadavg_end'][0]:.1f} at the end"
+            if "loadavg" in m and "loadavg_end" in m
+            else ""
+        )
+        + ". All figures from this one run; (xN) is the ratio to kernel "
         "VXLAN in the same run: higher is better for rates, lower is better for latency "
         "and CPU.",
         "",

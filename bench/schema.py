@@ -122,6 +122,8 @@ SCHEMA: dict[str, Any] = {
             "required": ["cores", "kernel"],
             "properties": {
                 "cores": {"type": "integer", "minimum": 1},
+                "loadavg": {"type": "array", "items": NUM},
+                "loadavg_end": {"type": "array", "items": NUM},
                 "cpu_model": {"type": "string"},
                 "memory_gb": NUM,
                 "kernel": {"type": "string"},

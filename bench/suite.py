@@ -169,6 +169,11 @@ def settings(args: argparse.Namespace) -> Json:
     }
 
 
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(v) for v in f.read().split()[:3]]
+
+
 def machine() -> Json:
     model = ""
     try:
@@ -191,6 +196,8 @@ def machine() -> Json:
         out = subprocess.run([iperf, "--version"], capture_output=True, text=True).stdout
         iperf_version = out.splitlines()[0] if out else ""
     return {
+        # Other work on the machine skews every figure; the load says how much there was.
+        "loadavg": loadavg(),
         "cores": os.cpu_count() or 0,
         "cpu_model": model,
         "memory_gb": round(mem_kb / 1024 / 1024, 1),
@@ -540,6 +547,7 @@ def _run(args: argparse.Namespace, cfg: Json, scenarios: list[Scenario], log: Pr
     for i, scenario in enumerate(scenarios, 1):
         results["scenarios"].append(run_scenario(scenario, cfg, log, f"{i}/{len(scenarios)}"))
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    results["machine"]["loadavg_end"] = loadavg()
     problems = schema.validate(results)
     if problems:
         # A bug in this suite, not in the path under test: say so loudly, keep the file.
