@@ -131,7 +131,11 @@ class DecodeBatch:
         out: list[tuple[Header, int] | DecodeError] = []
         for i, pkt in enumerate(packets):
             rc = self._rcs[i]
-            out.append(decode_error(rc) if rc < 0 else (_header_from_c(pkt, self._outs[i]), rc))
+            if rc < 0:
+                out.append(decode_error(rc))
+            else:
+                data = pkt if type(pkt) is bytes else bytes(pkt)
+                out.append((_header_from_c(data, self._outs[i]), rc))
         return out
 
 

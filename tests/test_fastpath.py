@@ -299,3 +299,13 @@ def test_encode_from_many_threads_at_once() -> None:
     with ThreadPoolExecutor(4) as pool:
         for step, got in zip((1, -1, 1, -1), pool.map(work, (1, -1, 1, -1)), strict=True):
             assert got == want, step
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_option_data_is_immutable_bytes_whatever_the_input(kind: Any) -> None:
+    data = bytes.fromhex("0200655800000a00010203010000000a")
+    (batched,) = fastpath.decode_batch([kind(bytearray(data))])
+    assert not isinstance(batched, DecodeError)
+    for header, _ in (batched, fastpath.decode(kind(bytearray(data))), codec.decode(kind(data))):
+        assert type(header.options[0].data) is bytes
+        assert hash(header) == hash(codec.decode(data)[0])
