@@ -385,7 +385,7 @@ def run(keep: bool = False) -> int:
         if keep:
             say(f"keeping namespaces {', '.join(sc.w.namespaces)} (delete with `ip netns del`)")
         else:
-            sc.w.destroy()
+            sc.destroy()  # profiles down first (a no-op after step 7), then the namespaces
             say("namespaces removed")
     passed = sum(s.passed for s in results)
     total = len(sc.steps())

@@ -50,7 +50,11 @@ def create(name: str) -> bool:
         except NetlinkError as exc:
             if exc.code in (errno.EEXIST, IPSET_ERR_EXIST_SETNAME):
                 return False
-            raise
+            raise UserError(
+                f"cannot create ipset {name}: {exc.args[-1]} (is the kernel's ip_set_hash_ip "
+                "module available?)",
+                field="ipset",
+            ) from exc
     return True
 
 
