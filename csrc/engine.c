@@ -27,6 +27,18 @@
 #define TX_SLOTS (GDP_BATCH * 4)
 #define CMSG_BUF 64
 #define ICMP_BUF (14 + 40 + 8 + 1232)
+#define SEG_INNER_MAX 192 /* Ethernet + VLAN + IPv6 or IPv4 with options + TCP + options */
+#define SEG_HDR_MAX (40 + 8 + GDP_MAX_HEADER_LEN + SEG_INNER_MAX)
+
+#define VNET_F_NEEDS_CSUM 1
+#define VNET_GSO_NONE 0
+#define VNET_GSO_TCPV4 1
+#define VNET_GSO_TCPV6 4
+#define VNET_GSO_ECN 0x80
+
+static const uint8_t vnet_zero[GDP_VNET_LEN];
+
+static inline uint16_t load16le(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
 #define ETH_P_IPV4 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -61,6 +73,8 @@ struct gdp_engine {
     struct iovec tx_iov[TX_SLOTS][2];
     struct sockaddr_in6 tx_addr[TX_SLOTS];
     uint8_t tx_fraghdr[TX_SLOTS][48];
+    /* per-slot headers of a TSO segment: outer IP, UDP, GENEVE, inner headers */
+    uint8_t tx_seghdr[TX_SLOTS][SEG_HDR_MAX] __attribute__((aligned(8)));
     uint32_t tx_tunnel[TX_SLOTS];
     uint32_t tx_inner_len[TX_SLOTS]; /* set on a packet's last slot only */
     uint8_t tx_last[TX_SLOTS];
@@ -400,6 +414,16 @@ static int ecn_decap(uint8_t *f, const struct inner *in, uint8_t outer_tos) {
     return 0;
 }
 
+/* Write a frame to the tunnel's device, behind an all-zero virtio header when the
+ * device has one (no offload claimed: the kernel checks the inner checksums). */
+static ssize_t dev_write(struct gdp_tunnel *t, const uint8_t *f, size_t len) {
+    if (!t->vnet_hdr)
+        return write(t->dev_fd, f, len);
+    struct iovec iov[2] = {{(void *)vnet_zero, GDP_VNET_LEN}, {(void *)f, len}};
+    ssize_t r = writev(t->dev_fd, iov, 2);
+    return r < 0 ? r : r - GDP_VNET_LEN;
+}
+
 static void send_control(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt, size_t len) {
     struct gdp_tunnel *t = &e->tunnels[idx];
     t->counters.control++;
@@ -493,7 +517,7 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
     }
     if (t->reflect && h->opt_len && in.ipver)
         reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
-    if (write(t->dev_fd, f, flen) != (ssize_t)flen) {
+    if (dev_write(t, f, flen) != (ssize_t)flen) {
         c->drops[GDP_DROP_DEV_WRITE]++;
         return;
     }
@@ -700,7 +724,7 @@ static int send_too_big(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_
         memcpy(o + 6, f, 6); /* from the address it sent to */
         gdp_store16(o + 12, in->ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6);
     }
-    if (write(t->dev_fd, o, l2 + total) < 0)
+    if (dev_write(t, o, l2 + total) < 0)
         t->counters.drops[GDP_DROP_DEV_WRITE]++;
     return 1;
 }
@@ -863,6 +887,119 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
     c->tx_fragmented++;
 }
 
+/* A frame from a device with a virtio header: complete a partial checksum, or cut a
+ * TCP super-frame into MSS-sized segments (what the kernel's GSO would do), each
+ * encapsulated on its own. The header sits right in front of the frame. */
+static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *buf,
+                    size_t flen) {
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    struct gdp_counters *c = &t->counters;
+    uint8_t *f = buf + GDP_HEADROOM;
+    const uint8_t *vh = f - GDP_VNET_LEN;
+    uint8_t flags = vh[0];
+    uint8_t gso = vh[1] & (uint8_t)~VNET_GSO_ECN;
+    size_t gso_size = load16le(vh + 4);
+    size_t cstart = load16le(vh + 6);
+    size_t coff = load16le(vh + 8);
+    if (gso == VNET_GSO_NONE) {
+        if (flags & VNET_F_NEEDS_CSUM) {
+            if (cstart + coff + 2 > flen) {
+                c->drops[GDP_DROP_TX_BAD_FRAME]++;
+                return;
+            }
+            /* The field holds the pseudo-header sum; sum the rest over it. */
+            uint16_t cs = csum_fold(csum_partial(f + cstart, flen - cstart, 0));
+            gdp_store16(f + cstart + coff, cs ? cs : 0xFFFF);
+        }
+        tx_one(e, st, idx, buf, flen);
+        return;
+    }
+    struct inner in;
+    if ((gso != VNET_GSO_TCPV4 && gso != VNET_GSO_TCPV6) || gso_size == 0 ||
+        parse_inner(f, flen, t->mode, &in) < 0 || in.ipver != (gso == VNET_GSO_TCPV4 ? 4 : 6) ||
+        in.proto != 6 || cstart + 20 > flen) {
+        c->drops[GDP_DROP_TX_BAD_FRAME]++;
+        return;
+    }
+    size_t l4 = cstart; /* the TCP header: where its checksum starts */
+    size_t hdrs = l4 + (size_t)(f[l4 + 12] >> 4) * 4;
+    if (hdrs > flen || hdrs > SEG_INNER_MAX || hdrs < l4 + 20) {
+        c->drops[GDP_DROP_TX_BAD_FRAME]++;
+        return;
+    }
+    c->tx_gso_frames++;
+    const uint8_t *hdr = t->hdr;
+    size_t hlen = t->hdr_len;
+    if (t->reflect) {
+        uint8_t opts[GDP_MAX_OPTIONS_LEN * 2];
+        memcpy(opts, t->opts, t->opts_len);
+        size_t extra = reflect_lookup(t, f, &in, opts + t->opts_len);
+        size_t olen = t->opts_len + extra;
+        if (extra && olen <= GDP_MAX_OPTIONS_LEN && hdrs + gso_size + extra <= t->max_inner) {
+            int rc = gdp_encode(t->vni, ETH_P_TEB, 0, opts, olen, e->hdr_scratch,
+                                sizeof(e->hdr_scratch));
+            if (rc > 0) {
+                hdr = e->hdr_scratch;
+                hlen = (size_t)rc;
+            }
+        }
+    }
+    if (hdrs + gso_size + (hlen - t->hdr_len) > t->max_inner) {
+        /* Segments the underlay cannot carry: only an explicit tunnel MTU above the
+         * path allows this; the sender's next probe gets the ICMP error. */
+        c->drops[GDP_DROP_TOO_BIG]++;
+        return;
+    }
+    int df = t->df == GDP_DF_SET || (t->df == GDP_DF_INHERIT && (in.ipver == 6 || in.df));
+    uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
+    uint16_t proto = t->mode == GDP_MODE_TAP ? ETH_P_TEB : in.ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6;
+    size_t ipo = in.ip_off;
+    uint16_t ip_id = in.ipver == 4 ? gdp_load16(f + ipo + 4) : 0;
+    uint32_t seq = gdp_load32(f + l4 + 4);
+    uint8_t tcp_flags = f[l4 + 13];
+    size_t outer_room = (t->family == 4 ? 20 : 40) + 8 + hlen;
+    for (size_t off = hdrs, i = 0; off < flen; off += gso_size, i++) {
+        size_t n = flen - off < gso_size ? flen - off : gso_size;
+        int last = off + n >= flen;
+        if (st->slots >= TX_SLOTS)
+            tx_send(e, st);
+        uint8_t *sh = e->tx_seghdr[st->slots];
+        uint8_t *ih = sh + outer_room; /* this segment's inner headers */
+        memcpy(ih, f, hdrs);
+        uint8_t *sip = ih + ipo;
+        if (in.ipver == 4) {
+            gdp_store16(sip + 2, (uint16_t)(hdrs - ipo + n));
+            gdp_store16(sip + 4, (uint16_t)(ip_id + i));
+            gdp_store16(sip + 10, 0);
+            gdp_store16(sip + 10, gdp_inet_csum(sip, (size_t)(sip[0] & 0x0F) * 4));
+        } else {
+            gdp_store16(sip + 4, (uint16_t)(hdrs - ipo - 40 + n));
+        }
+        uint8_t *tcp = ih + l4;
+        gdp_store32(tcp + 4, seq + (uint32_t)(off - hdrs));
+        uint8_t fl = tcp_flags;
+        if (!last)
+            fl &= (uint8_t)~0x09; /* FIN and PSH only on the last segment */
+        if (i)
+            fl &= (uint8_t)~0x80; /* CWR only on the first */
+        tcp[13] = fl;
+        gdp_store16(tcp + 16, 0);
+        size_t tlen = hdrs - l4 + n;
+        size_t alen = in.ipver == 4 ? 4 : 16;
+        const uint8_t *src = in.ipver == 4 ? sip + 12 : sip + 8;
+        uint64_t sum = csum_partial(src, 2 * alen, 0); /* source and destination */
+        sum += 6 + (uint32_t)tlen;
+        sum = csum_partial(tcp, hdrs - l4, sum);
+        sum = csum_partial(f + off, n, sum);
+        gdp_store16(tcp + 16, csum_fold(sum));
+        uint8_t *g = ih - hlen;
+        memcpy(g, hdr, hlen);
+        gdp_store16(g + 2, proto);
+        uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + hdrs, f + off, n);
+        add_slot(e, st, idx, ip, outer_room + hdrs, f + off, n, (uint32_t)(hdrs + n), 1);
+    }
+}
+
 /* Read what the ready devices have, encapsulate, send in batches. */
 static void tx_round(struct gdp_engine *e, struct tx_state *st) {
     for (uint32_t k = 0; k < e->n; k++) {
@@ -876,13 +1013,17 @@ static void tx_round(struct gdp_engine *e, struct tx_state *st) {
             if (st->bufs == GDP_BATCH)
                 tx_flush(e, st);
             uint8_t *buf = e->tx_bufs + (size_t)st->bufs * GDP_BUF_SIZE;
-            ssize_t r = read(t->dev_fd, buf + GDP_HEADROOM, GDP_FRAME_MAX);
+            size_t vlen = t->vnet_hdr ? GDP_VNET_LEN : 0;
+            ssize_t r = read(t->dev_fd, buf + GDP_HEADROOM - vlen, GDP_BUF_SIZE - GDP_HEADROOM + vlen);
             if (r < 0)
                 break; /* EAGAIN: drained (other errors: the device is going away) */
-            if (r == 0)
+            if ((size_t)r <= vlen)
                 break;
             st->bufs++;
-            tx_one(e, st, idx, buf, (size_t)r);
+            if (vlen)
+                tx_vnet(e, st, idx, buf, (size_t)r - vlen);
+            else
+                tx_one(e, st, idx, buf, (size_t)r);
         }
     }
     e->rr++;

@@ -16,7 +16,9 @@
  * UDP (8) + the largest GENEVE header (260), rounded up. */
 #define GDP_HEADROOM 320
 #define GDP_FRAME_MAX 65535
-#define GDP_BUF_SIZE (GDP_HEADROOM + GDP_FRAME_MAX + 1)
+/* A TSO super-frame (IFF_VNET_HDR) can exceed 64 KiB by its link header. */
+#define GDP_BUF_SIZE (GDP_HEADROOM + GDP_FRAME_MAX + 1 + 512)
+#define GDP_VNET_LEN 12 /* struct virtio_net_hdr_v1, set with TUNSETVNETHDRSZ */
 #define GDP_BATCH 32
 #define GDP_MAX_TUNNELS 255
 #define GDP_OPTSEEN_SLOTS 32
@@ -53,6 +55,8 @@
 #define GDP_DROP_TX_ERROR 16           /* the underlay send failed */
 #define GDP_DROP_COUNT 17
 
+/* Counted in gdp_counters.tx_segments: transmit packets cut from TSO super-frames. */
+
 struct gdp_optseen {
     uint16_t opt_class;
     uint8_t type;
@@ -67,6 +71,7 @@ struct gdp_counters {
     uint64_t tx_bytes;
     uint64_t control;
     uint64_t tx_fragmented; /* packets sent as several outer fragments */
+    uint64_t tx_gso_frames; /* TSO super-frames read from the device (vnet_hdr) */
     uint64_t drops[GDP_DROP_COUNT];
     uint64_t options_other; /* options seen after the table below filled up */
     struct gdp_optseen options_seen[GDP_OPTSEEN_SLOTS];
@@ -102,6 +107,7 @@ struct gdp_tunnel {
     uint32_t opts_len;
     struct gdp_reflect_entry *reflect; /* NULL: no reflection */
     uint32_t reflect_slots;            /* a power of two */
+    int vnet_hdr; /* device opened with IFF_VNET_HDR (GDP_VNET_LEN) and TSO offloads */
     /* Set by gdp_tunnel_prepare. */
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */

@@ -47,6 +47,7 @@ const char *gdp_build_id(void);
 #define GDP_HEADROOM 320
 #define GDP_FRAME_MAX 65535
 #define GDP_BATCH 32
+#define GDP_VNET_LEN 12
 #define GDP_MAX_TUNNELS 255
 #define GDP_OPTSEEN_SLOTS 32
 #define GDP_REFLECT_KEY_LEN 37
@@ -77,6 +78,7 @@ struct gdp_counters {
     uint64_t tx_bytes;
     uint64_t control;
     uint64_t tx_fragmented;
+    uint64_t tx_gso_frames;
     uint64_t drops[17];
     uint64_t options_other;
     struct gdp_optseen options_seen[32];
@@ -109,6 +111,7 @@ struct gdp_tunnel {
     uint32_t opts_len;
     struct gdp_reflect_entry *reflect;
     uint32_t reflect_slots;
+    int vnet_hdr;
     uint32_t hdr_len;
     uint32_t max_inner;
     uint8_t hdr[260];

@@ -37,7 +37,9 @@ def _main(engine: str, specs_json: str) -> int:
         with lock:
             control.append([name, packet.hex()])
 
-    dp = Dataplane(specs, engine=engine, control_hook=hook)
+    # "c+offload": the C engine with IFF_VNET_HDR TSO/checksum offloads.
+    offload = engine.endswith("+offload")
+    dp = Dataplane(specs, engine=engine.split("+")[0], control_hook=hook, offload=offload)
     try:
         dp.start()
     except UserError as exc:

@@ -4,6 +4,7 @@ Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, engine,
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
+               tx_gso_frames (TSO super-frames segmented; offload only),
                drops: {reason: n for every name in DROP_REASONS},
                options_seen: {"0xCLASS:0xTYPE": n}, options_other},
     socket:   {family, port, rx_packets, rx_queue_overflow,
@@ -50,6 +51,7 @@ class Dataplane:
         specs: list[TunnelSpec],
         engine: str = "c",
         control_hook: ControlHook | None = None,
+        offload: bool | None = None,
     ) -> None:
         if engine not in ("c", "python"):
             raise UserError(f"{engine!r} is not one of c, python", field="engine")
@@ -57,6 +59,11 @@ class Dataplane:
         self.specs = list(specs)
         self.engine = engine
         self.control_hook = control_hook
+        # TSO/checksum offload through IFF_VNET_HDR (C engine only). Off unless asked
+        # for, here or with GDP_OFFLOAD=1 in the environment.
+        if offload is None:
+            offload = os.environ.get("GDP_OFFLOAD", "") == "1"
+        self.offload = offload and engine == "c"
         self._groups: list[Group] = []
         self._engines: list[GroupEngine] = []
         self._stop_fd = -1
@@ -70,7 +77,7 @@ class Dataplane:
         if self._started:
             return
         try:
-            self._groups = open_resources(self.specs)
+            self._groups = open_resources(self.specs, offload=self.offload)
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             control_fd = -1
             if self.control_hook is not None:

@@ -9,7 +9,6 @@ Netlink goes through pyroute2's sync API (ARCHITECTURE rule 5).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import ipaddress
 import os
@@ -27,6 +26,11 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+VNET_HDR_LEN = 12  # struct virtio_net_hdr_v1 (csrc/engine.h GDP_VNET_LEN)
 
 # Socket options the socket module does not name (linux/in.h, in6.h, udp.h, socket.h).
 IP_RECVTOS = 13
@@ -46,6 +50,7 @@ class Device:
     ifindex: int
     mac: bytes  # 6 bytes for TAP, empty for TUN
     mtu: int
+    vnet_hdr: bool = False
 
 
 @dataclass
@@ -106,7 +111,7 @@ def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress]:
     return int(mtu), local
 
 
-def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int) -> Device:
+def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Device:
     if ipr.link_lookup(ifname=spec.name):
         raise UserError(f"a device named {spec.name!r} already exists", field="name")
     try:
@@ -115,6 +120,8 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int) -> Device:
         raise UserError(f"cannot open /dev/net/tun: {exc.strerror}", field="name") from exc
     try:
         flags = (IFF_TAP if spec.mode == "tap" else IFF_TUN) | IFF_NO_PI
+        if offload:
+            flags |= IFF_VNET_HDR
         ifr = struct.pack("16sH22x", spec.name.encode(), flags)
         try:
             fcntl.ioctl(fd, TUNSETIFF, ifr)
@@ -122,6 +129,11 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int) -> Device:
             raise UserError(
                 f"cannot create device {spec.name!r}: {exc.strerror}", field="name"
             ) from exc
+        if offload:
+            # The kernel may then hand over TCP super-frames with partial checksums;
+            # the C engine segments them and completes the checksums (engine.c tx_vnet).
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         ifindex = ipr.link_lookup(ifname=spec.name)[0]
         try:
             if spec.mac is not None:
@@ -136,7 +148,7 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int) -> Device:
         mac = b""
         if spec.mode == "tap":
             mac = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
-        return Device(fd=fd, name=spec.name, ifindex=ifindex, mac=mac, mtu=mtu)
+        return Device(fd=fd, name=spec.name, ifindex=ifindex, mac=mac, mtu=mtu, vnet_hdr=offload)
     except BaseException:
         os.close(fd)
         raise
@@ -200,8 +212,9 @@ def close_resources(groups: list[Group]) -> None:
         group.raw.close()
 
 
-def open_resources(specs: list[TunnelSpec]) -> list[Group]:
-    """Devices and sockets for ``specs``, grouped by receive socket."""
+def open_resources(specs: list[TunnelSpec], offload: bool = False) -> list[Group]:
+    """Devices and sockets for ``specs``, grouped by receive socket. ``offload`` opens
+    the devices with IFF_VNET_HDR and TSO/checksum offloads (C engine only)."""
     groups: dict[tuple[int, int], Group] = {}
     try:
         with IPRoute() as ipr:
@@ -218,7 +231,7 @@ def open_resources(specs: list[TunnelSpec]) -> list[Group]:
                         f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
                         field="mtu",
                     )
-                device = _open_device(ipr, spec, mtu)
+                device = _open_device(ipr, spec, mtu, offload)
                 groups[key].tunnels.append(Tunnel(spec, device, local, underlay_mtu))
     except NetlinkError as exc:
         close_resources(list(groups.values()))
@@ -237,6 +250,3 @@ def ephemeral_ports() -> tuple[int, int]:
         return lo, hi
     except (OSError, ValueError):
         return 32768, 60999
-
-
-__all__ = ["Device", "Group", "Tunnel", "close_resources", "errno", "open_resources"]

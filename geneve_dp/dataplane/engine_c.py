@@ -67,6 +67,7 @@ class CGroupEngine:
             t.df = _DF[spec.df]
             t.udp_csum = spec.tx_udp_csum
             t.underlay_mtu = tun.underlay_mtu
+            t.vnet_hdr = tun.device.vnet_hdr
             opts = encode_options(spec.options)
             ffi.memmove(t.opts, opts, len(opts))
             t.opts_len = len(opts)
@@ -140,6 +141,7 @@ class CGroupEngine:
             "tx_bytes": int(c.tx_bytes),
             "control": int(c.control),
             "tx_fragmented": int(c.tx_fragmented),
+            "tx_gso_frames": int(c.tx_gso_frames),
             "drops": drops,
             "options_seen": seen,
             "options_other": int(c.options_other),
