@@ -79,6 +79,8 @@ class Scenario:
         w.gdp(w.node, "node", "up", "--ztunnel-ip", t.ZTUNNEL_IP, "--ztunnel-veth", t.ZTUNNEL_VETH)
         self.say(f"ztunnel up (host IP {t.GATEWAY_IP})")
         w.gdp(w.zt, "ztunnel", "up", "--host-ip", t.GATEWAY_IP)
+        w.hold_neighbours(w.node, [k.INBOUND_TUN, k.OUTBOUND_TUN])
+        w.hold_neighbours(w.zt, [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN])
         for pod in t.PODS:
             if pod.ambient:
                 self.say(f"pod add {pod.ip} ({pod.role})")

@@ -146,6 +146,17 @@ class World:
             self.run(name, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
         return name
 
+    def hold_neighbours(self, ns: str, devices: Sequence[str]) -> None:
+        """Keep neighbour entries on ``devices`` reachable for the demo's lifetime.
+
+        ARP runs through the tunnels (the /30 next hops). An entry that went stale and
+        is used again is re-confirmed by a unicast probe some seconds later, which could
+        land inside a "no GENEVE packet" check. (Per device: this kernel has no
+        net.ipv4.neigh.default in a new namespace.)
+        """
+        for dev in devices:
+            self.run(ns, "sysctl", "-qw", f"net.ipv4.neigh.{dev}.base_reachable_time_ms=600000")
+
     def _veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
         tmp = f"gdt{os.getpid() % 100000}{len(self.namespaces)}{a_if[-2:]}"[:15]
         sh("ip", "link", "add", tmp, "type", "veth", "peer", "name", b_if, "netns", b)
