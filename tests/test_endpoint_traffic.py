@@ -156,3 +156,42 @@ def test_start_errors_name_the_field(netns_factory: Callable[[str], Netns], engi
     finally:
         blocker.kill()
         blocker.wait(5)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_many_tunnels_share_sockets(netns_factory: Callable[[str], Netns], engine: str) -> None:
+    """Three tunnels in one Dataplane: two IPv4 ones on one socket told apart by VNI,
+    one over IPv6 (a second socket group); traffic and O-bit control messages reach the
+    right tunnel."""
+    from tests.endpoint_helpers import geneve, send_udp
+
+    a, b = netns_factory("a"), netns_factory("b")
+    underlay(a, b)
+
+    def specs(remote4: str, remote6: str, host: int) -> list[dict[str, Any]]:
+        return [
+            {"name": "gt0", "vni": 100, "remote": remote4, "addresses": [f"192.168.100.{host}/24"]},
+            {
+                "name": "gt1",
+                "vni": 200,
+                "remote": remote4,
+                "mode": "tun",
+                "addresses": [f"192.168.101.{host}/24"],
+            },
+            {"name": "gt2", "vni": 100, "remote": remote6, "addresses": [f"192.168.102.{host}/24"]},
+        ]
+
+    with (
+        endpoint(a, engine, specs("10.0.0.2", "fd00::2", 1)) as ea,
+        endpoint(b, engine, specs("10.0.0.1", "fd00::1", 2)) as eb,
+    ):
+        assert ea.error is None and eb.error is None, (ea.error, eb.error)
+        for net in (100, 101, 102):
+            a.run("ping", "-c", "2", "-i", "0.2", "-W", "2", f"192.168.{net}.2", timeout=10)
+        st = {t["name"]: t for t in eb.status()["status"]}
+        assert all(st[n]["counters"]["rx_packets"] >= 2 for n in ("gt0", "gt1", "gt2")), st
+        assert st["gt0"]["socket"]["family"] == 4 and st["gt2"]["socket"]["family"] == 6
+        # An O-bit packet for the IPv6 tunnel is handed to the hook under its name.
+        send_udp(a, [("fd00::1", "fd00::2", 6081, 0, geneve(100, 0x6558, b"\0" * 14, oam=True))])
+        assert wait_for(lambda: any(m[0] == "gt2" for m in eb.status()["control_messages"]))
+        assert eb.tunnel("gt2")["counters"]["control"] == 1
