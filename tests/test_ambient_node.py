@@ -264,3 +264,21 @@ def test_not_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "as root" in err[0], err
+
+
+def test_netns_option_acts_on_that_namespace(world: t.World) -> None:
+    w = world
+    before = w.snapshot(w.node)
+
+    def gdp(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "geneve_dp", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=w.env())
+
+    up = gdp("node", "up", "--netns", w.node, *NODE_UP[2:])
+    assert up.returncode == 0, up.stderr
+    assert gdp("pod", "add", "--netns", w.node, t.PODS[0].ip, "--uid", "u1").returncode == 0
+    assert gdp("pod", "list", "--netns", w.node).stdout.split() == [t.PODS[0].ip, "u1"]
+    assert "istioin" in w.run(w.node, "ip", "-o", "link").stdout
+    assert gdp("node", "down", "--netns", w.node).returncode == 0
+    assert w.snapshot(w.node) == before
+    one_line_error(gdp("node", "down", "--netns", "gdp-no-such-ns"), "--netns")

@@ -47,8 +47,10 @@ def register(sub: Any) -> None:
         default=k.DEFAULT_ISTIO_VERSION,
         help="which release's rules to reproduce (default %(default)s)",
     )
+    _netns_arg(up)
     up.set_defaults(func=cmd_node_up)
     down = nsub.add_parser("down", help="remove everything `node up` installed")
+    _netns_arg(down)
     down.set_defaults(func=cmd_node_down)
     rend = nsub.add_parser(
         "render", help="print the iptables-restore input `node up` would apply (no root)"
@@ -74,8 +76,10 @@ def register(sub: Any) -> None:
     zup = zsub.add_parser("up", help="install (idempotent)")
     zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
     zup.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
+    _netns_arg(zup)
     zup.set_defaults(func=cmd_ztunnel_up)
     zdown = zsub.add_parser("down", help="remove everything `ztunnel up` installed")
+    _netns_arg(zdown)
     zdown.set_defaults(func=cmd_ztunnel_down)
 
     pod = sub.add_parser(
@@ -87,11 +91,14 @@ def register(sub: Any) -> None:
     padd = psub.add_parser("add", help="enrol a pod (adding twice is a no-op)")
     padd.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
     padd.add_argument("--uid", required=True, help="the pod's UID (ipset comment)")
+    _netns_arg(padd)
     padd.set_defaults(func=cmd_pod_add)
     pdel = psub.add_parser("del", help="remove a pod (an unknown pod is not an error)")
     pdel.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
+    _netns_arg(pdel)
     pdel.set_defaults(func=cmd_pod_del)
     plist = psub.add_parser("list", help="enrolled pods, one 'IP UID' per line")
+    _netns_arg(plist)
     plist.set_defaults(func=cmd_pod_list)
 
     px = sub.add_parser(
@@ -111,6 +118,7 @@ def register(sub: Any) -> None:
         help="listener ports (default %(default)s)",
     )
     px.add_argument("--no-spoof", action="store_true", help="connect from our own address")
+    _netns_arg(px)
     px.set_defaults(func=cmd_proxy)
 
     demo = sub.add_parser(
@@ -128,6 +136,22 @@ def register(sub: Any) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def _netns_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--netns",
+        metavar="NS",
+        help="act inside this named network namespace (default: the current one)",
+    )
+
+
+def _enter(args: argparse.Namespace) -> None:
+    """Switch to --netns before any socket, thread or child process exists."""
+    if getattr(args, "netns", None):
+        from ..daemon import enter_netns
+
+        enter_netns(args.netns)
+
+
 def _version(value: str) -> k.IstioVersion:
     for v in k.ISTIO_VERSIONS:
         if v == value:
@@ -139,6 +163,7 @@ def cmd_node_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, node
 
     checks.require_tools("node up")
+    _enter(args)
     cfg = node.resolve(
         args.ztunnel_ip,
         args.ztunnel_veth,
@@ -159,6 +184,7 @@ def cmd_node_down(args: argparse.Namespace) -> int:
     from ..ambient import checks, node
 
     checks.require_root("node down")
+    _enter(args)
     done = node.down()
     print(f"node down: removed {len(done)} objects" + (f" ({', '.join(done)})" if done else ""))
     return 0
@@ -184,6 +210,7 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, ztunnel
 
     checks.require_tools("ztunnel up")
+    _enter(args)
     cfg = ztunnel.resolve(args.host_ip, args.port)
     ztunnel.up(cfg, log=_say)
     print(
@@ -197,6 +224,7 @@ def cmd_ztunnel_down(args: argparse.Namespace) -> int:
     from ..ambient import checks, ztunnel
 
     checks.require_root("ztunnel down")
+    _enter(args)
     done = ztunnel.down()
     print(f"ztunnel down: removed {len(done)} objects" + (f" ({', '.join(done)})" if done else ""))
     return 0
@@ -206,6 +234,7 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
     from ..ambient import checks, pods
 
     checks.require_root("pod add")
+    _enter(args)
     print(pods.add(args.ip, args.uid).message)
     return 0
 
@@ -214,6 +243,7 @@ def cmd_pod_del(args: argparse.Namespace) -> int:
     from ..ambient import checks, pods
 
     checks.require_root("pod del")
+    _enter(args)
     print(pods.delete(args.ip).message)
     return 0
 
@@ -221,6 +251,7 @@ def cmd_pod_del(args: argparse.Namespace) -> int:
 def cmd_pod_list(args: argparse.Namespace) -> int:
     from ..ambient import pods
 
+    _enter(args)
     for ip, uid in sorted(pods.listing().items()):
         print(f"{ip} {uid}")
     return 0
@@ -230,6 +261,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     from ..ambient import proxy
     from ..errors import UserError
 
+    _enter(args)
     try:
         ports = [int(p) for p in str(args.ports).split(",") if p]
     except ValueError as exc:
