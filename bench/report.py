@@ -26,6 +26,9 @@ def failures(scenario: Json) -> list[str]:
     rr = scenario.get("rr")
     if rr and rr.get("error"):
         out.append(f"rr: {rr['error']}")
+    pdr = scenario.get("pdr")
+    if pdr and pdr.get("error"):
+        out.append(f"paced rate search: {pdr['error']}")
     return out
 
 
@@ -82,6 +85,9 @@ def markdown(results: Json) -> str:
         "",
     ]
     head = [f"UDP {small} B frames: kpps delivered, loss"]
+    with_pdr = any(s.get("pdr") for s in scenarios)
+    if with_pdr:
+        head.append(f"UDP {small} B paced, loss <= {params.get('pdr_loss', 0.001):.1%}: kpps")
     head += [f"TCP {n} stream{'s' if n > 1 else ''}: Gbit/s" for n in streams]
     head += ["UDP RR p50 / p99 / p99.9: µs", "CPU s: dataplane / softirq / machine"]
     lines.append("| path | " + " | ".join(head) + " |")
@@ -98,6 +104,14 @@ def markdown(results: Json) -> str:
             )
         else:
             cells.append("error")
+        if with_pdr:
+            p, bp = s.get("pdr"), base.get("pdr") if base else None
+            if _ok(p) and p is not None:
+                kpps = p["pps"] / 1e3
+                base_kpps = bp["pps"] / 1e3 if _ok(bp) and bp is not None else None
+                cells.append(f"{_fmt_num(kpps)}{_ratio(kpps, base_kpps)}")
+            else:
+                cells.append("error" if p else "n/a")
         for n in streams:
             t, bt = _tcp(s, n), _tcp(base, n) if base else None
             cells.append(
@@ -149,8 +163,16 @@ def markdown(results: Json) -> str:
         f"UDP: {params['flows']} flows, {params['udp_seconds']:g} s per size, bursts of "
         f"{params['burst']}, offered rate "
         f"{'unlimited' if not params['rate'] else str(params['rate']) + ' pps'}; "
-        f"TCP: iperf3, {params['tcp_seconds']:g} s; RR: {params.get('rr_payload', 64)} B UDP "
-        f"ping-pong for {params.get('rr_seconds', 0):g} s. CPU: whole scenario; dataplane = "
+        + (
+            f"paced: the highest offered rate losing at most {params.get('pdr_loss', 0):.1%} "
+            f"(bisection, {params.get('pdr_probes')} probes of "
+            f"{min(1, params['udp_seconds']):g} s; the unpaced rate itself when that was "
+            "already within the threshold, as on kernel paths, which pace the generator); "
+            if with_pdr
+            else ""
+        )
+        + f"TCP: iperf3, {params['tcp_seconds']:g} s; RR: {params.get('rr_payload', 64)} B UDP "
+        f"ping-pong for {params.get('rr_seconds', 0):g} s. CPU: summed over the UDP, TCP and RR steps; dataplane = "
         "user+system time of the geneve-dp processes (n/a for kernel paths); softirq and "
         "machine (all non-idle time, generator and sink included) are system-wide.",
     ]

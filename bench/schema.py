@@ -82,9 +82,47 @@ RR_STEP = {
     },
 }
 
+PDR_STEP = {
+    "type": "object",
+    "required": ["frame", "payload", "error"],
+    "properties": {
+        "frame": {"type": "integer", "minimum": 64, "maximum": 1518},
+        "payload": INT,
+        "loss_threshold": {"type": "number", "minimum": 0, "maximum": 1},
+        "pps": NUM,
+        "note": {"type": "string"},
+        "probes": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["rate", "delivered_pps", "loss", "ok"],
+                "properties": {
+                    "rate": NUM,
+                    "sent_pps": NUM,
+                    "delivered_pps": NUM,
+                    "loss": {"type": "number", "minimum": 0, "maximum": 1},
+                    "ok": {"type": "boolean"},
+                },
+            },
+        },
+        "error": ERROR,
+    },
+}
+
 SCENARIO = {
     "type": "object",
-    "required": ["id", "label", "description", "kernel_path", "error", "udp", "tcp", "rr", "cpu"],
+    "required": [
+        "id",
+        "label",
+        "description",
+        "kernel_path",
+        "error",
+        "udp",
+        "tcp",
+        "rr",
+        "pdr",
+        "cpu",
+    ],
     "properties": {
         "id": {"type": "string"},
         "label": {"type": "string"},
@@ -96,6 +134,7 @@ SCENARIO = {
         "udp": {"type": "array", "items": UDP_STEP},
         "tcp": {"type": "array", "items": TCP_STEP},
         "rr": {"oneOf": [{"type": "null"}, RR_STEP]},
+        "pdr": {"oneOf": [{"type": "null"}, PDR_STEP]},
         "cpu": {"oneOf": [{"type": "null"}, CPU]},
     },
 }
@@ -146,6 +185,9 @@ SCHEMA: dict[str, Any] = {
                 "burst": {"type": "integer", "minimum": 1},
                 "rate": NUM,
                 "tcp_streams": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                "pdr": {"type": "boolean"},
+                "pdr_loss": NUM,
+                "pdr_probes": INT,
             },
         },
         "generator": {

@@ -80,6 +80,14 @@ def scenario(sid: str, label: str, kpps: float, gbps: float, p50: float) -> dict
             "cpu": cpu,
             "error": None,
         },
+        "pdr": {
+            "frame": 64,
+            "payload": 18,
+            "loss_threshold": 0.001,
+            "pps": kpps * 500,
+            "probes": [{"rate": kpps * 500, "delivered_pps": kpps * 500, "loss": 0, "ok": True}],
+            "error": None,
+        },
         "cpu": cpu,
     }
 
@@ -87,7 +95,7 @@ def scenario(sid: str, label: str, kpps: float, gbps: float, p50: float) -> dict
 @pytest.fixture
 def results() -> dict[str, Any]:
     broken = scenario("geneve-dp-python-tap", "geneve-dp Python engine, TAP", 1, 1, 1)
-    broken.update(error="setup failed: engine missing", udp=[], tcp=[], rr=None, cpu=None)
+    broken.update(error="setup failed: engine missing", udp=[], tcp=[], rr=None, pdr=None, cpu=None)
     return {
         "schema": schema.SCHEMA_ID,
         "started": "2026-11-24T00:00:00+00:00",
@@ -155,6 +163,8 @@ def test_markdown_has_ratios_to_vxlan_and_errors(results: dict[str, Any]) -> Non
     assert "(x2.00)" in rows["bare veth"]  # 250 kpps vs 125
     assert "(x1.00)" in rows["kernel VXLAN"]
     assert "(x0.50)" in rows["bare veth"]  # rr p50 20 us vs 40 us
+    assert "| 125 (x2.00) |" in rows["bare veth"]  # paced: 125 kpps vs 62.5
+    assert "paced, loss <= 0.1%" in md
     assert "error" in rows["geneve-dp Python engine, TAP"]
     assert "setup failed: engine missing" in md
     assert "1518 B" in md  # the per-size table
