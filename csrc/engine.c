@@ -51,6 +51,22 @@ static inline uint16_t load16le(const uint8_t *p) { return (uint16_t)(p[0] | p[1
 #define ECN_CE 0x03
 #define ECN_ECT0 0x02
 
+/* Receive coalescing (offload mode): consecutive in-order segments of one TCP flow
+ * from a batch are merged into one super-frame written with a virtio GSO header, so
+ * the kernel's TCP stack handles one packet instead of dozens (what GRO does for a
+ * kernel tunnel). */
+struct gro_state {
+    int active;
+    uint32_t idx;
+    size_t len;
+    size_t ip_off, l4, hdrs, mss, last_plen;
+    int ipver;
+    int psh;
+    uint32_t next_seq;
+    uint32_t nseg;
+    uint8_t buf[GDP_BUF_SIZE];
+};
+
 struct gdp_engine {
     struct gdp_engine_config cfg;
     struct gdp_tunnel *tunnels;
@@ -67,6 +83,7 @@ struct gdp_engine {
     struct sockaddr_in6 rx_addr[GDP_BATCH];
     uint8_t rx_cmsg[GDP_BATCH][CMSG_BUF] __attribute__((aligned(8)));
     struct gdp_header rx_hdr;
+    struct gro_state gro;
 
     /* transmit scratch: a slot is one outer datagram (a packet or one fragment) */
     struct mmsghdr tx_msgs[TX_SLOTS];
@@ -437,6 +454,122 @@ static void send_control(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt,
         t->counters.drops[GDP_DROP_CONTROL_QUEUE_FULL]++;
 }
 
+/* Write out the coalesced super-frame, if any. */
+static void gro_flush(struct gdp_engine *e) {
+    struct gro_state *g = &e->gro;
+    if (!g->active)
+        return;
+    g->active = 0;
+    struct gdp_tunnel *t = &e->tunnels[g->idx];
+    if (g->nseg == 1) {
+        /* Nothing merged: the segment is as received, checksum included. */
+        if (dev_write(t, g->buf, g->len) != (ssize_t)g->len)
+            t->counters.drops[GDP_DROP_DEV_WRITE]++;
+        return;
+    }
+    uint8_t *ip = g->buf + g->ip_off;
+    size_t alen = g->ipver == 4 ? 4 : 16;
+    if (g->ipver == 4) {
+        gdp_store16(ip + 2, (uint16_t)(g->len - g->ip_off));
+        gdp_store16(ip + 10, 0);
+        gdp_store16(ip + 10, gdp_inet_csum(ip, 20));
+    } else {
+        gdp_store16(ip + 4, (uint16_t)(g->len - g->ip_off - 40));
+    }
+    /* Partial checksum, as a virtio device hands it over: the field holds the
+     * pseudo-header sum and the kernel treats the payload as verified (each segment's
+     * checksum was checked before it was merged). */
+    uint64_t sum = csum_partial(g->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
+    sum += 6 + (uint32_t)(g->len - g->l4);
+    gdp_store16(g->buf + g->l4 + 16, (uint16_t)~csum_fold(sum));
+    uint8_t vh[GDP_VNET_LEN] = {0};
+    vh[0] = VNET_F_NEEDS_CSUM;
+    vh[1] = g->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
+    vh[2] = (uint8_t)g->hdrs;
+    vh[3] = (uint8_t)(g->hdrs >> 8);
+    vh[4] = (uint8_t)g->mss;
+    vh[5] = (uint8_t)(g->mss >> 8);
+    vh[6] = (uint8_t)g->l4;
+    vh[7] = (uint8_t)(g->l4 >> 8);
+    vh[8] = 16;
+    struct iovec iov[2] = {{vh, GDP_VNET_LEN}, {g->buf, g->len}};
+    if (writev(t->dev_fd, iov, 2) != (ssize_t)(GDP_VNET_LEN + g->len))
+        t->counters.drops[GDP_DROP_DEV_WRITE]++;
+}
+
+/* Take a received inner frame into the coalescing buffer; returns 0 when the frame is
+ * not a plain TCP data segment (the caller then writes it as it is). */
+static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
+                   const struct inner *in) {
+    if (!in->ipver || in->proto != 6 || !in->ports)
+        return 0;
+    const uint8_t *ip = f + in->ip_off;
+    size_t l4;
+    if (in->ipver == 4) {
+        if (ip[0] != 0x45 || gdp_load16(ip + 2) != in->ip_len)
+            return 0; /* IP options, or link padding after the packet */
+        l4 = in->ip_off + 20;
+    } else {
+        if ((size_t)gdp_load16(ip + 4) + 40 != in->ip_len)
+            return 0;
+        l4 = in->ip_off + 40;
+    }
+    const uint8_t *tcp = f + l4;
+    size_t doff = (size_t)(tcp[12] >> 4) * 4;
+    size_t hdrs = l4 + doff;
+    uint8_t flags = tcp[13];
+    if (doff < 20 || hdrs >= flen || hdrs > SEG_INNER_MAX || (flags & ~0x18) || !(flags & 0x10))
+        return 0; /* only ACK (+PSH) segments that carry data */
+    size_t alen = in->ipver == 4 ? 4 : 16;
+    uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
+    sum += 6 + (uint32_t)(flen - l4);
+    if (csum_fold(csum_partial(tcp, flen - l4, sum)) != 0)
+        return 0; /* a bad checksum: let the kernel see (and count) it */
+    size_t plen = flen - hdrs;
+    uint32_t seq = gdp_load32(tcp + 4);
+    struct gro_state *g = &e->gro;
+    if (g->active && g->idx == idx && g->ipver == in->ipver && g->hdrs == hdrs &&
+        g->l4 == l4 && g->ip_off == in->ip_off && !g->psh && g->next_seq == seq &&
+        g->last_plen == g->mss && plen <= g->mss && g->len + plen <= 65000) {
+        const uint8_t *gip = g->buf + g->ip_off;
+        const uint8_t *gtcp = g->buf + l4;
+        int same = in->ipver == 4
+                       ? !memcmp(gip, ip, 2) && !memcmp(gip + 6, ip + 6, 4) &&
+                             !memcmp(gip + 12, ip + 12, 8)
+                       : !memcmp(gip, ip, 4) && !memcmp(gip + 6, ip + 6, 34);
+        same = same && !memcmp(gtcp, tcp, 4) && !memcmp(gtcp + 8, tcp + 8, 5) &&
+               !memcmp(gtcp + 14, tcp + 14, 2) && !memcmp(gtcp + 18, tcp + 18, doff - 18) &&
+               !memcmp(g->buf, f, in->ip_off);
+        if (same) {
+            memcpy(g->buf + g->len, f + hdrs, plen);
+            g->len += plen;
+            g->next_seq += (uint32_t)plen;
+            g->last_plen = plen;
+            g->nseg++;
+            if (flags & 0x08) {
+                g->buf[l4 + 13] |= 0x08;
+                g->psh = 1;
+            }
+            return 1;
+        }
+    }
+    gro_flush(e);
+    memcpy(g->buf, f, flen);
+    g->active = 1;
+    g->idx = idx;
+    g->len = flen;
+    g->ip_off = in->ip_off;
+    g->l4 = l4;
+    g->hdrs = hdrs;
+    g->mss = plen;
+    g->last_plen = plen;
+    g->ipver = in->ipver;
+    g->psh = (flags & 0x08) != 0;
+    g->next_seq = seq + (uint32_t)plen;
+    g->nseg = 1;
+    return 1;
+}
+
 static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
                    const struct sockaddr_in6 *from, uint8_t outer_tos) {
     struct gdp_sock_stats *ss = e->stats;
@@ -517,12 +650,16 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
     }
     if (t->reflect && h->opt_len && in.ipver)
         reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
-    if (dev_write(t, f, flen) != (ssize_t)flen) {
-        c->drops[GDP_DROP_DEV_WRITE]++;
-        return;
-    }
     c->rx_packets++;
     c->rx_bytes += flen;
+    if (t->vnet_hdr && gro_add(e, idx, f, flen, &in))
+        return;
+    gro_flush(e);
+    if (dev_write(t, f, flen) != (ssize_t)flen) {
+        c->rx_packets--;
+        c->rx_bytes -= flen;
+        c->drops[GDP_DROP_DEV_WRITE]++;
+    }
 }
 
 static uint8_t cmsg_tos(struct msghdr *m, struct gdp_sock_stats *ss) {
@@ -578,6 +715,7 @@ static int rx_batch(struct gdp_engine *e) {
                 len = 0; /* cannot happen with 64 KiB buffers; never forward a part */
             rx_one(e, e->rx_iov[i].iov_base, len, &e->rx_addr[i], tos);
         }
+        gro_flush(e); /* a batch never waits for the next one */
         if (n < GDP_BATCH)
             return 0;
     }
