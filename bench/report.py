@@ -172,9 +172,10 @@ def markdown(results: Json) -> str:
             else ""
         )
         + f"TCP: iperf3, {params['tcp_seconds']:g} s; RR: {params.get('rr_payload', 64)} B UDP "
-        f"ping-pong for {params.get('rr_seconds', 0):g} s. CPU: summed over the UDP, TCP and RR steps; dataplane = "
-        "user+system time of the geneve-dp processes (n/a for kernel paths); softirq and "
-        "machine (all non-idle time, generator and sink included) are system-wide.",
+        f"ping-pong for {params.get('rr_seconds', 0):g} s. CPU: summed over the UDP, TCP "
+        "and RR steps; dataplane = user+system time of the geneve-dp processes (n/a for "
+        "kernel paths); softirq and machine (all non-idle time, generator and sink "
+        "included) are system-wide.",
     ]
     gen = results.get("generator") or {}
     gen_steps = {g["frame"]: g["pps"] for g in gen.get("steps", [])}
