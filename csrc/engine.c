@@ -495,6 +495,8 @@ static void gro_flush(struct gdp_engine *e) {
     struct iovec iov[2] = {{vh, GDP_VNET_LEN}, {g->buf, g->len}};
     if (writev(t->dev_fd, iov, 2) != (ssize_t)(GDP_VNET_LEN + g->len))
         t->counters.drops[GDP_DROP_DEV_WRITE]++;
+    else
+        t->counters.rx_gro_frames++;
 }
 
 /* Take a received inner frame into the coalescing buffer; returns 0 when the frame is

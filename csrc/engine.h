@@ -72,6 +72,7 @@ struct gdp_counters {
     uint64_t control;
     uint64_t tx_fragmented; /* packets sent as several outer fragments */
     uint64_t tx_gso_frames; /* TSO super-frames read from the device (vnet_hdr) */
+    uint64_t rx_gro_frames; /* super-frames of coalesced received segments written */
     uint64_t drops[GDP_DROP_COUNT];
     uint64_t options_other; /* options seen after the table below filled up */
     struct gdp_optseen options_seen[GDP_OPTSEEN_SLOTS];

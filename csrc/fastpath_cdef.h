@@ -79,6 +79,7 @@ struct gdp_counters {
     uint64_t control;
     uint64_t tx_fragmented;
     uint64_t tx_gso_frames;
+    uint64_t rx_gro_frames;
     uint64_t drops[17];
     uint64_t options_other;
     struct gdp_optseen options_seen[32];

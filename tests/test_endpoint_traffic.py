@@ -110,6 +110,7 @@ def test_ping_and_tcp(pair: Pair) -> None:
     if ta["engine"] == "c" and ea.proc.args[-2].endswith("+offload"):
         # The kernel handed over TCP super-frames and the engine segmented them.
         assert ta["counters"]["tx_gso_frames"] > 0
+        assert tb["counters"]["rx_gro_frames"] > 0
     assert ta["counters"]["tx_bytes"] > 4 << 20
     for t in (ta, tb):
         assert sum(t["counters"]["drops"].values()) == 0, t["counters"]["drops"]

@@ -5,6 +5,7 @@ Status layout (one dict per tunnel)::
     name, ifindex, vni, remote, local, port, mode, mtu, engine,
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
+               rx_gro_frames (coalesced super-frames written; offload only),
                drops: {reason: n for every name in DROP_REASONS},
                options_seen: {"0xCLASS:0xTYPE": n}, options_other},
     socket:   {family, port, rx_packets, rx_queue_overflow,

@@ -142,6 +142,7 @@ class CGroupEngine:
             "control": int(c.control),
             "tx_fragmented": int(c.tx_fragmented),
             "tx_gso_frames": int(c.tx_gso_frames),
+            "rx_gro_frames": int(c.rx_gro_frames),
             "drops": drops,
             "options_seen": seen,
             "options_other": int(c.options_other),

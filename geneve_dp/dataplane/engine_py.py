@@ -498,6 +498,7 @@ class PyGroupEngine:
             "control": c.control,
             "tx_fragmented": c.tx_fragmented,
             "tx_gso_frames": 0,
+            "rx_gro_frames": 0,
             "drops": dict(c.drops),
             "options_seen": {
                 f"0x{k[0]:04x}:0x{k[1]:02x}": n for k, n in list(c.options_seen.items())
