@@ -282,3 +282,20 @@ def test_netns_option_acts_on_that_namespace(world: t.World) -> None:
     assert gdp("node", "down", "--netns", w.node).returncode == 0
     assert w.snapshot(w.node) == before
     one_line_error(gdp("node", "down", "--netns", "gdp-no-such-ns"), "--netns")
+
+
+def test_down_keeps_what_was_there_before_up(world: t.World) -> None:
+    """Only what up added goes: a pre-existing ipset (and its entries), other ip rules,
+    other routes in table 100 and other iptables rules stay."""
+    w = world
+    w.run(w.node, "ipset", "create", k.IPSET_NAME, "hash:ip", "family", "inet", "comment")
+    w.run(w.node, "ipset", "add", k.IPSET_NAME, "10.244.1.99", "comment", "someone-else")
+    w.run(w.node, "ip", "rule", "add", "priority", "200", "fwmark", "0x7", "lookup", "200")
+    w.run(w.node, "ip", "route", "add", "table", "200", "10.9.0.0/16", "dev", "eth0")
+    w.run(w.node, "iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "icmp", "-j", "ACCEPT")
+    before = w.snapshot(w.node)
+    w.gdp(w.node, *NODE_UP)
+    w.gdp(w.node, "pod", "add", t.PODS[0].ip, "--uid", t.PODS[0].uid)
+    assert t.PODS[0].ip in w.run(w.node, "ipset", "list", k.IPSET_NAME).stdout
+    w.gdp(w.node, "node", "down")
+    assert w.snapshot(w.node) == before

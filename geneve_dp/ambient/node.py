@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -193,7 +194,11 @@ def up(cfg: NodeConfig, log: Any = None) -> None:
     say = log or (lambda _msg: None)
     st = _state()
     enrolled: dict[str, Any] = dict(st.data.get("pods", {}))
-    down(quiet=True)
+    if st.exists:
+        # A previous (or crashed) setup with a record: take it away first. Without a
+        # record nothing is removed by name here, so things that were there before us
+        # (an ipset of the same name, say) are kept; the steps below are idempotent.
+        down()
 
     st = StateFile(state_dir() / STATE_NAME)
     st.data = {
@@ -258,7 +263,7 @@ def up(cfg: NodeConfig, log: Any = None) -> None:
         st.save()
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            down(quiet=True)
+            down()
         if isinstance(exc, UserError):
             raise
         if isinstance(exc, Exception):
@@ -269,7 +274,7 @@ def up(cfg: NodeConfig, log: Any = None) -> None:
         pods.add(ip, info.get("uid", ""))
 
 
-def down(quiet: bool = False) -> list[str]:
+def down() -> list[str]:
     """Remove the node side: what the state file lists, and our objects found by name.
 
     Returns what was removed, for people.
@@ -312,14 +317,22 @@ def down(quiet: bool = False) -> list[str]:
     devices = ep.get("devices") or [k.INBOUND_TUN, k.OUTBOUND_TUN]
     present = [d for d in (k.INBOUND_TUN, k.OUTBOUND_TUN) if links.link(d) is not None]
     endpoints.stop(
-        st.path.parent / "node-endpoints.pid" if pidfile is None else _path(pidfile),
+        st.path.parent / "node-endpoints.pid" if pidfile is None else Path(pidfile),
         list(dict.fromkeys([*devices, k.INBOUND_TUN, k.OUTBOUND_TUN])),
     )
     done += [f"device {d}" for d in present]
 
-    # The ipset: keep one that existed before we came, otherwise it is ours.
-    if data.get("ipset_created") is not False and ipset.destroy(k.IPSET_NAME):
-        done.append(f"ipset {k.IPSET_NAME}")
+    # The ipset: keep one that existed before we came (minus our entries), otherwise
+    # it is ours.
+    set_ours = data.get("ipset_created", "never reached")
+    if set_ours is None:  # crashed between recording and creating: ours only if empty
+        set_ours = not ipset.entries(k.IPSET_NAME)
+    if not data.get("config") or set_ours is True:  # no record at all: ours by name
+        if ipset.destroy(k.IPSET_NAME):
+            done.append(f"ipset {k.IPSET_NAME}")
+    elif set_ours is False:
+        for ip in data.get("pods", {}):
+            ipset.delete(k.IPSET_NAME, ip)
 
     for key, old in reversed(list(data.get("sysctls", {}).items())):
         with contextlib.suppress(OSError):
@@ -338,9 +351,3 @@ def _iptables_ok() -> bool:
     except UserError:
         return False
     return True
-
-
-def _path(p: str) -> Any:
-    from pathlib import Path
-
-    return Path(p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -110,7 +111,8 @@ def _state() -> StateFile:
 
 def up(cfg: ZtunnelConfig, log: Any = None) -> None:
     say = log or (lambda _msg: None)
-    down(quiet=True)
+    if _state().exists:  # a previous (or crashed) setup with a record
+        down()
     st = StateFile(state_dir() / STATE_NAME)
     st.data = {
         "config": {
@@ -170,7 +172,7 @@ def up(cfg: ZtunnelConfig, log: Any = None) -> None:
         st.save()
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            down(quiet=True)
+            down()
         if isinstance(exc, UserError):
             raise
         if isinstance(exc, Exception):
@@ -180,7 +182,7 @@ def up(cfg: ZtunnelConfig, log: Any = None) -> None:
         raise
 
 
-def down(quiet: bool = False) -> list[str]:
+def down() -> list[str]:
     done: list[str] = []
     st = _state()
     data = st.data
@@ -222,8 +224,6 @@ def down(quiet: bool = False) -> list[str]:
     pidfile = ep.get("pidfile")
     names = [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN]
     present_devs = [d for d in names if links.link(d) is not None]
-    from pathlib import Path
-
     endpoints.stop(
         Path(pidfile) if pidfile else st.path.parent / "ztunnel-endpoints.pid",
         names,
