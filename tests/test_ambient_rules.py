@@ -241,3 +241,38 @@ def test_apply_twice_is_apply_once_and_remove_restores(
 
 def _section(save: str, table: str) -> str:
     return save.split(f"*{table}\n", 1)[1].split("COMMIT", 1)[0]
+
+
+# --- the CLI front of the pure parts ---------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    cmd = [sys.executable, "-m", "geneve_dp", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_node_render_prints_the_golden_restore_text() -> None:
+    proc = _cli("node", "render", "--ztunnel-ip", str(ZT_IP), "--ztunnel-veth", ZT_VETH,
+                "--host-ip", str(HOST_IP))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (GOLDEN / "ambient-node-1.20.restore").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("node", "render", "--ztunnel-ip", "10.0.0.256", "--ztunnel-veth", "v",
+          "--host-ip", "10.0.0.1"), ("--ztunnel-ip", "not an IPv4")),
+        (("node", "render", "--ztunnel-ip", "10.0.0.2", "--ztunnel-veth", "v",
+          "--host-ip", "10.0.0.1", "--port", "0"), ("--port", "1..65535")),
+        (("proxy", "--ports", "15001,70000"), ("--ports", "1..65535")),
+        (("proxy", "--ports", "abc"), ("--ports", "port list")),
+    ],
+)  # fmt: skip
+def test_bad_values_are_one_line_errors(args: tuple[str, ...], words: tuple[str, ...]) -> None:
+    proc = _cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr

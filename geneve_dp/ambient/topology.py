@@ -235,15 +235,6 @@ class World:
                 out.append(json.loads(line))
         return out
 
-    def link_counters(self, ns: str, dev: str) -> tuple[int, int]:
-        """(rx_packets, tx_packets) of a device, 0s when it does not exist."""
-        base = f"/sys/class/net/{dev}/statistics"
-        proc = self.run(ns, "cat", f"{base}/rx_packets", f"{base}/tx_packets", check=False)
-        if proc.returncode != 0:
-            return (0, 0)
-        rx, tx = proc.stdout.split()
-        return int(rx), int(tx)
-
     def snapshot(self, ns: str) -> dict[str, str]:
         """The network state `down` must give back: iptables, rules, routes, ipsets, links."""
         from ..netconf.iptables import normalize_save

@@ -266,6 +266,8 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         ports = [int(p) for p in str(args.ports).split(",") if p]
     except ValueError as exc:
         raise UserError(f"{args.ports!r} is not a comma-separated port list", "--ports") from exc
+    if not ports or any(not 1 <= p <= 65535 for p in ports):
+        raise UserError(f"{args.ports!r}: each port must be in 1..65535", "--ports")
     return proxy.main(ports, args.log, spoof=not args.no_spoof)
 
 
