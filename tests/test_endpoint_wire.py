@@ -311,3 +311,81 @@ def test_udp6_zero_checksum_rx(
         frames = sniffer.frames()
         assert (len(frames) == 1) == allow, frames
         assert ep.tunnel("gt0")["counters"]["rx_packets"] == (1 if allow else 0)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [(e, m, 4, {"options": [OPT]}, {}) for e in ENGINES for m in ("tap", "tun")],
+    indirect=True,
+    ids=_id,
+)
+def test_wireshark_dissects_our_frames(pair: Pair, tmp_path: Any) -> None:
+    """Interop: tshark's GENEVE dissector reads the fields we meant to write."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tshark") is None or shutil.which("tcpdump") is None:
+        pytest.skip("tshark/tcpdump not installed")
+    a, b, _, _ = pair
+    pcap = tmp_path / "underlay.pcap"
+    dump = b.popen(
+        [
+            "tcpdump",
+            "-i",
+            "ub",
+            "-w",
+            str(pcap),
+            "-c",
+            "4",
+            "udp dst port 6081 and src host 10.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import time
+
+        time.sleep(1.0)  # tcpdump attaches
+        ping(a, "-W", "1", "192.168.100.2")
+        ping(a, "-W", "1", "192.168.100.2")
+        dump.wait(10)
+    finally:
+        dump.kill()
+    fields = [
+        "geneve.version",
+        "geneve.vni",
+        "geneve.proto_type",
+        "geneve.flags.oam",
+        "geneve.flags.critical",
+        "geneve.option.class",
+        "geneve.option.type",
+        "geneve.option.length",
+        "udp.checksum",
+        "_ws.expert",
+    ]
+    out = (
+        subprocess.run(
+            ["tshark", "-r", str(pcap), "-T", "fields", *[x for f in fields for x in ("-e", f)]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    assert len(out) >= 4, out
+    proto = "0x6558" if pair[2].tunnel("gt0")["mode"] == "tap" else "0x0800"
+    for line in out:
+        parts = [*line.split("\t"), "", ""][:10]  # tshark drops empty trailing fields
+        ver, vni, ptype, oam, crit, ocls, otype, olen, csum, expert = parts
+        assert (ver, int(vni, 0), ptype.lower(), ocls.lower(), otype.lower()) == (
+            "0",
+            100,
+            proto,
+            "0x0102",
+            "0x01",
+        ), line
+        assert oam in ("0", "False") and crit in ("0", "False"), line
+        # The option is 8 bytes on the wire (header + 4 bytes of data); IPv4: csum 0.
+        assert olen.split(",")[0] == "8" and csum == "0x0000" and not expert, line
