@@ -273,8 +273,19 @@ class Scenario:
             "Z4 0x4d3 (ztunnel)": self.rule_packets(w.zt, ZT_Z4),
         }
         n = len(self.accepts())
+        g0 = self.geneve()
         self._connect_and_check(s, a.role, "tcp", t.SERVER_IP, t.TCP_PORT, a.ip, "step5-out")
+        g1 = self.geneve()
         self._connect_and_check(s, "server", "tcp", b.ip, t.TCP_PORT, t.SERVER_IP, "step5-in")
+        g2 = self.geneve()
+        # Not a pass/fail criterion (a retransmitted SYN would add one), but worth
+        # showing: the reference derives (§6.3, not runtime-verified there) that only
+        # connection-opening packets cross the tunnel, the rest take the veth.
+        s.observed.append(
+            f"GENEVE packets per connection: outbound VNI 1001 "
+            f"{g0.delta(g1, k.OUTBOUND_TUN_VNI)[0]}, inbound VNI 1000 "
+            f"{g1.delta(g2, k.INBOUND_TUN_VNI)[0]} (the SYN; later packets took the veth)"
+        )
         c1 = {
             "P10 0x210": self.rule_packets(w.node, NODE_P10),
             "P8 0x040": self.rule_packets(w.node, NODE_P8),

@@ -57,7 +57,8 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
                 continue
             except OSError:
                 return
-            s.sendto(_reply(name, peer, s.getsockname(), data), peer)
+            # A wildcard-bound UDP socket does not know the address it was reached on.
+            s.sendto(_reply(name, peer, ("*", s.getsockname()[1]), data), peer)
 
     threads = []
     for port in tcp_ports:
