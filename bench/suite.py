@@ -70,7 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument("--udp-seconds", type=float, metavar="S", help="per packet size (3; quick 1)")
-    p.add_argument("--tcp-seconds", type=float, metavar="S", help="per iperf3 run (5; quick 2)")
+    # iperf3 takes whole seconds only (and reads 0 as "forever").
+    p.add_argument(
+        "--tcp-seconds", type=int, metavar="S", help="per iperf3 run, whole seconds (5; quick 2)"
+    )
     p.add_argument("--rr-seconds", type=float, metavar="S", help="request/response (3; quick 1)")
     p.add_argument("--flows", type=int, default=4, help="UDP flows (source ports), 1..4096 (4)")
     p.add_argument("--burst", type=int, default=32, help="packets per sendmmsg, 1..1024 (32)")
@@ -149,8 +152,9 @@ def settings(args: argparse.Namespace) -> Json:
 
     def positive(name: str, value: float | None, default: float) -> float:
         v = default if value is None else value
-        if not 0.1 <= v <= 60:
-            raise BenchError(f"--{name}: {v} is outside 0.1..60 seconds")
+        low = 1 if name == "tcp-seconds" else 0.1
+        if not low <= v <= 60:
+            raise BenchError(f"--{name}: {v} is outside {low:g}..60 seconds")
         return float(v)
 
     if not 1 <= args.flows <= 4096:
@@ -171,7 +175,7 @@ def settings(args: argparse.Namespace) -> Json:
         "frames": frames,
         "payloads": [pktgen.payload_for_frame(f) for f in frames],
         "udp_seconds": positive("udp-seconds", args.udp_seconds, 1 if quick else 3),
-        "tcp_seconds": positive("tcp-seconds", args.tcp_seconds, 2 if quick else 5),
+        "tcp_seconds": int(positive("tcp-seconds", args.tcp_seconds, 2 if quick else 5)),
         "rr_seconds": positive("rr-seconds", args.rr_seconds, 1 if quick else 3),
         "rr_payload": 64,
         "flows": args.flows,

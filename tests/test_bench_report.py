@@ -229,6 +229,7 @@ def test_quick_settings_are_bounded() -> None:
         (["bench", "--sizes", "10"], "--sizes: frame size 10 is outside 64..1518"),
         (["bench", "--flows", "0"], "--flows: 0 is outside 1..4096"),
         (["bench", "--udp-seconds", "100"], "--udp-seconds"),
+        (["bench", "--tcp-seconds", "0"], "--tcp-seconds: 0 is outside 1..60 seconds"),
         (["bench", "--scenarios", "x"], "--scenarios: unknown x"),
     ],
 )
