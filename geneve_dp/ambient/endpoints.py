@@ -50,35 +50,9 @@ def render_config(endpoints: list[Endpoint]) -> str:
     return "\n".join(out)
 
 
-# For experiments while the endpoint daemon is unavailable: kernel VXLAN devices with the
-# same names, VNIs, remotes and addresses. Never the default; tests say when they use it.
-STANDIN_ENV = "GENEVE_DP_AMBIENT_STANDIN"
-
-
-def _start_vxlan_standin(endpoints: list[Endpoint]) -> None:
-    with links.iproute() as ipr:
-        for ep in endpoints:
-            ipr.link(
-                "add",
-                ifname=ep.name,
-                kind="vxlan",
-                vxlan_id=ep.vni,
-                vxlan_group=ep.remote,
-                vxlan_port=ep.port,
-                vxlan_learning=0,
-            )
-            idx = ipr.link_lookup(ifname=ep.name)[0]
-            addr, plen = ep.address.split("/")
-            ipr.addr("add", index=idx, address=addr, prefixlen=int(plen))
-            ipr.link("set", index=idx, state="up")
-
-
 def start(endpoints: list[Endpoint], state_dir: Path, role: str) -> Path:
     """Start the daemon for ``endpoints``; returns its pidfile once the devices are up."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    if os.environ.get(STANDIN_ENV) == "vxlan":
-        _start_vxlan_standin(endpoints)
-        return state_dir / f"{role}-endpoints.pid"
     config = state_dir / f"{role}-endpoints.toml"
     pidfile = state_dir / f"{role}-endpoints.pid"
     config.write_text(render_config(endpoints))
