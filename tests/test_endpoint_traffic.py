@@ -143,6 +143,9 @@ def test_start_errors_name_the_field(netns_factory: Callable[[str], Netns], engi
         assert ep.error is not None and ep.error["field"] == "name", ep.error
     with endpoint(a, engine, [{"name": "gt1", "vni": 1, "remote": "10.9.9.9"}]) as ep:
         assert ep.error is not None and ep.error["field"] == "remote", ep.error
+    bad_local = {"name": "gt1", "vni": 1, "remote": "10.0.0.2", "local": "10.7.7.7"}
+    with endpoint(a, engine, [bad_local]) as ep:
+        assert ep.error is not None and ep.error["field"] == "local", ep.error
     # Port in use: nothing of the first tunnel is left behind.
     hold = (
         "import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"

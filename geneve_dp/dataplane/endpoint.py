@@ -86,6 +86,12 @@ def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress]:
             kwargs["src"] = str(spec.local)
         route = ipr.route("get", **kwargs)[0]
     except NetlinkError as exc:
+        if spec.local is not None:
+            raise UserError(
+                f"no route from {spec.local} to {spec.remote}: {os.strerror(exc.code)} "
+                "(is the local address on this host?)",
+                field="local",
+            ) from exc
         raise UserError(
             f"no route to {spec.remote}: {os.strerror(exc.code)}", field="remote"
         ) from exc
