@@ -10,6 +10,7 @@ import itertools
 import os
 import subprocess
 from collections.abc import Sequence
+from typing import Any
 
 _counter = itertools.count()
 
@@ -38,8 +39,8 @@ class Netns:
     ) -> subprocess.CompletedProcess[str]:
         return sh(*self.argv(*cmd), check=check, timeout=timeout)
 
-    def popen(self, cmd: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.argv(*cmd), text=True, **kwargs)  # type: ignore[call-overload]
+    def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*cmd), text=True, **kwargs)
 
     def delete(self) -> None:
         # Kill anything still running inside, so the namespace really goes away.

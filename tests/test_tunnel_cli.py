@@ -87,6 +87,9 @@ def test_up_ping_show_stats_and_sigterm(pair: tuple[Netns, Netns], run_dir: Path
         assert stats.returncode == 0, stats.stderr
         counters = json.loads(stats.stdout)["gt0"]
         assert counters["tx_packets"] >= 3 and counters["rx_packets"] >= 3
+        one = gdp("show", "--json", "--pid", str(pb.pid))
+        assert [r["remote"] for r in json.loads(one.stdout)] == ["10.99.0.1"]
+        assert gdp("stats", "--pid", "1").returncode == 2  # pid 1 runs no dataplane
         human = gdp("stats")
         assert "gt0: rx" in human.stdout and "drops:" in human.stdout
 

@@ -99,6 +99,7 @@ def register(sub: Any) -> None:
         p = sub.add_parser(name, help=helptext, description=helptext.capitalize() + ".")
         p.add_argument("name", nargs="?", help="only this device")
         p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--pid", type=int, help="only the dataplane process with this pid")
         p.set_defaults(func=cmd_show if name == "show" else cmd_stats)
 
 
@@ -246,11 +247,16 @@ def _up_detached(specs: list[TunnelSpec], engine: str, pidfile: Path | None) -> 
         os._exit(rc)
 
 
-def _tunnels(name: str | None) -> list[dict[str, Any]]:
+def _tunnels(name: str | None, pid: int | None = None) -> list[dict[str, Any]]:
     from ..daemon import query_all
 
     rows = []
-    for reply in query_all():
+    replies = query_all()
+    if pid is not None:
+        replies = [r for r in replies if r.get("pid") == pid]
+        if not replies:
+            raise UserError(f"no running dataplane with pid {pid}", "--pid")
+    for reply in replies:
         for tunnel in reply.get("tunnels", []):
             rows.append({"pid": reply.get("pid"), "engine": reply.get("engine"), **tunnel})
     if name is not None:
@@ -261,7 +267,7 @@ def _tunnels(name: str | None) -> list[dict[str, Any]]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    rows = _tunnels(args.name)
+    rows = _tunnels(args.name, args.pid)
     if args.json:
         print(json.dumps([{k: v for k, v in t.items() if k != "counters"} for t in rows], indent=2))
         return 0
@@ -281,7 +287,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    rows = _tunnels(args.name)
+    rows = _tunnels(args.name, args.pid)
     if args.json:
         print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
         return 0
