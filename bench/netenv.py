@@ -176,12 +176,17 @@ def softirq_seconds() -> float:
 
 
 class BlackholeNetns:
-    """One namespace whose only route leads into a veth with its peer down: the kernel
-    takes every packet through the full UDP/IP send path and the veth then drops it.
-    Sending there measures the generator (and the send-side stack) alone, the ceiling
-    every real path is compared with."""
+    """One namespace whose only route leads into a veth whose peer throws everything
+    away: the neighbour entry gives a MAC that is not the peer's, so the peer receives
+    each frame as "for another host" and IP drops it on arrival. Sending there costs the
+    whole send path and almost nothing after it, so it measures the generator alone:
+    the ceiling every real path is compared with. (A peer that is down would do for
+    sockets, but AF_PACKET's direct transmit refuses a device without carrier.)"""
 
     dst_ip = "10.203.0.2"
+    dst_mac = "02:00:00:00:00:02"
+    src_ip = "10.203.0.1"
+    ifname = "gdpb-ca"
 
     def __init__(self) -> None:
         self.name = f"gdpb-{os.getpid()}-{next(_counter)}-gen"
@@ -191,12 +196,13 @@ class BlackholeNetns:
         try:
             ns = ("ip", "-n", self.name)
             sh(*ns, "link", "set", "lo", "up")
-            # The peer (gdpb-cb) stays down, so the veth has no carrier and drops
-            # everything at transmit; a permanent neighbour entry means no ARP attempt.
-            sh(*ns, "link", "add", "gdpb-ca", "type", "veth", "peer", "name", "gdpb-cb")
-            sh(*ns, "addr", "add", "10.203.0.1/24", "dev", "gdpb-ca")
-            sh(*ns, "link", "set", "gdpb-ca", "up")
-            sh(*ns, "neigh", "add", self.dst_ip, "lladdr", "02:00:00:00:00:02", "dev", "gdpb-ca",
+            # A permanent neighbour entry means no ARP attempt; the peer has no
+            # address, and its MAC is random, never dst_mac.
+            sh(*ns, "link", "add", self.ifname, "type", "veth", "peer", "name", "gdpb-cb")
+            sh(*ns, "addr", "add", f"{self.src_ip}/24", "dev", self.ifname)
+            sh(*ns, "link", "set", self.ifname, "up")
+            sh(*ns, "link", "set", "gdpb-cb", "up")
+            sh(*ns, "neigh", "add", self.dst_ip, "lladdr", self.dst_mac, "dev", self.ifname,
                "nud", "permanent")  # fmt: skip
         except BaseException:
             self.__exit__()

@@ -18,6 +18,7 @@
  * Modes (each prints one JSON object on stdout when it ends):
  *   send       --dst IP --port N [--sport BASE] [--flows N] [--size BYTES | --frame-size F]
  *              [--rate PPS] [--duration S | --count N] [--burst N]
+ *              [--ifname DEV --src IP [--dst-mac MAC]]   (raw: AF_PACKET, see run_send_raw)
  *   sink       --bind IP --port N [--timeout S] [--idle S] [--max-samples N]
  *   rr-server  --bind IP --port N [--timeout S]
  *   rr         --dst IP --port N [--size BYTES] [--duration S | --count N]
@@ -27,6 +28,11 @@
  * or (sink only) after --idle seconds without a packet once the first one arrived. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <net/if_arp.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
@@ -89,12 +95,12 @@ static uint64_t load64(const uint8_t *p) {
     return v;
 }
 
-static void die(const char *what) {
+static _Noreturn void die(const char *what) {
     fprintf(stderr, "gdp-pktgen: %s: %s\n", what, strerror(errno));
     exit(1);
 }
 
-static void usage_error(const char *msg, const char *arg) {
+static _Noreturn void usage_error(const char *msg, const char *arg) {
     fprintf(stderr, "gdp-pktgen: %s%s%s\n", msg, arg ? ": " : "", arg ? arg : "");
     exit(2);
 }
@@ -104,6 +110,9 @@ static void usage_error(const char *msg, const char *arg) {
 struct opts {
     const char *mode;
     const char *addr;
+    const char *ifname;
+    const char *src;
+    const char *dst_mac;
     int port;
     int sport;
     int flows;
@@ -150,6 +159,9 @@ static void parse_opts(int argc, char **argv, struct opts *o) {
         else if (!strcmp(k, "--sport")) o->sport = (int)parse_num(k, v, 1, 65535);
         else if (!strcmp(k, "--flows")) o->flows = (int)parse_num(k, v, 1, MAX_FLOWS);
         else if (!strcmp(k, "--size")) o->size = (int)parse_num(k, v, HDR_LEN, MAX_PAYLOAD);
+        else if (!strcmp(k, "--ifname")) o->ifname = v;
+        else if (!strcmp(k, "--src")) o->src = v;
+        else if (!strcmp(k, "--dst-mac")) o->dst_mac = v;
         else if (!strcmp(k, "--frame-size")) o->frame_size = (int)parse_num(k, v, 64, 65535);
         else if (!strcmp(k, "--burst")) o->burst = (int)parse_num(k, v, 1, MAX_BURST);
         else if (!strcmp(k, "--rate")) o->rate = parse_num(k, v, 0, 1e9);
@@ -399,6 +411,137 @@ static int run_send(const struct opts *o) {
     return 0;
 }
 
+/* ---------- send, raw frames ---------- */
+
+/* IPv4 header checksum (RFC 1071) over a 20-byte header. */
+static uint16_t ip_checksum(const uint8_t *h) {
+    uint32_t sum = 0;
+    for (int i = 0; i < 20; i += 2) sum += (uint32_t)load16(h + i);
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+/* pktgen's way in: whole frames written with AF_PACKET straight to a device's driver
+ * (PACKET_QDISC_BYPASS skips the qdisc layer too), so no socket, route or neighbour
+ * lookup is paid per packet. IPv4 only; the UDP checksum is 0 (allowed for IPv4).
+ * Ethernet devices get an Ethernet header (--dst-mac, default broadcast, so that a
+ * TAP or veth peer accepts it); devices without link header (TUN) get bare IPv4. */
+static int run_send_raw(const struct opts *o) {
+    struct in_addr src, dst;
+    if (!o->src || inet_pton(AF_INET, o->src, &src) != 1)
+        usage_error("raw send needs --src with an IPv4 address", o->src);
+    if (inet_pton(AF_INET, o->addr, &dst) != 1) usage_error("raw send is IPv4 only", o->addr);
+    uint8_t dmac[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    if (o->dst_mac && sscanf(o->dst_mac, "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &dmac[0], &dmac[1],
+                             &dmac[2], &dmac[3], &dmac[4], &dmac[5]) != 6)
+        usage_error("--dst-mac is not a MAC address", o->dst_mac);
+    unsigned ifindex = if_nametoindex(o->ifname);
+    if (!ifindex) usage_error("no such interface", o->ifname);
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0); /* 0: send only, receive nothing */
+    if (fd < 0) die("socket(AF_PACKET)");
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", o->ifname);
+    if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0) die("SIOCGIFHWADDR");
+    int ether = ifr.ifr_hwaddr.sa_family == ARPHRD_ETHER;
+    size_t l2 = ether ? 14 : 0;
+    struct sockaddr_ll ll;
+    memset(&ll, 0, sizeof ll);
+    ll.sll_family = AF_PACKET;
+    ll.sll_protocol = htons(ETH_P_IP);
+    ll.sll_ifindex = (int)ifindex;
+    if (bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) die("bind(AF_PACKET)");
+    int one = 1;
+    if (setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) < 0)
+        die("PACKET_QDISC_BYPASS");
+    big_buffers(fd);
+
+    size_t size = (size_t)o->size;
+    size_t hdr = l2 + 20 + 8, frame = hdr + size;
+    /* One header template per flow: only the UDP source port differs. */
+    uint8_t *tmpl = calloc((size_t)o->flows, hdr);
+    uint8_t *bufs = calloc((size_t)o->burst, frame);
+    struct mmsghdr *msgs = calloc((size_t)o->burst, sizeof *msgs);
+    struct iovec *iov = calloc((size_t)o->burst, sizeof *iov);
+    uint32_t *seq = calloc((size_t)o->flows, sizeof *seq);
+    if (!tmpl || !bufs || !msgs || !iov || !seq) die("calloc");
+    int sport = o->sport ? o->sport : 20000;
+    for (int f = 0; f < o->flows; f++) {
+        uint8_t *h = tmpl + (size_t)f * hdr;
+        if (ether) {
+            memcpy(h, dmac, 6);
+            memcpy(h + 6, ifr.ifr_hwaddr.sa_data, 6);
+            store16(h + 12, ETH_P_IP);
+        }
+        uint8_t *ip = h + l2;
+        ip[0] = 0x45;
+        store16(ip + 2, (uint16_t)(20 + 8 + size));
+        ip[8] = 64;
+        ip[9] = IPPROTO_UDP;
+        memcpy(ip + 12, &src, 4);
+        memcpy(ip + 16, &dst, 4);
+        store16(ip + 10, ip_checksum(ip));
+        uint8_t *udp = ip + 20;
+        store16(udp, (uint16_t)(sport + f));
+        store16(udp + 2, (uint16_t)o->port);
+        store16(udp + 4, (uint16_t)(8 + size));
+    }
+    for (int i = 0; i < o->burst; i++) {
+        iov[i].iov_base = bufs + (size_t)i * frame;
+        iov[i].iov_len = frame;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    install_signals();
+    uint64_t sent = 0, errors = 0, bursts = 0;
+    uint64_t limit = o->count ? o->count : UINT64_MAX;
+    uint64_t start = now_ns(), t = start;
+    uint64_t end = o->duration > 0 ? start + (uint64_t)(o->duration * 1e9) : UINT64_MAX;
+    if (!o->count && o->duration <= 0) end = start + 1000000000ull;
+    double ns_per_pkt = o->rate > 0 ? 1e9 / o->rate : 0;
+    double due = (double)start;
+    int f = 0;
+    while (!g_stop && sent < limit && t < end) {
+        uint64_t want = limit - sent;
+        int n = want < (uint64_t)o->burst ? (int)want : o->burst;
+        if (ns_per_pkt > 0) {
+            if ((double)t < due) {
+                uint64_t d = (uint64_t)due;
+                struct timespec ts = {(time_t)(d / 1000000000ull), (long)(d % 1000000000ull)};
+                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+                t = now_ns();
+                if (t >= end) break;
+            } else if ((double)t - due > 1e8) {
+                due = (double)t;
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            uint8_t *b = bufs + (size_t)i * frame;
+            memcpy(b, tmpl + (size_t)f * hdr, hdr);
+            fill_header(b + hdr, (uint16_t)f, seq[f] + (uint32_t)i, t);
+        }
+        int r = sendmmsg(fd, msgs, (unsigned)n, 0);
+        if (r < 0) {
+            if (errno != EINTR) errors++; /* ENOBUFS: the device queue is full */
+            r = 0;
+        }
+        seq[f] += (uint32_t)r;
+        sent += (uint64_t)r;
+        bursts++;
+        due += ns_per_pkt * (r ? r : n);
+        f = (f + 1) % o->flows;
+        t = now_ns();
+    }
+    double elapsed = (double)(t - start) / 1e9;
+    printf("{\"mode\": \"send\", \"raw\": true, \"ifname\": \"%s\", \"sent_packets\": %" PRIu64
+           ", \"sent_bytes\": %" PRIu64 ", \"frame_bytes\": %zu, \"elapsed_s\": %.6f, \"pps\": %.1f"
+           ", \"errors\": %" PRIu64 ", \"refused\": 0, \"bursts\": %" PRIu64 ", \"flows\": %d"
+           ", \"payload_size\": %d, \"burst\": %d, \"rate\": %.1f}\n",
+           o->ifname, sent, sent * size, frame, elapsed, elapsed > 0 ? (double)sent / elapsed : 0.0,
+           errors, bursts, o->flows, o->size, o->burst, o->rate);
+    return 0;
+}
+
 /* ---------- sink ---------- */
 
 struct flow_state {
@@ -607,8 +750,9 @@ int main(int argc, char **argv) {
     struct opts o;
     parse_opts(argc, argv, &o);
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
-    int rc;
-    if (!strcmp(o.mode, "send")) rc = run_send(&o);
+    int rc = 2;
+    if (!strcmp(o.mode, "send") && o.ifname) rc = run_send_raw(&o);
+    else if (!strcmp(o.mode, "send")) rc = run_send(&o);
     else if (!strcmp(o.mode, "sink")) rc = run_sink(&o);
     else if (!strcmp(o.mode, "rr")) rc = run_rr(&o);
     else if (!strcmp(o.mode, "rr-server")) rc = run_rr_server(&o);

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,17 @@ MAX_FRAME = MAX_PAYLOAD + ETH_OVERHEAD + IPV4_UDP
 _build_lock = threading.Lock()
 
 Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RawFrames:
+    """Send whole frames with AF_PACKET + PACKET_QDISC_BYPASS on ``ifname`` (in the
+    sender's namespace), IPv4 from ``src``, to ``dst_mac`` (None: broadcast, or no
+    Ethernet header at all on a device without one, such as TUN)."""
+
+    ifname: str
+    src: str
+    dst_mac: str | None = None
 
 
 class PktgenError(RuntimeError):
@@ -197,11 +209,13 @@ def udp_stream(
     count: int | None = None,
     burst: int = 32,
     sport: int | None = 20000,
+    raw: RawFrames | None = None,
 ) -> Json:
     """One generator run into one sink; returns both reports and the combined figures.
 
     ``lost`` is sent minus received (the sink alone cannot see a lost tail), as a count
-    and a fraction of what was sent.
+    and a fraction of what was sent. With ``raw`` the generator writes whole frames to a
+    device (AF_PACKET) instead of sending through a UDP socket.
     """
     # The sink ends on its own 0.5 s after the last packet; the hard timeout only
     # bounds a run where nothing arrives at all.
@@ -219,6 +233,9 @@ def udp_stream(
             count=count,
             burst=burst,
             sport=sport,
+            ifname=raw.ifname if raw else None,
+            src=raw.src if raw else None,
+            dst_mac=raw.dst_mac if raw else None,
         )
         # Give packets still in flight time to land (the sink quits 0.5 s after the
         # last one), but don't wait out its hard timeout when nothing came through.

@@ -160,7 +160,8 @@ def markdown(results: Json) -> str:
             lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"UDP: {params['flows']} flows, {params['udp_seconds']:g} s per size, bursts of "
+        f"UDP ({'raw frames, AF_PACKET' if params.get('generator') == 'raw' else 'UDP socket'}"
+        f"): {params['flows']} flows, {params['udp_seconds']:g} s per size, bursts of "
         f"{params['burst']}, offered rate "
         f"{'unlimited' if not params['rate'] else str(params['rate']) + ' pps'}; "
         + (
@@ -185,8 +186,14 @@ def markdown(results: Json) -> str:
     if small in gen_steps:
         lines += [
             "",
-            f"Generator alone (packets sent through the full UDP/IP stack into a veth that "
-            f"drops them): {_fmt_num(gen_steps[small] / 1e3)} kpps at {small} B"
+            "Generator alone ("
+            + (
+                "frames written with AF_PACKET"
+                if params.get("generator") == "raw"
+                else "packets sent through the full UDP/IP stack"
+            )
+            + f" to a veth whose peer drops them): {_fmt_num(gen_steps[small] / 1e3)} kpps at "
+            f"{small} B"
             + (
                 f", {gen_steps[small] / best:.1f}x the highest rate any path delivered."
                 if best

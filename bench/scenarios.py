@@ -38,6 +38,17 @@ class Path:
     # Processes that forward the packets (their CPU time is the dataplane's cost);
     # empty for kernel paths, whose work is softirq time.
     dataplane_pids: list[int] = field(default_factory=list)
+    # The devices the inner traffic leaves ``src_ns`` by and enters ``dst_ns`` by: the
+    # raw-frame generator writes straight to the first, addressed to the second's MAC.
+    src_dev: str = ""
+    dst_dev: str = ""
+
+    def dst_mac(self) -> str | None:
+        """The receiving device's MAC, or None for a device without one (TUN)."""
+        out = sh("ip", "-n", self.dst_ns, "-br", "link", "show", "dev", self.dst_dev).stdout
+        fields = out.split()
+        mac = fields[2] if len(fields) > 2 else ""
+        return mac if mac.count(":") == 5 else None
 
 
 class Scenario:
@@ -79,7 +90,7 @@ class BareVeth(Scenario):
     underlay_mtu = 1500
 
     def build(self, u: Underlay) -> Path:
-        return Path(u.a, u.b, u.a_ip, u.b_ip)
+        return Path(u.a, u.b, u.a_ip, u.b_ip, src_dev=u.va, dst_dev=u.vb)
 
 
 class KernelVxlan(Scenario):
@@ -97,7 +108,9 @@ class KernelVxlan(Scenario):
             )  # fmt: skip
             sh("ip", "-n", ns, "addr", "add", f"{INNER_SUBNET}.{n}/24", "dev", "vx0")
             sh("ip", "-n", ns, "link", "set", "vx0", "up")
-        return Path(u.a, u.b, f"{INNER_SUBNET}.1", f"{INNER_SUBNET}.2")
+        return Path(
+            u.a, u.b, f"{INNER_SUBNET}.1", f"{INNER_SUBNET}.2", src_dev="vx0", dst_dev="vx0"
+        )
 
 
 class GeneveDp(Scenario):
@@ -139,6 +152,8 @@ class GeneveDp(Scenario):
             f"{INNER_SUBNET}.1",
             f"{INNER_SUBNET}.2",
             dataplane_pids=[p.pid for p in self.procs],
+            src_dev="gdp0",
+            dst_dev="gdp0",
         )
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], log: deque[str]) -> None:

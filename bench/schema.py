@@ -185,6 +185,7 @@ SCHEMA: dict[str, Any] = {
                 "burst": {"type": "integer", "minimum": 1},
                 "rate": NUM,
                 "tcp_streams": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+                "generator": {"enum": ["socket", "raw"]},
                 "pdr": {"type": "boolean"},
                 "pdr_loss": NUM,
                 "pdr_probes": INT,
@@ -235,6 +236,8 @@ def validate(value: Any, schema: dict[str, Any] | None = None, where: str = "$")
     if "oneOf" in s:
         matches = sum(1 for sub in s["oneOf"] if not validate(value, sub, where))
         return [] if matches == 1 else [f"{where}: matches {matches} of oneOf"]
+    if "enum" in s and value not in s["enum"]:
+        return [f"{where}: {value!r} is not one of {s['enum']!r}"]
     if "const" in s and value != s["const"]:
         return [f"{where}: expected {s['const']!r}, got {value!r}"]
     if "type" in s:

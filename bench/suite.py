@@ -91,6 +91,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="results directory (default: bench/results/<UTC time>)",
     )
     p.add_argument(
+        "--generator",
+        choices=("socket", "raw"),
+        default="socket",
+        help=(
+            "UDP packets through a UDP socket (socket, default), or whole frames written "
+            "to the tunnel device with AF_PACKET and PACKET_QDISC_BYPASS (raw)"
+        ),
+    )
+    p.add_argument(
         "--pdr",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -182,6 +191,7 @@ def settings(args: argparse.Namespace) -> Json:
         "burst": args.burst,
         "rate": args.rate,
         "tcp_streams": streams,
+        "generator": args.generator,
         "pdr": (not quick) if args.pdr is None else bool(args.pdr),
         "pdr_loss": PDR_LOSS,
         "pdr_probes": PDR_PROBES,
@@ -255,8 +265,15 @@ class CpuMeter:
         }
 
 
+def _raw(path: NetPath, cfg: Json) -> pktgen.RawFrames | None:
+    if cfg["generator"] != "raw":
+        return None
+    return pktgen.RawFrames(path.src_dev, path.src_ip, path.dst_mac())
+
+
 def _udp_step(path: NetPath, cfg: Json, frame: int) -> Json:
     payload = pktgen.payload_for_frame(frame)
+    raw = _raw(path, cfg)
     meter = CpuMeter(path)
     r = pktgen.udp_stream(
         path.src_ns,
@@ -267,6 +284,7 @@ def _udp_step(path: NetPath, cfg: Json, frame: int) -> Json:
         rate=cfg["rate"],
         duration=cfg["udp_seconds"],
         burst=cfg["burst"],
+        raw=raw,
     )
     cpu = meter.read()
     sent, sink = r["send"], r["sink"]
@@ -323,6 +341,7 @@ def _pdr_step(path: NetPath, cfg: Json, unpaced: Json) -> Json:
         out["note"] = "the unpaced run was already within the loss threshold"
         return out
     seconds = min(1.0, cfg["udp_seconds"])
+    raw = _raw(path, cfg)
     lo, hi = 0.0, float(unpaced["sent_pps"])
     probes = out["probes"]
     for _ in range(cfg["pdr_probes"]):
@@ -336,6 +355,7 @@ def _pdr_step(path: NetPath, cfg: Json, unpaced: Json) -> Json:
             rate=rate,
             duration=seconds,
             burst=cfg["burst"],
+            raw=raw,
         )
         elapsed = r["send"]["elapsed_s"]
         delivered = r["sink"]["valid_packets"] / elapsed if elapsed > 0 else 0.0
@@ -460,7 +480,12 @@ def generator_ceiling(cfg: Json, log: Progress) -> Json:
                     burst=cfg["burst"],
                     duration=seconds,
                     sport=20000,
+                    ifname=ns.ifname if cfg["generator"] == "raw" else None,
+                    src=ns.src_ip if cfg["generator"] == "raw" else None,
+                    dst_mac=ns.dst_mac if cfg["generator"] == "raw" else None,
                 )
+                if not r["sent_packets"]:
+                    raise RuntimeError(f"the generator sent nothing ({r['errors']} errors)")
                 out["steps"].append({"frame": frame, "pps": round(r["pps"], 1)})
                 log(f"generator alone, {frame:>4} B frame: {r['pps'] / 1e3:8.1f} kpps")
     except Exception as exc:

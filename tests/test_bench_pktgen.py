@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from bench import pktgen
-from tests.netns import Netns
+from tests.netns import Netns, veth
 
 pytestmark = pytest.mark.root
 
@@ -178,3 +178,42 @@ def test_frame_size_means_whole_ethernet_frame(ns: Netns, frame: int, payload: i
         received = sink.result(timeout=15)
     assert sent["payload_size"] == payload
     assert received["received_bytes"] == 10 * payload
+
+
+@pytest.fixture
+def pair(netns_factory: Callable[[str], Netns]) -> tuple[Netns, Netns]:
+    a, b = netns_factory("rawa"), netns_factory("rawb")
+    veth(a, "rawa0", b, "rawb0")
+    a.run("ip", "addr", "add", "10.205.0.1/24", "dev", "rawa0")
+    b.run("ip", "addr", "add", "10.205.0.2/24", "dev", "rawb0")
+    return a, b
+
+
+@pytest.mark.parametrize("to_mac", [True, False])
+def test_raw_frames_reach_a_udp_sink_exactly(pair: tuple[Netns, Netns], to_mac: bool) -> None:
+    a, b = pair
+    mac = b.run("ip", "-br", "link", "show", "dev", "rawb0").stdout.split()[2]
+    raw = pktgen.RawFrames("rawa0", "10.205.0.1", mac if to_mac else None)  # None: broadcast
+    r = pktgen.udp_stream(
+        a.name, b.name, "10.205.0.2", port=9108, payload=18, flows=3, count=2000, rate=20000,
+        raw=raw,
+    )  # fmt: skip
+    assert r["send"]["raw"] is True
+    assert r["send"]["frame_bytes"] == 14 + 20 + 8 + 18  # the 64-byte frame, FCS aside
+    assert r["send"]["sent_packets"] == 2000
+    assert r["sink"]["valid_packets"] == 2000
+    assert r["sink"]["received_bytes"] == 2000 * 18
+    assert r["sink"]["flows_seen"] == 3
+    assert r["sink"]["lost"] == 0 and r["sink"]["reordered"] == 0
+
+
+def test_raw_send_needs_an_ipv4_source(pair: tuple[Netns, Netns]) -> None:
+    a, _ = pair
+    for extra in ([], ["--src", "fe80::1"], ["--src", "10.205.0.1", "--dst-mac", "zz"]):
+        proc = subprocess.run(
+            a.argv(str(pktgen.binary()), "send", "--ifname", "rawa0", "--dst", "10.205.0.2",
+                   "--port", "9", "--count", "1", *extra),
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert proc.returncode == 2, (extra, proc.stderr)
