@@ -152,7 +152,95 @@ def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
     return bool(pred())
 
 
+def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0) -> None:
+    """Ad-hoc throughput check: kernel VXLAN and each engine over the same veth, in
+    one run (the machines are noisy: compare within a run only). Prints one line per
+    path: single-stream iperf3 TCP, and 64-byte UDP payloads from bench/pktgen.
+
+    ``python -m tests.endpoint_helpers perf c c+offload python``
+    """
+    from bench import pktgen
+
+    a, b = Netns("pfa"), Netns("pfb")
+
+    def tcp(addr: str) -> str:
+        srv = b.popen(["iperf3", "-s", "-1", "-B", addr], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            out = json.loads(
+                a.run("iperf3", "-c", addr, "-t", str(seconds), "-J", timeout=seconds + 30).stdout
+            )
+            return f"{out['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s"
+        finally:
+            srv.kill()
+            srv.wait(5)
+
+    def udp(addr: str) -> str:
+        r = pktgen.udp_stream(a.name, b.name, addr, payload=64, duration=seconds, flows=4)
+        el = r["send"]["elapsed_s"]
+        return (
+            f"{r['sink']['valid_packets'] / el / 1e3:.0f} kpps delivered "
+            f"of {r['send']['pps'] / 1e3:.0f} kpps sent"
+        )
+
+    try:
+        underlay(a, b)
+        for ns, me, peer, host in ((a, "10.0.0.1", "10.0.0.2", 1), (b, "10.0.0.2", "10.0.0.1", 2)):
+            ns.run(
+                "ip",
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "remote",
+                peer,
+                "local",
+                me,
+                "dstport",
+                "4789",
+            )
+            ns.run("ip", "addr", "add", f"192.168.50.{host}/24", "dev", "vx0")
+            ns.run("ip", "link", "set", "vx0", "up")
+        a.run("ping", "-c", "1", "-W", "2", "192.168.50.2")
+        print(f"kernel vxlan: TCP {tcp('192.168.50.2')}, UDP64 {udp('192.168.50.2')}", flush=True)
+        for engine in engines:
+            sa = [
+                {
+                    "name": "gt0",
+                    "vni": 100,
+                    "remote": "10.0.0.2",
+                    "mode": mode,
+                    "addresses": ["192.168.100.1/24"],
+                }
+            ]
+            sb = [
+                {
+                    "name": "gt0",
+                    "vni": 100,
+                    "remote": "10.0.0.1",
+                    "mode": mode,
+                    "addresses": ["192.168.100.2/24"],
+                }
+            ]
+            with endpoint(a, engine, sa), endpoint(b, engine, sb):
+                a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
+                print(
+                    f"geneve-dp {engine} {mode}: TCP {tcp('192.168.100.2')}, "
+                    f"UDP64 {udp('192.168.100.2')}",
+                    flush=True,
+                )
+    finally:
+        a.delete()
+        b.delete()
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "perf":
+        perf(sys.argv[2:])
+        sys.exit(0)
     sys.exit(_main(sys.argv[1], sys.argv[2]))
 
 
