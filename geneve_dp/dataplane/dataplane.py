@@ -15,6 +15,25 @@ Drops that cannot be attributed to a tunnel (bad header, unknown VNI, wrong oute
 source) are counted on the receive socket; ``socket`` is that socket's counters, so
 tunnels sharing a port show the same ``socket`` numbers (sum them once per port). The
 socket-level names stay at zero in ``counters.drops``.
+
+Design notes (the kernel geneve contract, and where this differs):
+
+- One UDP socket per (family, port) receives for every tunnel on it; tunnels are found
+  by VNI and outer source address. Transmit goes through a raw IPPROTO_RAW socket with
+  header inclusion, so the UDP source port can follow the inner flow hash (drawn from
+  the netns' ephemeral port range). The kernel does not fragment such packets
+  (EMSGSIZE above the device MTU), so the engines fragment the outer packet themselves
+  when an inner IPv4 packet without DF does not fit (DF unset, as the kernel).
+- Outer source address and underlay MTU are resolved once, at start.
+- A zero UDP checksum over IPv6 is accepted per socket, not per tunnel: any tunnel on
+  the port with udp6_zero_csum_rx turns UDP_NO_CHECK6_RX on for the port (as the
+  kernel's shared socket). Refused packets are dropped by the kernel's UDP layer
+  (Udp6 InCsumErrors), so they appear in no counter here.
+- O-bit packets go to ``control_hook(name, geneve_packet)`` through a bounded datagram
+  socket pair; when it is full they are counted as control_queue_full.
+- ``offload=True`` (or GDP_OFFLOAD=1; C engine only) opens the devices with
+  IFF_VNET_HDR and TSO/checksum offloads: TCP super-frames are segmented in C on
+  transmit, and received in-order TCP segments are coalesced into GSO super-frames.
 """
 
 from __future__ import annotations
