@@ -10,6 +10,7 @@ from /proc/stat.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -212,3 +213,28 @@ class BlackholeNetns:
     def __exit__(self, *exc: object) -> None:
         kill_netns_processes(self.name)
         sh("ip", "netns", "del", self.name, check=False)
+
+
+def drop_counters(ns: str) -> dict[str, int]:
+    """Kernel counters in ``ns`` that say where packets were dropped: UDP sockets whose
+    receive buffer was full, and per device rx/tx drops (a TAP/TUN queue nobody read
+    fast enough shows as tx drops of that device)."""
+    out: dict[str, int] = {}
+    snmp = sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp", check=False).stdout
+    udp = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Udp:")]
+    if len(udp) == 2:
+        fields = dict(zip(udp[0], udp[1], strict=False))
+        for key in ("RcvbufErrors", "InErrors", "NoPorts"):
+            if key in fields:
+                out[f"udp.{key}"] = int(fields[key])
+    links = sh("ip", "-n", ns, "-s", "-j", "link", "show", check=False).stdout
+    try:
+        for link in json.loads(links or "[]"):
+            stats = link.get("stats64") or {}
+            for direction in ("rx", "tx"):
+                dropped = stats.get(direction, {}).get("dropped")
+                if dropped is not None and link["ifname"] != "lo":
+                    out[f"{link['ifname']}.{direction}_dropped"] = int(dropped)
+    except (ValueError, KeyError, TypeError):
+        pass
+    return out

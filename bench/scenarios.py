@@ -8,6 +8,7 @@ path unfragmented, exactly as on the bare veth (MTU 1500 there).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .netenv import Underlay, sh
 
@@ -75,6 +77,10 @@ class Scenario:
 
     def alive(self) -> str | None:
         """None while the path can still forward, else why not (a crashed process)."""
+        return None
+
+    def counters(self) -> dict[str, Any] | None:
+        """The dataplane's own counters (packets, drops by reason), if it has any."""
         return None
 
     def stop(self) -> None:
@@ -197,6 +203,21 @@ class GeneveDp(Scenario):
         assert proc.stdout is not None
         for line in proc.stdout:
             log.append(line.decode(errors="replace").strip())
+
+    def counters(self) -> dict[str, Any] | None:
+        # `geneve-dp stats --json --pid P` per endpoint: sender side "a", receiver "b".
+        out: dict[str, Any] = {}
+        for side, proc in zip("ab", self.procs, strict=False):
+            r = subprocess.run(
+                [sys.executable, "-m", "geneve_dp", "stats", "--json", "--pid", str(proc.pid)],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            if r.returncode != 0:
+                raise RuntimeError(f"geneve-dp stats failed: {r.stderr.strip()[-300:]}")
+            out[side] = json.loads(r.stdout)
+        return out
 
     def alive(self) -> str | None:
         for proc, log in zip(self.procs, self.logs, strict=True):

@@ -43,6 +43,7 @@ UDP_STEP = {
         "reordered": INT,
         "duplicates": INT,
         "send_errors": INT,
+        "kernel_drops": {"type": "object"},
         "one_way_latency_us": {
             "type": "object",
             "properties": {k: NUM for k in ("p50", "p99", "p999", "max")},
@@ -135,6 +136,7 @@ SCENARIO = {
         "tcp": {"type": "array", "items": TCP_STEP},
         "rr": {"oneOf": [{"type": "null"}, RR_STEP]},
         "pdr": {"oneOf": [{"type": "null"}, PDR_STEP]},
+        "dataplane_counters": {"type": ["object", "null"]},
         "cpu": {"oneOf": [{"type": "null"}, CPU]},
     },
 }

@@ -27,6 +27,7 @@ from .netenv import (
     BlackholeNetns,
     busy_seconds,
     cpu_seconds,
+    drop_counters,
     process_tree,
     remove_stale,
     sh,
@@ -271,9 +272,16 @@ def _raw(path: NetPath, cfg: Json) -> pktgen.RawFrames | None:
     return pktgen.RawFrames(path.src_dev, path.src_ip, path.dst_mac())
 
 
+def _drops(path: NetPath) -> dict[str, int]:
+    a = {f"a.{k}": v for k, v in drop_counters(path.src_ns).items()}
+    b = {f"b.{k}": v for k, v in drop_counters(path.dst_ns).items()}
+    return {**a, **b}
+
+
 def _udp_step(path: NetPath, cfg: Json, frame: int) -> Json:
     payload = pktgen.payload_for_frame(frame)
     raw = _raw(path, cfg)
+    drops0 = _drops(path)
     meter = CpuMeter(path)
     r = pktgen.udp_stream(
         path.src_ns,
@@ -287,6 +295,7 @@ def _udp_step(path: NetPath, cfg: Json, frame: int) -> Json:
         raw=raw,
     )
     cpu = meter.read()
+    drops1 = _drops(path)
     sent, sink = r["send"], r["sink"]
     lat = sink["latency_ns"]
     return {
@@ -309,6 +318,11 @@ def _udp_step(path: NetPath, cfg: Json, frame: int) -> Json:
         "reordered": sink["reordered"],
         "duplicates": sink["duplicates"],
         "send_errors": sent["errors"],
+        # Where the lost packets went, by the kernel's counters in both namespaces
+        # (only the ones that moved): a.* is the sender's side, b.* the receiver's.
+        "kernel_drops": {
+            k: v - drops0.get(k, 0) for k, v in drops1.items() if v != drops0.get(k, 0)
+        },
         "one_way_latency_us": {
             k: round(lat[k] / 1000, 1) for k in ("p50", "p99", "p999", "max") if k in lat
         },
@@ -612,6 +626,12 @@ def run_scenario(scenario: Scenario, cfg: Json, log: Progress, index: str) -> Js
         # sizes, TCP, request/response), so the totals compare; the paced-rate search
         # runs longer on some paths than others and is left out.
         entry["cpu"] = _sum_cpu([*entry["udp"], *entry["tcp"], entry["rr"]])
+        # Where geneve-dp lost packets, by its own counters (drops by reason); a
+        # failure to read them is noted, not a failed scenario.
+        try:
+            entry["dataplane_counters"] = scenario.counters()
+        except Exception as exc:
+            entry["dataplane_counters"] = {"error": f"{type(exc).__name__}: {exc}"}
         entry["cpu"]["note"] = (
             "kernel path: no dataplane process; softirq_s and busy_s (all non-idle time) "
             "are system-wide"
