@@ -49,10 +49,13 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
         assert [t["streams"] for t in s["tcp"]] == [1, 4]
         assert all(t["gbps"] > 0 for t in s["tcp"])
         assert s["rr"]["responses"] > 0 and s["rr"]["p99_us"] >= s["rr"]["p50_us"] > 0
+        assert isinstance(s["udp"][0]["kernel_drops"], dict)
         if s["kernel_path"]:
             assert s["cpu"]["dataplane_s"] is None
+            assert s["dataplane_counters"] is None
         else:
             assert s["cpu"]["dataplane_s"] > 0
+            assert set(s["dataplane_counters"]) == {"a", "b"}, s["dataplane_counters"]
     assert results["generator"]["error"] is None
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One progress line per step, the table on stdout, the files beside the JSON.
