@@ -39,7 +39,9 @@ def _ok(step: Json | None) -> bool:
 def _ratio(value: float | None, base: float | None) -> str:
     if value is None or not base:
         return ""
-    return f" (x{value / base:.2f})"
+    r = value / base
+    # Two decimals, or two significant digits for small ratios (x0.0049, not x0.00).
+    return f" (x{r:.2f})" if r >= 0.095 else f" (x{r:.2g})"
 
 
 def _udp(scenario: Json, frame: int) -> Json | None:
@@ -160,7 +162,8 @@ def markdown(results: Json) -> str:
             lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"UDP ({'raw frames, AF_PACKET' if params.get('generator') == 'raw' else 'UDP socket'}"
+        f"UDP ({'raw frames via AF_PACKET' if params.get('generator') == 'raw' else 'sent'}"
+        f"{'' if params.get('generator') == 'raw' else ' through a UDP socket'}"
         f"): {params['flows']} flows, {params['udp_seconds']:g} s per size, bursts of "
         f"{params['burst']}, offered rate "
         f"{'unlimited' if not params['rate'] else str(params['rate']) + ' pps'}; "
