@@ -25,10 +25,17 @@
 #include "bytes.h"
 
 #define TX_SLOTS (GDP_BATCH * 4)
-#define CMSG_BUF 64
+#define CMSG_BUF 96
 #define ICMP_BUF (14 + 40 + 8 + 1232)
 #define SEG_INNER_MAX 192 /* Ethernet + VLAN + IPv6 or IPv4 with options + TCP + options */
 #define SEG_HDR_MAX (40 + 8 + GDP_MAX_HEADER_LEN + SEG_INNER_MAX)
+
+#define GSO_MAX_SEGS 40     /* per UDP GSO send: below UDP_MAX_SEGMENTS and 64 KiB */
+#define UDP_SEGMENT_OPT 103 /* linux/udp.h UDP_SEGMENT */
+#define UDP_GRO_OPT 104     /* linux/udp.h UDP_GRO */
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
 
 #define VNET_F_NEEDS_CSUM 1
 #define VNET_GSO_NONE 0
@@ -92,6 +99,8 @@ struct gdp_engine {
     uint8_t tx_fraghdr[TX_SLOTS][48];
     /* per-slot headers of a TSO segment: outer IP, UDP, GENEVE, inner headers */
     uint8_t tx_seghdr[TX_SLOTS][SEG_HDR_MAX] __attribute__((aligned(8)));
+    struct iovec gso_iov[2 * GSO_MAX_SEGS];
+    uint32_t gso_inner[GSO_MAX_SEGS];
     uint32_t tx_tunnel[TX_SLOTS];
     uint32_t tx_inner_len[TX_SLOTS]; /* set on a packet's last slot only */
     uint8_t tx_last[TX_SLOTS];
@@ -664,9 +673,17 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
     }
 }
 
-static uint8_t cmsg_tos(struct msghdr *m, struct gdp_sock_stats *ss) {
+static uint8_t cmsg_tos(struct msghdr *m, struct gdp_sock_stats *ss, size_t *gro_size) {
     uint8_t tos = 0;
+    *gro_size = 0;
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(m); cm; cm = CMSG_NXTHDR(m, cm)) {
+        if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO_OPT &&
+            cm->cmsg_len >= CMSG_LEN(sizeof(int))) {
+            int v;
+            memcpy(&v, CMSG_DATA(cm), sizeof(v));
+            *gro_size = v > 0 ? (size_t)v : 0;
+            continue;
+        }
         if (cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_TOS &&
             cm->cmsg_len >= CMSG_LEN(1)) {
             tos = *CMSG_DATA(cm);
@@ -710,12 +727,23 @@ static int rx_batch(struct gdp_engine *e) {
         }
         for (int i = 0; i < n; i++) {
             struct msghdr *m = &e->rx_msgs[i].msg_hdr;
-            e->stats->rx_packets++;
-            uint8_t tos = cmsg_tos(m, e->stats);
+            size_t gro_size;
+            uint8_t tos = cmsg_tos(m, e->stats, &gro_size);
             size_t len = e->rx_msgs[i].msg_len;
             if (m->msg_flags & MSG_TRUNC)
                 len = 0; /* cannot happen with 64 KiB buffers; never forward a part */
-            rx_one(e, e->rx_iov[i].iov_base, len, &e->rx_addr[i], tos);
+            uint8_t *p = e->rx_iov[i].iov_base;
+            if (gro_size == 0 || gro_size >= len) {
+                e->stats->rx_packets++;
+                rx_one(e, p, len, &e->rx_addr[i], tos);
+                continue;
+            }
+            /* UDP_GRO: the kernel handed over several same-sized datagrams at once. */
+            for (size_t off = 0; off < len; off += gro_size) {
+                e->stats->rx_packets++;
+                rx_one(e, p + off, len - off < gro_size ? len - off : gro_size, &e->rx_addr[i],
+                       tos);
+            }
         }
         gro_flush(e); /* a batch never waits for the next one */
         if (n < GDP_BATCH)
@@ -882,6 +910,8 @@ static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t 
     uint16_t sport = (uint16_t)(e->cfg.sport_min +
                                 (((uint64_t)hash *
                                   (uint64_t)(e->cfg.sport_max - e->cfg.sport_min + 1)) >> 32));
+    if (t->n_gso) /* the flow's port must not depend on which path sends a packet */
+        sport = t->gso_ports[((uint64_t)hash * (uint64_t)t->n_gso) >> 32];
     gdp_store16(u, sport);
     gdp_store16(u + 2, t->port);
     gdp_store16(u + 4, (uint16_t)udplen);
@@ -1027,6 +1057,50 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
     c->tx_fragmented++;
 }
 
+/* Send nseg queued segments (e->gso_iov pairs: GENEVE + inner headers, payload) as
+ * one UDP GSO datagram on the tunnel's socket for this flow: the kernel cuts it into
+ * seg_size datagrams, and through a veth the super-packet travels whole. */
+static void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, uint8_t tos,
+                     size_t nseg, size_t seg_size) {
+    int fd = t->gso_fds[(((uint64_t)hash * (uint64_t)t->n_gso) >> 32)];
+    union {
+        uint8_t buf[CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    memset(&ctl, 0, sizeof(ctl));
+    struct msghdr m = {.msg_iov = e->gso_iov, .msg_iovlen = 2 * nseg};
+    m.msg_control = ctl.buf;
+    m.msg_controllen = sizeof(ctl.buf);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+    cm->cmsg_level = SOL_UDP;
+    cm->cmsg_type = UDP_SEGMENT_OPT;
+    cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+    uint16_t gs = (uint16_t)seg_size;
+    memcpy(CMSG_DATA(cm), &gs, sizeof(gs));
+    cm = CMSG_NXTHDR(&m, cm);
+    cm->cmsg_level = t->family == 4 ? IPPROTO_IP : IPPROTO_IPV6;
+    cm->cmsg_type = t->family == 4 ? IP_TOS : IPV6_TCLASS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    int tosv = tos;
+    memcpy(CMSG_DATA(cm), &tosv, sizeof(tosv));
+    ssize_t r = -1;
+    for (int tries = 0; tries < 10; tries++) {
+        r = sendmsg(fd, &m, nseg > 1 ? 0 : 0);
+        if (r >= 0 || (errno != EAGAIN && errno != ENOBUFS && errno != EINTR))
+            break;
+        struct pollfd p = {fd, POLLOUT, 0};
+        poll(&p, 1, 10);
+    }
+    struct gdp_counters *c = &t->counters;
+    if (r < 0) {
+        c->drops[GDP_DROP_TX_ERROR] += nseg;
+        return;
+    }
+    c->tx_packets += nseg;
+    for (size_t i = 0; i < nseg; i++)
+        c->tx_bytes += e->gso_inner[i];
+}
+
 /* A frame from a device with a virtio header: complete a partial checksum, or cut a
  * TCP super-frame into MSS-sized segments (what the kernel's GSO would do), each
  * encapsulated on its own. The header sits right in front of the frame. */
@@ -1085,8 +1159,10 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
         }
     }
     if (hdrs + gso_size + (hlen - t->hdr_len) > t->max_inner) {
-        /* Segments the underlay cannot carry: only an explicit tunnel MTU above the
-         * path allows this; the sender's next probe gets the ICMP error. */
+        /* Segments the underlay cannot carry (only an explicit tunnel MTU above the
+         * path allows this): the ICMP error tells the sender's TCP the path MTU, as
+         * the kernel's tunnel PMTU check does for GSO packets. */
+        send_too_big(e, t, f, &in);
         c->drops[GDP_DROP_TOO_BIG]++;
         return;
     }
@@ -1098,12 +1174,21 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
     uint32_t seq = gdp_load32(f + l4 + 4);
     uint8_t tcp_flags = f[l4 + 13];
     size_t outer_room = (t->family == 4 ? 20 : 40) + 8 + hlen;
+    int udp_gso = t->n_gso > 0;
+    size_t nseg = 0; /* segments waiting in e->gso_iov (UDP GSO path) */
+    uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) |
+                            (in.ecn == ECN_CE ? ECN_ECT0 : in.ecn));
+    if (udp_gso)
+        tx_send(e, st); /* the scratch headers below are reused from slot 0 */
+    size_t per_send = 60000 / (hlen + hdrs + gso_size);
+    if (per_send > GSO_MAX_SEGS)
+        per_send = GSO_MAX_SEGS;
     for (size_t off = hdrs, i = 0; off < flen; off += gso_size, i++) {
         size_t n = flen - off < gso_size ? flen - off : gso_size;
         int last = off + n >= flen;
-        if (st->slots >= TX_SLOTS)
+        if (!udp_gso && st->slots >= TX_SLOTS)
             tx_send(e, st);
-        uint8_t *sh = e->tx_seghdr[st->slots];
+        uint8_t *sh = e->tx_seghdr[udp_gso ? nseg : (size_t)st->slots];
         uint8_t *ih = sh + outer_room; /* this segment's inner headers */
         memcpy(ih, f, hdrs);
         uint8_t *sip = ih + ipo;
@@ -1135,6 +1220,19 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
         uint8_t *g = ih - hlen;
         memcpy(g, hdr, hlen);
         gdp_store16(g + 2, proto);
+        if (udp_gso) {
+            e->gso_iov[2 * nseg].iov_base = g;
+            e->gso_iov[2 * nseg].iov_len = hlen + hdrs;
+            e->gso_iov[2 * nseg + 1].iov_base = f + off;
+            e->gso_iov[2 * nseg + 1].iov_len = n;
+            e->gso_inner[nseg] = (uint32_t)(hdrs + n);
+            nseg++;
+            if (nseg == per_send || last) {
+                gso_send(e, t, hash, tos, nseg, hlen + hdrs + gso_size);
+                nseg = 0;
+            }
+            continue;
+        }
         uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + hdrs, f + off, n);
         add_slot(e, st, idx, ip, outer_room + hdrs, f + off, n, (uint32_t)(hdrs + n), 1);
     }

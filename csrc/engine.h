@@ -109,6 +109,11 @@ struct gdp_tunnel {
     struct gdp_reflect_entry *reflect; /* NULL: no reflection */
     uint32_t reflect_slots;            /* a power of two */
     int vnet_hdr; /* device opened with IFF_VNET_HDR (GDP_VNET_LEN) and TSO offloads */
+    /* UDP sockets (bound, connected to the remote) for UDP GSO sends of TSO
+     * segments, picked by flow hash; their ports are then the flow's source ports. */
+    int gso_fds[8];
+    uint16_t gso_ports[8];
+    uint32_t n_gso;
     /* Set by gdp_tunnel_prepare. */
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */

@@ -121,7 +121,7 @@ def _id(p: Any) -> str:
 
 @pytest.mark.parametrize(
     "pair",
-    [(e, "tap", f, {"options": [OPT]}, {}) for e in ENGINES for f in (4, 6)],
+    [(e, "tap", f, {"options": [OPT]}, {}) for e in [*ENGINES, "c+offload"] for f in (4, 6)],
     indirect=True,
     ids=_id,
 )
@@ -209,7 +209,11 @@ def test_reflect_options_on_reverse_flow(pair: Pair) -> None:
 
 @pytest.mark.parametrize(
     "pair",
-    [(e, m, f, {"mtu": 1500}, {"mtu": 1500}) for e in ENGINES for m, f in (("tap", 4), ("tun", 6))],
+    [
+        (e, m, f, {"mtu": 1500}, {"mtu": 1500})
+        for e in [*ENGINES, "c+offload"]
+        for m, f in (("tap", 4), ("tun", 6))
+    ],
     indirect=True,
     ids=_id,
 )

@@ -61,6 +61,7 @@ class GroupEngine(Protocol):
     def dead(self) -> str | None: ...
     def counters(self, i: int) -> dict[str, object]: ...
     def socket_counters(self) -> dict[str, object]: ...
+    def close(self) -> None: ...
 
 
 class Dataplane:
@@ -142,6 +143,8 @@ class Dataplane:
         self._started = False
 
     def _teardown(self) -> None:
+        for eng in self._engines:
+            eng.close()
         close_resources(self._groups)
         self._groups = []
         self._engines = []

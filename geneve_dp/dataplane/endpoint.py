@@ -40,6 +40,7 @@ SO_RXQ_OVFL = 40
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 UDP_NO_CHECK6_RX = 102
+UDP_GRO = 104
 SOCKET_BUFFER = 4 << 20
 
 
@@ -160,7 +161,7 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
         raise
 
 
-def _open_group(family: int, port: int, specs: list[TunnelSpec]) -> Group:
+def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) -> Group:
     af = _af(family)
     udp = socket.socket(af, socket.SOCK_DGRAM)
     raw: socket.socket | None = None
@@ -176,6 +177,9 @@ def _open_group(family: int, port: int, specs: list[TunnelSpec]) -> Group:
         else:
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
         udp.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        if offload:
+            # Let UDP GSO super-packets from a peer arrive whole (split in C).
+            udp.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
         with contextlib.suppress(OSError):
             udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
         try:
@@ -228,7 +232,10 @@ def open_resources(specs: list[TunnelSpec], offload: bool = False) -> list[Group
                 key = (spec.family, spec.port)
                 if key not in groups:
                     groups[key] = _open_group(
-                        spec.family, spec.port, [s for s in specs if (s.family, s.port) == key]
+                        spec.family,
+                        spec.port,
+                        [s for s in specs if (s.family, s.port) == key],
+                        offload,
                     )
                 underlay_mtu, local = _route(ipr, spec)
                 mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead

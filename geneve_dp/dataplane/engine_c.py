@@ -4,15 +4,20 @@ two threads per receive socket (one per direction), with the GIL released by cff
 from __future__ import annotations
 
 import random
+import socket
 import threading
 from typing import Any
 
 from ..codec import encode_options
 from ..fastpath import ffi, lib
-from .endpoint import Group, ephemeral_ports
+from .endpoint import Group, Tunnel, ephemeral_ports
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
 
 REFLECT_SLOTS = 1024
+GSO_SOCKETS = 8  # struct gdp_tunnel.gso_fds
+
+# linux/in.h, in6.h, udp.h, socket.h values the socket module does not name
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO = 10, 0, 2
 
 _SETUP_RC = {
     lib.GDP_E_ENGINE_TOO_MANY: f"at most {lib.GDP_MAX_TUNNELS} tunnels share one port",
@@ -49,6 +54,7 @@ class CGroupEngine:
         self.group = group
         n = len(group.tunnels)
         self._keep: list[Any] = []
+        self.sockets: list[socket.socket] = []
         self.tunnels = ffi.new("struct gdp_tunnel[]", n)
         for i, tun in enumerate(group.tunnels):
             spec, t = tun.spec, self.tunnels[i]
@@ -68,6 +74,15 @@ class CGroupEngine:
             t.udp_csum = spec.tx_udp_csum
             t.underlay_mtu = tun.underlay_mtu
             t.vnet_hdr = tun.device.vnet_hdr
+            if tun.device.vnet_hdr and spec.df != "inherit" and spec.tx_udp_csum:
+                # TSO segments leave through UDP sockets with UDP GSO (one send per
+                # super-frame). Per-packet DF cannot be set there, so df=inherit keeps
+                # the raw socket; and the kernel refuses UDP GSO without a checksum
+                # (EINVAL with SO_NO_CHECK), so does the IPv4 default of checksum 0.
+                for k, sock in enumerate(self._gso_sockets(tun)):
+                    t.gso_fds[k] = sock.fileno()
+                    t.gso_ports[k] = sock.getsockname()[1]
+                    t.n_gso = k + 1
             opts = encode_options(spec.options)
             ffi.memmove(t.opts, opts, len(opts))
             t.opts_len = len(opts)
@@ -97,6 +112,31 @@ class CGroupEngine:
         )
         self._threads: list[threading.Thread] = []
         self.results: dict[str, int] = {}
+
+    def _gso_sockets(self, tun: Tunnel) -> list[socket.socket]:
+        spec = tun.spec
+        af = socket.AF_INET if spec.family == 4 else socket.AF_INET6
+        out = []
+        for _ in range(GSO_SOCKETS):
+            s = socket.socket(af, socket.SOCK_DGRAM)
+            self.sockets.append(s)
+            if spec.family == 4:
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, spec.ttl)
+                pmtu = IP_PMTUDISC_DO if spec.df == "set" else IP_PMTUDISC_DONT
+                s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
+            else:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, spec.ttl)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
+            s.bind((str(tun.local), 0))
+            s.connect((str(spec.remote), spec.port))
+            s.setblocking(False)
+            out.append(s)
+        return out
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
 
     def start(self) -> None:
         for label, dirs in (("rx", lib.GDP_DIR_RX), ("tx", lib.GDP_DIR_TX)):

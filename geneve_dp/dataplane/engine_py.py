@@ -506,6 +506,9 @@ class PyGroupEngine:
             "options_other": c.options_other,
         }
 
+    def close(self) -> None:
+        """Nothing of its own to close: the devices and sockets belong to the group."""
+
     def socket_counters(self) -> dict[str, object]:
         return {
             "rx_packets": self.sock_rx,
