@@ -152,12 +152,13 @@ def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
     return bool(pred())
 
 
-def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0) -> None:
+def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0, family: int = 4) -> None:
     """Ad-hoc throughput check: kernel VXLAN and each engine over the same veth, in
     one run (the machines are noisy: compare within a run only). Prints one line per
     path: single-stream iperf3 TCP, and 64-byte UDP payloads from bench/pktgen.
 
-    ``python -m tests.endpoint_helpers perf c c+offload python``
+    ``python -m tests.endpoint_helpers perf [-6] c c+offload python`` (-6: the geneve-dp
+    tunnels run over the IPv6 underlay; VXLAN stays on IPv4).
     """
     from bench import pktgen
 
@@ -207,11 +208,12 @@ def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0) -> None:
         a.run("ping", "-c", "1", "-W", "2", "192.168.50.2")
         print(f"kernel vxlan: TCP {tcp('192.168.50.2')}, UDP64 {udp('192.168.50.2')}", flush=True)
         for engine in engines:
+            ra, rb = ("10.0.0.2", "10.0.0.1") if family == 4 else ("fd00::2", "fd00::1")
             sa = [
                 {
                     "name": "gt0",
                     "vni": 100,
-                    "remote": "10.0.0.2",
+                    "remote": ra,
                     "mode": mode,
                     "addresses": ["192.168.100.1/24"],
                 }
@@ -220,7 +222,7 @@ def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0) -> None:
                 {
                     "name": "gt0",
                     "vni": 100,
-                    "remote": "10.0.0.1",
+                    "remote": rb,
                     "mode": mode,
                     "addresses": ["192.168.100.2/24"],
                 }
@@ -228,7 +230,7 @@ def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0) -> None:
             with endpoint(a, engine, sa), endpoint(b, engine, sb):
                 a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
                 print(
-                    f"geneve-dp {engine} {mode}: TCP {tcp('192.168.100.2')}, "
+                    f"geneve-dp {engine} {mode} ipv{family} underlay: TCP {tcp('192.168.100.2')}, "
                     f"UDP64 {udp('192.168.100.2')}",
                     flush=True,
                 )
@@ -239,7 +241,9 @@ def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "perf":
-        perf(sys.argv[2:])
+        args = sys.argv[2:]
+        v6 = "-6" in args
+        perf([x for x in args if x != "-6"], family=6 if v6 else 4)
         sys.exit(0)
     sys.exit(_main(sys.argv[1], sys.argv[2]))
 
