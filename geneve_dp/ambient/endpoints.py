@@ -9,14 +9,18 @@ by name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import wire
 from ..errors import UserError
 from ..netconf import links
 
@@ -122,3 +126,62 @@ def _zombie(pid: int) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+# --- the GENEVE port (Istio 1.19+ determineDstPortForGeneveLink, reference §0, §2.3) -----
+
+
+def port_taken(port: int, remote: str, vnis: Iterable[int]) -> str | None:
+    """Why ``port`` cannot carry our tunnels in this namespace, or None if it can.
+
+    Istio skips a port whose geneve devices would clash with its own: an "external"
+    device, or one with VNI 1000/1001 to the same remote. Here a port is a UDP socket of
+    one endpoint process, and two processes cannot share one, so any socket bound to
+    it (a geneve-dp endpoint or anything else) makes it taken; a geneve-dp endpoint of
+    this namespace is named in the reason.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise UserError(f"cannot probe UDP port {port}: {exc.strerror}", "--port") from exc
+        else:
+            return None
+    vni_set = set(vnis)
+    for pid, name, vni, their_remote in _geneve_dp_tunnels(port):
+        same = vni in vni_set and their_remote == remote
+        clash = "the same VNI and remote" if same else "a socket of another process"
+        return f"geneve-dp pid {pid} runs {name} (VNI {vni} to {their_remote}) on it: {clash}"
+    return "a UDP socket of another program is bound to it"
+
+
+def _geneve_dp_tunnels(port: int) -> list[tuple[int, str, int, str]]:
+    """(pid, device, VNI, remote) of running geneve-dp tunnels on ``port`` in this netns."""
+    from ..daemon import query_all
+
+    here = links.netns_id()
+    try:
+        replies = query_all(timeout=2.0)
+    except Exception:  # only used to word a message; the bind test decided already
+        return []
+    out = []
+    for reply in replies:
+        pid = int(reply.get("pid", 0))
+        if links.netns_id(pid) != here:
+            continue
+        for t in reply.get("tunnels", []):
+            if int(t.get("port", 0)) == port:
+                out.append((pid, str(t.get("name")), int(t.get("vni", -1)), str(t.get("remote"))))
+    return out
+
+
+def choose_port(remote: str, vnis: Iterable[int], say: Callable[[str], None]) -> int:
+    """The first port from 6081 upward that is not taken (see ``port_taken``)."""
+    wanted = tuple(vnis)
+    for port in range(wire.GENEVE_PORT, 65536):
+        why = port_taken(port, remote, wanted)
+        if why is None:
+            return port
+        say(f"GENEVE port {port} is taken: {why}")
+    raise UserError(f"every UDP port from {wire.GENEVE_PORT} up is taken", "--port")

@@ -10,39 +10,23 @@ what the record lists, plus anything of ours it finds by name (after a crash).
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..netconf import ipset, iptables, links
-from . import checks, endpoints, rules
+from . import checks, endpoints, profile, reconcile, rules, watch
 from . import constants as k
 from .state import StateFile, state_dir
 
 STATE_NAME = "node.json"
+ROLE = "node"
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    ztunnel_ip: ipaddress.IPv4Address
-    ztunnel_veth: str
-    host_ip: ipaddress.IPv4Address
-    port: int = 6081
-    dns_capture: bool = False
-    version: k.IstioVersion = k.DEFAULT_ISTIO_VERSION
-
-    def rules_config(self) -> rules.NodeRulesConfig:
-        return rules.NodeRulesConfig(
-            self.ztunnel_ip,
-            self.ztunnel_veth,
-            self.host_ip,
-            self.port,
-            self.dns_capture,
-            self.version,
-        )
+# The node profile's settings are exactly what its iptables rules are rendered from.
+NodeConfig = rules.NodeRulesConfig
 
 
 def resolve(
@@ -141,35 +125,12 @@ def node_sysctls(cfg: NodeConfig) -> list[tuple[str, str]]:
     return out
 
 
-def route_to_dict(r: links.Route) -> dict[str, Any]:
-    return {
-        "table": r.table,
-        "dst": r.dst,
-        "dev": r.dev,
-        "gateway": r.gateway,
-        "src": r.src,
-        "scope": r.scope,
-        "onlink": r.onlink,
-        "type": r.type,
-    }
-
-
-def route_from_dict(d: dict[str, Any]) -> links.Route:
-    return links.Route(**d)
-
-
-def rule_to_dict(r: links.Rule) -> dict[str, Any]:
-    return {
-        "priority": r.priority,
-        "table": r.table,
-        "fwmark": r.fwmark,
-        "fwmask": r.fwmask,
-        "goto": r.goto,
-    }
+def state_path() -> Path:
+    return state_dir() / STATE_NAME
 
 
 def _state() -> StateFile:
-    return StateFile.load(state_dir() / STATE_NAME)
+    return StateFile.load(state_path())
 
 
 def load_config(st: StateFile) -> NodeConfig | None:
@@ -186,9 +147,30 @@ def load_config(st: StateFile) -> NodeConfig | None:
     )
 
 
-def up(cfg: NodeConfig, log: Any = None) -> None:
+def intent(st: StateFile) -> reconcile.Intent:
+    """What the record says must exist while the node is up (for the watcher)."""
+    cfg = load_config(st)
+    assert cfg is not None
+    pods: dict[str, Any] = st.data.get("pods", {})
+    pod_routes = [profile.route_from_dict(i["route"]) for i in pods.values() if i.get("route")]
+    pod_sysctls = [(key, "0") for i in pods.values() for key in i.get("sysctls", {})]
+    return reconcile.Intent(
+        rules=tuple(node_rules()),
+        routes=(*node_routes(cfg), *pod_routes),
+        sysctls=(*node_sysctls(cfg), *pod_sysctls),
+        ipset_entries={ip: str(i.get("uid", "")) for ip, i in pods.items()},
+        chains=tuple(reconcile.ChainIntent.from_dict(d) for d in st.data.get("iptables", [])),
+    )
+
+
+def up(cfg: NodeConfig, log: Any = None, choose_port: bool = False) -> NodeConfig:
     """Install the node side. Idempotent: an earlier setup (or a crashed one) is removed
-    first and its enrolled pods are put back afterwards."""
+    first and its enrolled pods are put back afterwards.
+
+    With ``choose_port`` (no --port given) the GENEVE port is picked as Istio 1.19+
+    does, once the earlier setup is gone so that its own endpoints do not count;
+    Istio 1.18 always used 6081. Returns the configuration applied.
+    """
     from . import pods  # pods needs node's state helpers; import here to avoid a cycle
 
     say = log or (lambda _msg: None)
@@ -199,10 +181,14 @@ def up(cfg: NodeConfig, log: Any = None) -> None:
         # record nothing is removed by name here, so things that were there before us
         # (an ipset of the same name, say) are kept; the steps below are idempotent.
         down()
+    watch.stop(state_dir(), ROLE)  # one left running without a record
+    if choose_port and cfg.version != "1.18":
+        vnis = (k.INBOUND_TUN_VNI, k.OUTBOUND_TUN_VNI)
+        cfg = replace(cfg, port=endpoints.choose_port(str(cfg.ztunnel_ip), vnis, say))
 
-    st = StateFile(state_dir() / STATE_NAME)
-    st.data = {
-        "config": {
+    st = profile.begin(
+        state_path(),
+        {
             "ztunnel_ip": str(cfg.ztunnel_ip),
             "ztunnel_veth": cfg.ztunnel_veth,
             "host_ip": str(cfg.host_ip),
@@ -210,10 +196,8 @@ def up(cfg: NodeConfig, log: Any = None) -> None:
             "dns_capture": cfg.dns_capture,
             "version": cfg.version,
         },
-        "complete": False,
-    }
-    st.save()
-    try:
+    )
+    with profile.rolled_back_on_error(down, ROLE):
         # Tables that exist now; `down` deletes the ones our rules made appear.
         st.data["tables_before"] = sorted(iptables.save())
         st.save()
@@ -221,14 +205,7 @@ def up(cfg: NodeConfig, log: Any = None) -> None:
             f"endpoints {k.INBOUND_TUN} (VNI {k.INBOUND_TUN_VNI}), {k.OUTBOUND_TUN} "
             f"(VNI {k.OUTBOUND_TUN_VNI}) -> {cfg.ztunnel_ip}:{cfg.port}"
         )
-        eps = node_endpoints(cfg)
-        st.data["endpoints"] = {"devices": [e.name for e in eps], "pidfile": None}
-        st.save()
-        for e in eps:  # stale devices of a crashed run would make the daemon refuse
-            links.delete_link(e.name)
-        pidfile = endpoints.start(eps, st.path.parent, "node")
-        st.data["endpoints"]["pidfile"] = str(pidfile)
-        st.save()
+        profile.start_endpoints(st, node_endpoints(cfg), ROLE)
 
         say(f"ipset {k.IPSET_NAME}")
         st.data["ipset_created"] = None
@@ -237,41 +214,28 @@ def up(cfg: NodeConfig, log: Any = None) -> None:
         st.save()
 
         say("iptables: ztunnel-* chains in mangle, nat, filter")
-        ruleset = rules.node_ruleset(cfg.rules_config())
+        ruleset = rules.node_ruleset(cfg)
         st.data["chains"] = [[c.table, c.name] for c in ruleset.chains]
         st.save()
         iptables.restore(iptables.render_apply(ruleset, iptables.save()))
+        # As the kernel prints them, for the watcher to compare against.
+        expected = reconcile.expected_chains(ruleset, iptables.save())
+        st.data["iptables"] = [c.to_dict() for c in expected]
+        st.save()
 
         say("sysctls: rp_filter=0, accept_local=1")
-        sysctls: dict[str, str] = st.data.setdefault("sysctls", {})
-        for key, value in node_sysctls(cfg):
-            old = links.sysctl_get(key)
-            if old is None:
-                continue
-            sysctls.setdefault(key, old)
-            st.save()
-            links.sysctl_set(key, value)
+        profile.set_sysctls(st, node_sysctls(cfg))
 
         say("routes: tables 100, 101, 102; ip rules 100-103")
-        for r in node_routes(cfg):
-            st.record("routes", route_to_dict(r))
-            links.add_route(r)
-        for rule in node_rules():
-            st.record("rules", rule_to_dict(rule))
-            links.add_rule(rule)
-        st.data["complete"] = True
-        st.save()
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            down()
-        if isinstance(exc, UserError):
-            raise
-        if isinstance(exc, Exception):
-            raise UserError(f"node setup failed and was rolled back: {exc}", "node up") from exc
-        raise
+        profile.add_routes(st, node_routes(cfg))
+        profile.add_rules(st, node_rules())
+        profile.finish(st)
     for ip, info in enrolled.items():
         say(f"re-enrolling pod {ip}")
         pods.add(ip, info.get("uid", ""))
+    say(f"reconcile watcher: `geneve-dp node watch`, log {watch.logfile(st.path.parent, ROLE)}")
+    watch.start(st.path.parent, ROLE)
+    return cfg
 
 
 def down() -> list[str]:
@@ -280,11 +244,13 @@ def down() -> list[str]:
     Returns what was removed, for people.
     """
     done: list[str] = []
+    # The watcher first, so that it does not put back what we are taking away.
+    watch.stop(state_dir(), ROLE)
     st = _state()
     data = st.data
 
     # iptables first: the rules reference the ipset, which cannot go while in use.
-    current = iptables.save() if _iptables_ok() else {}
+    current = iptables.save() if profile.iptables_ok() else {}
     names = rules.all_node_chain_names()
     text = iptables.render_remove(names, current)
     if text:
@@ -295,32 +261,16 @@ def down() -> list[str]:
         created = set(current) - set(data["tables_before"])
         done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
 
-    for rd in reversed(data.get("routes", [])):
-        if links.del_route(route_from_dict(rd)):
-            done.append(f"route {route_from_dict(rd).describe()}")
-    for info in data.get("pods", {}).values():
-        rd = info.get("route")
-        if rd and links.del_route(route_from_dict(rd)):
-            done.append(f"route {route_from_dict(rd).describe()}")
+    done += profile.delete_routes(data.get("routes", []))
+    done += profile.delete_routes(
+        i["route"] for i in data.get("pods", {}).values() if i.get("route")
+    )
     if not data.get("config"):
         # No record (lost with /run, or never written): do as Istio's cleanupNode and
         # flush our three tables, which nothing else is meant to use.
-        for table in k.NODE_TABLES:
-            if links.flush_table(table):
-                done.append(f"routes of table {table}")
-    for rule in node_rules():  # by selector: ours whether or not recorded
-        if links.del_rule(rule):
-            done.append(f"ip rule {rule.describe()}")
-
-    ep = data.get("endpoints") or {}
-    pidfile = ep.get("pidfile")
-    devices = ep.get("devices") or [k.INBOUND_TUN, k.OUTBOUND_TUN]
-    present = [d for d in (k.INBOUND_TUN, k.OUTBOUND_TUN) if links.link(d) is not None]
-    endpoints.stop(
-        st.path.parent / "node-endpoints.pid" if pidfile is None else Path(pidfile),
-        list(dict.fromkeys([*devices, k.INBOUND_TUN, k.OUTBOUND_TUN])),
-    )
-    done += [f"device {d}" for d in present]
+        done += profile.flush_tables(k.NODE_TABLES)
+    done += profile.delete_rules(node_rules())
+    done += profile.stop_endpoints(st, ROLE, [k.INBOUND_TUN, k.OUTBOUND_TUN])
 
     # The ipset: keep one that existed before we came (minus our entries), otherwise
     # it is ours.
@@ -334,20 +284,8 @@ def down() -> list[str]:
         for ip in data.get("pods", {}):
             ipset.delete(k.IPSET_NAME, ip)
 
-    for key, old in reversed(list(data.get("sysctls", {}).items())):
-        with contextlib.suppress(OSError):
-            links.sysctl_set(key, old)
+    profile.restore_sysctls(data.get("sysctls", {}))
     for info in data.get("pods", {}).values():
-        for key, old in info.get("sysctls", {}).items():
-            with contextlib.suppress(OSError):
-                links.sysctl_set(key, old)
+        profile.restore_sysctls(info.get("sysctls", {}))
     st.remove()
     return done
-
-
-def _iptables_ok() -> bool:
-    try:
-        iptables.require_binaries()
-    except UserError:
-        return False
-    return True

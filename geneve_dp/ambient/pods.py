@@ -9,13 +9,13 @@ recorded in the node's state file so `node down` can take them away too.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..errors import UserError
 from ..netconf import ipset, links
-from . import checks, node
+from . import checks, node, profile
 from . import constants as k
-from .state import StateFile
+from .state import StateFile, locked
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ def add(ip_text: str, uid: str) -> PodResult:
     ip = str(checks.ipv4(ip_text, "IP"))
     if not uid:
         raise UserError("is required (the pod's UID, kept as the ipset comment)", "--uid")
+    # Under the state lock: the watcher must see the record and the kernel agree.
+    with locked(node.state_path().parent):
+        return _add(ip, uid)
+
+
+def _add(ip: str, uid: str) -> PodResult:
     st = _node_state()
     cfg = node.load_config(st)
     assert cfg is not None
@@ -53,7 +59,7 @@ def add(ip_text: str, uid: str) -> PodResult:
     if in_set and ip in pods and links.route_exists(route):
         return PodResult(ip, False, f"pod {ip} (uid {uid}) is already enrolled")
 
-    info = pods.setdefault(ip, {"uid": uid, "route": node.route_to_dict(route), "sysctls": {}})
+    info = pods.setdefault(ip, {"uid": uid, "route": asdict(route), "sysctls": {}})
     info["uid"] = uid
     st.save()
     try:
@@ -84,15 +90,13 @@ def _remove(st: StateFile, ip: str) -> bool:
     cfg = node.load_config(st)
     changed = ipset.delete(k.IPSET_NAME, ip)
     route = (
-        node.route_from_dict(info["route"])
+        profile.route_from_dict(info["route"])
         if info and info.get("route")
         else pod_route(ip, str(cfg.host_ip) if cfg else "")
     )
     changed = links.del_route(route) or changed
     if info:
-        for key, old in info.get("sysctls", {}).items():
-            with contextlib.suppress(OSError):
-                links.sysctl_set(key, old)
+        profile.restore_sysctls(info.get("sysctls", {}))
         del pods[ip]
         st.save()
         changed = True
@@ -101,8 +105,9 @@ def _remove(st: StateFile, ip: str) -> bool:
 
 def delete(ip_text: str) -> PodResult:
     ip = str(checks.ipv4(ip_text, "IP"))
-    st = _node_state()
-    if not _remove(st, ip):
+    with locked(node.state_path().parent):
+        removed = _remove(_node_state(), ip)
+    if not removed:
         return PodResult(ip, False, f"pod {ip} is not enrolled; nothing to do")
     return PodResult(ip, True, f"pod {ip} removed from the mesh")
 

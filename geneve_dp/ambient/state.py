@@ -8,8 +8,11 @@ file + rename): a reader never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,26 @@ STATE_ROOT_ENV = "GENEVE_DP_AMBIENT_STATE"
 def state_dir(netns: str | None = None) -> Path:
     root = Path(os.environ.get(STATE_ROOT_ENV, k.STATE_ROOT))
     return root / (netns or links.current_netns_name())
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on a state directory; yields False when it does not exist.
+
+    Pod add/del and each pass of the reconcile watcher run under it, so the watcher
+    never acts on a record that a pod command is half-way through changing (it would
+    put back an entry that `pod del` had just removed).
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 class StateFile:

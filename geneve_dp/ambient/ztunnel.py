@@ -10,7 +10,6 @@ can put it back.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,12 @@ from typing import Any
 
 from ..errors import UserError
 from ..netconf import iptables, links
-from . import checks, endpoints, rules
+from . import checks, endpoints, profile, reconcile, rules, watch
 from . import constants as k
-from .node import route_from_dict, route_to_dict, rule_to_dict
 from .state import StateFile, state_dir
 
 STATE_NAME = "ztunnel.json"
+ROLE = "ztunnel"
 
 
 @dataclass(frozen=True)
@@ -105,53 +104,62 @@ def ztunnel_sysctls(cfg: ZtunnelConfig) -> list[tuple[str, str]]:
     return [(links.conf_key(d, "rp_filter"), "0") for d in devs]
 
 
+def state_path() -> Path:
+    return state_dir() / STATE_NAME
+
+
 def _state() -> StateFile:
-    return StateFile.load(state_dir() / STATE_NAME)
+    return StateFile.load(state_path())
+
+
+def load_config(st: StateFile) -> ZtunnelConfig | None:
+    c = st.data.get("config")
+    if not c:
+        return None
+    return ZtunnelConfig(
+        ipaddress.IPv4Address(c["host_ip"]),
+        ipaddress.IPv4Address(c["ztunnel_ip"]),
+        c["eth"],
+        int(c["port"]),
+    )
+
+
+def intent(st: StateFile) -> reconcile.Intent:
+    """What the record says must exist while the ztunnel side is up (for the watcher)."""
+    cfg = load_config(st)
+    assert cfg is not None
+    return reconcile.Intent(
+        rules=tuple(ztunnel_rules()),
+        routes=tuple(ztunnel_routes(cfg)),
+        sysctls=tuple(ztunnel_sysctls(cfg)),
+        chains=tuple(reconcile.ChainIntent.from_dict(d) for d in st.data.get("iptables", [])),
+    )
 
 
 def up(cfg: ZtunnelConfig, log: Any = None) -> None:
     say = log or (lambda _msg: None)
     if _state().exists:  # a previous (or crashed) setup with a record
         down()
-    st = StateFile(state_dir() / STATE_NAME)
-    st.data = {
-        "config": {
+    watch.stop(state_dir(), ROLE)  # one left running without a record
+    st = profile.begin(
+        state_path(),
+        {
             "host_ip": str(cfg.host_ip),
             "ztunnel_ip": str(cfg.ztunnel_ip),
             "eth": cfg.eth,
             "port": cfg.port,
         },
-        "complete": False,
-    }
-    st.save()
-    try:
-        eps = ztunnel_endpoints(cfg)
+    )
+    with profile.rolled_back_on_error(down, ROLE):
         say(f"endpoints {k.ZT_INBOUND_TUN}, {k.ZT_OUTBOUND_TUN} -> {cfg.host_ip}:{cfg.port}")
-        st.data["endpoints"] = {"devices": [e.name for e in eps], "pidfile": None}
-        st.save()
-        for e in eps:
-            links.delete_link(e.name)
-        pidfile = endpoints.start(eps, st.path.parent, "ztunnel")
-        st.data["endpoints"]["pidfile"] = str(pidfile)
-        st.save()
+        profile.start_endpoints(st, ztunnel_endpoints(cfg), ROLE)
 
         say("sysctls: rp_filter=0")
-        sysctls: dict[str, str] = st.data.setdefault("sysctls", {})
-        for key, value in ztunnel_sysctls(cfg):
-            old = links.sysctl_get(key)
-            if old is None:
-                continue
-            sysctls.setdefault(key, old)
-            st.save()
-            links.sysctl_set(key, value)
+        profile.set_sysctls(st, ztunnel_sysctls(cfg))
 
         say("ip rules 20000, 20003; table 100 local default; tables 101, 102")
-        for rule in ztunnel_rules():
-            st.record("rules", rule_to_dict(rule))
-            links.add_rule(rule)
-        for r in ztunnel_routes(cfg):
-            st.record("routes", route_to_dict(r))
-            links.add_route(r)
+        profile.add_rules(st, ztunnel_rules())
+        profile.add_routes(st, ztunnel_routes(cfg))
 
         say("iptables: mangle PREROUTING TPROXY to 15008/15001/15006, mark 0x4d3")
         current = iptables.save()
@@ -165,30 +173,25 @@ def up(cfg: ZtunnelConfig, log: Any = None) -> None:
         ]
         st.data["flushed"] = flushed
         st.data["tables_before"] = sorted(current)
-        st.data["iptables"] = True
         st.save()
         iptables.restore(iptables.render_apply(ruleset, current))
-        st.data["complete"] = True
-        st.save()
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            down()
-        if isinstance(exc, UserError):
-            raise
-        if isinstance(exc, Exception):
-            raise UserError(
-                f"ztunnel setup failed and was rolled back: {exc}", "ztunnel up"
-            ) from exc
-        raise
+        # As the kernel prints them, for the watcher to compare against.
+        expected = reconcile.expected_chains(ruleset, iptables.save())
+        st.data["iptables"] = [c.to_dict() for c in expected]
+        profile.finish(st)
+    say(f"reconcile watcher: `geneve-dp ztunnel watch`, log {watch.logfile(st.path.parent, ROLE)}")
+    watch.start(st.path.parent, ROLE)
 
 
 def down() -> list[str]:
     done: list[str] = []
+    # The watcher first, so that it does not put back what we are taking away.
+    watch.stop(state_dir(), ROLE)
     st = _state()
     data = st.data
     cfg = data.get("config") or {}
 
-    if _iptables_ok():
+    if profile.iptables_ok():
         # Our four rules, found by comparison (iptables -C), whatever their eth/IP were.
         zt_ip = cfg.get("ztunnel_ip")
         eth = cfg.get("eth")
@@ -207,32 +210,13 @@ def down() -> list[str]:
             created = set(iptables.save()) - set(data["tables_before"])
             done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
 
-    for rd in reversed(data.get("routes", [])):
-        r = route_from_dict(rd)
-        if links.del_route(r):
-            done.append(f"route {r.describe()}")
+    done += profile.delete_routes(data.get("routes", []))
     if not cfg:
         # No record: Istio's clean slate for this namespace flushes tables 100-102.
-        for table in k.NODE_TABLES:
-            if links.flush_table(table):
-                done.append(f"routes of table {table}")
-    for rule in ztunnel_rules():
-        if links.del_rule(rule):
-            done.append(f"ip rule {rule.describe()}")
-
-    ep = data.get("endpoints") or {}
-    pidfile = ep.get("pidfile")
-    names = [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN]
-    present_devs = [d for d in names if links.link(d) is not None]
-    endpoints.stop(
-        Path(pidfile) if pidfile else st.path.parent / "ztunnel-endpoints.pid",
-        names,
-    )
-    done += [f"device {d}" for d in present_devs]
-
-    for key, old in reversed(list(data.get("sysctls", {}).items())):
-        with contextlib.suppress(OSError):
-            links.sysctl_set(key, old)
+        done += profile.flush_tables(k.NODE_TABLES)
+    done += profile.delete_rules(ztunnel_rules())
+    done += profile.stop_endpoints(st, ROLE, [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN])
+    profile.restore_sysctls(data.get("sysctls", {}))
     st.remove()
     return done
 
@@ -251,11 +235,3 @@ def _tproxy_rules_by_text() -> list[iptables.Rule]:
         if ours_tproxy or ours_mark:
             out.append(iptables.Rule("mangle", chain, spec))
     return out
-
-
-def _iptables_ok() -> bool:
-    try:
-        iptables.require_binaries()
-    except UserError:
-        return False
-    return True

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from .. import wire
 from ..ambient import constants as k
 
 
@@ -37,7 +38,12 @@ def register(sub: Any) -> None:
         help="node address used as source of routes to pods (default: the source the "
         "kernel picks towards the ztunnel IP)",
     )
-    up.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
+    up.add_argument(
+        "--port",
+        type=int,
+        help="GENEVE UDP port (default: the first free one from 6081 up, as Istio 1.19+; "
+        "always 6081 with --istio-version 1.18)",
+    )
     up.add_argument(
         "--dns-capture", action="store_true", help="DNAT ambient pods' UDP/53 to ztunnel:15053"
     )
@@ -51,7 +57,8 @@ def register(sub: Any) -> None:
     up.set_defaults(func=cmd_node_up)
     down = nsub.add_parser("down", help="remove everything `node up` installed")
     _netns_arg(down)
-    down.set_defaults(func=cmd_node_down)
+    down.set_defaults(func=cmd_down, role="node")
+    _watch_parser(nsub, "node")
     rend = nsub.add_parser(
         "render", help="print the iptables-restore input `node up` would apply (no root)"
     )
@@ -80,7 +87,8 @@ def register(sub: Any) -> None:
     zup.set_defaults(func=cmd_ztunnel_up)
     zdown = zsub.add_parser("down", help="remove everything `ztunnel up` installed")
     _netns_arg(zdown)
-    zdown.set_defaults(func=cmd_ztunnel_down)
+    zdown.set_defaults(func=cmd_down, role="ztunnel")
+    _watch_parser(zsub, "ztunnel")
 
     pod = sub.add_parser(
         "pod",
@@ -136,6 +144,23 @@ def register(sub: Any) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def _watch_parser(sub: Any, role: str) -> None:
+    w = sub.add_parser(
+        "watch",
+        help=f"reconcile loop: put back what was removed while {role} is up (`up` starts it)",
+        description=(
+            f"Every INTERVAL seconds compare the kernel with what `{role} up` recorded and "
+            "add back what is missing (ip rules, routes, iptables rules, sysctls"
+            + (", ipset entries" if role == "node" else "")
+            + "), one log line per repair. Exits when the record goes (`down`). "
+            f"`{role} up` runs it in the background; `{role} down` stops it."
+        ),
+    )
+    w.add_argument("--interval", type=float, default=1.0, help="seconds between passes (default 1)")
+    _netns_arg(w)
+    w.set_defaults(func=cmd_watch, role=role)
+
+
 def _netns_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--netns",
@@ -168,11 +193,11 @@ def cmd_node_up(args: argparse.Namespace) -> int:
         args.ztunnel_ip,
         args.ztunnel_veth,
         args.host_ip,
-        args.port,
+        wire.GENEVE_PORT if args.port is None else args.port,
         args.dns_capture,
         _version(args.istio_version),
     )
-    node.up(cfg, log=_say)
+    cfg = node.up(cfg, log=_say, choose_port=args.port is None)
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
         f"GENEVE port {cfg.port}, Istio {cfg.version} rules"
@@ -180,14 +205,42 @@ def cmd_node_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_node_down(args: argparse.Namespace) -> int:
-    from ..ambient import checks, node
+def _profile(role: str) -> Any:
+    from ..ambient import node, ztunnel
 
-    checks.require_root("node down")
+    return node if role == "node" else ztunnel
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from ..ambient import checks
+
+    checks.require_root(f"{args.role} down")
     _enter(args)
-    done = node.down()
-    print(f"node down: removed {len(done)} objects" + (f" ({', '.join(done)})" if done else ""))
+    done = _profile(args.role).down()
+    print(
+        f"{args.role} down: removed {len(done)} objects" + (f" ({', '.join(done)})" if done else "")
+    )
     return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from ..ambient import checks, watch
+    from ..errors import UserError
+
+    checks.require_tools(f"{args.role} watch")
+    if not 0.05 <= args.interval <= 3600:
+        raise UserError(f"{args.interval} is out of range 0.05..3600", "--interval")
+    _enter(args)
+    mod = _profile(args.role)
+
+    def log(msg: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        print(f"{stamp} {args.role} watch: {msg}", flush=True)
+
+    path = mod.state_path()
+    return watch.run(path.parent, path.name, mod.intent, log, args.interval)
 
 
 def cmd_node_render(args: argparse.Namespace) -> int:
@@ -217,16 +270,6 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
         f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, tunnels to {cfg.host_ip}:{cfg.port}, "
         "TPROXY to 15008/15001/15006"
     )
-    return 0
-
-
-def cmd_ztunnel_down(args: argparse.Namespace) -> int:
-    from ..ambient import checks, ztunnel
-
-    checks.require_root("ztunnel down")
-    _enter(args)
-    done = ztunnel.down()
-    print(f"ztunnel down: removed {len(done)} objects" + (f" ({', '.join(done)})" if done else ""))
     return 0
 
 

@@ -322,6 +322,15 @@ def sysctl_set(key: str, value: str) -> str | None:
 # --- namespaces ------------------------------------------------------------------------
 
 
+def netns_id(pid: int | str = "self") -> tuple[int, int] | None:
+    """Identity of a process's network namespace (None if the process is gone)."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def current_netns_name() -> str:
     """The name under /run/netns of this process's network namespace, or "host"."""
     try:

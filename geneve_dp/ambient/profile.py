@@ -1,0 +1,129 @@
+"""The steps `node up/down` and `ztunnel up/down` take alike.
+
+Each setup step records its intent in the state file *before* changing the kernel, so
+a crash half-way leaves a record for `down`; each teardown step removes what the record
+lists. The profiles differ in what they install, not in how, and that "how" lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..netconf import iptables, links
+from . import endpoints
+from .state import StateFile
+
+
+def begin(path: Path, config: dict[str, Any]) -> StateFile:
+    """A fresh record holding ``config``, marked incomplete until ``finish``."""
+    st = StateFile(path)
+    st.data = {"config": config, "complete": False}
+    st.save()
+    return st
+
+
+def finish(st: StateFile) -> None:
+    """Mark the setup complete: from now on the reconcile watcher holds on to it."""
+    st.data["complete"] = True
+    st.save()
+
+
+@contextlib.contextmanager
+def rolled_back_on_error(undo: Callable[[], object], role: str) -> Iterator[None]:
+    """Run ``undo`` if the block fails; anything unexpected becomes one UserError line."""
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            undo()
+        if isinstance(exc, Exception) and not isinstance(exc, UserError):
+            raise UserError(
+                f"{role} setup failed and was rolled back: {exc}", f"{role} up"
+            ) from exc
+        raise
+
+
+def start_endpoints(st: StateFile, eps: list[endpoints.Endpoint], role: str) -> None:
+    st.data["endpoints"] = {"devices": [e.name for e in eps], "pidfile": None}
+    st.save()
+    for e in eps:  # stale devices of a crashed run would make the daemon refuse
+        links.delete_link(e.name)
+    st.data["endpoints"]["pidfile"] = str(endpoints.start(eps, st.path.parent, role))
+    st.save()
+
+
+def stop_endpoints(st: StateFile, role: str, names: Iterable[str]) -> list[str]:
+    """Stop the endpoint daemon and delete its devices (also by ``names``, after a crash)."""
+    ep = st.data.get("endpoints") or {}
+    pidfile = ep.get("pidfile")
+    devices = list(dict.fromkeys([*(ep.get("devices") or []), *names]))
+    present = [d for d in devices if links.link(d) is not None]
+    endpoints.stop(Path(pidfile) if pidfile else st.path.parent / f"{role}-endpoints.pid", devices)
+    return [f"device {d}" for d in present]
+
+
+def set_sysctls(st: StateFile, pairs: Iterable[tuple[str, str]]) -> None:
+    """Write each sysctl, keeping its first-seen value in the record for `down`."""
+    old_values: dict[str, str] = st.data.setdefault("sysctls", {})
+    for key, value in pairs:
+        old = links.sysctl_get(key)
+        if old is None:
+            continue
+        old_values.setdefault(key, old)
+        st.save()
+        links.sysctl_set(key, value)
+
+
+def restore_sysctls(old_values: dict[str, str]) -> None:
+    for key, old in reversed(list(old_values.items())):
+        with contextlib.suppress(OSError):
+            links.sysctl_set(key, old)
+
+
+def add_routes(st: StateFile, routes: Iterable[links.Route]) -> None:
+    for r in routes:
+        st.record("routes", asdict(r))
+        links.add_route(r)
+
+
+def add_rules(st: StateFile, rules: Iterable[links.Rule]) -> None:
+    for rule in rules:
+        st.record("rules", asdict(rule))
+        links.add_rule(rule)
+
+
+def route_from_dict(d: dict[str, Any]) -> links.Route:
+    return links.Route(**d)
+
+
+def delete_routes(recorded: Iterable[dict[str, Any]]) -> list[str]:
+    """Delete recorded routes, newest first; what went."""
+    done = []
+    for rd in reversed(list(recorded)):
+        r = route_from_dict(rd)
+        if links.del_route(r):
+            done.append(f"route {r.describe()}")
+    return done
+
+
+def delete_rules(rules: Iterable[links.Rule]) -> list[str]:
+    """Delete our ip rules by selector: ours whether or not they were recorded."""
+    return [f"ip rule {r.describe()}" for r in rules if links.del_rule(r)]
+
+
+def iptables_ok() -> bool:
+    try:
+        iptables.require_binaries()
+    except UserError:
+        return False
+    return True
+
+
+def flush_tables(tables: Iterable[int]) -> list[str]:
+    """Without a record: Istio's clean slate, flushing tables nothing else is meant to use."""
+    return [f"routes of table {t}" for t in tables if links.flush_table(t)]

@@ -1,0 +1,181 @@
+"""Put back what someone removed while a profile is up (ARCHITECTURE rule 7).
+
+An ``Intent`` is what the state file says should exist: ip rules, routes, sysctls,
+ipset entries and our iptables rules. ``repair`` compares it with the kernel and adds
+only what is missing, one log line per repair. It never removes anything: an extra
+rule or route someone added is not ours to judge, and `down` is what takes ours away.
+
+iptables rules are compared in the form iptables-save prints them, recorded right
+after setup applied them (``expected_chains``): the kernel rewrites some options
+(``--set-mark`` becomes ``--set-xmark``, ``-p tcp`` gains ``-m tcp``), so the rendered
+text cannot be compared with a save directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..netconf import ipset, iptables, links
+from . import constants as k
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ChainIntent:
+    """Rules of ours in one chain, as iptables-save shows them.
+
+    ``owned``: the chain is ours (created, hooked from ``parent`` by a jump, nothing
+    else in it). Otherwise it is a built-in chain we share, and our rules are the first
+    ones in it (setup flushed it and appended them, as Istio does).
+    """
+
+    table: str
+    chain: str
+    rules: tuple[str, ...]
+    owned: bool
+    parent: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "chain": self.chain,
+            "rules": list(self.rules),
+            "owned": self.owned,
+            "parent": self.parent,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChainIntent:
+        return cls(d["table"], d["chain"], tuple(d["rules"]), bool(d["owned"]), d.get("parent"))
+
+
+@dataclass(frozen=True)
+class Intent:
+    rules: tuple[links.Rule, ...] = ()
+    routes: tuple[links.Route, ...] = ()
+    sysctls: tuple[tuple[str, str], ...] = ()
+    ipset_entries: dict[str, str] | None = None  # IP -> comment; None: no ipset here
+    chains: tuple[ChainIntent, ...] = ()
+
+
+def expected_chains(ruleset: iptables.Ruleset, saved: iptables.Saved) -> list[ChainIntent]:
+    """What ``ruleset`` looks like in ``saved`` (an iptables-save taken right after it
+    was applied): our chains whole, and our trailing rules of each shared chain."""
+    out: list[ChainIntent] = []
+
+    def rules_of(table: str, chain: str) -> list[str]:
+        st = saved.get(table, iptables.SavedTable())
+        return [spec for c, spec in st.rules if c == chain]
+
+    for c in ruleset.chains:
+        out.append(ChainIntent(c.table, c.name, tuple(rules_of(c.table, c.name)), True, c.parent))
+    owned = {(c.table, c.name) for c in ruleset.chains}
+    shared = dict.fromkeys((r.table, r.chain) for r in ruleset.rules)
+    for table, chain in shared:
+        if (table, chain) in owned:
+            continue
+        n = sum(1 for r in ruleset.rules if (r.table, r.chain) == (table, chain))
+        ours = rules_of(table, chain)[-n:]
+        out.append(ChainIntent(table, chain, tuple(ours), False))
+    return out
+
+
+def iptables_repair_text(
+    chains: tuple[ChainIntent, ...], current: iptables.Saved
+) -> tuple[str, list[str]]:
+    """iptables-restore --noflush input that puts back missing rules, and what it fixes.
+
+    An owned chain that differs is re-declared (which flushes it) and refilled: its
+    rules are all ours and their order is the logic. A missing jump is inserted first
+    in its parent. In a shared chain ours are deleted and inserted again at the top,
+    in order, leaving other rules where they are.
+    """
+    lines: dict[str, list[str]] = {}
+    fixes: list[str] = []
+    for ci in chains:
+        st = current.get(ci.table, iptables.SavedTable())
+        have = [spec for c, spec in st.rules if c == ci.chain]
+        out = lines.setdefault(ci.table, [])
+        if ci.owned:
+            exists = ci.chain in st.chains
+            if not exists:
+                fixes.append(
+                    f"iptables: chain {ci.table} {ci.chain} was deleted; created again with "
+                    f"its {len(ci.rules)} rules"
+                )
+            elif have != list(ci.rules):
+                missing = [r for r in ci.rules if r not in have]
+                what = "lost " + "; ".join(repr(r) for r in missing) if missing else "changed"
+                fixes.append(f"iptables: chain {ci.table} {ci.chain} {what}; refilled")
+            if not exists or have != list(ci.rules):
+                out.append(f":{ci.chain} - [0:0]")
+                out += [f"-A {ci.chain} {r}" for r in ci.rules]
+            jump = f"-j {ci.chain}"
+            if ci.parent and (ci.parent, jump) not in st.rules:
+                fixes.append(f"iptables: jump {ci.table} {ci.parent} -> {ci.chain} was deleted")
+                out.append(f"-I {ci.parent} 1 {jump}")
+        else:
+            present = [spec for spec in have if spec in ci.rules]
+            if present != list(ci.rules):
+                missing = [r for r in ci.rules if r not in have]
+                what = "lost " + "; ".join(repr(r) for r in missing) if missing else "reordered"
+                fixes.append(f"iptables: {ci.table} {ci.chain} {what}; our rules put back on top")
+                out += [f"-D {ci.chain} {spec}" for spec in present]
+                out += [f"-I {ci.chain} {i} {r}" for i, r in enumerate(ci.rules, 1)]
+    text = []
+    for table in iptables.TABLE_ORDER:
+        if lines.get(table):
+            text += [f"*{table}", *lines[table], "COMMIT"]
+    return ("\n".join(text) + "\n" if text else ""), fixes
+
+
+def repair(intent: Intent, say: Say) -> list[str]:
+    """Add back whatever of ``intent`` is missing; the repairs made, each also said."""
+    done: list[str] = []
+
+    def fixed(msg: str) -> None:
+        done.append(msg)
+        say(msg)
+
+    # Devices are the endpoint daemon's: it keeps their addresses and link state, and
+    # routes through a device that is gone cannot be added, so skip those quietly.
+    present_devs = set(links.link_names())
+
+    if intent.ipset_entries is not None:
+        if not ipset.exists(k.IPSET_NAME):
+            ipset.create(k.IPSET_NAME)
+            fixed(f"ipset {k.IPSET_NAME} was destroyed; created again")
+        have = ipset.entries(k.IPSET_NAME)
+        for ip, comment in intent.ipset_entries.items():
+            if ip not in have:
+                ipset.add(k.IPSET_NAME, ip, comment)
+                fixed(f"ipset {k.IPSET_NAME}: pod {ip} (uid {comment}) was missing; added")
+
+    if intent.chains:
+        text, fixes = iptables_repair_text(intent.chains, iptables.save())
+        if text:
+            iptables.restore(text)
+            for msg in fixes:
+                fixed(msg)
+
+    rules_now = links.list_rules()
+    for rule in intent.rules:
+        if rule not in rules_now:
+            links.add_rule(rule)
+            fixed(f"ip rule {rule.describe()} was missing; added")
+
+    for route in intent.routes:
+        if route.dev not in present_devs or links.route_exists(route):
+            continue
+        if links.add_route(route):
+            fixed(f"route {route.describe()} was missing; added")
+
+    for key, value in intent.sysctls:
+        cur = links.sysctl_get(key)
+        if cur is not None and cur != value:
+            links.sysctl_set(key, value)
+            fixed(f"sysctl {key} was {cur}; set to {value} again")
+    return done

@@ -1,0 +1,145 @@
+"""The reconcile watcher of a profile: `geneve-dp node watch` / `geneve-dp ztunnel watch`.
+
+`node up` / `ztunnel up` start it detached in their namespace, with a pidfile and a log
+in the state directory. About once a second it reads the state file (the intent) under
+the state directory's lock and puts back whatever of it is missing (reconcile.py),
+logging one line per repair. It exits by itself once the state file is gone.
+
+A plain loop with a sleep: nothing here needs an event loop, and pyroute2's sync API
+is then used the way ARCHITECTURE rule 5 allows (no uvloop anywhere near it).
+`down` stops it first, so the watcher never fights a teardown, and also kills a watcher
+of this role in this namespace that a crash left without a pidfile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..netconf import links
+from . import reconcile
+from .state import StateFile, locked
+
+INTERVAL = 1.0
+STOP_TIMEOUT = 5.0
+
+# What a profile's state file asks to exist (node.intent, ztunnel.intent).
+IntentOf = Callable[[StateFile], reconcile.Intent]
+
+
+def pidfile(directory: Path, role: str) -> Path:
+    return directory / f"{role}-watch.pid"
+
+
+def logfile(directory: Path, role: str) -> Path:
+    return directory / f"{role}-watch.log"
+
+
+def start(directory: Path, role: str) -> int:
+    """Start `geneve-dp ROLE watch` in the background in this namespace; its pid."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(logfile(directory, role), "a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "geneve_dp", role, "watch"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # not killed with the terminal of the `up` that made it
+        )
+    pidfile(directory, role).write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _is_watcher(pid: int, role: str) -> bool:
+    """A `geneve_dp ROLE watch` process in our network namespace (not a recycled pid)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    want = [b"geneve_dp", role.encode(), b"watch"]
+    found = any(args[i : i + 3] == want for i in range(len(args)))
+    return found and links.netns_id(pid) == links.netns_id()
+
+
+def _watchers(directory: Path, role: str) -> list[int]:
+    pids: set[int] = set()
+    with contextlib.suppress(OSError, ValueError):
+        pids.add(int(pidfile(directory, role).read_text().split()[0]))
+    # A crash (or a lost state directory) leaves no pidfile: find them by command line.
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pids.add(int(entry.name))
+    pids.discard(os.getpid())
+    return sorted(p for p in pids if _is_watcher(p, role))
+
+
+def stop(directory: Path, role: str) -> bool:
+    """Stop this namespace's ROLE watcher(s); True if one was running."""
+    pids = _watchers(directory, role)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    pidfile(directory, role).unlink(missing_ok=True)
+    logfile(directory, role).unlink(missing_ok=True)
+    return bool(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def run(
+    directory: Path,
+    state_name: str,
+    intent_of: IntentOf,
+    say: Callable[[str], None],
+    interval: float = INTERVAL,
+) -> int:
+    """The loop: one reconcile pass per ``interval`` until SIGTERM or the state is gone."""
+    stop_event = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop_event.set())
+    say(f"watching {directory / state_name} every {interval:g}s")
+    while not stop_event.wait(interval):
+        try:
+            if not reconcile_once(directory, state_name, intent_of, say):
+                say("the state file is gone (down ran); exiting")
+                return 0
+        except Exception as exc:  # keep watching: the next pass may succeed
+            say(f"reconcile pass failed: {exc}")
+    return 0
+
+
+def reconcile_once(
+    directory: Path, state_name: str, intent_of: IntentOf, say: Callable[[str], None]
+) -> bool:
+    """One pass; False when there is nothing to watch any more."""
+    with locked(directory) as held:
+        if not held:
+            return False
+        st = StateFile.load(directory / state_name)
+        if not st.exists:
+            return False
+        # An incomplete record is a setup still running (or one that crashed, for
+        # `down` to clean): nothing to hold on to yet.
+        if st.data.get("complete"):
+            reconcile.repair(intent_of(st), say)
+    return True
