@@ -199,3 +199,17 @@ def test_many_tunnels_share_sockets(netns_factory: Callable[[str], Netns], engin
         send_udp(a, [("fd00::1", "fd00::2", 6081, 0, geneve(100, 0x6558, b"\0" * 14, oam=True))])
         assert wait_for(lambda: any(m[0] == "gt2" for m in eb.status()["control_messages"]))
         assert eb.tunnel("gt2")["counters"]["control"] == 1
+
+
+def test_offload_udp_gso_over_ipv4(netns_factory: Callable[[str], Netns]) -> None:
+    """With a UDP checksum on IPv4 the offload mode sends TSO segments as UDP GSO
+    super-packets (the kernel refuses UDP GSO without a checksum)."""
+    a, b = netns_factory("a"), netns_factory("b")
+    underlay(a, b)
+    sa, sb = _specs("tap", 4, udp_csum=True)
+    with endpoint(a, "c+offload", sa) as ea, endpoint(b, "c+offload", sb) as eb:
+        assert ea.error is None and eb.error is None, (ea.error, eb.error)
+        tcp_transfer(a, b, "192.168.100.2", 8 << 20)
+        ta, tb = ea.tunnel("gt0")["counters"], eb.tunnel("gt0")["counters"]
+        assert ta["tx_gso_frames"] > 0 and tb["rx_gro_frames"] > 0
+        assert sum(ta["drops"].values()) == 0 and sum(tb["drops"].values()) == 0
