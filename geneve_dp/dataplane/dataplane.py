@@ -34,6 +34,13 @@ Design notes (the kernel geneve contract, and where this differs):
 - ``offload=True`` (or GDP_OFFLOAD=1; C engine only) opens the devices with
   IFF_VNET_HDR and TSO/checksum offloads: TCP super-frames are segmented in C on
   transmit, and received in-order TCP segments are coalesced into GSO super-frames.
+  When the tunnel sends UDP checksums (IPv6 by default, IPv4 with udp_csum) and df is
+  not "inherit", the segments leave as one UDP GSO send through per-tunnel UDP
+  sockets whose ports are then the flows' source ports (the kernel refuses UDP GSO
+  without a checksum); the receive socket gets UDP_GRO and C splits what it returns.
+- Not reproduced: the kernel routes the outer packet with the inner skb's mark and
+  keeps skb->mark across encapsulation; a TAP/TUN read carries no mark, and frames
+  written to the device start with mark 0.
 """
 
 from __future__ import annotations
