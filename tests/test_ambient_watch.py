@@ -1,0 +1,232 @@
+"""The reconcile watchers (ARCHITECTURE rule 7) and the GENEVE port choice (Istio 1.19+).
+
+Real namespaces, built per test and removed at the end (the ``world`` fixture of
+test_ambient_node). Things are deleted behind the profiles' backs with plain ip,
+iptables and ipset commands, and must come back within a bounded wait; the state
+after the repairs is compared with the state right after `up`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from geneve_dp.ambient import constants as k
+from geneve_dp.ambient import endpoints
+from geneve_dp.ambient import topology as t
+from tests.test_ambient_node import NODE_UP, ZT_UP, one_line_error, stable
+from tests.test_ambient_node import world as world  # the fixture
+
+WAIT = 20.0  # bound for a repair; the watcher looks once a second
+Z2 = ["-p", "tcp", "-i", k.ZT_OUTBOUND_TUN, "-j", "TPROXY", "--tproxy-mark", "0x400/0xfff",
+      "--on-port", "15001", "--on-ip", "127.0.0.1"]  # fmt: skip
+P2 = ["-i", k.INBOUND_TUN, "-j", "RETURN"]
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not come back within {timeout:.0f}s")
+
+
+def watchers(w: t.World, ns: str) -> list[int]:
+    """Pids of `geneve_dp ROLE watch` processes running in ``ns``."""
+    out = []
+    for pid in w.run(ns, "ip", "netns", "pids", ns).stdout.split():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"geneve_dp" in args and b"watch" in args:
+            out.append(int(pid))
+    return out
+
+
+def has_rule(w: t.World, ns: str, chain: str, spec: list[str]) -> bool:
+    return w.run(ns, "iptables", "-t", "mangle", "-C", chain, *spec, check=False).returncode == 0
+
+
+def repairs(w: t.World, ns: str, role: str) -> list[str]:
+    log = (w.state_root / ns / f"{role}-watch.log").read_text()
+    return [ln for ln in log.splitlines() if "was missing" in ln or " lost " in ln]
+
+
+def test_watchers_put_back_what_was_removed(world: t.World) -> None:
+    w = world
+    before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
+    w.gdp(w.node, *NODE_UP)
+    w.gdp(w.zt, *ZT_UP)
+    a = t.PODS[0]
+    w.gdp(w.node, "pod", "add", a.ip, "--uid", a.uid)
+    assert len(watchers(w, w.node)) == 1 and len(watchers(w, w.zt)) == 1
+    after_up = {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)}
+
+    def ip_rules() -> str:
+        return w.run(w.node, "ip", "rule").stdout
+
+    w.run(w.node, "ip", "rule", "del", "priority", "101")
+    wait_for(lambda: "101:\tfrom all fwmark 0x100/0x100 lookup 101" in ip_rules(), "ip rule 101")
+
+    def table_100() -> str:
+        return w.run(w.node, "ip", "route", "show", "table", "100").stdout
+
+    w.run(w.node, "ip", "route", "del", "table", "100", f"{a.ip}/32")
+    wait_for(lambda: f"{a.ip} via 192.168.126.2 dev istioin" in table_100(), "the pod's route")
+
+    w.run(w.node, "iptables", "-t", "mangle", "-D", k.CHAIN_PREROUTING, *P2)
+    wait_for(lambda: has_rule(w, w.node, k.CHAIN_PREROUTING, P2), "node rule P2")
+
+    w.run(w.zt, "iptables", "-t", "mangle", "-D", "PREROUTING", *Z2)
+    wait_for(lambda: has_rule(w, w.zt, "PREROUTING", Z2), "ztunnel rule Z2")
+
+    def members() -> str:
+        return w.run(w.node, "ipset", "list", k.IPSET_NAME).stdout
+
+    w.run(w.node, "ipset", "del", k.IPSET_NAME, a.ip)
+    wait_for(lambda: f'{a.ip} comment "{a.uid}"' in members(), "the pod's ipset entry")
+
+    # Back exactly as up left it: the same rules, in the same places and order.
+    assert {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)} == after_up
+    node_log = repairs(w, w.node, "node")
+    assert len(node_log) == 4, node_log
+    expected_repairs = [
+        ("ip rule 101",),
+        (f"route {a.ip}/32", "table 100"),
+        ("ztunnel-PREROUTING", "-i istioin -j RETURN"),
+        ("ipset", a.ip, a.uid),
+    ]
+    for words in expected_repairs:
+        assert sum(all(x in ln for x in words) for ln in node_log) == 1, (words, node_log)
+    zt_log = repairs(w, w.zt, "ztunnel")
+    assert len(zt_log) == 1 and "PREROUTING lost" in zt_log[0] and "15001" in zt_log[0]
+
+    w.gdp(w.node, "node", "down")
+    w.gdp(w.zt, "ztunnel", "down")
+    assert {ns: w.snapshot(ns) for ns in (w.node, w.zt)} == before
+    assert watchers(w, w.node) == [] and watchers(w, w.zt) == []
+    assert not (w.state_root / w.node).exists() and not (w.state_root / w.zt).exists()
+
+
+def test_pod_add_and_del_are_not_fought(world: t.World) -> None:
+    w = world
+    a, b = t.PODS[0], t.PODS[1]
+    w.gdp(w.node, *NODE_UP)
+    w.gdp(w.node, "pod", "add", a.ip, "--uid", a.uid)
+    w.gdp(w.node, "pod", "del", a.ip)
+    w.gdp(w.node, "pod", "add", b.ip, "--uid", b.uid)
+    # A repair that happens after the pod commands proves a whole watcher pass ran.
+    w.run(w.node, "ip", "rule", "del", "priority", "102")
+    wait_for(lambda: "102:\tfrom all" in w.run(w.node, "ip", "rule").stdout, "ip rule 102")
+    members = w.run(w.node, "ipset", "list", k.IPSET_NAME).stdout
+    assert a.ip not in members and f'{b.ip} comment "{b.uid}"' in members
+    table = w.run(w.node, "ip", "route", "show", "table", "100").stdout
+    assert a.ip not in table and b.ip in table
+    assert [ln for ln in repairs(w, w.node, "node") if "pod" in ln] == []
+
+
+def test_up_twice_runs_one_watcher_and_down_stops_one_without_pidfile(world: t.World) -> None:
+    w = world
+    before = w.snapshot(w.node)
+    w.gdp(w.node, *NODE_UP)
+    w.gdp(w.node, *NODE_UP)
+    pids = watchers(w, w.node)
+    assert len(pids) == 1
+    # A crash that lost the pidfile: down still finds it (by command line and netns).
+    (w.state_root / w.node / "node-watch.pid").unlink()
+    w.gdp(w.node, "node", "down")
+    assert watchers(w, w.node) == []
+    assert w.snapshot(w.node) == before
+
+
+def test_watch_command_bad_input(world: t.World) -> None:
+    w = world
+    one_line_error(w.gdp(w.node, "node", "watch", "--interval", "0", check=False), "--interval")
+
+
+# --- the GENEVE port -----------------------------------------------------------------------
+
+
+def test_choose_port_takes_the_first_free_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = {6081: "busy", 6082: "busy too"}
+    monkeypatch.setattr(endpoints, "port_taken", lambda port, _r, _v: taken.get(port))
+    said: list[str] = []
+    assert endpoints.choose_port("10.0.0.1", (1000, 1001), said.append) == 6083
+    assert said == ["GENEVE port 6081 is taken: busy", "GENEVE port 6082 is taken: busy too"]
+
+
+@pytest.fixture
+def port_users(world: t.World) -> Iterator[Callable[[], None]]:
+    """Occupy 6081 (a geneve-dp endpoint, VNI 1000 to the ztunnel IP) and 6082 (a plain
+    UDP socket) in the node namespace; the callable frees both."""
+    w = world
+    pidfile = w.workdir / "other-endpoint.pid"
+    w.gdp(w.node, "up", "gdp-other", "--vni", str(k.INBOUND_TUN_VNI), "--remote", t.ZTUNNEL_IP,
+          "--port", "6081", "--detach", "--pidfile", str(pidfile))  # fmt: skip
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", w.node, sys.executable, "-c",
+         "import socket, sys, time\n"
+         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+         "s.bind(('0.0.0.0', 6082)); print('bound', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+
+    def free() -> None:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(5)
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+            wait_for(lambda: not pidfile.exists(), "the other endpoint's exit")
+
+    try:
+        yield free
+    finally:
+        free()
+
+
+def test_port_skips_ports_in_use_and_is_the_same_everywhere(
+    world: t.World, port_users: Callable[[], None]
+) -> None:
+    w = world
+    up = w.gdp(w.node, *NODE_UP)
+    assert "GENEVE port 6083," in up.stdout
+    assert "GENEVE port 6081 is taken: geneve-dp pid" in up.stdout
+    assert "runs gdp-other (VNI 1000 to 10.244.1.3) on it: the same VNI and remote" in up.stdout
+    assert "GENEVE port 6082 is taken: a UDP socket of another program" in up.stdout
+    shown = {tun["name"]: tun for tun in json.loads(w.gdp(w.node, "show", "--json").stdout)}
+    assert shown["istioin"]["port"] == shown["istioout"]["port"] == 6083
+    assert "-p udp -m udp --dport 6083 -j RETURN" in w.run(w.node, "iptables-save").stdout
+    assert json.loads((w.state_root / w.node / "node.json").read_text())["config"]["port"] == 6083
+
+    # The ztunnel side is told the port; a ping through the tunnel shows both ends agree.
+    w.gdp(w.zt, *ZT_UP, "--port", "6083")
+    ping = w.run(w.node, "ping", "-c", "1", "-w", "10", k.ZT_INBOUND_TUN_IP, check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+    # up again once 6081 is free: the first free port is 6081 again.
+    port_users()
+    w.gdp(w.zt, "ztunnel", "down")
+    assert "GENEVE port 6081," in w.gdp(w.node, *NODE_UP).stdout
+
+
+def test_istio_118_always_uses_6081(world: t.World, port_users: Callable[[], None]) -> None:
+    w = world
+    before = w.snapshot(w.node)
+    proc = w.gdp(w.node, *NODE_UP, "--istio-version", "1.18", check=False)
+    one_line_error(proc, "endpoints")
+    assert w.snapshot(w.node) == before  # nothing half-applied
+    port_users()
+    up = w.gdp(w.node, *NODE_UP, "--istio-version", "1.18")
+    assert "GENEVE port 6081," in up.stdout and "is taken" not in up.stdout
