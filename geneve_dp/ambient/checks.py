@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 
 from ..errors import UserError
 from ..netconf import iptables, links
+from . import sockets
 
 
 def require_root(what: str) -> None:
@@ -32,13 +32,7 @@ def ipv4(value: str | None, field: str) -> ipaddress.IPv4Address:
 
 
 def is_local_address(ip: ipaddress.IPv4Address) -> bool:
-    """Whether ``ip`` is assigned here: binding to it works only then (no IP_FREEBIND)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((str(ip), 0))
-        except OSError:
-            return False
-    return True
+    return sockets.is_local(str(ip))
 
 
 def port(value: int, field: str = "--port") -> int:

@@ -16,6 +16,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from .sockets import accept_loop
+
 TIMEOUT = 5.0
 
 
@@ -39,15 +41,8 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     socks: list[socket.socket] = []
 
-    def tcp_loop(s: socket.socket) -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=_tcp_conn, args=(name, conn), daemon=True).start()
+    def tcp_conn(conn: socket.socket) -> None:
+        _tcp_conn(name, conn)
 
     def udp_loop(s: socket.socket) -> None:
         while not stop.is_set():
@@ -66,9 +61,8 @@ def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("0.0.0.0", port))
         s.listen(64)
-        s.settimeout(0.2)
         socks.append(s)
-        threads.append(threading.Thread(target=tcp_loop, args=(s,), daemon=True))
+        threads.append(threading.Thread(target=accept_loop, args=(s, stop, tcp_conn), daemon=True))
     for port in udp_ports:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(("0.0.0.0", port))

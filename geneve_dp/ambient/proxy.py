@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from .sockets import accept_loop, is_local
+
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 CONNECT_TIMEOUT = 5.0
@@ -93,7 +95,7 @@ def handle(conn: socket.socket, port: int, log: Callable[..., None], spoof: bool
         "client": f"{client[0]}:{client[1]}",
         "orig_dst": f"{orig[0]}:{orig[1]}",
     }
-    if orig[1] == port and _is_local(orig[0]):
+    if orig[1] == port and is_local(orig[0]):
         # Addressed to the listener itself, not redirected: forwarding would loop.
         log(**record, upstream="refused: addressed to the proxy itself")
         conn.close()
@@ -124,32 +126,15 @@ def handle(conn: socket.socket, port: int, log: Callable[..., None], spoof: bool
         s.close()
 
 
-def _is_local(ip: str) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((ip, 0))
-        except OSError:
-            return False
-    return True
-
-
 def serve(ports: list[int], log: Callable[..., None], spoof: bool, stop: threading.Event) -> None:
     socks = [listener(p) for p in ports]
     log(event="listening", ports=ports, transparent=True, spoof=spoof)
 
-    def accept_loop(s: socket.socket, port: int) -> None:
-        s.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            threading.Thread(target=handle, args=(conn, port, log, spoof), daemon=True).start()
+    def handler(port: int) -> Callable[[socket.socket], None]:
+        return lambda conn: handle(conn, port, log, spoof)
 
     threads = [
-        threading.Thread(target=accept_loop, args=(s, p), daemon=True)
+        threading.Thread(target=accept_loop, args=(s, stop, handler(p)), daemon=True)
         for s, p in zip(socks, ports, strict=True)
     ]
     for t in threads:
