@@ -53,6 +53,10 @@ def watchers(w: t.World, ns: str) -> list[int]:
     return out
 
 
+def daemon_pid(w: t.World, ns: str, role: str) -> int:
+    return int((w.state_root / ns / f"{role}-endpoints.pid").read_text().split()[0])
+
+
 def has_rule(w: t.World, ns: str, chain: str, spec: list[str]) -> bool:
     return w.run(ns, "iptables", "-t", "mangle", "-C", chain, *spec, check=False).returncode == 0
 
@@ -116,6 +120,44 @@ def test_watchers_put_back_what_was_removed(world: t.World) -> None:
     assert {ns: w.snapshot(ns) for ns in (w.node, w.zt)} == before
     assert watchers(w, w.node) == [] and watchers(w, w.zt) == []
     assert not (w.state_root / w.node).exists() and not (w.state_root / w.zt).exists()
+
+
+def test_watchers_bring_back_a_deleted_device_and_a_dead_daemon(world: t.World) -> None:
+    w = world
+    before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
+    w.gdp(w.node, *NODE_UP)
+    w.gdp(w.zt, *ZT_UP)
+    a = t.PODS[0]
+    w.gdp(w.node, "pod", "add", a.ip, "--uid", a.uid)
+    after_up = {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)}
+    node_pid = daemon_pid(w, w.node, "node")
+    zt_pid = daemon_pid(w, w.zt, "ztunnel")
+
+    w.run(w.node, "ip", "link", "del", k.INBOUND_TUN)
+    os.kill(zt_pid, signal.SIGKILL)
+
+    def restarted(ns: str, role: str, old: int) -> bool:
+        pidfile = w.state_root / ns / f"{role}-endpoints.pid"
+        return pidfile.exists() and daemon_pid(w, ns, role) != old
+
+    wait_for(lambda: restarted(w.node, "node", node_pid), "the node's endpoint daemon")
+    wait_for(lambda: restarted(w.zt, "ztunnel", zt_pid), "the ztunnel's endpoint daemon")
+    # Devices, addresses, routes through them: as up left them.
+    wait_for(lambda: {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)} == after_up,
+             "the state after up")  # fmt: skip
+    key = f"net.ipv4.conf.{k.INBOUND_TUN}.accept_local"
+    assert w.run(w.node, "sysctl", "-n", key).stdout.strip() == "1"
+    # And the tunnel carries packets again, both ways (ARP and ICMP through GENEVE).
+    ping = w.run(w.node, "ping", "-c", "1", "-w", "10", k.ZT_INBOUND_TUN_IP, check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    node_log = (w.state_root / w.node / "node-watch.log").read_text()
+    assert f"device {k.INBOUND_TUN} was deleted; daemon started again" in node_log
+    zt_log = (w.state_root / w.zt / "ztunnel-watch.log").read_text()
+    assert "its daemon had exited; daemon started again" in zt_log
+
+    w.gdp(w.node, "node", "down")
+    w.gdp(w.zt, "ztunnel", "down")
+    assert {ns: w.snapshot(ns) for ns in (w.node, w.zt)} == before
 
 
 def test_pod_add_and_del_are_not_fought(world: t.World) -> None:

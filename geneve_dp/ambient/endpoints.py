@@ -8,10 +8,7 @@ by name.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +20,7 @@ from pathlib import Path
 from .. import wire
 from ..errors import UserError
 from ..netconf import links
+from . import procs
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -80,36 +78,31 @@ def start(endpoints: list[Endpoint], state_dir: Path, role: str) -> Path:
     return pidfile
 
 
-def _is_our_daemon(pid: int, pidfile: Path) -> bool:
-    """Guard against a recycled pid: the process must be a geneve-dp `up` of this config."""
+def _config_of(pidfile: Path) -> Path:
+    return Path(str(pidfile).removesuffix(".pid") + ".toml")
+
+
+def _words(pidfile: Path) -> list[str]:
+    """How the daemon of ``pidfile`` is recognised: `geneve_dp up --config <its file>`."""
+    return ["geneve_dp", "up", "--config", str(_config_of(pidfile))]
+
+
+def running(pidfile: Path) -> int | None:
+    """The pid of the daemon of ``pidfile`` if it is alive (not a recycled pid)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    args = [a.decode(errors="replace") for a in cmdline]
-    config = str(pidfile).removesuffix(".pid") + ".toml"
-    return "geneve_dp" in " ".join(args) and config in args
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if procs.alive(pid) and procs.matches(pid, _words(pidfile)) else None
 
 
 def stop(pidfile: Path | None, devices: list[str]) -> None:
     """SIGTERM the daemon (which removes its devices), then delete whatever is left."""
     if pidfile is not None:
-        pid = None
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pidfile.read_text().split()[0])
-        if pid is not None and _is_our_daemon(pid, pidfile):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-                if _zombie(pid):
-                    break
-                time.sleep(0.05)
-            if Path(f"/proc/{pid}").exists() and not _zombie(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        # Also one that lost its pidfile (a crash, a removed state directory).
+        procs.terminate(procs.find(_words(pidfile), pidfile))
         pidfile.unlink(missing_ok=True)
-        Path(str(pidfile).removesuffix(".pid") + ".toml").unlink(missing_ok=True)
+        _config_of(pidfile).unlink(missing_ok=True)
     # Devices of a daemon that was SIGKILLed (TAP devices vanish with their fd unless
     # persistent, but a stand-in or a stuck daemon may leave them).
     deadline = time.monotonic() + STOP_TIMEOUT
@@ -118,14 +111,6 @@ def stop(pidfile: Path | None, devices: list[str]) -> None:
             if links.delete_link(name):
                 break
             time.sleep(0.05)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 # --- the GENEVE port (Istio 1.19+ determineDstPortForGeneveLink, reference §0, §2.3) -----

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..netconf import ipset, iptables, links
 from . import constants as k
+from . import endpoints
 
 Say = Callable[[str], None]
 
@@ -54,6 +56,9 @@ class ChainIntent:
 
 @dataclass(frozen=True)
 class Intent:
+    role: str = ""
+    endpoints: tuple[endpoints.Endpoint, ...] = ()
+    pidfile: Path | None = None  # the endpoint daemon's
     rules: tuple[links.Rule, ...] = ()
     routes: tuple[links.Route, ...] = ()
     sysctls: tuple[tuple[str, str], ...] = ()
@@ -140,8 +145,25 @@ def repair(intent: Intent, say: Say) -> list[str]:
         done.append(msg)
         say(msg)
 
-    # Devices are the endpoint daemon's: it keeps their addresses and link state, and
-    # routes through a device that is gone cannot be added, so skip those quietly.
+    # The endpoint daemon keeps its devices' addresses and link state, but it does not
+    # create a deleted device again, and nothing runs it again if it dies: start it
+    # afresh for either. Routes and sysctls of its devices are put back further down.
+    if intent.endpoints and intent.pidfile is not None:
+        present = set(links.link_names())
+        gone = [e.name for e in intent.endpoints if e.name not in present]
+        pid = endpoints.running(intent.pidfile)
+        if gone or pid is None:
+            names = [e.name for e in intent.endpoints]
+            endpoints.stop(intent.pidfile, names)
+            endpoints.start(list(intent.endpoints), intent.pidfile.parent, intent.role)
+            new = endpoints.running(intent.pidfile)
+            # A daemon that died took its devices with it: name the cause, not the effect.
+            why = (
+                "its daemon had exited" if pid is None else f"device {', '.join(gone)} was deleted"
+            )
+            fixed(f"endpoints {', '.join(names)}: {why}; daemon started again (pid {new})")
+
+    # A route through a device that is not there cannot be added: skip it quietly.
     present_devs = set(links.link_names())
 
     if intent.ipset_entries is not None:

@@ -13,22 +13,17 @@ of this role in this namespace that a crash left without a pidfile.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..netconf import links
-from . import reconcile
+from . import procs, reconcile
 from .state import StateFile, locked
 
 INTERVAL = 1.0
-STOP_TIMEOUT = 5.0
 
 # What a profile's state file asks to exist (node.intent, ztunnel.intent).
 IntentOf = Callable[[StateFile], reconcile.Intent]
@@ -57,53 +52,13 @@ def start(directory: Path, role: str) -> int:
     return proc.pid
 
 
-def _is_watcher(pid: int, role: str) -> bool:
-    """A `geneve_dp ROLE watch` process in our network namespace (not a recycled pid)."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    want = [b"geneve_dp", role.encode(), b"watch"]
-    found = any(args[i : i + 3] == want for i in range(len(args)))
-    return found and links.netns_id(pid) == links.netns_id()
-
-
-def _watchers(directory: Path, role: str) -> list[int]:
-    pids: set[int] = set()
-    with contextlib.suppress(OSError, ValueError):
-        pids.add(int(pidfile(directory, role).read_text().split()[0]))
-    # A crash (or a lost state directory) leaves no pidfile: find them by command line.
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            pids.add(int(entry.name))
-    pids.discard(os.getpid())
-    return sorted(p for p in pids if _is_watcher(p, role))
-
-
 def stop(directory: Path, role: str) -> bool:
-    """Stop this namespace's ROLE watcher(s); True if one was running."""
-    pids = _watchers(directory, role)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    """Stop this namespace's ROLE watcher(s), with or without a pidfile; True if one ran."""
+    pids = procs.find(["geneve_dp", role, "watch"], pidfile(directory, role))
+    procs.terminate(pids)
     pidfile(directory, role).unlink(missing_ok=True)
     logfile(directory, role).unlink(missing_ok=True)
     return bool(pids)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def run(
