@@ -86,9 +86,16 @@ def check_names_free(specs: list[TunnelSpec]) -> None:
 class Daemon:
     """Runs one Dataplane until told to stop."""
 
-    def __init__(self, specs: list[TunnelSpec], engine: str, pidfile: Path | None = None) -> None:
+    def __init__(
+        self,
+        specs: list[TunnelSpec],
+        engine: str,
+        pidfile: Path | None = None,
+        offload: bool | None = None,
+    ) -> None:
         self.specs = specs
         self.engine = engine
+        self.offload = offload
         self.pidfile = pidfile
         self.sock_path = socket_path(os.getpid())
         self.control_messages: list[dict[str, Any]] = []
@@ -104,7 +111,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         check_names_free(self.specs)
-        self._dataplane = Dataplane(self.specs, engine=self.engine, control_hook=self._on_control)
+        self._dataplane = Dataplane(
+            self.specs, engine=self.engine, control_hook=self._on_control, offload=self.offload
+        )
         server: asyncio.base_events.Server | None = None
         try:
             await loop.run_in_executor(None, self._dataplane.start)
@@ -217,6 +226,7 @@ class Daemon:
                 reply: Any = {
                     "pid": os.getpid(),
                     "engine": self.engine,
+                    "offload": self._dataplane.offload,
                     "tunnels": self._dataplane.status(),
                     "control_messages": self.control_messages,
                 }

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from geneve_dp.daemon import query_all
 from tests.netns import Netns, veth
 
 GDP = [sys.executable, "-m", "geneve_dp"]
@@ -179,3 +180,20 @@ def test_bad_netns_and_missing_flags(run_dir: Path) -> None:
     assert proc.returncode == 2 and "--remote" in proc.stderr
     proc = gdp("show", "nosuchdev")
     assert proc.returncode == 2 and "nosuchdev" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--offload", "--no-offload"])
+def test_offload_flag_reaches_the_dataplane(
+    pair: tuple[Netns, Netns], run_dir: Path, flag: str
+) -> None:
+    a, b = pair
+    pa = start(a, "gt4", "--vni", "9", "--remote", "10.99.0.2", flag, "--address", "172.16.9.1/24")
+    pb = start(b, "gt4", "--vni", "9", "--remote", "10.99.0.1", flag, "--address", "172.16.9.2/24")
+    try:
+        replies = {r["pid"]: r for r in query_all()}
+        assert replies[pa.pid]["offload"] is (flag == "--offload")
+        ping = a.run("ping", "-c", "2", "-i", "0.2", "-W", "2", "172.16.9.2", check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+    finally:
+        assert stop(pa) == 0
+        assert stop(pb) == 0

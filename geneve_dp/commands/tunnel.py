@@ -19,7 +19,7 @@ UP_DESCRIPTION = """\
 Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM, then
 remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
 VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
-`engine` and `netns`, then one [[tunnel]] table per device with the keys name, vni,
+`engine`, `netns` and `offload`, then one [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
 reflect_options, mac, addresses). Tunnels on the same port share one UDP socket and
 are told apart by VNI and outer source address. The device is set up (and given
@@ -84,6 +84,17 @@ def register(sub: Any) -> None:
     up.add_argument("--netns", help="create the devices inside this named network namespace")
     up.add_argument(
         "--engine", help="per-packet engine: c (default) or python (slow; a baseline and oracle)"
+    )
+    offload = up.add_mutually_exclusive_group()
+    offload.add_argument(
+        "--offload",
+        dest="offload",
+        action="store_const",
+        const=True,
+        help="TAP/TUN offloads (IFF_VNET_HDR, TSO super-frames segmented in C, UDP GSO/GRO)",
+    )
+    offload.add_argument(
+        "--no-offload", dest="offload", action="store_const", const=False, help="no offloads"
     )
     up.add_argument(
         "--detach", action="store_true", help="go to the background once ready (print the pid)"
@@ -168,6 +179,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if engine not in ENGINES:
         raise UserError(f"{engine!r} is not one of {', '.join(ENGINES)}", "--engine")
     netns = args.netns or settings.get("netns")
+    offload = args.offload if args.offload is not None else settings.get("offload")
+    if offload is not None and not isinstance(offload, bool):
+        raise UserError(f"{offload!r} is not true or false", "offload")
     if os.geteuid() != 0:
         raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
     logging.basicConfig(
@@ -180,23 +194,29 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         enter_netns(str(netns))
     if args.detach:
-        return _up_detached(specs, engine, args.pidfile)
-    return _run_daemon(
-        specs, engine, args.pidfile, lambda msg: print(f"geneve-dp: {msg}", flush=True)
-    )
+        return _up_detached(specs, engine, offload, args.pidfile)
+
+    def announce(message: str) -> None:
+        print(f"geneve-dp: {message}", flush=True)
+
+    return _run_daemon(specs, engine, offload, args.pidfile, announce)
 
 
-def _run_daemon(specs: list[TunnelSpec], engine: str, pidfile: Path | None, on_ready: Any) -> int:
+def _run_daemon(
+    specs: list[TunnelSpec], engine: str, offload: bool | None, pidfile: Path | None, on_ready: Any
+) -> int:
     import uvloop
 
     from ..daemon import Daemon
 
-    daemon = Daemon(specs, engine, pidfile)
+    daemon = Daemon(specs, engine, pidfile, offload=offload)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(daemon.run(on_ready))
 
 
-def _up_detached(specs: list[TunnelSpec], engine: str, pidfile: Path | None) -> int:
+def _up_detached(
+    specs: list[TunnelSpec], engine: str, offload: bool | None, pidfile: Path | None
+) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
     from ..daemon import run_dir
@@ -231,7 +251,7 @@ def _up_detached(specs: list[TunnelSpec], engine: str, pidfile: Path | None) -> 
             os.write(write_fd, message.encode())
             os.close(write_fd)
 
-        rc = _run_daemon(specs, engine, pidfile, ready)
+        rc = _run_daemon(specs, engine, offload, pidfile, ready)
     except UserError as exc:
         try:
             os.write(write_fd, str(exc).encode())

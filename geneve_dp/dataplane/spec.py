@@ -218,9 +218,11 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
     tables = data.pop("tunnel", None)
     if not isinstance(tables, list) or not tables:
         raise UserError(f"{path} has no [[tunnel]] tables", field="--config")
-    unknown = sorted(set(data) - {"engine", "netns"})
+    unknown = sorted(set(data) - {"engine", "netns", "offload"})
     if unknown:
-        raise UserError("unknown top-level key; accepted: engine, netns, [[tunnel]]", unknown[0])
+        raise UserError(
+            "unknown top-level key; accepted: engine, netns, offload, [[tunnel]]", unknown[0]
+        )
     specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]
     check_together(specs)
     return specs, data
