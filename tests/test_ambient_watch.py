@@ -272,3 +272,45 @@ def test_istio_118_always_uses_6081(world: t.World, port_users: Callable[[], Non
     port_users()
     up = w.gdp(w.node, *NODE_UP, "--istio-version", "1.18")
     assert "GENEVE port 6081," in up.stdout and "is taken" not in up.stdout
+
+
+# --- the iptables repair text (pure) -----------------------------------------------------
+
+
+def test_repair_text_refills_an_owned_chain_and_its_jump() -> None:
+    from geneve_dp.ambient.reconcile import ChainIntent, iptables_repair_text
+    from geneve_dp.netconf.iptables import parse_save
+
+    chain = ChainIntent("mangle", "ztunnel-X", ("-i a -j RETURN", "-i b -j RETURN"), True, "INPUT")
+    intact = parse_save(
+        "*mangle\n:INPUT ACCEPT [0:0]\n:ztunnel-X - [0:0]\n-A INPUT -j ztunnel-X\n"
+        "-A ztunnel-X -i a -j RETURN\n-A ztunnel-X -i b -j RETURN\nCOMMIT\n"
+    )
+    assert iptables_repair_text((chain,), intact) == ("", [])
+    broken = parse_save(
+        "*mangle\n:INPUT ACCEPT [0:0]\n:ztunnel-X - [0:0]\n-A ztunnel-X -i b -j RETURN\nCOMMIT\n"
+    )
+    text, fixes = iptables_repair_text((chain,), broken)
+    assert text == (
+        "*mangle\n:ztunnel-X - [0:0]\n-A ztunnel-X -i a -j RETURN\n-A ztunnel-X -i b -j RETURN\n"
+        "-I INPUT 1 -j ztunnel-X\nCOMMIT\n"
+    )
+    assert len(fixes) == 2 and "lost '-i a -j RETURN'" in fixes[0] and "jump" in fixes[1]
+
+
+def test_repair_text_puts_our_rules_back_on_top_of_a_shared_chain() -> None:
+    from geneve_dp.ambient.reconcile import ChainIntent, iptables_repair_text
+    from geneve_dp.netconf.iptables import parse_save
+
+    chain = ChainIntent("mangle", "PREROUTING", ("-i a -j RETURN", "-i b -j RETURN"), False)
+    # Someone else's rule stays where it is; ours come back in their order, at the top.
+    current = parse_save(
+        "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -i b -j RETURN\n"
+        "-A PREROUTING -p icmp -j ACCEPT\nCOMMIT\n"
+    )
+    text, fixes = iptables_repair_text((chain,), current)
+    assert text == (
+        "*mangle\n-D PREROUTING -i b -j RETURN\n-I PREROUTING 1 -i a -j RETURN\n"
+        "-I PREROUTING 2 -i b -j RETURN\nCOMMIT\n"
+    )
+    assert fixes == ["iptables: mangle PREROUTING lost '-i a -j RETURN'; our rules put back on top"]
