@@ -66,15 +66,22 @@ def repairs(w: t.World, ns: str, role: str) -> list[str]:
     return [ln for ln in log.splitlines() if "was missing" in ln or " lost " in ln]
 
 
-def test_watchers_put_back_what_was_removed(world: t.World) -> None:
-    w = world
+Snapshots = dict[str, dict[str, str]]
+
+
+def up_with_pod(w: t.World) -> tuple[Snapshots, Snapshots]:
+    """node up, ztunnel up, pod-a enrolled; the snapshots before, and (stable) after."""
     before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
     w.gdp(w.node, *NODE_UP)
     w.gdp(w.zt, *ZT_UP)
-    a = t.PODS[0]
-    w.gdp(w.node, "pod", "add", a.ip, "--uid", a.uid)
+    w.gdp(w.node, "pod", "add", t.PODS[0].ip, "--uid", t.PODS[0].uid)
+    return before, {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)}
+
+
+def test_watchers_put_back_what_was_removed(world: t.World) -> None:
+    w, a = world, t.PODS[0]
+    before, after_up = up_with_pod(w)
     assert len(watchers(w, w.node)) == 1 and len(watchers(w, w.zt)) == 1
-    after_up = {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)}
 
     def ip_rules() -> str:
         return w.run(w.node, "ip", "rule").stdout
@@ -124,12 +131,7 @@ def test_watchers_put_back_what_was_removed(world: t.World) -> None:
 
 def test_watchers_bring_back_a_deleted_device_and_a_dead_daemon(world: t.World) -> None:
     w = world
-    before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
-    w.gdp(w.node, *NODE_UP)
-    w.gdp(w.zt, *ZT_UP)
-    a = t.PODS[0]
-    w.gdp(w.node, "pod", "add", a.ip, "--uid", a.uid)
-    after_up = {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)}
+    before, after_up = up_with_pod(w)
     node_pid = daemon_pid(w, w.node, "node")
     zt_pid = daemon_pid(w, w.zt, "ztunnel")
 

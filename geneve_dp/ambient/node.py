@@ -154,11 +154,10 @@ def intent(st: StateFile) -> reconcile.Intent:
     pods: dict[str, Any] = st.data.get("pods", {})
     pod_routes = [profile.route_from_dict(i["route"]) for i in pods.values() if i.get("route")]
     pod_sysctls = [(key, "0") for i in pods.values() for key in i.get("sysctls", {})]
-    pidfile = (st.data.get("endpoints") or {}).get("pidfile")
     return reconcile.Intent(
         role=ROLE,
         endpoints=tuple(node_endpoints(cfg)),
-        pidfile=Path(pidfile) if pidfile else None,
+        pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(node_rules()),
         routes=(*node_routes(cfg), *pod_routes),
         sysctls=(*node_sysctls(cfg), *pod_sysctls),

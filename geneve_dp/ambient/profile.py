@@ -59,12 +59,17 @@ def start_endpoints(st: StateFile, eps: list[endpoints.Endpoint], role: str) -> 
 
 def stop_endpoints(st: StateFile, role: str, names: Iterable[str]) -> list[str]:
     """Stop the endpoint daemon and delete its devices (also by ``names``, after a crash)."""
-    ep = st.data.get("endpoints") or {}
-    pidfile = ep.get("pidfile")
-    devices = list(dict.fromkeys([*(ep.get("devices") or []), *names]))
+    recorded = (st.data.get("endpoints") or {}).get("devices") or []
+    devices = list(dict.fromkeys([*recorded, *names]))
     present = [d for d in devices if links.link(d) is not None]
-    endpoints.stop(Path(pidfile) if pidfile else st.path.parent / f"{role}-endpoints.pid", devices)
+    endpoints.stop(endpoint_pidfile(st, role), devices)
     return [f"device {d}" for d in present]
+
+
+def endpoint_pidfile(st: StateFile, role: str) -> Path:
+    """The endpoint daemon's pidfile: as recorded, else where `start` puts it."""
+    pidfile = (st.data.get("endpoints") or {}).get("pidfile")
+    return Path(pidfile) if pidfile else st.path.parent / f"{role}-endpoints.pid"
 
 
 def set_sysctls(st: StateFile, pairs: Iterable[tuple[str, str]]) -> None:

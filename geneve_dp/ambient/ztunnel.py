@@ -128,11 +128,10 @@ def intent(st: StateFile) -> reconcile.Intent:
     """What the record says must exist while the ztunnel side is up (for the watcher)."""
     cfg = load_config(st)
     assert cfg is not None
-    pidfile = (st.data.get("endpoints") or {}).get("pidfile")
     return reconcile.Intent(
         role=ROLE,
         endpoints=tuple(ztunnel_endpoints(cfg)),
-        pidfile=Path(pidfile) if pidfile else None,
+        pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(ztunnel_rules()),
         routes=tuple(ztunnel_routes(cfg)),
         sysctls=tuple(ztunnel_sysctls(cfg)),
