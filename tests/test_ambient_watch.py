@@ -196,6 +196,7 @@ def test_up_twice_runs_one_watcher_and_down_stops_one_without_pidfile(world: t.W
 def test_watch_command_bad_input(world: t.World) -> None:
     w = world
     one_line_error(w.gdp(w.node, "node", "watch", "--interval", "0", check=False), "--interval")
+    one_line_error(w.gdp(w.zt, "ztunnel", "watch", check=False), "ztunnel up` first")
 
 
 # --- the GENEVE port -----------------------------------------------------------------------

@@ -150,7 +150,8 @@ def _watch_parser(sub: Any, role: str) -> None:
         help=f"reconcile loop: put back what was removed while {role} is up (`up` starts it)",
         description=(
             f"Every INTERVAL seconds compare the kernel with what `{role} up` recorded and "
-            "add back what is missing (ip rules, routes, iptables rules, sysctls"
+            "add back what is missing (the endpoint daemon and its devices, ip rules, "
+            "routes, iptables rules, sysctls"
             + (", ipset entries" if role == "node" else "")
             + "), one log line per repair. Exits when the record goes (`down`). "
             f"`{role} up` runs it in the background; `{role} down` stops it."
@@ -240,6 +241,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
         print(f"{stamp} {args.role} watch: {msg}", flush=True)
 
     path = mod.state_path()
+    if not path.exists():
+        raise UserError(
+            f"the {args.role} side is not set up here: run `geneve-dp {args.role} up` first",
+            f"{args.role} watch",
+        )
     return watch.run(path.parent, path.name, mod.intent, log, args.interval)
 
 
