@@ -115,12 +115,33 @@ size_t gdp_engine_buffers_size(void) { return (size_t)2 * GDP_BATCH * GDP_BUF_SI
 
 /* ---------------------------------------------------------------- checksums */
 
+/* One's complement sum of len bytes, added to sum (a big-endian-valued partial sum).
+ * The bulk is summed as native 32-bit words (the one's complement sum of byte-swapped
+ * words is the byte-swapped sum), folded, and swapped to the big-endian value; the odd
+ * tail is added big-endian as before. Loads go through memcpy: no alignment needed. */
 static uint64_t csum_partial(const uint8_t *p, size_t len, uint64_t sum) {
+    uint64_t acc = 0;
+    while (len >= 32) {
+        uint64_t w[4];
+        memcpy(w, p, 32);
+        acc += (w[0] & 0xFFFFFFFFu) + (w[0] >> 32) + (w[1] & 0xFFFFFFFFu) + (w[1] >> 32) +
+               (w[2] & 0xFFFFFFFFu) + (w[2] >> 32) + (w[3] & 0xFFFFFFFFu) + (w[3] >> 32);
+        p += 32;
+        len -= 32;
+    }
     while (len >= 4) {
-        sum += gdp_load32(p);
+        uint32_t w;
+        memcpy(&w, p, 4);
+        acc += w;
         p += 4;
         len -= 4;
     }
+    while (acc >> 16)
+        acc = (acc & 0xFFFF) + (acc >> 16);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    acc = ((acc & 0xFF) << 8) | (acc >> 8);
+#endif
+    sum += acc;
     if (len >= 2) {
         sum += gdp_load16(p);
         p += 2;
@@ -720,10 +741,12 @@ static int rx_batch(struct gdp_engine *e) {
         int n = recvmmsg(e->cfg.udp_fd, e->rx_msgs, GDP_BATCH, MSG_DONTWAIT, NULL);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                return 0;
+                break;
             if (errno == ECONNREFUSED || errno == ENOBUFS || errno == ENOMEM)
                 continue; /* transient: ICMP errors queued on the socket */
-            return -errno;
+            int err = errno;
+            gro_flush(e);
+            return -err;
         }
         for (int i = 0; i < n; i++) {
             struct msghdr *m = &e->rx_msgs[i].msg_hdr;
@@ -745,10 +768,11 @@ static int rx_batch(struct gdp_engine *e) {
                        tos);
             }
         }
-        gro_flush(e); /* a batch never waits for the next one */
         if (n < GDP_BATCH)
-            return 0;
+            break;
+        /* A full batch: more is waiting, so a super-frame being built may grow on. */
     }
+    gro_flush(e); /* never held across a wait for the next packets */
     return 0;
 }
 
