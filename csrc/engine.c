@@ -1107,15 +1107,61 @@ static void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, 
     cm->cmsg_len = CMSG_LEN(sizeof(int));
     int tosv = tos;
     memcpy(CMSG_DATA(cm), &tosv, sizeof(tosv));
+    struct gdp_counters *c = &t->counters;
+    if (t->gso_nocsum) {
+        /* One datagram per segment on the flow's connected socket. */
+        cm = CMSG_FIRSTHDR(&m);
+        cm->cmsg_level = IPPROTO_IP;
+        cm->cmsg_type = IP_TOS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cm), &tosv, sizeof(tosv));
+        for (size_t i = 0; i < nseg; i++) {
+            struct msghdr *mi = &e->tx_msgs[i].msg_hdr;
+            memset(mi, 0, sizeof(*mi));
+            mi->msg_iov = &e->gso_iov[2 * i];
+            mi->msg_iovlen = 2;
+            mi->msg_control = ctl.buf;
+            mi->msg_controllen = CMSG_SPACE(sizeof(int));
+        }
+        size_t done = 0;
+        int waits = 0;
+        while (done < nseg) {
+            int r = sendmmsg(fd, e->tx_msgs + done, (unsigned)(nseg - done), 0);
+            if (r > 0) {
+                for (size_t i = done; i < done + (size_t)r; i++) {
+                    c->tx_packets++;
+                    c->tx_bytes += e->gso_inner[i];
+                }
+                done += (size_t)r;
+                continue;
+            }
+            if (errno == ECONNREFUSED && waits < 10) {
+                waits++; /* an ICMP error reported on the connected socket: now cleared */
+                continue;
+            }
+            if ((errno == EAGAIN || errno == ENOBUFS) && waits < 10) {
+                struct pollfd p = {fd, POLLOUT, 0};
+                poll(&p, 1, 10);
+                waits++;
+                continue;
+            }
+            if (errno == EINTR)
+                continue;
+            c->drops[GDP_DROP_TX_ERROR]++; /* this segment; go on with the next */
+            done++;
+        }
+        return;
+    }
     ssize_t r = -1;
     for (int tries = 0; tries < 10; tries++) {
-        r = sendmsg(fd, &m, nseg > 1 ? 0 : 0);
+        r = sendmsg(fd, &m, 0);
+        if (r < 0 && errno == ECONNREFUSED)
+            continue; /* an ICMP error reported on the connected socket: now cleared */
         if (r >= 0 || (errno != EAGAIN && errno != ENOBUFS && errno != EINTR))
             break;
         struct pollfd p = {fd, POLLOUT, 0};
         poll(&p, 1, 10);
     }
-    struct gdp_counters *c = &t->counters;
     if (r < 0) {
         c->drops[GDP_DROP_TX_ERROR] += nseg;
         return;
@@ -1204,7 +1250,7 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
                             (in.ecn == ECN_CE ? ECN_ECT0 : in.ecn));
     if (udp_gso)
         tx_send(e, st); /* the scratch headers below are reused from slot 0 */
-    size_t per_send = 60000 / (hlen + hdrs + gso_size);
+    size_t per_send = t->gso_nocsum ? GSO_MAX_SEGS : 60000 / (hlen + hdrs + gso_size);
     if (per_send > GSO_MAX_SEGS)
         per_send = GSO_MAX_SEGS;
     for (size_t off = hdrs, i = 0; off < flen; off += gso_size, i++) {

@@ -114,6 +114,10 @@ struct gdp_tunnel {
     int gso_fds[8];
     uint16_t gso_ports[8];
     uint32_t n_gso;
+    /* The sockets send without a UDP checksum (SO_NO_CHECK; IPv4 only): the kernel
+     * refuses UDP GSO there, so segments go one datagram each by sendmmsg (a
+     * connected socket's cached route instead of a route lookup per packet). */
+    int gso_nocsum;
     /* Set by gdp_tunnel_prepare. */
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */

@@ -116,6 +116,7 @@ struct gdp_tunnel {
     int gso_fds[8];
     uint16_t gso_ports[8];
     uint32_t n_gso;
+    int gso_nocsum;
     uint32_t hdr_len;
     uint32_t max_inner;
     uint8_t hdr[260];

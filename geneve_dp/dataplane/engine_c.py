@@ -18,6 +18,7 @@ GSO_SOCKETS = 8  # struct gdp_tunnel.gso_fds
 
 # linux/in.h, in6.h, udp.h, socket.h values the socket module does not name
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO = 10, 0, 2
+SO_NO_CHECK = 11
 
 _SETUP_RC = {
     lib.GDP_E_ENGINE_TOO_MANY: f"at most {lib.GDP_MAX_TUNNELS} tunnels share one port",
@@ -74,11 +75,14 @@ class CGroupEngine:
             t.udp_csum = spec.tx_udp_csum
             t.underlay_mtu = tun.underlay_mtu
             t.vnet_hdr = tun.device.vnet_hdr
-            if tun.device.vnet_hdr and spec.df != "inherit" and spec.tx_udp_csum:
+            if tun.device.vnet_hdr and spec.df != "inherit":
                 # TSO segments leave through UDP sockets with UDP GSO (one send per
                 # super-frame). Per-packet DF cannot be set there, so df=inherit keeps
-                # the raw socket; and the kernel refuses UDP GSO without a checksum
-                # (EINVAL with SO_NO_CHECK), so does the IPv4 default of checksum 0.
+                # the raw socket. The kernel refuses UDP GSO without a checksum (EINVAL
+                # with SO_NO_CHECK): with the IPv4 default of checksum 0 the segments
+                # go one datagram each by sendmmsg on these connected sockets (their
+                # cached route saves the raw socket's route lookup per packet).
+                t.gso_nocsum = not spec.tx_udp_csum
                 for k, sock in enumerate(self._gso_sockets(tun)):
                     t.gso_fds[k] = sock.fileno()
                     t.gso_ports[k] = sock.getsockname()[1]
@@ -126,6 +130,8 @@ class CGroupEngine:
                 s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
             else:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, spec.ttl)
+            if not spec.tx_udp_csum:
+                s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
             s.bind((str(tun.local), 0))
             s.connect((str(spec.remote), spec.port))
