@@ -47,10 +47,10 @@ def _main(engine: str, specs_json: str) -> int:
         return 2
     for spec in specs:
         for addr in spec.addresses:
-            cmd = ["ip", "addr", "add", str(addr), "dev", spec.name]
+            argv = ["ip", "addr", "add", str(addr), "dev", spec.name]
             if addr.version == 6:
-                cmd.append("nodad")
-            subprocess.run(cmd, check=True)
+                argv.append("nodad")
+            subprocess.run(argv, check=True)
 
     def dump() -> str:
         with lock:

@@ -31,13 +31,16 @@ Design notes (the kernel geneve contract, and where this differs):
   (Udp6 InCsumErrors), so they appear in no counter here.
 - O-bit packets go to ``control_hook(name, geneve_packet)`` through a bounded datagram
   socket pair; when it is full they are counted as control_queue_full.
-- ``offload=True`` (or GDP_OFFLOAD=1; C engine only) opens the devices with
-  IFF_VNET_HDR and TSO/checksum offloads: TCP super-frames are segmented in C on
-  transmit, and received in-order TCP segments are coalesced into GSO super-frames.
-  When the tunnel sends UDP checksums (IPv6 by default, IPv4 with udp_csum) and df is
-  not "inherit", the segments leave as one UDP GSO send through per-tunnel UDP
-  sockets whose ports are then the flows' source ports (the kernel refuses UDP GSO
-  without a checksum); the receive socket gets UDP_GRO and C splits what it returns.
+- Offload (C engine only; the default, ``offload=False`` or GDP_OFFLOAD=0 turns it
+  off; the Python engine ignores it) opens the devices with IFF_VNET_HDR and
+  TSO/checksum offloads: TCP super-frames are segmented in C on transmit, and received
+  in-order TCP segments are coalesced into GSO super-frames. When df is not
+  "inherit", the segments leave through 8 per-tunnel connected UDP sockets whose ports
+  are then the flows' source ports: with UDP checksums (IPv6 by default, IPv4 with
+  udp_csum) as one UDP GSO send per super-frame, without (the IPv4 default; the kernel
+  refuses UDP GSO there) one datagram each by sendmmsg. The receive socket gets
+  UDP_GRO and C splits what it returns. A refused offload (TUNSETOFFLOAD, UDP_GRO,
+  UDP_SEGMENT) is left off with a log line.
 - Not reproduced: the kernel routes the outer packet with the inner skb's mark and
   keeps skb->mark across encapsulation; a TAP/TUN read carries no mark, and frames
   written to the device start with mark 0.
@@ -87,10 +90,11 @@ class Dataplane:
         self.specs = list(specs)
         self.engine = engine
         self.control_hook = control_hook
-        # TSO/checksum offload through IFF_VNET_HDR (C engine only). Off unless asked
-        # for, here or with GDP_OFFLOAD=1 in the environment.
+        # TSO/checksum offload through IFF_VNET_HDR (C engine only): on unless turned
+        # off, here or with GDP_OFFLOAD=0 in the environment. Where the kernel refuses
+        # an offload, that one is left off with a log line (endpoint.py, engine_c.py).
         if offload is None:
-            offload = os.environ.get("GDP_OFFLOAD", "") == "1"
+            offload = os.environ.get("GDP_OFFLOAD", "1") != "0"
         self.offload = offload and engine == "c"
         self._groups: list[Group] = []
         self._engines: list[GroupEngine] = []

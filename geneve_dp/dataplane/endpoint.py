@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -21,6 +22,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import UserError
 from .spec import IPAddress, TunnelSpec
+
+log = logging.getLogger("geneve_dp.dataplane")
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
@@ -139,8 +142,17 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
         if offload:
             # The kernel may then hand over TCP super-frames with partial checksums;
             # the C engine segments them and completes the checksums (engine.c tx_vnet).
-            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            try:
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            except OSError as exc:
+                log.warning(
+                    "%s: the kernel refuses TAP/TUN offloads (%s); running without them",
+                    spec.name,
+                    exc.strerror,
+                )
+                os.close(fd)  # the device is not persistent: it goes with its fd
+                return _open_device(ipr, spec, mtu, False)
         ifindex = ipr.link_lookup(ifname=spec.name)[0]
         try:
             if spec.mac is not None:
@@ -179,7 +191,10 @@ def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) 
         udp.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         if offload:
             # Let UDP GSO super-packets from a peer arrive whole (split in C).
-            udp.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+            try:
+                udp.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+            except OSError as exc:
+                log.warning("the kernel refuses UDP_GRO (%s); receiving without it", exc.strerror)
         with contextlib.suppress(OSError):
             udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
         try:

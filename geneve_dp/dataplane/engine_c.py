@@ -3,6 +3,7 @@ two threads per receive socket (one per direction), with the GIL released by cff
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import threading
@@ -19,6 +20,9 @@ GSO_SOCKETS = 8  # struct gdp_tunnel.gso_fds
 # linux/in.h, in6.h, udp.h, socket.h values the socket module does not name
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO = 10, 0, 2
 SO_NO_CHECK = 11
+UDP_SEGMENT = 103
+
+log = logging.getLogger("geneve_dp.dataplane")
 
 _SETUP_RC = {
     lib.GDP_E_ENGINE_TOO_MANY: f"at most {lib.GDP_MAX_TUNNELS} tunnels share one port",
@@ -83,7 +87,7 @@ class CGroupEngine:
                 # go one datagram each by sendmmsg on these connected sockets (their
                 # cached route saves the raw socket's route lookup per packet).
                 t.gso_nocsum = not spec.tx_udp_csum
-                for k, sock in enumerate(self._gso_sockets(tun)):
+                for k, sock in enumerate(self._gso_sockets(tun, spec.tx_udp_csum)):
                     t.gso_fds[k] = sock.fileno()
                     t.gso_ports[k] = sock.getsockname()[1]
                     t.n_gso = k + 1
@@ -117,12 +121,26 @@ class CGroupEngine:
         self._threads: list[threading.Thread] = []
         self.results: dict[str, int] = {}
 
-    def _gso_sockets(self, tun: Tunnel) -> list[socket.socket]:
+    def _gso_sockets(self, tun: Tunnel, gso: bool) -> list[socket.socket]:
+        """Connected UDP sockets for TSO segments; none when ``gso`` (UDP GSO sends
+        wanted) and the kernel refuses UDP_SEGMENT: the raw socket then sends them."""
         spec = tun.spec
         af = socket.AF_INET if spec.family == 4 else socket.AF_INET6
-        out = []
+        out: list[socket.socket] = []
         for _ in range(GSO_SOCKETS):
             s = socket.socket(af, socket.SOCK_DGRAM)
+            if gso and not out:
+                try:
+                    s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1400)
+                    s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 0)
+                except OSError as exc:
+                    s.close()
+                    log.warning(
+                        "%s: the kernel refuses UDP GSO (%s); TSO segments go one by one",
+                        spec.name,
+                        exc.strerror,
+                    )
+                    return []
             self.sockets.append(s)
             if spec.family == 4:
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, spec.ttl)
