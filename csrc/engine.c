@@ -1107,6 +1107,12 @@ static void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, 
     cm->cmsg_len = CMSG_LEN(sizeof(int));
     int tosv = tos;
     memcpy(CMSG_DATA(cm), &tosv, sizeof(tosv));
+    /* Any IP-level cmsg makes the kernel route the send afresh instead of using the
+     * connected socket's cached route: the TOS goes along only when it differs from
+     * the one set on the socket (no inner ECN bits). */
+    int sock_tos = tos == (uint8_t)(t->tos_set ? t->tos & ~ECN_MASK : 0);
+    if (sock_tos)
+        m.msg_controllen = CMSG_SPACE(sizeof(uint16_t));
     struct gdp_counters *c = &t->counters;
     if (t->gso_nocsum) {
         /* One datagram per segment on the flow's connected socket. */
@@ -1120,8 +1126,8 @@ static void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, 
             memset(mi, 0, sizeof(*mi));
             mi->msg_iov = &e->gso_iov[2 * i];
             mi->msg_iovlen = 2;
-            mi->msg_control = ctl.buf;
-            mi->msg_controllen = CMSG_SPACE(sizeof(int));
+            mi->msg_control = sock_tos ? NULL : ctl.buf;
+            mi->msg_controllen = sock_tos ? 0 : CMSG_SPACE(sizeof(int));
         }
         size_t done = 0;
         int waits = 0;

@@ -142,11 +142,16 @@ class CGroupEngine:
                     )
                     return []
             self.sockets.append(s)
+            # The TOS without ECN bits: sends whose TOS is this one carry no IP cmsg
+            # and so keep the socket's cached route (engine.c gso_send).
+            tos = (spec.tos or 0) & ~3
             if spec.family == 4:
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, spec.ttl)
                 pmtu = IP_PMTUDISC_DO if spec.df == "set" else IP_PMTUDISC_DONT
                 s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
             else:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, spec.ttl)
             if not spec.tx_udp_csum:
                 s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
