@@ -69,6 +69,17 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
+def netns_id(name: str | None = None) -> int:
+    """Inode of a network namespace: ours, or the one `ip netns` calls ``name``."""
+    path = Path("/run/netns") / name if name else Path("/proc/self/ns/net")
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError as exc:
+        raise UserError(
+            f"no network namespace named {name!r} (see `ip netns list`)", "--netns"
+        ) from exc
+
+
 def check_names_free(specs: list[TunnelSpec]) -> None:
     """Refuse a device name that is already taken, before creating anything."""
     for spec in specs:
@@ -227,6 +238,7 @@ class Daemon:
                     "pid": os.getpid(),
                     "engine": self.engine,
                     "offload": self._dataplane.offload,
+                    "netns_id": netns_id(),
                     "tunnels": self._dataplane.status(),
                     "control_messages": self.control_messages,
                 }

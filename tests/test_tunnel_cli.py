@@ -75,7 +75,11 @@ def test_up_ping_show_stats_and_sigterm(pair: tuple[Netns, Netns], run_dir: Path
         ping = a.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "172.16.7.2", check=False)
         assert ping.returncode == 0, ping.stdout + ping.stderr
 
-        show = gdp("show", "--json")
+        # Like `ip link`: this namespace's tunnels by default (none here), --netns, --all.
+        assert json.loads(gdp("show", "--json").stdout) == []
+        only_a = json.loads(gdp("show", "--json", "--netns", a.name).stdout)
+        assert [r["pid"] for r in only_a] == [pa.pid]
+        show = gdp("show", "--json", "--all")
         assert show.returncode == 0, show.stderr
         rows = json.loads(show.stdout)
         assert sorted((r["name"], r["vni"], r["pid"]) for r in rows) == sorted(
@@ -84,14 +88,14 @@ def test_up_ping_show_stats_and_sigterm(pair: tuple[Netns, Netns], run_dir: Path
         assert {str(r["remote"]) for r in rows} == {"10.99.0.1", "10.99.0.2"}
         assert all(r["mode"] == "tap" and r["port"] == 6081 and r["mtu"] == 1450 for r in rows)
 
-        stats = gdp("stats", "gt0", "--json")
+        stats = gdp("stats", "gt0", "--json", "--netns", a.name)
         assert stats.returncode == 0, stats.stderr
         counters = json.loads(stats.stdout)["gt0"]
         assert counters["tx_packets"] >= 3 and counters["rx_packets"] >= 3
         one = gdp("show", "--json", "--pid", str(pb.pid))
         assert [r["remote"] for r in json.loads(one.stdout)] == ["10.99.0.1"]
         assert gdp("stats", "--pid", "1").returncode == 2  # pid 1 runs no dataplane
-        human = gdp("stats")
+        human = gdp("stats", "--all")
         assert "gt0: rx" in human.stdout and "drops:" in human.stdout
 
         for sock in run_dir.glob("gdp-*.sock"):
@@ -180,6 +184,8 @@ def test_bad_netns_and_missing_flags(run_dir: Path) -> None:
     assert proc.returncode == 2 and "--remote" in proc.stderr
     proc = gdp("show", "nosuchdev")
     assert proc.returncode == 2 and "nosuchdev" in proc.stderr
+    proc = gdp("show", "--netns", "gdp-no-such-ns")
+    assert proc.returncode == 2 and "--netns" in proc.stderr
 
 
 @pytest.mark.parametrize("flag", ["--offload", "--no-offload"])

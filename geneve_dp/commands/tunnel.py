@@ -110,7 +110,14 @@ def register(sub: Any) -> None:
         p = sub.add_parser(name, help=helptext, description=helptext.capitalize() + ".")
         p.add_argument("name", nargs="?", help="only this device")
         p.add_argument("--json", action="store_true", help="print JSON")
-        p.add_argument("--pid", type=int, help="only the dataplane process with this pid")
+        where = p.add_mutually_exclusive_group()
+        where.add_argument(
+            "--netns", help="tunnels in this named network namespace (default: this one)"
+        )
+        where.add_argument("--all", action="store_true", help="tunnels in every network namespace")
+        where.add_argument(
+            "--pid", type=int, help="tunnels of the dataplane process with this pid, anywhere"
+        )
         p.set_defaults(func=cmd_show if name == "show" else cmd_stats)
 
 
@@ -267,15 +274,21 @@ def _up_detached(
         os._exit(rc)
 
 
-def _tunnels(name: str | None, pid: int | None = None) -> list[dict[str, Any]]:
-    from ..daemon import query_all
+def _tunnels(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The running tunnels the command asks about: like `ip link`, those of the current
+    network namespace unless --netns, --all or --pid say otherwise."""
+    from ..daemon import netns_id, query_all
 
+    name: str | None = args.name
     rows = []
     replies = query_all()
-    if pid is not None:
-        replies = [r for r in replies if r.get("pid") == pid]
+    if args.pid is not None:
+        replies = [r for r in replies if r.get("pid") == args.pid]
         if not replies:
-            raise UserError(f"no running dataplane with pid {pid}", "--pid")
+            raise UserError(f"no running dataplane with pid {args.pid}", "--pid")
+    elif not args.all:
+        wanted = netns_id(args.netns)
+        replies = [r for r in replies if r.get("netns_id") == wanted]
     for reply in replies:
         for tunnel in reply.get("tunnels", []):
             rows.append({"pid": reply.get("pid"), "engine": reply.get("engine"), **tunnel})
@@ -287,7 +300,7 @@ def _tunnels(name: str | None, pid: int | None = None) -> list[dict[str, Any]]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    rows = _tunnels(args.name, args.pid)
+    rows = _tunnels(args)
     if args.json:
         print(json.dumps([{k: v for k, v in t.items() if k != "counters"} for t in rows], indent=2))
         return 0
@@ -307,7 +320,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    rows = _tunnels(args.name, args.pid)
+    rows = _tunnels(args)
     if args.json:
         print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
         return 0
