@@ -8,6 +8,7 @@ ip link, exactly what `down` promises to give back.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -103,8 +104,11 @@ def test_up_installs_the_reference_state_and_down_removes_exactly_it(world: t.Wo
     assert "TPROXY --on-port 15001" in w.run(w.zt, "iptables-save").stdout
 
     # The endpoints are geneve-dp TAP devices run by the daemon, towards each other.
-    show = w.gdp(w.node, "show", "--json").stdout
-    assert '"istioin"' in show and '"pistioout"' in show
+    # `show` lists the tunnels of the namespace it runs in, like `ip link`.
+    node_names = {t["name"] for t in json.loads(w.gdp(w.node, "show", "--json").stdout)}
+    zt_names = {t["name"] for t in json.loads(w.gdp(w.zt, "show", "--json").stdout)}
+    assert node_names == {"istioin", "istioout"}
+    assert zt_names == {"pistioin", "pistioout"}
 
     w.gdp(w.node, "node", "down")
     w.gdp(w.zt, "ztunnel", "down")
