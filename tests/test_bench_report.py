@@ -132,6 +132,7 @@ def test_schema_agrees_with_jsonschema(results: dict[str, Any]) -> None:
     # Our validator covers a subset of JSON Schema; the reference implementation, where
     # installed, must agree that the schema is well-formed and the sample valid.
     import jsonschema  # type: ignore[import-untyped]
+
     jsonschema.Draft202012Validator.check_schema(schema.SCHEMA)
     jsonschema.validate(results, schema.SCHEMA)
 
