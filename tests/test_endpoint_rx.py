@@ -236,16 +236,22 @@ def test_dropped_and_counted(env: Env, case: str) -> None:
     assert delta == {**sentinel, **expected}, delta
 
 
+def only(mode: str) -> pytest.MarkDecorator:
+    """Run a test on the ``env`` fixture of one mode only (both engines)."""
+    params = [(e, mode) for e in ENGINES]
+    return pytest.mark.parametrize(
+        "env", params, indirect=True, ids=[f"{e}-{mode}" for e in ENGINES]
+    )
+
+
+@only("tun")
 def test_wrong_inner_version_in_tun(env: Env) -> None:
-    if env.mode != "tun":
-        pytest.skip("TUN only")
     frames, delta = run_case(env, lambda m: geneve(VNI, 0x86DD, inner(env, m)))
     assert frames == [] and delta.get("counters.drops.wrong_protocol") == 1, delta
 
 
+@only("tap")
 def test_own_mac_dropped(env: Env) -> None:
-    if env.mode != "tap":
-        pytest.skip("TAP only")
     frames, delta = run_case(env, lambda m: geneve(VNI, 0x6558, inner(env, m, src_mac=env.mac)))
     assert frames == [] and delta.get("counters.drops.own_mac") == 1, delta
 
