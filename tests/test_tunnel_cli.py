@@ -175,6 +175,12 @@ def test_detach_and_pidfile(pair: tuple[Netns, Netns], run_dir: Path, tmp_path: 
             time.sleep(0.1)
     assert not pidfile.exists()
     assert "gin" not in links(a) and "gout" not in links(a)
+    # A clean stop removes its log too (just after the pidfile).
+    log = run_dir / f"gdp-{pid}.log"
+    deadline = time.monotonic() + 10
+    while log.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not log.exists()
 
 
 def test_bad_netns_and_missing_flags(run_dir: Path) -> None:

@@ -259,6 +259,9 @@ def _up_detached(
             os.close(write_fd)
 
         rc = _run_daemon(specs, engine, offload, pidfile, ready)
+        if rc == 0:
+            # A clean stop leaves nothing to diagnose; a crash keeps its log.
+            log_path.unlink(missing_ok=True)
     except UserError as exc:
         try:
             os.write(write_fd, str(exc).encode())
