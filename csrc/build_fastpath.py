@@ -7,7 +7,8 @@ build that no longer matches the checkout (see ``source_digest``).
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 from cffi import FFI
@@ -20,12 +21,20 @@ def c_sources() -> list[Path]:
     return sorted(CSRC.glob("*.c"))
 
 
+def _load_source_digest() -> Callable[[Path], str]:
+    # By path: during a PEP 517 build the geneve_dp package is not importable yet.
+    spec = importlib.util.spec_from_file_location(
+        "_gdp_source_digest", CSRC.parent / "geneve_dp" / "source_digest.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest  # type: ignore[no-any-return]
+
+
 def source_digest() -> str:
-    """Digest of every file the module is built from, in a stable order."""
-    digest = hashlib.sha256()
-    for path in sorted([*CSRC.glob("*.c"), *CSRC.glob("*.h")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    """Digest of every file the module is built from (geneve_dp/source_digest.py)."""
+    return _load_source_digest()(CSRC)
 
 
 def make_builder(absolute_sources: bool = False) -> FFI:

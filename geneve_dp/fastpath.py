@@ -7,7 +7,6 @@ build with a message that says how to rebuild it.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from . import codec, wire
 from .codec import DecodeError, EncodeError, Header, Option
+from .source_digest import source_digest
 
 _REINSTALL = "reinstall with: pip install -e '.[test]' (from the geneve-dp checkout)"
 
@@ -28,14 +28,11 @@ lib: Any = _fastpath.lib
 
 
 def _checkout_digest() -> str | None:
-    """Digest of csrc/ when running from a checkout, as csrc/build_fastpath.py computes it."""
+    """Digest of csrc/ when running from a checkout, as the build computed it."""
     csrc = Path(__file__).resolve().parent.parent / "csrc"
     if not (csrc / "build_fastpath.py").is_file():
         return None
-    digest = hashlib.sha256()
-    for path in sorted([*csrc.glob("*.c"), *csrc.glob("*.h")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    return source_digest(csrc)
 
 
 BUILD_ID: str = ffi.string(lib.gdp_build_id()).decode()

@@ -57,9 +57,3 @@ def protocol_name(value: int) -> str:
         return Protocol(value).name.lower()
     except ValueError:
         return f"0x{value:04x}"
-
-
-# Option classes with a public meaning (IANA "Geneve Option Class" registry).
-OPTION_CLASS_STANDARD = 0x0000
-OPTION_CLASS_EXPERIMENTAL_FIRST = 0xFFF0
-OPTION_CLASS_EXPERIMENTAL_LAST = 0xFFFF
