@@ -41,7 +41,11 @@
 #define VNET_GSO_NONE 0
 #define VNET_GSO_TCPV4 1
 #define VNET_GSO_TCPV6 4
+#define VNET_GSO_UDP_L4 5
 #define VNET_GSO_ECN 0x80
+/* Datagrams per coalesced UDP super-frame: the kernel's UDP_MAX_SEGMENTS is 64 on
+ * older kernels (128 since 6.x); stay under the smaller. */
+#define USO_MAX_SEGS 64
 
 static const uint8_t vnet_zero[GDP_VNET_LEN];
 
@@ -61,15 +65,20 @@ static inline uint16_t load16le(const uint8_t *p) { return (uint16_t)(p[0] | p[1
 /* Receive coalescing (offload mode): consecutive in-order segments of one TCP flow
  * from a batch are merged into one super-frame written with a virtio GSO header, so
  * the kernel's TCP stack handles one packet instead of dozens (what GRO does for a
- * kernel tunnel). */
+ * kernel tunnel). Runs of same-sized datagrams of one UDP flow are merged the same
+ * way into a UDP_L4 super-frame, which the kernel splits back into the very same
+ * datagrams (IP IDs included) after one pass through its IP layer instead of one
+ * write, one route lookup and one netfilter traversal each. */
 struct gro_state {
     int active;
     uint32_t idx;
     size_t len;
     size_t ip_off, l4, hdrs, mss, last_plen;
     int ipver;
+    uint8_t proto; /* 6 (TCP) or 17 (UDP) */
     int psh;
     uint32_t next_seq;
+    uint16_t next_id; /* UDP over IPv4: the ID the next datagram must carry */
     uint32_t nseg;
     uint8_t buf[GDP_BUF_SIZE];
 };
@@ -102,6 +111,8 @@ struct gdp_engine {
     struct iovec gso_iov[2 * GSO_MAX_SEGS];
     uint32_t gso_inner[GSO_MAX_SEGS];
     uint32_t tx_tunnel[TX_SLOTS];
+    int tx_fd[TX_SLOTS];             /* the raw socket, or a tunnel's connected UDP socket */
+    uint8_t tx_cmsg[TX_SLOTS][CMSG_SPACE(sizeof(int))] __attribute__((aligned(8)));
     uint32_t tx_inner_len[TX_SLOTS]; /* set on a packet's last slot only */
     uint8_t tx_last[TX_SLOTS];
     uint8_t icmp[ICMP_BUF];
@@ -506,22 +517,26 @@ static void gro_flush(struct gdp_engine *e) {
     } else {
         gdp_store16(ip + 4, (uint16_t)(g->len - g->ip_off - 40));
     }
+    int udp = g->proto == 17;
+    size_t csum_off = udp ? 6 : 16;
+    if (udp)
+        gdp_store16(g->buf + g->l4 + 4, (uint16_t)(g->len - g->l4));
     /* Partial checksum, as a virtio device hands it over: the field holds the
      * pseudo-header sum and the kernel treats the payload as verified (each segment's
      * checksum was checked before it was merged). */
     uint64_t sum = csum_partial(g->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
-    sum += 6 + (uint32_t)(g->len - g->l4);
-    gdp_store16(g->buf + g->l4 + 16, (uint16_t)~csum_fold(sum));
+    sum += g->proto + (uint32_t)(g->len - g->l4);
+    gdp_store16(g->buf + g->l4 + csum_off, (uint16_t)~csum_fold(sum));
     uint8_t vh[GDP_VNET_LEN] = {0};
     vh[0] = VNET_F_NEEDS_CSUM;
-    vh[1] = g->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
+    vh[1] = udp ? VNET_GSO_UDP_L4 : g->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
     vh[2] = (uint8_t)g->hdrs;
     vh[3] = (uint8_t)(g->hdrs >> 8);
     vh[4] = (uint8_t)g->mss;
     vh[5] = (uint8_t)(g->mss >> 8);
     vh[6] = (uint8_t)g->l4;
     vh[7] = (uint8_t)(g->l4 >> 8);
-    vh[8] = 16;
+    vh[8] = (uint8_t)csum_off;
     struct iovec iov[2] = {{vh, GDP_VNET_LEN}, {g->buf, g->len}};
     if (writev(t->dev_fd, iov, 2) != (ssize_t)(GDP_VNET_LEN + g->len))
         t->counters.drops[GDP_DROP_DEV_WRITE]++;
@@ -531,8 +546,13 @@ static void gro_flush(struct gdp_engine *e) {
 
 /* Take a received inner frame into the coalescing buffer; returns 0 when the frame is
  * not a plain TCP data segment (the caller then writes it as it is). */
+static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
+                       const struct inner *in);
+
 static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
                    const struct inner *in) {
+    if (in->ipver && in->proto == 17 && in->ports && e->tunnels[idx].rx_uso)
+        return gro_add_udp(e, idx, f, flen, in);
     if (!in->ipver || in->proto != 6 || !in->ports)
         return 0;
     const uint8_t *ip = f + in->ip_off;
@@ -560,8 +580,9 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
     size_t plen = flen - hdrs;
     uint32_t seq = gdp_load32(tcp + 4);
     struct gro_state *g = &e->gro;
-    if (g->active && g->idx == idx && g->ipver == in->ipver && g->hdrs == hdrs &&
-        g->l4 == l4 && g->ip_off == in->ip_off && !g->psh && g->next_seq == seq &&
+    if (g->active && g->proto == 6 && g->idx == idx && g->ipver == in->ipver &&
+        g->hdrs == hdrs && g->l4 == l4 && g->ip_off == in->ip_off && !g->psh &&
+        g->next_seq == seq &&
         g->last_plen == g->mss && plen <= g->mss && g->len + plen <= 65000) {
         const uint8_t *gip = g->buf + g->ip_off;
         const uint8_t *gtcp = g->buf + l4;
@@ -596,8 +617,79 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
     g->mss = plen;
     g->last_plen = plen;
     g->ipver = in->ipver;
+    g->proto = 6;
     g->psh = (flags & 0x08) != 0;
     g->next_seq = seq + (uint32_t)plen;
+    g->nseg = 1;
+    return 1;
+}
+
+/* The UDP half of gro_add: merge a datagram into a run of same-sized datagrams of its
+ * flow whose headers differ only where segmentation rewrites them (lengths, IPv4 ID
+ * counting up by one, checksums), so splitting gives back exactly what arrived. */
+static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
+                       const struct inner *in) {
+    const uint8_t *ip = f + in->ip_off;
+    size_t l4;
+    if (in->ipver == 4) {
+        if (ip[0] != 0x45 || gdp_load16(ip + 2) != in->ip_len)
+            return 0;
+        l4 = in->ip_off + 20;
+    } else {
+        if ((size_t)gdp_load16(ip + 4) + 40 != in->ip_len)
+            return 0;
+        l4 = in->ip_off + 40;
+    }
+    const uint8_t *uh = f + l4;
+    size_t hdrs = l4 + 8;
+    if (hdrs >= flen || gdp_load16(uh + 4) != flen - l4)
+        return 0; /* no payload, or a length that disagrees with IP's */
+    uint16_t cs = gdp_load16(uh + 6);
+    if (cs == 0 && in->ipver == 6)
+        return 0; /* invalid over IPv6: the kernel decides (and counts) */
+    if (cs != 0) {
+        size_t alen = in->ipver == 4 ? 4 : 16;
+        uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
+        sum += 17 + (uint32_t)(flen - l4);
+        if (csum_fold(csum_partial(uh, flen - l4, sum)) != 0)
+            return 0; /* a bad checksum: let the kernel see (and count) it */
+    }
+    size_t plen = flen - hdrs;
+    uint16_t id = in->ipver == 4 ? gdp_load16(ip + 4) : 0;
+    struct gro_state *g = &e->gro;
+    if (g->active && g->proto == 17 && g->idx == idx && g->ipver == in->ipver &&
+        g->ip_off == in->ip_off && g->last_plen == g->mss && plen <= g->mss &&
+        g->nseg < USO_MAX_SEGS && g->len + plen <= 65000 &&
+        (in->ipver == 6 || id == g->next_id)) {
+        const uint8_t *gip = g->buf + g->ip_off;
+        int same = in->ipver == 4
+                       ? !memcmp(gip, ip, 2) && !memcmp(gip + 6, ip + 6, 4) &&
+                             !memcmp(gip + 12, ip + 12, 8)
+                       : !memcmp(gip, ip, 4) && !memcmp(gip + 6, ip + 6, 34);
+        same = same && !memcmp(g->buf + l4, uh, 4) && !memcmp(g->buf, f, in->ip_off);
+        if (same) {
+            memcpy(g->buf + g->len, f + hdrs, plen);
+            g->len += plen;
+            g->last_plen = plen;
+            g->next_id = (uint16_t)(id + 1);
+            g->nseg++;
+            return 1;
+        }
+    }
+    gro_flush(e);
+    memcpy(g->buf, f, flen);
+    g->active = 1;
+    g->idx = idx;
+    g->len = flen;
+    g->ip_off = in->ip_off;
+    g->l4 = l4;
+    g->hdrs = hdrs;
+    g->mss = plen;
+    g->last_plen = plen;
+    g->ipver = in->ipver;
+    g->proto = 17;
+    g->psh = 0;
+    g->next_id = (uint16_t)(id + 1);
     g->nseg = 1;
     return 1;
 }
@@ -787,7 +879,12 @@ static void tx_send(struct gdp_engine *e, struct tx_state *st) {
     int done = 0;
     int waits = 0;
     while (done < st->slots) {
-        int r = sendmmsg(e->cfg.raw_fd, e->tx_msgs + done, (unsigned)(st->slots - done), 0);
+        /* One sendmmsg per run of slots bound for the same socket. */
+        int fd = e->tx_fd[done];
+        int end = done + 1;
+        while (end < st->slots && e->tx_fd[end] == fd)
+            end++;
+        int r = sendmmsg(fd, e->tx_msgs + done, (unsigned)(end - done), 0);
         if (r > 0) {
             for (int i = done; i < done + r; i++)
                 if (e->tx_last[i]) {
@@ -799,10 +896,14 @@ static void tx_send(struct gdp_engine *e, struct tx_state *st) {
             continue;
         }
         if ((errno == EAGAIN || errno == ENOBUFS) && waits < 10) {
-            /* The raw socket's send buffer is full: wait for room rather than drop. */
-            struct pollfd p = {e->cfg.raw_fd, POLLOUT, 0};
+            /* The socket's send buffer is full: wait for room rather than drop. */
+            struct pollfd p = {fd, POLLOUT, 0};
             poll(&p, 1, 10);
             waits++;
+            continue;
+        }
+        if (errno == ECONNREFUSED && fd != e->cfg.raw_fd && waits < 10) {
+            waits++; /* an ICMP error reported on the connected socket: now cleared */
             continue;
         }
         if (errno == EINTR)
@@ -850,9 +951,45 @@ static void add_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx, ui
     m->msg_namelen = alen;
     m->msg_iov = e->tx_iov[s];
     m->msg_iovlen = dlen ? 2 : 1;
+    e->tx_fd[s] = e->cfg.raw_fd;
     e->tx_tunnel[s] = idx;
     e->tx_inner_len[s] = last ? inner_len : 0;
     e->tx_last[s] = (uint8_t)last;
+}
+
+/* A whole GENEVE packet (g, glen) for the tunnel's connected UDP socket of this flow:
+ * the kernel writes UDP and IP and routes by the socket's cached route, which is
+ * cheaper per packet than the raw socket's route lookup. Only where the checksum is 0
+ * (SO_NO_CHECK), so nothing is left to a checksum offload. */
+static void add_udp_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint32_t hash,
+                         uint8_t tos, uint8_t *g, size_t glen, uint32_t inner_len) {
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    if (st->slots >= TX_SLOTS)
+        tx_send(e, st);
+    int s = st->slots++;
+    e->tx_iov[s][0].iov_base = g;
+    e->tx_iov[s][0].iov_len = glen;
+    struct msghdr *m = &e->tx_msgs[s].msg_hdr;
+    memset(m, 0, sizeof(*m));
+    m->msg_iov = e->tx_iov[s];
+    m->msg_iovlen = 1;
+    /* An IP-level cmsg costs a route lookup: only when ECN bits make the TOS differ
+     * from the one set on the socket. */
+    if (tos != (uint8_t)(t->tos_set ? t->tos & ~ECN_MASK : 0)) {
+        memset(e->tx_cmsg[s], 0, sizeof(e->tx_cmsg[s]));
+        m->msg_control = e->tx_cmsg[s];
+        m->msg_controllen = sizeof(e->tx_cmsg[s]);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(m);
+        cm->cmsg_level = t->family == 4 ? IPPROTO_IP : IPPROTO_IPV6;
+        cm->cmsg_type = t->family == 4 ? IP_TOS : IPV6_TCLASS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int));
+        int v = tos;
+        memcpy(CMSG_DATA(cm), &v, sizeof(v));
+    }
+    e->tx_fd[s] = t->gso_fds[((uint64_t)hash * (uint64_t)t->n_gso) >> 32];
+    e->tx_tunnel[s] = idx;
+    e->tx_inner_len[s] = inner_len;
+    e->tx_last[s] = 1;
 }
 
 /* ICMP "fragmentation needed" / ICMPv6 "packet too big" back into the device, from
@@ -1038,6 +1175,12 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
         }
     }
     uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
+    if (!frags && t->gso_nocsum && t->n_gso) {
+        uint8_t ecn = in.ecn == ECN_CE ? ECN_ECT0 : in.ecn;
+        uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) | ecn);
+        add_udp_slot(e, st, idx, hash, tos, g, hlen + flen, (uint32_t)flen);
+        return;
+    }
     uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + flen, NULL, 0);
     uint8_t *u = g - 8;
     if (!frags) {

@@ -109,6 +109,9 @@ struct gdp_tunnel {
     struct gdp_reflect_entry *reflect; /* NULL: no reflection */
     uint32_t reflect_slots;            /* a power of two */
     int vnet_hdr; /* device opened with IFF_VNET_HDR (GDP_VNET_LEN) and TSO offloads */
+    /* The device takes UDP_L4 super-frames (VIRTIO_NET_HDR_GSO_UDP_L4, Linux 6.2+):
+     * received runs of one UDP flow are written as one. */
+    int rx_uso;
     /* UDP sockets (bound, connected to the remote) for UDP GSO sends of TSO
      * segments, picked by flow hash; their ports are then the flow's source ports. */
     int gso_fds[8];

@@ -113,6 +113,7 @@ struct gdp_tunnel {
     struct gdp_reflect_entry *reflect;
     uint32_t reflect_slots;
     int vnet_hdr;
+    int rx_uso;
     int gso_fds[8];
     uint16_t gso_ports[8];
     uint32_t n_gso;

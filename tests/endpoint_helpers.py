@@ -152,13 +152,21 @@ def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
     return bool(pred())
 
 
-def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0, family: int = 4) -> None:
+def perf(
+    engines: list[str],
+    mode: str = "tap",
+    seconds: float = 5.0,
+    family: int = 4,
+    repeat: int = 1,
+) -> None:
     """Ad-hoc throughput check: kernel VXLAN and each engine over the same veth, in
     one run (the machines are noisy: compare within a run only). Prints one line per
     path: single-stream iperf3 TCP, and 64-byte UDP payloads from bench/pktgen.
 
-    ``python -m tests.endpoint_helpers perf [-6] c c+offload python`` (-6: the geneve-dp
-    tunnels run over the IPv6 underlay; VXLAN stays on IPv4).
+    ``python -m tests.endpoint_helpers perf [-6] [-rN] [--tun] c c+offload python`` (-6:
+    the geneve-dp tunnels run over the IPv6 underlay; VXLAN stays on IPv4; -rN: the
+    whole sequence N times, VXLAN and engines interleaved, for a loaded machine;
+    "+csum" after an engine: outer UDP checksums).
     """
     from bench import pktgen
 
@@ -206,44 +214,63 @@ def perf(engines: list[str], mode: str = "tap", seconds: float = 5.0, family: in
             ns.run("ip", "addr", "add", f"192.168.50.{host}/24", "dev", "vx0")
             ns.run("ip", "link", "set", "vx0", "up")
         a.run("ping", "-c", "1", "-W", "2", "192.168.50.2")
-        print(f"kernel vxlan: TCP {tcp('192.168.50.2')}, UDP64 {udp('192.168.50.2')}", flush=True)
-        for engine in engines:
-            ra, rb = ("10.0.0.2", "10.0.0.1") if family == 4 else ("fd00::2", "fd00::1")
-            sa = [
-                {
-                    "name": "gt0",
-                    "vni": 100,
-                    "remote": ra,
-                    "mode": mode,
-                    "addresses": ["192.168.100.1/24"],
-                }
-            ]
-            sb = [
-                {
-                    "name": "gt0",
-                    "vni": 100,
-                    "remote": rb,
-                    "mode": mode,
-                    "addresses": ["192.168.100.2/24"],
-                }
-            ]
-            with endpoint(a, engine, sa), endpoint(b, engine, sb):
-                a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
-                print(
-                    f"geneve-dp {engine} {mode} ipv{family} underlay: TCP {tcp('192.168.100.2')}, "
-                    f"UDP64 {udp('192.168.100.2')}",
-                    flush=True,
-                )
+        for _ in range(repeat):
+            vx = "192.168.50.2"
+            print(f"kernel vxlan: TCP {tcp(vx)}, UDP64 {udp(vx)}", flush=True)
+            _perf_engines(a, b, engines, mode, family, tcp, udp)
     finally:
         a.delete()
         b.delete()
+
+
+def _perf_engines(
+    a: Netns, b: Netns, engines: list[str], mode: str, family: int, tcp: Any, udp: Any
+) -> None:
+    for engine in engines:
+        # "+csum": outer UDP checksums (on IPv4 that is what lets UDP GSO run).
+        csum = engine.endswith("+csum")
+        engine = engine.removesuffix("+csum")
+        ra, rb = ("10.0.0.2", "10.0.0.1") if family == 4 else ("fd00::2", "fd00::1")
+        sa = [
+            {
+                "name": "gt0",
+                "vni": 100,
+                "remote": ra,
+                "mode": mode,
+                "udp_csum": True if csum else None,
+                "addresses": ["192.168.100.1/24"],
+            }
+        ]
+        sb = [
+            {
+                "name": "gt0",
+                "vni": 100,
+                "remote": rb,
+                "mode": mode,
+                "udp_csum": True if csum else None,
+                "addresses": ["192.168.100.2/24"],
+            }
+        ]
+        with endpoint(a, engine, sa), endpoint(b, engine, sb):
+            a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
+            label = f"{engine}{'+csum' if csum else ''} {mode} ipv{family} underlay"
+            print(
+                f"geneve-dp {label}: TCP {tcp('192.168.100.2')}, UDP64 {udp('192.168.100.2')}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "perf":
         args = sys.argv[2:]
         v6 = "-6" in args
-        perf([x for x in args if x != "-6"], family=6 if v6 else 4)
+        reps = [int(x[2:]) for x in args if x.startswith("-r")]
+        perf(
+            [x for x in args if not x.startswith("-")],
+            mode="tun" if "--tun" in args else "tap",
+            family=6 if v6 else 4,
+            repeat=reps[0] if reps else 1,
+        )
         sys.exit(0)
     sys.exit(_main(sys.argv[1], sys.argv[2]))
 

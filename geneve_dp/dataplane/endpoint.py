@@ -33,6 +33,7 @@ IFF_VNET_HDR = 0x4000
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40
 VNET_HDR_LEN = 12  # struct virtio_net_hdr_v1 (csrc/engine.h GDP_VNET_LEN)
 
 # Socket options the socket module does not name (linux/in.h, in6.h, udp.h, socket.h).
@@ -55,6 +56,7 @@ class Device:
     mac: bytes  # 6 bytes for TAP, empty for TUN
     mtu: int
     vnet_hdr: bool = False
+    rx_uso: bool = False  # takes UDP_L4 super-frames on write (engine.c gro_add_udp)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Group:
     udp: socket.socket
     raw: socket.socket
     tunnels: list[Tunnel] = field(default_factory=list)
+    udp_gro: bool = False  # UDP_GRO accepted on the receive socket
 
 
 def _af(family: int) -> socket.AddressFamily:
@@ -121,6 +124,21 @@ def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress]:
     return int(mtu), local
 
 
+def _probe_uso(fd: int) -> bool:
+    """Whether this kernel's TAP/TUN knows UDP segmentation (Linux 6.2+), which is what
+    lets the engine write a run of received datagrams as one UDP_L4 super-frame.
+
+    The flags are set only to ask: they are put back at once, so reads never hand
+    the engine UDP super-frames (its transmit side segments TCP only)."""
+    base = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, base | TUN_F_USO4 | TUN_F_USO6)
+    except OSError:
+        return False
+    fcntl.ioctl(fd, TUNSETOFFLOAD, base)
+    return True
+
+
 def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Device:
     if ipr.link_lookup(ifname=spec.name):
         raise UserError(f"a device named {spec.name!r} already exists", field="name")
@@ -128,6 +146,7 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise UserError(f"cannot open /dev/net/tun: {exc.strerror}", field="name") from exc
+    rx_uso = False
     try:
         flags = (IFF_TAP if spec.mode == "tap" else IFF_TUN) | IFF_NO_PI
         if offload:
@@ -145,6 +164,7 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
             try:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                rx_uso = _probe_uso(fd)
             except OSError as exc:
                 log.warning(
                     "%s: the kernel refuses TAP/TUN offloads (%s); running without them",
@@ -167,7 +187,15 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
         mac = b""
         if spec.mode == "tap":
             mac = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
-        return Device(fd=fd, name=spec.name, ifindex=ifindex, mac=mac, mtu=mtu, vnet_hdr=offload)
+        return Device(
+            fd=fd,
+            name=spec.name,
+            ifindex=ifindex,
+            mac=mac,
+            mtu=mtu,
+            vnet_hdr=offload,
+            rx_uso=offload and rx_uso,
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -189,10 +217,12 @@ def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) 
         else:
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
         udp.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        udp_gro = False
         if offload:
             # Let UDP GSO super-packets from a peer arrive whole (split in C).
             try:
                 udp.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+                udp_gro = True
             except OSError as exc:
                 log.warning("the kernel refuses UDP_GRO (%s); receiving without it", exc.strerror)
         with contextlib.suppress(OSError):
@@ -217,7 +247,7 @@ def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) 
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
         raw.setblocking(False)
-        return Group(family=family, port=port, udp=udp, raw=raw)
+        return Group(family=family, port=port, udp=udp, raw=raw, udp_gro=udp_gro)
     except BaseException:
         udp.close()
         if raw is not None:

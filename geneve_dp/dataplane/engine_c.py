@@ -79,6 +79,7 @@ class CGroupEngine:
             t.udp_csum = spec.tx_udp_csum
             t.underlay_mtu = tun.underlay_mtu
             t.vnet_hdr = tun.device.vnet_hdr
+            t.rx_uso = tun.device.rx_uso
             if tun.device.vnet_hdr and spec.df != "inherit":
                 # TSO segments leave through UDP sockets with UDP GSO (one send per
                 # super-frame). Per-packet DF cannot be set there, so df=inherit keeps
@@ -215,6 +216,17 @@ class CGroupEngine:
             "drops": drops,
             "options_seen": seen,
             "options_other": int(c.options_other),
+        }
+
+    def offloads(self, i: int) -> dict[str, bool]:
+        """Which offloads tunnel i runs with (what the kernel accepted at start)."""
+        t = self.tunnels[i]
+        return {
+            "tso": bool(t.vnet_hdr),  # TCP super-frames read, segmented here
+            "rx_coalesce_tcp": bool(t.vnet_hdr),  # TCP segments written as super-frames
+            "rx_coalesce_udp": bool(t.rx_uso),  # UDP runs written as UDP_L4 super-frames
+            "udp_gso": bool(t.n_gso and not t.gso_nocsum),  # one sendmsg per super-frame
+            "udp_gro": self.group.udp_gro,
         }
 
     def socket_counters(self) -> dict[str, object]:

@@ -506,6 +506,12 @@ class PyGroupEngine:
             "options_other": c.options_other,
         }
 
+    def offloads(self, i: int) -> dict[str, bool]:
+        """None: the Python engine handles every packet as it is."""
+        return dict.fromkeys(
+            ("tso", "rx_coalesce_tcp", "rx_coalesce_udp", "udp_gso", "udp_gro"), False
+        )
+
     def close(self) -> None:
         """Nothing of its own to close: the devices and sockets belong to the group."""
 
