@@ -339,8 +339,13 @@ static void reflect_store(struct gdp_tunnel *t, const uint8_t *f, const struct i
     if (e->key_len == klen && e->opts_len == opts_len && !memcmp(e->key, key, klen) &&
         !memcmp(e->opts, opts, opts_len))
         return; /* unchanged: spare the reader a retry */
+    /* Several workers' receive threads may write one table: a writer owns the slot
+     * while seq is odd, and one that finds it taken lets this packet go unremembered
+     * (the flow's next packet stores it). */
     uint32_t seq = __atomic_load_n(&e->seq, __ATOMIC_RELAXED);
-    __atomic_store_n(&e->seq, seq + 1, __ATOMIC_RELAXED);
+    if ((seq & 1) || !__atomic_compare_exchange_n(&e->seq, &seq, seq + 1, 0, __ATOMIC_ACQUIRE,
+                                                  __ATOMIC_RELAXED))
+        return;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     e->key_len = (uint8_t)klen;
     e->opts_len = (uint8_t)opts_len;
@@ -409,7 +414,7 @@ int gdp_engine_init(struct gdp_engine *e, const struct gdp_engine_config *cfg,
     e->stats = stats;
     e->rx_bufs = bufs;
     e->tx_bufs = bufs + (size_t)GDP_BATCH * GDP_BUF_SIZE;
-    e->ip_id = cfg->hash_seed;
+    e->ip_id = cfg->ip_id_start;
     return 0;
 }
 

@@ -144,6 +144,9 @@ struct gdp_engine_config {
     uint16_t sport_min;
     uint16_t sport_max;
     uint32_t hash_seed;
+    /* Where this engine starts counting outer IPv4 IDs: workers of one port start
+     * apart, so their fragments do not share IDs. */
+    uint32_t ip_id_start;
     uint32_t control_tag; /* ORed into the tunnel index that prefixes a control message */
 };
 

@@ -139,6 +139,7 @@ struct gdp_engine_config {
     uint16_t sport_min;
     uint16_t sport_max;
     uint32_t hash_seed;
+    uint32_t ip_id_start;
     uint32_t control_tag;
 };
 

@@ -103,10 +103,12 @@ class Daemon:
         engine: str,
         pidfile: Path | None = None,
         offload: bool | None = None,
+        workers: int | None = None,
     ) -> None:
         self.specs = specs
         self.engine = engine
         self.offload = offload
+        self.workers = workers
         self.pidfile = pidfile
         self.sock_path = socket_path(os.getpid())
         self.control_messages: list[dict[str, Any]] = []
@@ -123,7 +125,11 @@ class Daemon:
         self._stop = asyncio.Event()
         check_names_free(self.specs)
         self._dataplane = Dataplane(
-            self.specs, engine=self.engine, control_hook=self._on_control, offload=self.offload
+            self.specs,
+            engine=self.engine,
+            control_hook=self._on_control,
+            offload=self.offload,
+            workers=self.workers,
         )
         server: asyncio.base_events.Server | None = None
         try:
@@ -238,6 +244,7 @@ class Daemon:
                     "pid": os.getpid(),
                     "engine": self.engine,
                     "offload": self._dataplane.offload,
+                    "workers": self._dataplane.workers,
                     "netns_id": netns_id(),
                     "tunnels": self._dataplane.status(),
                     "control_messages": self.control_messages,

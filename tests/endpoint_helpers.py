@@ -37,9 +37,18 @@ def _main(engine: str, specs_json: str) -> int:
         with lock:
             control.append([name, packet.hex()])
 
-    # "c+offload": the C engine with IFF_VNET_HDR TSO/checksum offloads.
-    offload = engine.endswith("+offload")
-    dp = Dataplane(specs, engine=engine.split("+")[0], control_hook=hook, offload=offload)
+    # "c+offload": the C engine with IFF_VNET_HDR TSO/checksum offloads; "+wN": N
+    # workers (default: one per core).
+    parts = engine.split("+")
+    offload = "offload" in parts
+    workers = [int(p[1:]) for p in parts if p.startswith("w") and p[1:].isdigit()]
+    dp = Dataplane(
+        specs,
+        engine=parts[0],
+        control_hook=hook,
+        offload=offload,
+        workers=workers[0] if workers else None,
+    )
     try:
         dp.start()
     except UserError as exc:
@@ -385,18 +394,23 @@ class Sniffer:
         return [bytes.fromhex(h) for h in json.loads(out)]
 
 
+# One socket (so one source port) per source address: a GENEVE peer sends a flow from
+# one port, and the endpoint's workers are chosen by the outer 4-tuple, so packets
+# from one port arrive in the order sent.
 SEND_SCRIPT = r"""
 import json, socket, sys
+socks = {}
 for src, dst, port, tos, hexdata in json.loads(sys.argv[1]):
     fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s = socks.get((src, fam))
+    if s is None:
+        s = socks[(src, fam)] = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((src, 0))
     if fam == socket.AF_INET:
         s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
     else:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
-    s.bind((src, 0))
     s.sendto(bytes.fromhex(hexdata), (dst, port))
-    s.close()
 """
 
 

@@ -12,14 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from .. import wire
-from ..dataplane.spec import ENGINES, TunnelSpec, build_spec, check_together, load_config
+from ..dataplane.spec import (
+    ENGINES,
+    MAX_WORKERS,
+    MIN_WORKERS,
+    TunnelSpec,
+    build_spec,
+    check_together,
+    load_config,
+)
 from ..errors import UserError
 
 UP_DESCRIPTION = """\
 Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM, then
 remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
 VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
-`engine`, `netns` and `offload`, then one [[tunnel]] table per device with the keys name, vni,
+`engine`, `netns`, `offload` and `workers`, then one [[tunnel]] table per device with the
+keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
 reflect_options, mac, addresses). Tunnels on the same port share one UDP socket and
 are told apart by VNI and outer source address. The device is set up (and given
@@ -95,6 +104,12 @@ def register(sub: Any) -> None:
     )
     offload.add_argument(
         "--no-offload", dest="offload", action="store_const", const=False, help="no offloads"
+    )
+    up.add_argument(
+        "--workers",
+        metavar="N",
+        help="forwarding workers, each a queue of every device and a receive socket "
+        "(C engine; default: one per core, or GDP_WORKERS)",
     )
     up.add_argument(
         "--detach", action="store_true", help="go to the background once ready (print the pid)"
@@ -179,6 +194,26 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
     return [spec], {}
 
 
+def _workers(flag: str | None, configured: object) -> int | None:
+    """The --workers flag (or the config key): a whole number in range, or None."""
+    field = "--workers" if flag is not None else "workers"
+    value: object = configured
+    if flag is not None:
+        try:
+            value = int(flag)
+        except ValueError:
+            raise UserError(f"{flag!r} is not a whole number of workers", field) from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{value!r} is not a whole number of workers", field)
+    if not MIN_WORKERS <= value <= MAX_WORKERS:
+        raise UserError(
+            f"{value} workers is out of range; accepted: {MIN_WORKERS}..{MAX_WORKERS}", field
+        )
+    return value
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     specs, settings = specs_from_args(args)
     check_together(specs)
@@ -189,6 +224,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     offload = args.offload if args.offload is not None else settings.get("offload")
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not true or false", "offload")
+    workers = _workers(args.workers, settings.get("workers"))
     if os.geteuid() != 0:
         raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
     logging.basicConfig(
@@ -201,28 +237,37 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         enter_netns(str(netns))
     if args.detach:
-        return _up_detached(specs, engine, offload, args.pidfile)
+        return _up_detached(specs, engine, offload, args.pidfile, workers)
 
     def announce(message: str) -> None:
         print(f"geneve-dp: {message}", flush=True)
 
-    return _run_daemon(specs, engine, offload, args.pidfile, announce)
+    return _run_daemon(specs, engine, offload, args.pidfile, announce, workers)
 
 
 def _run_daemon(
-    specs: list[TunnelSpec], engine: str, offload: bool | None, pidfile: Path | None, on_ready: Any
+    specs: list[TunnelSpec],
+    engine: str,
+    offload: bool | None,
+    pidfile: Path | None,
+    on_ready: Any,
+    workers: int | None = None,
 ) -> int:
     import uvloop
 
     from ..daemon import Daemon
 
-    daemon = Daemon(specs, engine, pidfile, offload=offload)
+    daemon = Daemon(specs, engine, pidfile, offload=offload, workers=workers)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(daemon.run(on_ready))
 
 
 def _up_detached(
-    specs: list[TunnelSpec], engine: str, offload: bool | None, pidfile: Path | None
+    specs: list[TunnelSpec],
+    engine: str,
+    offload: bool | None,
+    pidfile: Path | None,
+    workers: int | None = None,
 ) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
@@ -258,7 +303,7 @@ def _up_detached(
             os.write(write_fd, message.encode())
             os.close(write_fd)
 
-        rc = _run_daemon(specs, engine, offload, pidfile, ready)
+        rc = _run_daemon(specs, engine, offload, pidfile, ready, workers)
         if rc == 0:
             # A clean stop leaves nothing to diagnose; a crash keeps its log.
             log_path.unlink(missing_ok=True)

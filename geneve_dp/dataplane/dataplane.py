@@ -3,12 +3,13 @@
 Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, engine,
+    offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro},
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (coalesced super-frames written; offload only),
                drops: {reason: n for every name in DROP_REASONS},
                options_seen: {"0xCLASS:0xTYPE": n}, options_other},
-    socket:   {family, port, rx_packets, rx_queue_overflow,
+    socket:   {family, port, workers, rx_packets, rx_packets_per_worker, rx_queue_overflow,
                drops: {reason: n for every name in SOCKET_DROP_REASONS}}
 
 Drops that cannot be attributed to a tunnel (bad header, unknown VNI, wrong outer
@@ -18,12 +19,13 @@ socket-level names stay at zero in ``counters.drops``.
 
 Design notes (the kernel geneve contract, and where this differs):
 
-- One UDP socket per (family, port) receives for every tunnel on it; tunnels are found
-  by VNI and outer source address. Transmit goes through a raw IPPROTO_RAW socket with
-  header inclusion, so the UDP source port can follow the inner flow hash (drawn from
-  the netns' ephemeral port range). The kernel does not fragment such packets
-  (EMSGSIZE above the device MTU), so the engines fragment the outer packet themselves
-  when an inner IPv4 packet without DF does not fit (DF unset, as the kernel).
+- One UDP socket per (family, port) and worker receives for every tunnel on it;
+  tunnels are found by VNI and outer source address. Transmit goes through a raw
+  IPPROTO_RAW socket with header inclusion, so the UDP source port can follow the
+  inner flow hash (drawn from the netns' ephemeral port range). The kernel does not
+  fragment such packets (EMSGSIZE above the device MTU), so the engines fragment the
+  outer packet themselves when an inner IPv4 packet without DF does not fit (DF
+  unset, as the kernel).
 - Outer source address and underlay MTU are resolved once, at start.
 - A zero UDP checksum over IPv6 is accepted per socket, not per tunnel: any tunnel on
   the port with udp6_zero_csum_rx turns UDP_NO_CHECK6_RX on for the port (as the
@@ -41,6 +43,10 @@ Design notes (the kernel geneve contract, and where this differs):
   refuses UDP GSO there) one datagram each by sendmmsg. The receive socket gets
   UDP_GRO and C splits what it returns. A refused offload (TUNSETOFFLOAD, UDP_GRO,
   UDP_SEGMENT) is left off with a log line.
+- Workers (C engine; default one per core): every device gets one queue per worker
+  (IFF_MULTI_QUEUE) and every port one SO_REUSEPORT receive socket per worker. The
+  kernel keeps a flow on one queue and one socket, so a flow's packets stay in order;
+  each worker is a receive and a transmit thread. Counters are summed over workers.
 - Not reproduced: the kernel routes the outer packet with the inner skb's mark and
   keeps skb->mark across encapsulation; a TAP/TUN read carries no mark, and frames
   written to the device start with mark 0.
@@ -58,9 +64,20 @@ from typing import Protocol
 
 from ..errors import UserError
 from .endpoint import Group, close_resources, open_resources
-from .spec import TunnelSpec, check_together
+from .spec import MAX_WORKERS, MIN_WORKERS, TunnelSpec, check_together
 
 ControlHook = Callable[[str, bytes], None]
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (GDP_WORKERS overrides)."""
+    env = os.environ.get("GDP_WORKERS")
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise UserError(f"GDP_WORKERS={env!r} is not a number", field="workers") from None
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 class GroupEngine(Protocol):
@@ -84,9 +101,17 @@ class Dataplane:
         engine: str = "c",
         control_hook: ControlHook | None = None,
         offload: bool | None = None,
+        workers: int | None = None,
     ) -> None:
         if engine not in ("c", "python"):
             raise UserError(f"{engine!r} is not one of c, python", field="engine")
+        if workers is None:
+            workers = default_workers()
+        if not MIN_WORKERS <= workers <= MAX_WORKERS:
+            raise UserError(
+                f"{workers} workers is out of range; accepted: {MIN_WORKERS}..{MAX_WORKERS}",
+                field="workers",
+            )
         check_together(specs)
         self.specs = list(specs)
         self.engine = engine
@@ -97,6 +122,8 @@ class Dataplane:
         if offload is None:
             offload = os.environ.get("GDP_OFFLOAD", "1") != "0"
         self.offload = offload and engine == "c"
+        # The Python engine is a baseline and an oracle: one worker, always.
+        self.workers = workers if engine == "c" else 1
         self._groups: list[Group] = []
         self._engines: list[GroupEngine] = []
         self._stop_fd = -1
@@ -110,7 +137,7 @@ class Dataplane:
         if self._started:
             return
         try:
-            self._groups = open_resources(self.specs, offload=self.offload)
+            self._groups = open_resources(self.specs, offload=self.offload, workers=self.workers)
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             control_fd = -1
             if self.control_hook is not None:

@@ -30,6 +30,7 @@ IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
@@ -57,6 +58,12 @@ class Device:
     mtu: int
     vnet_hdr: bool = False
     rx_uso: bool = False  # takes UDP_L4 super-frames on write (engine.c gro_add_udp)
+    queue_fds: list[int] = field(default_factory=list)  # IFF_MULTI_QUEUE queues 2..n
+
+    @property
+    def fds(self) -> list[int]:
+        """One queue per worker."""
+        return [self.fd, *self.queue_fds]
 
 
 @dataclass
@@ -79,6 +86,12 @@ class Group:
     raw: socket.socket
     tunnels: list[Tunnel] = field(default_factory=list)
     udp_gro: bool = False  # UDP_GRO accepted on the receive socket
+    udp_extra: list[socket.socket] = field(default_factory=list)  # workers 2..n (reuseport)
+
+    @property
+    def udps(self) -> list[socket.socket]:
+        """One receive socket per worker."""
+        return [self.udp, *self.udp_extra]
 
 
 def _af(family: int) -> socket.AddressFamily:
@@ -139,7 +152,9 @@ def _probe_uso(fd: int) -> bool:
     return True
 
 
-def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Device:
+def _open_device(
+    ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool, queues: int = 1
+) -> Device:
     if ipr.link_lookup(ifname=spec.name):
         raise UserError(f"a device named {spec.name!r} already exists", field="name")
     try:
@@ -147,10 +162,13 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
     except OSError as exc:
         raise UserError(f"cannot open /dev/net/tun: {exc.strerror}", field="name") from exc
     rx_uso = False
+    queue_fds: list[int] = []
     try:
         flags = (IFF_TAP if spec.mode == "tap" else IFF_TUN) | IFF_NO_PI
         if offload:
             flags |= IFF_VNET_HDR
+        if queues > 1:
+            flags |= IFF_MULTI_QUEUE
         ifr = struct.pack("16sH22x", spec.name.encode(), flags)
         try:
             fcntl.ioctl(fd, TUNSETIFF, ifr)
@@ -172,7 +190,19 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
                     exc.strerror,
                 )
                 os.close(fd)  # the device is not persistent: it goes with its fd
-                return _open_device(ipr, spec, mtu, False)
+                return _open_device(ipr, spec, mtu, False, queues)
+        # Further queues attach to the device by name; the kernel steers each flow to
+        # one of them (and to the one its reverse direction was last written on).
+        for _ in range(queues - 1):
+            qfd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            queue_fds.append(qfd)
+            try:
+                fcntl.ioctl(qfd, TUNSETIFF, ifr)
+            except OSError as exc:
+                raise UserError(
+                    f"cannot attach queue {len(queue_fds) + 1} to {spec.name!r}: {exc.strerror}",
+                    field="workers",
+                ) from exc
         ifindex = ipr.link_lookup(ifname=spec.name)[0]
         try:
             if spec.mac is not None:
@@ -195,16 +225,20 @@ def _open_device(ipr: IPRoute, spec: TunnelSpec, mtu: int, offload: bool) -> Dev
             mtu=mtu,
             vnet_hdr=offload,
             rx_uso=offload and rx_uso,
+            queue_fds=queue_fds,
         )
     except BaseException:
         os.close(fd)
+        for qfd in queue_fds:
+            os.close(qfd)
         raise
 
 
-def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) -> Group:
-    af = _af(family)
-    udp = socket.socket(af, socket.SOCK_DGRAM)
-    raw: socket.socket | None = None
+def _udp_socket(
+    family: int, port: int, specs: list[TunnelSpec], offload: bool, reuseport: bool
+) -> tuple[socket.socket, bool]:
+    """A bound, nonblocking receive socket for the port; and whether UDP_GRO took."""
+    udp = socket.socket(_af(family), socket.SOCK_DGRAM)
     try:
         if family == 6:
             udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -217,6 +251,10 @@ def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) 
         else:
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
         udp.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
+        if reuseport:
+            # One socket per worker; the kernel spreads datagrams by their 4-tuple, so
+            # a flow (its outer source port follows the inner flow) stays on one.
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         udp_gro = False
         if offload:
             # Let UDP GSO super-packets from a peer arrive whole (split in C).
@@ -236,6 +274,28 @@ def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) 
                 field="port",
             ) from exc
         udp.setblocking(False)
+        return udp, udp_gro
+    except BaseException:
+        udp.close()
+        raise
+
+
+def _open_group(
+    family: int, port: int, specs: list[TunnelSpec], offload: bool, workers: int = 1
+) -> Group:
+    af = _af(family)
+    udps: list[socket.socket] = []
+    raw: socket.socket | None = None
+    try:
+        if workers > 1:
+            # A plain bind first: it fails while anyone holds the port, where a
+            # SO_REUSEPORT bind would quietly join another root process's sockets.
+            probe, _ = _udp_socket(family, port, specs, False, reuseport=False)
+            probe.close()
+        udp_gro = False
+        for _ in range(workers):
+            sock, udp_gro = _udp_socket(family, port, specs, offload, reuseport=workers > 1)
+            udps.append(sock)
         try:
             raw = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
         except OSError as exc:
@@ -247,9 +307,12 @@ def _open_group(family: int, port: int, specs: list[TunnelSpec], offload: bool) 
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
         raw.setblocking(False)
-        return Group(family=family, port=port, udp=udp, raw=raw, udp_gro=udp_gro)
+        return Group(
+            family=family, port=port, udp=udps[0], raw=raw, udp_gro=udp_gro, udp_extra=udps[1:]
+        )
     except BaseException:
-        udp.close()
+        for sock in udps:
+            sock.close()
         if raw is not None:
             raw.close()
         raise
@@ -263,13 +326,20 @@ def close_resources(groups: list[Group]) -> None:
                 with contextlib.suppress(OSError):
                     os.close(tunnel.device.fd)
                 tunnel.device.fd = -1
-        group.udp.close()
+            for qfd in tunnel.device.queue_fds:
+                with contextlib.suppress(OSError):
+                    os.close(qfd)
+            tunnel.device.queue_fds = []
+        for sock in group.udps:
+            sock.close()
         group.raw.close()
 
 
-def open_resources(specs: list[TunnelSpec], offload: bool = False) -> list[Group]:
+def open_resources(specs: list[TunnelSpec], offload: bool = False, workers: int = 1) -> list[Group]:
     """Devices and sockets for ``specs``, grouped by receive socket. ``offload`` opens
-    the devices with IFF_VNET_HDR and TSO/checksum offloads (C engine only)."""
+    the devices with IFF_VNET_HDR and TSO/checksum offloads (C engine only); with
+    ``workers`` > 1 every device gets that many queues (IFF_MULTI_QUEUE) and every
+    port that many SO_REUSEPORT receive sockets, one of each per worker."""
     groups: dict[tuple[int, int], Group] = {}
     try:
         with IPRoute() as ipr:
@@ -281,6 +351,7 @@ def open_resources(specs: list[TunnelSpec], offload: bool = False) -> list[Group
                         spec.port,
                         [s for s in specs if (s.family, s.port) == key],
                         offload,
+                        workers,
                     )
                 underlay_mtu, local = _route(ipr, spec)
                 mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead
@@ -289,7 +360,7 @@ def open_resources(specs: list[TunnelSpec], offload: bool = False) -> list[Group
                         f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
                         field="mtu",
                     )
-                device = _open_device(ipr, spec, mtu, offload)
+                device = _open_device(ipr, spec, mtu, offload, workers)
                 groups[key].tunnels.append(Tunnel(spec, device, local, underlay_mtu))
     except NetlinkError as exc:
         close_resources(list(groups.values()))

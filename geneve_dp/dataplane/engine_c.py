@@ -50,8 +50,32 @@ def _check(rc: int) -> None:
 _DF = {"unset": lib.GDP_DF_UNSET, "set": lib.GDP_DF_SET, "inherit": lib.GDP_DF_INHERIT}
 
 
+_TUNNEL_COUNTERS = (
+    "rx_packets",
+    "rx_bytes",
+    "tx_packets",
+    "tx_bytes",
+    "control",
+    "tx_fragmented",
+    "tx_gso_frames",
+    "rx_gro_frames",
+)
+
+
+class _Worker:
+    """One C engine's memory: its tunnel structs, socket counters and buffers."""
+
+    def __init__(self, tunnels: Any, stats: Any) -> None:
+        self.tunnels = tunnels
+        self.stats = stats
+        self._mem = ffi.new("uint8_t[]", lib.gdp_engine_size())
+        self.engine = ffi.cast("struct gdp_engine *", self._mem)
+        self.bufs = ffi.new("uint8_t[]", lib.gdp_engine_buffers_size())
+
+
 class CGroupEngine:
-    """One receive socket's tunnels driven by the C loop."""
+    """One port's tunnels driven by the C loop: per worker (one receive socket and one
+    queue of each device) a receive and a transmit thread."""
 
     name = "c"
 
@@ -101,24 +125,36 @@ class CGroupEngine:
                 t.reflect = table
                 t.reflect_slots = REFLECT_SLOTS
             _check(lib.gdp_tunnel_prepare(self.tunnels + i))
-        cfg = ffi.new("struct gdp_engine_config *")
-        cfg.family = group.family
-        cfg.udp_fd = group.udp.fileno()
-        cfg.raw_fd = group.raw.fileno()
-        cfg.stop_fd = stop_fd
-        cfg.control_fd = control_fd
-        cfg.sport_min, cfg.sport_max = ephemeral_ports()
-        cfg.hash_seed = random.getrandbits(32)
-        cfg.control_tag = group_index << 24
-        self.stats = ffi.new("struct gdp_sock_stats *")
-        self._mem = ffi.new("uint8_t[]", lib.gdp_engine_size())
-        self.engine = ffi.cast("struct gdp_engine *", self._mem)
-        self._bufs = ffi.new("uint8_t[]", lib.gdp_engine_buffers_size())
-        _check(
-            lib.gdp_engine_init(
-                self.engine, cfg, self.tunnels, n, self._bufs, len(self._bufs), self.stats
-            )
-        )
+        # One C engine per worker: its own receive socket and device queues, copies of
+        # the tunnel structs (counters apart, summed when read), the same flow hash
+        # seed (a flow's source port must not depend on the worker) and the same
+        # reflection tables and transmit sockets.
+        sport_min, sport_max = ephemeral_ports()
+        hash_seed = random.getrandbits(32)
+        ip_id = random.getrandbits(16)
+        self.workers: list[_Worker] = []
+        nworkers = len(group.udps)
+        for k, udp in enumerate(group.udps):
+            if k == 0:
+                tunnels = self.tunnels
+            else:
+                tunnels = ffi.new("struct gdp_tunnel[]", n)
+                ffi.memmove(tunnels, self.tunnels, ffi.sizeof("struct gdp_tunnel") * n)
+                for i, tun in enumerate(group.tunnels):
+                    tunnels[i].dev_fd = tun.device.fds[k]
+            cfg = ffi.new("struct gdp_engine_config *")
+            cfg.family = group.family
+            cfg.udp_fd = udp.fileno()
+            cfg.raw_fd = group.raw.fileno()
+            cfg.stop_fd = stop_fd
+            cfg.control_fd = control_fd
+            cfg.sport_min, cfg.sport_max = sport_min, sport_max
+            cfg.hash_seed = hash_seed
+            cfg.ip_id_start = (ip_id + k * (65536 // nworkers)) & 0xFFFF
+            cfg.control_tag = group_index << 24
+            w = _Worker(tunnels, ffi.new("struct gdp_sock_stats *"))
+            _check(lib.gdp_engine_init(w.engine, cfg, tunnels, n, w.bufs, len(w.bufs), w.stats))
+            self.workers.append(w)
         self._threads: list[threading.Thread] = []
         self.results: dict[str, int] = {}
 
@@ -169,18 +205,19 @@ class CGroupEngine:
         self.sockets = []
 
     def start(self) -> None:
-        for label, dirs in (("rx", lib.GDP_DIR_RX), ("tx", lib.GDP_DIR_TX)):
-            th = threading.Thread(
-                target=self._run,
-                args=(label, dirs),
-                name=f"gdp-{label}-v{self.group.family}-{self.group.port}",
-                daemon=True,
-            )
-            th.start()
-            self._threads.append(th)
+        for k, w in enumerate(self.workers):
+            for label, dirs in (("rx", lib.GDP_DIR_RX), ("tx", lib.GDP_DIR_TX)):
+                th = threading.Thread(
+                    target=self._run,
+                    args=(w, f"{label}{k}", dirs),
+                    name=f"gdp-{label}{k}-v{self.group.family}-{self.group.port}",
+                    daemon=True,
+                )
+                th.start()
+                self._threads.append(th)
 
-    def _run(self, label: str, dirs: int) -> None:
-        self.results[label] = lib.gdp_engine_run(self.engine, dirs)
+    def _run(self, w: _Worker, label: str, dirs: int) -> None:
+        self.results[label] = lib.gdp_engine_run(w.engine, dirs)
 
     def join(self, timeout: float) -> None:
         for th in self._threads:
@@ -196,27 +233,25 @@ class CGroupEngine:
         return None
 
     def counters(self, i: int) -> dict[str, object]:
-        c = self.tunnels[i].counters
+        """Tunnel i's counters, summed over the workers."""
         seen: dict[str, int] = {}
-        for s in range(lib.GDP_OPTSEEN_SLOTS):
-            q = c.options_seen[s]
-            if not q.used:
-                break
-            seen[f"0x{q.opt_class:04x}:0x{q.type:02x}"] = int(q.count)
-        drops = {name: int(c.drops[k]) for k, name in enumerate(DROP_REASONS)}
-        return {
-            "rx_packets": int(c.rx_packets),
-            "rx_bytes": int(c.rx_bytes),
-            "tx_packets": int(c.tx_packets),
-            "tx_bytes": int(c.tx_bytes),
-            "control": int(c.control),
-            "tx_fragmented": int(c.tx_fragmented),
-            "tx_gso_frames": int(c.tx_gso_frames),
-            "rx_gro_frames": int(c.rx_gro_frames),
-            "drops": drops,
-            "options_seen": seen,
-            "options_other": int(c.options_other),
-        }
+        drops = dict.fromkeys(DROP_REASONS, 0)
+        totals = dict.fromkeys(_TUNNEL_COUNTERS, 0)
+        other = 0
+        for w in self.workers:
+            c = w.tunnels[i].counters
+            for s in range(lib.GDP_OPTSEEN_SLOTS):
+                q = c.options_seen[s]
+                if not q.used:
+                    break
+                key = f"0x{q.opt_class:04x}:0x{q.type:02x}"
+                seen[key] = seen.get(key, 0) + int(q.count)
+            for k, name in enumerate(DROP_REASONS):
+                drops[name] += int(c.drops[k])
+            for name in _TUNNEL_COUNTERS:
+                totals[name] += int(getattr(c, name))
+            other += int(c.options_other)
+        return {**totals, "drops": drops, "options_seen": seen, "options_other": other}
 
     def offloads(self, i: int) -> dict[str, bool]:
         """Which offloads tunnel i runs with (what the kernel accepted at start)."""
@@ -230,9 +265,15 @@ class CGroupEngine:
         }
 
     def socket_counters(self) -> dict[str, object]:
-        s = self.stats
+        """The port's receive counters, summed over the workers' sockets."""
+        stats = [w.stats for w in self.workers]
         return {
-            "rx_packets": int(s.rx_packets),
-            "rx_queue_overflow": int(s.rx_queue_overflow),
-            "drops": {name: int(s.drops[k]) for k, name in enumerate(SOCKET_DROP_REASONS)},
+            "workers": len(stats),
+            "rx_packets": sum(int(s.rx_packets) for s in stats),
+            "rx_packets_per_worker": [int(s.rx_packets) for s in stats],
+            "rx_queue_overflow": sum(int(s.rx_queue_overflow) for s in stats),
+            "drops": {
+                name: sum(int(s.drops[k]) for s in stats)
+                for k, name in enumerate(SOCKET_DROP_REASONS)
+            },
         }

@@ -19,6 +19,9 @@ from .. import codec, wire
 from ..errors import UserError
 from ..options import parse_option
 
+# Forwarding workers of one dataplane (dataplane.Dataplane, `up --workers`).
+MIN_WORKERS, MAX_WORKERS = 1, 64
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Mode = Literal["tap", "tun"]
@@ -218,10 +221,11 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
     tables = data.pop("tunnel", None)
     if not isinstance(tables, list) or not tables:
         raise UserError(f"{path} has no [[tunnel]] tables", field="--config")
-    unknown = sorted(set(data) - {"engine", "netns", "offload"})
+    unknown = sorted(set(data) - {"engine", "netns", "offload", "workers"})
     if unknown:
         raise UserError(
-            "unknown top-level key; accepted: engine, netns, offload, [[tunnel]]", unknown[0]
+            "unknown top-level key; accepted: engine, netns, offload, workers, [[tunnel]]",
+            unknown[0],
         )
     specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]
     check_together(specs)
