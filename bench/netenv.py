@@ -159,6 +159,23 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def rss_kib(pids: list[int], field: str = "VmRSS") -> int:
+    """Resident memory of the largest of these processes, in KiB: ``VmRSS`` now, or
+    ``VmHWM`` (the peak it reached), from /proc/PID/status. Per process, because
+    that is what a node runs: one dataplane (the two here are the two ends)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        total = max(total, int(line.split()[1]))
+                        break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def busy_seconds() -> float:
     """System-wide non-idle CPU seconds since boot: everything the run cost the machine
     (generator, sink, daemons, kernel), so paths compare on total work too."""

@@ -62,6 +62,53 @@ def _fmt_num(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}g}" if v < 10**digits else f"{v:.0f}"
 
 
+def _per(value: float | None, count: float | None, scale: float) -> float | None:
+    return value * scale / count if value is not None and count else None
+
+
+def _cost_table(scenarios: list[Json], base: Json | None, small: int) -> list[str]:
+    """CPU per packet and per gigabyte, and the dataplane's peak memory: the machine's
+    busy time covers every path alike (kernel tunnels run in softirq and in the
+    senders' own system calls); the dataplane's own time exists only for geneve-dp."""
+
+    def cost(s: Json | None) -> tuple[float | None, ...]:
+        if s is None:
+            return (None, None, None, None)
+        u, t = _udp(s, small), _tcp(s, 1)
+        ucpu, tcpu = (u or {}).get("cpu") or {}, (t or {}).get("cpu") or {}
+        received = u.get("received") if u else None
+        gb = t["bytes"] / 1e9 if t and t.get("bytes") else None
+        return (
+            _per(ucpu.get("busy_s"), received, 1e6),
+            _per(ucpu.get("dataplane_s"), received, 1e6),
+            _per(tcpu.get("busy_s"), gb, 1.0),
+            _per(tcpu.get("dataplane_s"), gb, 1.0),
+        )
+
+    bc = cost(base)
+    lines = [
+        "",
+        f"CPU per unit of work (UDP {small} B: µs per delivered packet; TCP 1 stream: "
+        "CPU s per GB delivered; lower is better) and the dataplane's peak RSS:",
+        "",
+        "| path | UDP µs/pkt: machine | UDP µs/pkt: dataplane | TCP s/GB: machine "
+        "| TCP s/GB: dataplane | dataplane peak RSS (per process) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in scenarios:
+        c = cost(s)
+        cells = []
+        for k, v in enumerate(c):
+            if v is None:
+                cells.append("n/a")
+            else:
+                cells.append(f"{_fmt_num(v)}{_ratio(v, bc[k]) if k % 2 == 0 else ''}")
+        peak = (s.get("cpu") or {}).get("peak_rss_kib")
+        cells.append(f"{peak / 1024:.1f} MiB" if peak else "n/a")
+        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: Json) -> str:
     params = results["parameters"]
     m = results["machine"]
@@ -140,6 +187,7 @@ def markdown(results: Json) -> str:
             cells.append("error")
         lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
         notes += [f"- {s['label']}: {e}" for e in failures(s)]
+    lines += _cost_table(scenarios, base, small)
     if len(frames) > 1:
         lines += [
             "",

@@ -125,14 +125,23 @@ class GeneveDp(Scenario):
     kernel_path = False
     ready_timeout = 30.0
 
-    def __init__(self, mode: str, engine: str) -> None:
+    def __init__(self, mode: str, engine: str, udp_csum: bool = False) -> None:
         super().__init__()
-        self.mode, self.engine = mode, engine
-        self.id = f"geneve-dp-{engine}-{mode}"
-        self.label = f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}"
+        self.mode, self.engine, self.udp_csum = mode, engine, udp_csum
+        self.extra = ["--udp-csum"] if udp_csum else []
+        self.id = f"geneve-dp-{engine}-{mode}" + ("-csum" if udp_csum else "")
+        self.label = f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}" + (
+            ", --udp-csum" if udp_csum else ""
+        )
         self.description = (
-            f"two `geneve-dp up --mode {mode} --engine {engine}` endpoints (VNI {VNI}, "
-            f"UDP 6081) over the veth"
+            f"two `geneve-dp up --mode {mode} --engine {engine}{' '.join(['', *self.extra])}` "
+            f"endpoints (VNI {VNI}, UDP 6081) over the veth"
+            + (
+                ": outer UDP checksums on, which is what lets UDP GSO carry TSO super-frames "
+                "(the kernel refuses UDP_SEGMENT without a checksum)"
+                if udp_csum
+                else ""
+            )
         )
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[deque[str]] = []
@@ -144,6 +153,7 @@ class GeneveDp(Scenario):
                 "--vni", str(VNI), "--remote", remote, "--local", local,
                 "--mode", self.mode, "--engine", self.engine, "--netns", ns,
                 "--mtu", str(TUNNEL_MTU), "--address", f"{INNER_SUBNET}.{n}/24",
+                *self.extra,
             ]  # fmt: skip
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -249,6 +259,7 @@ def all_scenarios() -> list[Scenario]:
         BareVeth(),
         KernelVxlan(),
         GeneveDp("tap", "c"),
+        GeneveDp("tap", "c", udp_csum=True),
         GeneveDp("tun", "c"),
         GeneveDp("tap", "python"),
     ]

@@ -23,6 +23,8 @@ CPU = {
         "softirq_s": {"type": "number"},
         "busy_s": {"type": "number"},
         "wall_s": NUM,
+        "rss_kib": {"type": ["integer", "null"], "minimum": 0},
+        "peak_rss_kib": {"type": ["integer", "null"], "minimum": 0},
         "note": {"type": "string"},
     },
 }
@@ -61,6 +63,7 @@ TCP_STEP = {
         "seconds": NUM,
         "gbps": NUM,
         "sender_gbps": NUM,
+        "bytes": INT,
         "retransmits": INT,
         "cpu": CPU,
         "error": ERROR,

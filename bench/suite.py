@@ -30,6 +30,7 @@ from .netenv import (
     drop_counters,
     process_tree,
     remove_stale,
+    rss_kib,
     sh,
     softirq_seconds,
 )
@@ -263,6 +264,8 @@ class CpuMeter:
             "softirq_s": round(softirq_seconds() - self.soft0, 3),
             "busy_s": round(busy_seconds() - self.busy0, 3),
             "wall_s": round(time.monotonic() - self.wall0, 3),
+            "rss_kib": rss_kib(self.pids, "VmRSS") if self.pids else None,
+            "peak_rss_kib": rss_kib(self.pids, "VmHWM") if self.pids else None,
         }
 
 
@@ -438,6 +441,7 @@ def _iperf_step(path: NetPath, cfg: Json, streams: int) -> Json:
         "seconds": seconds,
         "gbps": round(end["sum_received"]["bits_per_second"] / 1e9, 4),
         "sender_gbps": round(end["sum_sent"]["bits_per_second"] / 1e9, 4),
+        "bytes": int(end["sum_received"]["bytes"]),
         "retransmits": int(end["sum_sent"].get("retransmits", 0)),
         "cpu": cpu,
         "error": None,
@@ -511,11 +515,13 @@ def generator_ceiling(cfg: Json, log: Progress) -> Json:
 def _sum_cpu(steps: list[Json]) -> Json:
     cpus = [step["cpu"] for step in steps if step and step.get("cpu")]
     dataplane = [c["dataplane_s"] for c in cpus if c["dataplane_s"] is not None]
+    peaks = [c["peak_rss_kib"] for c in cpus if c.get("peak_rss_kib") is not None]
     return {
         "dataplane_s": round(sum(dataplane), 3) if dataplane else None,
         "softirq_s": round(sum(c["softirq_s"] for c in cpus), 3),
         "busy_s": round(sum(c.get("busy_s", 0.0) for c in cpus), 3),
         "wall_s": round(sum(c["wall_s"] for c in cpus), 3),
+        "peak_rss_kib": max(peaks) if peaks else None,
     }
 
 
