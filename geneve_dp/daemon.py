@@ -104,8 +104,10 @@ class Daemon:
         pidfile: Path | None = None,
         offload: bool | None = None,
         workers: int | None = None,
+        nice: int | None = None,
     ) -> None:
         self.specs = specs
+        self.nice = nice
         self.engine = engine
         self.offload = offload
         self.workers = workers
@@ -130,6 +132,7 @@ class Daemon:
             control_hook=self._on_control,
             offload=self.offload,
             workers=self.workers,
+            **({} if self.nice is None else {"nice": self.nice}),
         )
         server: asyncio.base_events.Server | None = None
         try:

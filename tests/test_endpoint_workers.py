@@ -102,6 +102,8 @@ def test_port_held_by_a_reuseport_socket_is_refused(netns_factory: Callable[[str
         (["--workers", "0"], "--workers"),
         (["--workers", "65"], "--workers"),
         (["--workers", "two"], "--workers"),
+        (["--nice", "-21"], "--nice"),
+        (["--nice", "x"], "--nice"),
     ],
 )
 def test_workers_flag_is_checked(args: list[str], field: str) -> None:
@@ -115,11 +117,29 @@ def test_workers_flag_is_checked(args: list[str], field: str) -> None:
     assert field in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_workers_config_key_is_checked(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("line", "key"), [('workers = "two"', "workers"), ("nice = 20", "nice")])
+def test_workers_config_keys_are_checked(tmp_path: Path, line: str, key: str) -> None:
     cfg = tmp_path / "t.toml"
-    cfg.write_text('workers = "two"\n[[tunnel]]\nname = "gt9"\nvni = 1\nremote = "10.0.0.2"\n')
+    cfg.write_text(f'{line}\n[[tunnel]]\nname = "gt9"\nvni = 1\nremote = "10.0.0.2"\n')
     proc = subprocess.run(
         [*GDP, "up", "--config", str(cfg)], capture_output=True, text=True, timeout=30
     )
-    assert proc.returncode == 2 and "workers" in proc.stderr, proc
-    assert os.path.exists(cfg)
+    assert proc.returncode == 2 and key in proc.stderr, proc
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_workers_run_at_the_configured_priority(netns_factory: Callable[[str], Netns]) -> None:
+    a, b = netns_factory("a"), netns_factory("b")
+    underlay(a, b)
+    spec = {"name": "gt0", "vni": 7, "remote": "10.0.0.2"}
+    with endpoint(a, "c+offload+w2", [spec]) as ep:
+        assert ep.error is None, ep.error
+        nices = []
+        for task in Path(f"/proc/{ep.proc.pid}/task").iterdir():
+            name = (task / "comm").read_text().strip()
+            nices.append((name, os.getpriority(os.PRIO_PROCESS, int(task.name))))
+        workers = sorted(n for n, v in nices if n.startswith("gdp-") and v == -10)
+        assert workers == ["gdp-rx0-v4-6081", "gdp-rx1-v4-6081", "gdp-tx0-v4-6081",
+                           "gdp-tx1-v4-6081"], nices  # fmt: skip
+        others = [v for n, v in nices if not n.startswith("gdp-")]
+        assert others and set(others) == {0}, nices

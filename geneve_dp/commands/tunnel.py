@@ -13,8 +13,11 @@ from typing import Any
 
 from .. import wire
 from ..dataplane.spec import (
+    DEFAULT_NICE,
     ENGINES,
+    MAX_NICE,
     MAX_WORKERS,
+    MIN_NICE,
     MIN_WORKERS,
     TunnelSpec,
     build_spec,
@@ -27,7 +30,7 @@ UP_DESCRIPTION = """\
 Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM, then
 remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
 VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
-`engine`, `netns`, `offload` and `workers`, then one [[tunnel]] table per device with the
+`engine`, `netns`, `offload`, `workers` and `nice`, then one [[tunnel]] table per device with the
 keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
 reflect_options, mac, addresses). Tunnels on the same port share one UDP socket and
@@ -112,6 +115,13 @@ def register(sub: Any) -> None:
         "(C engine; default: one per core, or GDP_WORKERS)",
     )
     up.add_argument(
+        "--nice",
+        metavar="N",
+        help=f"scheduling priority of the workers, {MIN_NICE}..{MAX_NICE} (default "
+        f"{DEFAULT_NICE}: ahead of the programs whose packets they carry, as the kernel's "
+        "softirq forwarding is; 0 leaves it alone)",
+    )
+    up.add_argument(
         "--detach", action="store_true", help="go to the background once ready (print the pid)"
     )
     up.add_argument("--pidfile", type=Path, metavar="FILE", help="write the pid here while running")
@@ -194,23 +204,23 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
     return [spec], {}
 
 
-def _workers(flag: str | None, configured: object) -> int | None:
-    """The --workers flag (or the config key): a whole number in range, or None."""
-    field = "--workers" if flag is not None else "workers"
+def _int_setting(flag: str | None, configured: object, key: str, lo: int, hi: int) -> int | None:
+    """A whole-number setting from --KEY (a string) or the config key, in lo..hi."""
+    field = f"--{key}" if flag is not None else key
     value: object = configured
     if flag is not None:
         try:
             value = int(flag)
         except ValueError:
-            raise UserError(f"{flag!r} is not a whole number of workers", field) from None
+            raise UserError(
+                f"{flag!r} is not a whole number; accepted: {lo}..{hi}", field
+            ) from None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{value!r} is not a whole number of workers", field)
-    if not MIN_WORKERS <= value <= MAX_WORKERS:
-        raise UserError(
-            f"{value} workers is out of range; accepted: {MIN_WORKERS}..{MAX_WORKERS}", field
-        )
+        raise UserError(f"{value!r} is not a whole number; accepted: {lo}..{hi}", field)
+    if not lo <= value <= hi:
+        raise UserError(f"{value} is out of range; accepted: {lo}..{hi}", field)
     return value
 
 
@@ -224,7 +234,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     offload = args.offload if args.offload is not None else settings.get("offload")
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not true or false", "offload")
-    workers = _workers(args.workers, settings.get("workers"))
+    workers = _int_setting(
+        args.workers, settings.get("workers"), "workers", MIN_WORKERS, MAX_WORKERS
+    )
+    nice = _int_setting(args.nice, settings.get("nice"), "nice", MIN_NICE, MAX_NICE)
     if os.geteuid() != 0:
         raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
     logging.basicConfig(
@@ -237,12 +250,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
         enter_netns(str(netns))
     if args.detach:
-        return _up_detached(specs, engine, offload, args.pidfile, workers)
+        return _up_detached(specs, engine, offload, args.pidfile, workers, nice)
 
     def announce(message: str) -> None:
         print(f"geneve-dp: {message}", flush=True)
 
-    return _run_daemon(specs, engine, offload, args.pidfile, announce, workers)
+    return _run_daemon(specs, engine, offload, args.pidfile, announce, workers, nice)
 
 
 def _run_daemon(
@@ -252,12 +265,13 @@ def _run_daemon(
     pidfile: Path | None,
     on_ready: Any,
     workers: int | None = None,
+    nice: int | None = None,
 ) -> int:
     import uvloop
 
     from ..daemon import Daemon
 
-    daemon = Daemon(specs, engine, pidfile, offload=offload, workers=workers)
+    daemon = Daemon(specs, engine, pidfile, offload=offload, workers=workers, nice=nice)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(daemon.run(on_ready))
 
@@ -268,6 +282,7 @@ def _up_detached(
     offload: bool | None,
     pidfile: Path | None,
     workers: int | None = None,
+    nice: int | None = None,
 ) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
@@ -303,7 +318,7 @@ def _up_detached(
             os.write(write_fd, message.encode())
             os.close(write_fd)
 
-        rc = _run_daemon(specs, engine, offload, pidfile, ready, workers)
+        rc = _run_daemon(specs, engine, offload, pidfile, ready, workers, nice)
         if rc == 0:
             # A clean stop leaves nothing to diagnose; a crash keeps its log.
             log_path.unlink(missing_ok=True)

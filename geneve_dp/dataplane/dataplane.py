@@ -47,6 +47,10 @@ Design notes (the kernel geneve contract, and where this differs):
   (IFF_MULTI_QUEUE) and every port one SO_REUSEPORT receive socket per worker. The
   kernel keeps a flow on one queue and one socket, so a flow's packets stay in order;
   each worker is a receive and a transmit thread. Counters are summed over workers.
+  The workers run at nice -10 (``nice``; 0 leaves them alone): the kernel's tunnels
+  forward in softirq, ahead of every task, and a userspace one that shares the CPU
+  evenly with a sender who outruns it spends that sender's surplus on packets the
+  device queue then drops.
 - Not reproduced: the kernel routes the outer packet with the inner skb's mark and
   keeps skb->mark across encapsulation; a TAP/TUN read carries no mark, and frames
   written to the device start with mark 0.
@@ -64,7 +68,15 @@ from typing import Protocol
 
 from ..errors import UserError
 from .endpoint import Group, close_resources, open_resources
-from .spec import MAX_WORKERS, MIN_WORKERS, TunnelSpec, check_together
+from .spec import (
+    DEFAULT_NICE,
+    MAX_NICE,
+    MAX_WORKERS,
+    MIN_NICE,
+    MIN_WORKERS,
+    TunnelSpec,
+    check_together,
+)
 
 ControlHook = Callable[[str, bytes], None]
 
@@ -102,6 +114,7 @@ class Dataplane:
         control_hook: ControlHook | None = None,
         offload: bool | None = None,
         workers: int | None = None,
+        nice: int = DEFAULT_NICE,
     ) -> None:
         if engine not in ("c", "python"):
             raise UserError(f"{engine!r} is not one of c, python", field="engine")
@@ -124,6 +137,11 @@ class Dataplane:
         self.offload = offload and engine == "c"
         # The Python engine is a baseline and an oracle: one worker, always.
         self.workers = workers if engine == "c" else 1
+        if not MIN_NICE <= nice <= MAX_NICE:
+            raise UserError(
+                f"nice {nice} is out of range; accepted: {MIN_NICE}..{MAX_NICE}", field="nice"
+            )
+        self.nice = nice
         self._groups: list[Group] = []
         self._engines: list[GroupEngine] = []
         self._stop_fd = -1
@@ -165,7 +183,7 @@ class Dataplane:
         if self.engine == "c":
             from .engine_c import CGroupEngine
 
-            return CGroupEngine(group, self._stop_fd, control_fd, gi)
+            return CGroupEngine(group, self._stop_fd, control_fd, gi, nice=self.nice)
         from .engine_py import PyGroupEngine
 
         return PyGroupEngine(group, self._stop_fd, control_fd, gi)

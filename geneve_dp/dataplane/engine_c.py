@@ -3,7 +3,9 @@ two threads per receive socket (one per direction), with the GIL released by cff
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import random
 import socket
 import threading
@@ -62,6 +64,37 @@ _TUNNEL_COUNTERS = (
 )
 
 
+_PR_SET_NAME = 15
+
+
+def _name_thread(name: str) -> None:
+    """The thread's name as the kernel shows it (top -H, ps -L, /proc/PID/task/*/comm):
+    at most 15 bytes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+_nice_refused = threading.Event()
+
+
+def _set_thread_nice(nice: int) -> None:
+    """Run the calling thread at ``nice``: forwarding then wins the CPU from the
+    programs whose packets it forwards, as the kernel's own softirq processing does
+    (a sender that outruns its tunnel otherwise fills the device queue with packets
+    that are dropped, on CPU time the forwarding needed)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:
+        if not _nice_refused.is_set():
+            _nice_refused.set()
+            log.warning(
+                "cannot run the workers at nice %d (%s; needs CAP_SYS_NICE); "
+                "they run at the normal priority",
+                nice,
+                exc.strerror,
+            )
+
+
 class _Worker:
     """One C engine's memory: its tunnel structs, socket counters and buffers."""
 
@@ -79,8 +112,16 @@ class CGroupEngine:
 
     name = "c"
 
-    def __init__(self, group: Group, stop_fd: int, control_fd: int, group_index: int) -> None:
+    def __init__(
+        self,
+        group: Group,
+        stop_fd: int,
+        control_fd: int,
+        group_index: int,
+        nice: int = 0,
+    ) -> None:
         self.group = group
+        self.nice = nice
         n = len(group.tunnels)
         self._keep: list[Any] = []
         self.sockets: list[socket.socket] = []
@@ -217,6 +258,9 @@ class CGroupEngine:
                 self._threads.append(th)
 
     def _run(self, w: _Worker, label: str, dirs: int) -> None:
+        _name_thread(threading.current_thread().name)
+        if self.nice:
+            _set_thread_nice(self.nice)
         self.results[label] = lib.gdp_engine_run(w.engine, dirs)
 
     def join(self, timeout: float) -> None:

@@ -21,6 +21,8 @@ from ..options import parse_option
 
 # Forwarding workers of one dataplane (dataplane.Dataplane, `up --workers`).
 MIN_WORKERS, MAX_WORKERS = 1, 64
+# Scheduling priority of the forwarding threads (setpriority; negative needs CAP_SYS_NICE).
+MIN_NICE, MAX_NICE, DEFAULT_NICE = -20, 19, -10
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -221,10 +223,10 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
     tables = data.pop("tunnel", None)
     if not isinstance(tables, list) or not tables:
         raise UserError(f"{path} has no [[tunnel]] tables", field="--config")
-    unknown = sorted(set(data) - {"engine", "netns", "offload", "workers"})
+    unknown = sorted(set(data) - {"engine", "netns", "offload", "workers", "nice"})
     if unknown:
         raise UserError(
-            "unknown top-level key; accepted: engine, netns, offload, workers, [[tunnel]]",
+            "unknown top-level key; accepted: engine, netns, offload, workers, nice, [[tunnel]]",
             unknown[0],
         )
     specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]
