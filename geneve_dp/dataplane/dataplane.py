@@ -3,6 +3,7 @@
 Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, engine,
+    offload (the device runs with IFF_VNET_HDR: asked for and not refused),
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (coalesced super-frames written; offload only),
@@ -227,8 +228,13 @@ class Dataplane:
                         "mode": spec.mode,
                         "mtu": tun.device.mtu,
                         "engine": eng.name,
+                        "offload": tun.device.vnet_hdr,
                         "counters": eng.counters(i),
                         "socket": sock,
                     }
                 )
         return out
+
+    def workers(self) -> int:
+        """Forwarding threads alive (two per receive socket while all is well)."""
+        return sum(th.is_alive() for eng in self._engines for th in getattr(eng, "_threads", ()))
