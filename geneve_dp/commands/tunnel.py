@@ -137,6 +137,20 @@ def register(sub: Any) -> None:
             "--pid", type=int, help="tunnels of the dataplane process with this pid, anywhere"
         )
         p.set_defaults(func=cmd_show if name == "show" else cmd_stats)
+        if name == "stats":
+            p.description = STATS_DESCRIPTION
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="rates per device (pps, bit/s, drops/s), refreshed every --interval",
+            )
+            p.add_argument(
+                "--interval", default="1", help="seconds between refreshes, 0.1..3600 (default 1)"
+            )
+            p.add_argument(
+                "--count", default="0", help="stop after N refreshes (default 0: until Ctrl-C)"
+            )
 
 
 _FLAG_FIELDS = {
@@ -361,7 +375,27 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+STATS_DESCRIPTION = """\
+Show counters of running tunnels: packets, bytes, drops by reason (--json: the same as
+JSON). With --watch, rates instead: packets/s, bit/s and drops/s per device over each
+--interval, redrawn in place on a terminal and printed one table per interval into a
+pipe; --watch --json prints one JSON object per interval and line. Ctrl-C ends it.
+"""
+
+
+def _number(value: str, field: str, low: float, high: float) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        n = float("nan")
+    if not low <= n <= high:
+        raise UserError(f"{value!r} is not a number in {low:g}..{high:g}", field)
+    return n
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch(args)
     rows = _tunnels(args)
     if args.json:
         print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
@@ -381,3 +415,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if seen:
             print("  options seen: " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .. import statsview
+
+    interval = _number(args.interval, "--interval", 0.1, 3600)
+    count = _number(args.count, "--count", 0, 1e9)
+    if count != int(count):
+        raise UserError(f"{args.count!r} is not a whole number", "--count")
+    _tunnels(args)  # a wrong NAME, --pid or --netns is an error now, not an empty view
+
+    def fetch() -> list[dict[str, Any]]:
+        try:
+            return _tunnels(args)
+        except UserError:  # the tunnel went away while watching: show it gone
+            return []
+
+    return statsview.run(fetch, interval, int(count), args.json)
