@@ -330,7 +330,7 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
         os._exit(rc)
 
 
-def _tunnels(args: argparse.Namespace) -> list[dict[str, Any]]:
+def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The running tunnels the command asks about: like `ip link`, those of the current
     network namespace unless --netns, --all or --pid say otherwise."""
     from ..daemon import netns_id, query_all
@@ -356,7 +356,7 @@ def _tunnels(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    rows = _tunnels(args)
+    rows = tunnels_of(args)
     if args.json:
         print(json.dumps([{k: v for k, v in t.items() if k != "counters"} for t in rows], indent=2))
         return 0
@@ -396,7 +396,7 @@ def _number(value: str, field: str, low: float, high: float) -> float:
 def cmd_stats(args: argparse.Namespace) -> int:
     if args.watch:
         return _watch(args)
-    rows = _tunnels(args)
+    rows = tunnels_of(args)
     if args.json:
         print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
         return 0
@@ -424,11 +424,11 @@ def _watch(args: argparse.Namespace) -> int:
     count = _number(args.count, "--count", 0, 1e9)
     if count != int(count):
         raise UserError(f"{args.count!r} is not a whole number", "--count")
-    _tunnels(args)  # a wrong NAME, --pid or --netns is an error now, not an empty view
+    tunnels_of(args)  # a wrong NAME, --pid or --netns is an error now, not an empty view
 
     def fetch() -> list[dict[str, Any]]:
         try:
-            return _tunnels(args)
+            return tunnels_of(args)
         except UserError:  # the tunnel went away while watching: show it gone
             return []
 
