@@ -216,10 +216,11 @@ def run(
     count: int = 0,
     duration: float = 0.0,
     stopped: Callable[[], bool] = lambda: False,
+    on_idle: Callable[[], None] = lambda: None,
 ) -> int:
     """Hand frames of ``sock`` (from ``open_socket``, closed here) to ``writer`` until
     ``count`` (0: no limit), ``duration`` seconds (0: none) or ``stopped()``; returns the
-    number of frames written."""
+    number of frames written. ``on_idle`` runs when nothing came for a while."""
     deadline = time.monotonic() + duration if duration > 0 else None
     written = 0
     # Loopback shows every packet twice, once outgoing and once incoming.
@@ -234,15 +235,22 @@ def run(
                     break
             ready, _, _ = select.select([sock], [], [], wait)
             if not ready:
+                on_idle()
                 continue
-            try:
-                data, ancdata, _flags, addr = sock.recvmsg(SNAPLEN, cmsg_space, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            if skip_outgoing and addr[2] == PACKET_OUTGOING:
-                continue
-            writer(data, _timestamp(ancdata))
-            written += 1
+            # Drain what is queued before the next select: one syscall per frame.
+            for _ in range(256):
+                if count and written >= count:
+                    break
+                try:
+                    data, ancdata, _flags, addr = sock.recvmsg(
+                        SNAPLEN, cmsg_space, socket.MSG_DONTWAIT
+                    )
+                except BlockingIOError:
+                    break
+                if skip_outgoing and addr[2] == PACKET_OUTGOING:
+                    continue
+                writer(data, _timestamp(ancdata))
+                written += 1
     finally:
         sock.close()
     return written
