@@ -21,7 +21,7 @@ the default: Ethernet for TAP, raw IP for TUN), or the outer GENEVE/UDP packets 
 the underlay interface (--outer: only this tunnel's, by port, VNI and peer, filtered
 in the kernel). Stops after --count frames, after --duration seconds, or on
 Ctrl-C/SIGTERM, whichever comes first; while it runs the file holds whole frames up
-to 0.1 s behind (so `tail -c +1 -f FILE | tshark -r -` follows along). Nothing
+to 0.1 s behind, so it can be read before the capture ends. Nothing
 is opened on the dataplane's side: when no capture runs, capturing costs nothing.
 Needs root (CAP_NET_RAW).
 """
