@@ -25,11 +25,14 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import alarms
 from .dataplane.spec import TunnelSpec
 from .errors import UserError
+
+if TYPE_CHECKING:  # imported when used: prometheus_client only for --metrics-addr
+    from .metrics import MetricsServer
 
 log = logging.getLogger("geneve_dp.daemon")
 
@@ -179,7 +182,7 @@ class Daemon:
         log.info("stopped; devices removed")
         return rc
 
-    def _start_metrics(self) -> Any:
+    def _start_metrics(self) -> MetricsServer | None:
         if self.metrics_addr is None:
             return None
         from . import metrics
