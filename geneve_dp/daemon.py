@@ -3,6 +3,8 @@
 It owns everything that is not per-packet: starting the engines, putting addresses on
 the devices (and back, if someone deletes them), serving `show`/`stats` over a unix
 socket, watching the worker threads and tearing down on SIGINT/SIGTERM.
+With a metrics address it also serves Prometheus ``/metrics`` (metrics.py), and once
+per pass it checks drop rates against an alarm threshold (alarms.py).
 
 Netlink goes through pyroute2's synchronous API in the default executor: uvloop
 refuses AF_NETLINK endpoints, and ``uvloop.install()`` would make pyroute2 fail even
@@ -20,12 +22,17 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import alarms
 from .dataplane.spec import TunnelSpec
 from .errors import UserError
+
+if TYPE_CHECKING:  # imported when used: prometheus_client only for --metrics-addr
+    from .metrics import MetricsServer
 
 log = logging.getLogger("geneve_dp.daemon")
 
@@ -105,12 +112,16 @@ class Daemon:
         offload: bool | None = None,
         workers: int | None = None,
         nice: int | None = None,
+        metrics_addr: tuple[str, int] | None = None,
+        drop_alarm: float = alarms.DEFAULT_THRESHOLD,
     ) -> None:
         self.specs = specs
         self.nice = nice
         self.engine = engine
         self.offload = offload
         self.workers = workers
+        self.metrics_addr = metrics_addr
+        self.alarm = alarms.DropAlarm(log, drop_alarm)
         self.pidfile = pidfile
         self.sock_path = socket_path(os.getpid())
         self.control_messages: list[dict[str, Any]] = []
@@ -135,6 +146,9 @@ class Daemon:
             **({} if self.nice is None else {"nice": self.nice}),
         )
         server: asyncio.base_events.Server | None = None
+        # Listening first: a taken metrics port is refused before any device exists.
+        metrics = self._start_metrics()
+        started: list[dict[str, Any]] = []
         try:
             await loop.run_in_executor(None, self._dataplane.start)
             await loop.run_in_executor(None, self._apply_addresses, False)
@@ -144,17 +158,66 @@ class Daemon:
             if self.pidfile is not None:
                 self.pidfile.write_text(f"{os.getpid()}\n")
             names = ", ".join(s.name for s in self.specs)
-            on_ready(f"ready: {names} (pid {os.getpid()}, control {self.sock_path})")
+            started = self._dataplane.status()
+            for t in started:
+                log.info(
+                    "tunnel %s up: VNI %s to %s port %s, %s, MTU %s",
+                    t["name"],
+                    t["vni"],
+                    t["remote"],
+                    t["port"],
+                    t["mode"],
+                    t["mtu"],
+                    extra={"event": "tunnel_up", "device": t["name"], "vni": t["vni"]},
+                )
+            extra = f", metrics {metrics.url}" if metrics is not None else ""
+            on_ready(f"ready: {names} (pid {os.getpid()}, control {self.sock_path}{extra})")
             rc = await self._supervise()
         finally:
             if server is not None:
                 server.close()
+            if metrics is not None:
+                metrics.close()
             await loop.run_in_executor(None, self._dataplane.stop)
             for path in (self.sock_path, self.pidfile):
                 if path is not None:
                     path.unlink(missing_ok=True)
+        for t in started:
+            log.info(
+                "tunnel %s down",
+                t["name"],
+                extra={"event": "tunnel_down", "device": t["name"], "vni": t["vni"]},
+            )
         log.info("stopped; devices removed")
         return rc
+
+    def _start_metrics(self) -> MetricsServer | None:
+        if self.metrics_addr is None:
+            return None
+        from . import metrics
+
+        host, port = self.metrics_addr
+        server = metrics.MetricsServer(host, port, self.status)
+        if not metrics.is_loopback(host):
+            log.warning(
+                "metrics on %s are reachable from other hosts: counters and tunnel "
+                "addresses are readable by anyone who can connect",
+                server.url,
+            )
+        return server
+
+    def status(self) -> dict[str, Any]:
+        """What `show`/`stats` and /metrics read: the counters as of now."""
+        return {
+            "pid": os.getpid(),
+            "engine": self.engine,
+            "offload": self._dataplane.offload,
+            "netns_id": netns_id(),
+            "workers": self._dataplane.workers,
+            "worker_threads": self._dataplane.worker_threads(),
+            "tunnels": self._dataplane.status(),
+            "control_messages": self.control_messages,
+        }
 
     async def _supervise(self) -> int:
         assert self._stop is not None
@@ -167,8 +230,9 @@ class Daemon:
             try:
                 self._dataplane.check()
             except RuntimeError as exc:
-                log.error("a worker died: %s; shutting down", exc)
+                log.error("a worker died: %s; shutting down", exc, extra={"event": "worker_died"})
                 return 1
+            self.alarm.update(time.monotonic(), self._dataplane.status())
             if not self._stop.is_set():
                 await loop.run_in_executor(None, self._apply_addresses, True)
         return 0
@@ -198,7 +262,11 @@ class Daemon:
                 link = ipr.get_links(index)[0]
                 if not link["flags"] & 1:  # IFF_UP
                     if reconcile:
-                        log.warning("%s was set down; setting it up again", spec.name)
+                        log.warning(
+                            "%s was set down; setting it up again",
+                            spec.name,
+                            extra={"event": "repair", "device": spec.name},
+                        )
                     ipr.link("set", index=index, state="up")
                 present = {
                     (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)
@@ -207,7 +275,12 @@ class Daemon:
                     if (str(iface.ip), iface.network.prefixlen) in present:
                         continue
                     if reconcile:
-                        log.warning("%s lost %s; adding it back", spec.name, iface)
+                        log.warning(
+                            "%s lost %s; adding it back",
+                            spec.name,
+                            iface,
+                            extra={"event": "repair", "device": spec.name, "address": str(iface)},
+                        )
                     try:
                         ipr.addr(
                             "add",
@@ -243,15 +316,7 @@ class Daemon:
             except ValueError:
                 request = {}
             if request.get("cmd") == "status":
-                reply: Any = {
-                    "pid": os.getpid(),
-                    "engine": self.engine,
-                    "offload": self._dataplane.offload,
-                    "workers": self._dataplane.workers,
-                    "netns_id": netns_id(),
-                    "tunnels": self._dataplane.status(),
-                    "control_messages": self.control_messages,
-                }
+                reply: Any = self.status()
             else:
                 reply = {"error": 'unknown request; accepted: {"cmd": "status"}'}
             writer.write(json.dumps(reply, default=str).encode() + b"\n")

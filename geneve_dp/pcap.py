@@ -1,4 +1,4 @@
-"""Classic libpcap files: a reader that finds GENEVE inside, and a writer for tests.
+"""Classic libpcap files: a reader that finds GENEVE inside, and a writer (tests, `capture`).
 
 Only what `geneve-dp decode --pcap` and the interop tests need: link types Ethernet,
 raw IP and Linux cooked capture (v1 and v2), outer IPv4/IPv6 and UDP.
@@ -11,6 +11,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from . import wire
 
@@ -126,9 +127,33 @@ def geneve_datagrams(path: Path, port: int = wire.GENEVE_PORT) -> Iterator[UdpDa
     return (d for d in udp_datagrams(path) if d.dport == port)
 
 
+class Writer:
+    """A classic little-endian microsecond pcap written as frames come (`capture`).
+
+    Each record is written whole, so a reader of a file still being written (or of one
+    whose writer was killed) sees every frame up to the last flush.
+    """
+
+    def __init__(self, out: BinaryIO, linktype: int, snaplen: int = 65535) -> None:
+        self.out = out
+        self.snaplen = snaplen
+        self.frames = 0
+        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, snaplen, linktype))
+
+    def write(self, frame: bytes, ts: float, orig_len: int | None = None) -> None:
+        """One frame seen at ``ts`` (seconds since the epoch); cut at the snap length."""
+        sec, usec = int(ts), round((ts - int(ts)) * 1e6)
+        if usec >= 1_000_000:
+            sec, usec = sec + 1, usec - 1_000_000
+        data = frame[: self.snaplen]
+        length = len(frame) if orig_len is None else orig_len
+        self.out.write(struct.pack("<IIII", sec, usec, len(data), length) + data)
+        self.frames += 1
+
+
 def write(path: Path, frames: list[bytes], linktype: int = LINKTYPE_ETHERNET) -> None:
-    """Write ``frames`` as a classic little-endian microsecond pcap."""
-    out = bytearray(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype))
-    for i, frame in enumerate(frames):
-        out += struct.pack("<IIII", i, 0, len(frame), len(frame)) + frame
-    path.write_bytes(bytes(out))
+    """Write ``frames`` as a classic pcap, frame i stamped i seconds after the epoch."""
+    with path.open("wb") as out:
+        w = Writer(out, linktype)
+        for i, frame in enumerate(frames):
+            w.write(frame, float(i))

@@ -67,15 +67,18 @@ def run(
     intent_of: IntentOf,
     say: Callable[[str], None],
     interval: float = INTERVAL,
+    repaired: Callable[[str], None] | None = None,
 ) -> int:
-    """The loop: one reconcile pass per ``interval`` until SIGTERM or the state is gone."""
+    """The loop: one reconcile pass per ``interval`` until SIGTERM or the state is gone.
+    ``say`` reports the watcher's own comings and goings, ``repaired`` (default ``say``)
+    each repair."""
     stop_event = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_event.set())
     say(f"watching {directory / state_name} every {interval:g}s")
     while not stop_event.wait(interval):
         try:
-            if not reconcile_once(directory, state_name, intent_of, say):
+            if not reconcile_once(directory, state_name, intent_of, repaired or say):
                 say("the state file is gone (down ran); exiting")
                 return 0
         except Exception as exc:  # keep watching: the next pass may succeed

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from .. import wire
+from .. import logs, wire
 from ..ambient import constants as k
 
 
 def _say(msg: str) -> None:
     print(f"  {msg}", flush=True)
+
+
+def _progress(args: argparse.Namespace, role: str) -> Callable[[str], None]:
+    """Where `ROLE up` reports its steps: indented lines on stdout, or JSON log lines
+    with --log-format json. The format also goes to the endpoint daemon and the
+    watcher that `up` starts (logs.ENV)."""
+    if logs.setup_from_args(args) == "text":
+        return _say
+    log = logging.getLogger(f"geneve_dp.{role}")
+    return lambda msg: log.info("%s up: %s", role, msg, extra={"event": "setup_step"})
 
 
 def register(sub: Any) -> None:
@@ -54,6 +66,7 @@ def register(sub: Any) -> None:
         help="which release's rules to reproduce (default %(default)s)",
     )
     _netns_arg(up)
+    logs.add_argument(up)
     up.set_defaults(func=cmd_node_up)
     down = nsub.add_parser("down", help="remove everything `node up` installed")
     _netns_arg(down)
@@ -84,6 +97,7 @@ def register(sub: Any) -> None:
     zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
     zup.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
     _netns_arg(zup)
+    logs.add_argument(zup)
     zup.set_defaults(func=cmd_ztunnel_up)
     zdown = zsub.add_parser("down", help="remove everything `ztunnel up` installed")
     _netns_arg(zdown)
@@ -159,6 +173,7 @@ def _watch_parser(sub: Any, role: str) -> None:
     )
     w.add_argument("--interval", type=float, default=1.0, help="seconds between passes (default 1)")
     _netns_arg(w)
+    logs.add_argument(w)
     w.set_defaults(func=cmd_watch, role=role)
 
 
@@ -189,6 +204,7 @@ def cmd_node_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, node
 
     checks.require_tools("node up")
+    say = _progress(args, "node")
     _enter(args)
     cfg = node.resolve(
         args.ztunnel_ip,
@@ -198,7 +214,7 @@ def cmd_node_up(args: argparse.Namespace) -> int:
         args.dns_capture,
         _version(args.istio_version),
     )
-    cfg = node.up(cfg, log=_say, choose_port=args.port is None)
+    cfg = node.up(cfg, log=say, choose_port=args.port is None)
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
         f"GENEVE port {cfg.port}, Istio {cfg.version} rules"
@@ -225,20 +241,22 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    import time
-
     from ..ambient import checks, watch
     from ..errors import UserError
 
     checks.require_tools(f"{args.role} watch")
     if not 0.05 <= args.interval <= 3600:
         raise UserError(f"{args.interval} is out of range 0.05..3600", "--interval")
+    logs.setup_from_args(args)
     _enter(args)
     mod = _profile(args.role)
+    wlog = logging.getLogger(f"geneve_dp.{args.role}_watch")
 
     def log(msg: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        print(f"{stamp} {args.role} watch: {msg}", flush=True)
+        wlog.info("%s watch: %s", args.role, msg)
+
+    def repaired(msg: str) -> None:
+        wlog.warning("%s watch: %s", args.role, msg, extra={"event": "repair"})
 
     path = mod.state_path()
     if not path.exists():
@@ -246,7 +264,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             f"the {args.role} side is not set up here: run `geneve-dp {args.role} up` first",
             f"{args.role} watch",
         )
-    return watch.run(path.parent, path.name, mod.intent, log, args.interval)
+    return watch.run(path.parent, path.name, mod.intent, log, args.interval, repaired)
 
 
 def cmd_node_render(args: argparse.Namespace) -> int:
@@ -269,9 +287,10 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, ztunnel
 
     checks.require_tools("ztunnel up")
+    say = _progress(args, "ztunnel")
     _enter(args)
     cfg = ztunnel.resolve(args.host_ip, args.port)
-    ztunnel.up(cfg, log=_say)
+    ztunnel.up(cfg, log=say)
     print(
         f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, tunnels to {cfg.host_ip}:{cfg.port}, "
         "TPROXY to 15008/15001/15006"

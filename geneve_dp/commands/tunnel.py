@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .. import wire
+from .. import alarms, logs, wire
 from ..dataplane.spec import (
     DEFAULT_NICE,
     ENGINES,
@@ -30,12 +29,17 @@ UP_DESCRIPTION = """\
 Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM, then
 remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
 VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
-`engine`, `netns`, `offload`, `workers` and `nice`, then one [[tunnel]] table per device with the
-keys name, vni,
+`engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
+[[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
 reflect_options, mac, addresses). Tunnels on the same port share one UDP socket and
 are told apart by VNI and outer source address. The device is set up (and given
 --address) once it exists; a line with "ready" is printed when forwarding.
+
+Logs go to stderr, one line per event (tunnel up/down, repairs, drop-rate alarms; never
+per packet), as text or, with --log-format json, one JSON object per line.
+--metrics-addr serves Prometheus /metrics; without a host it listens on 127.0.0.1
+only, and a non-loopback address exposes the counters to anyone who can reach it.
 """
 
 
@@ -125,6 +129,19 @@ def register(sub: Any) -> None:
         "--detach", action="store_true", help="go to the background once ready (print the pid)"
     )
     up.add_argument("--pidfile", type=Path, metavar="FILE", help="write the pid here while running")
+    up.add_argument(
+        "--metrics-addr",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (host default 127.0.0.1; "
+        "IPv6 as [ADDR]:PORT)",
+    )
+    up.add_argument(
+        "--drop-alarm",
+        metavar="N",
+        help=f"log a warning when a tunnel drops N packets/s or more (default "
+        f"{alarms.DEFAULT_THRESHOLD:g}; 0: never)",
+    )
+    logs.add_argument(up)
     up.add_argument("-v", "--verbose", action="store_true", help="log more")
     up.set_defaults(func=cmd_up)
 
@@ -144,6 +161,20 @@ def register(sub: Any) -> None:
             "--pid", type=int, help="tunnels of the dataplane process with this pid, anywhere"
         )
         p.set_defaults(func=cmd_show if name == "show" else cmd_stats)
+        if name == "stats":
+            p.description = STATS_DESCRIPTION
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="rates per device (pps, bit/s, drops/s), refreshed every --interval",
+            )
+            p.add_argument(
+                "--interval", default="1", help="seconds between refreshes, 0.1..3600 (default 1)"
+            )
+            p.add_argument(
+                "--count", default="0", help="stop after N refreshes (default 0: until Ctrl-C)"
+            )
 
 
 _FLAG_FIELDS = {
@@ -234,56 +265,70 @@ def cmd_up(args: argparse.Namespace) -> int:
     offload = args.offload if args.offload is not None else settings.get("offload")
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not true or false", "offload")
-    workers = _int_setting(
-        args.workers, settings.get("workers"), "workers", MIN_WORKERS, MAX_WORKERS
-    )
-    nice = _int_setting(args.nice, settings.get("nice"), "nice", MIN_NICE, MAX_NICE)
+    daemon_args = _daemon_args(args, settings, engine, offload)
+    fmt = logs.resolve(args.log_format)
     if os.geteuid() != 0:
         raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=f"geneve-dp[{os.getpid()}] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(fmt, args.verbose)
     if netns:
         from ..daemon import enter_netns
 
         enter_netns(str(netns))
     if args.detach:
-        return _up_detached(specs, engine, offload, args.pidfile, workers, nice)
+        return _up_detached(specs, daemon_args, args.pidfile)
 
     def announce(message: str) -> None:
         print(f"geneve-dp: {message}", flush=True)
 
-    return _run_daemon(specs, engine, offload, args.pidfile, announce, workers, nice)
+    return _run_daemon(specs, daemon_args, args.pidfile, announce)
+
+
+def _daemon_args(
+    args: argparse.Namespace, settings: dict[str, Any], engine: str, offload: bool | None
+) -> dict[str, Any]:
+    """The Daemon's keyword arguments from the flags, else the config's top level."""
+    from ..metrics import parse_addr
+
+    out: dict[str, Any] = {"engine": engine, "offload": offload}
+    if args.metrics_addr is not None:
+        out["metrics_addr"] = parse_addr(args.metrics_addr, "--metrics-addr")
+    elif settings.get("metrics_addr") is not None:
+        out["metrics_addr"] = parse_addr(str(settings["metrics_addr"]), "metrics_addr")
+    field, raw = ("--drop-alarm", args.drop_alarm)
+    if raw is None:
+        field, raw = ("drop_alarm", settings.get("drop_alarm"))
+    if raw is not None:
+        try:
+            threshold = float(raw)
+        except (TypeError, ValueError):
+            threshold = -1.0
+        if isinstance(raw, bool) or not 0 <= threshold <= 1e9:
+            raise UserError(f"{raw!r} is not a number of drops/s in 0..1e9 (0: off)", field)
+        out["drop_alarm"] = threshold
+    workers = _int_setting(
+        args.workers, settings.get("workers"), "workers", MIN_WORKERS, MAX_WORKERS
+    )
+    if workers is not None:
+        out["workers"] = workers
+    nice = _int_setting(args.nice, settings.get("nice"), "nice", MIN_NICE, MAX_NICE)
+    if nice is not None:
+        out["nice"] = nice
+    return out
 
 
 def _run_daemon(
-    specs: list[TunnelSpec],
-    engine: str,
-    offload: bool | None,
-    pidfile: Path | None,
-    on_ready: Any,
-    workers: int | None = None,
-    nice: int | None = None,
+    specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None, on_ready: Any
 ) -> int:
     import uvloop
 
     from ..daemon import Daemon
 
-    daemon = Daemon(specs, engine, pidfile, offload=offload, workers=workers, nice=nice)
+    daemon = Daemon(specs, pidfile=pidfile, **daemon_args)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(daemon.run(on_ready))
 
 
-def _up_detached(
-    specs: list[TunnelSpec],
-    engine: str,
-    offload: bool | None,
-    pidfile: Path | None,
-    workers: int | None = None,
-    nice: int | None = None,
-) -> int:
+def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
     from ..daemon import run_dir
@@ -318,7 +363,7 @@ def _up_detached(
             os.write(write_fd, message.encode())
             os.close(write_fd)
 
-        rc = _run_daemon(specs, engine, offload, pidfile, ready, workers, nice)
+        rc = _run_daemon(specs, daemon_args, pidfile, ready)
         if rc == 0:
             # A clean stop leaves nothing to diagnose; a crash keeps its log.
             log_path.unlink(missing_ok=True)
@@ -337,7 +382,7 @@ def _up_detached(
         os._exit(rc)
 
 
-def _tunnels(args: argparse.Namespace) -> list[dict[str, Any]]:
+def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The running tunnels the command asks about: like `ip link`, those of the current
     network namespace unless --netns, --all or --pid say otherwise."""
     from ..daemon import netns_id, query_all
@@ -363,7 +408,7 @@ def _tunnels(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    rows = _tunnels(args)
+    rows = tunnels_of(args)
     if args.json:
         print(json.dumps([{k: v for k, v in t.items() if k != "counters"} for t in rows], indent=2))
         return 0
@@ -382,8 +427,28 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+STATS_DESCRIPTION = """\
+Show counters of running tunnels: packets, bytes, drops by reason (--json: the same as
+JSON). With --watch, rates instead: packets/s, bit/s and drops/s per device over each
+--interval, redrawn in place on a terminal and printed one table per interval into a
+pipe; --watch --json prints one JSON object per interval and line. Ctrl-C ends it.
+"""
+
+
+def _number(value: str, field: str, low: float, high: float) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        n = float("nan")
+    if not low <= n <= high:
+        raise UserError(f"{value!r} is not a number in {low:g}..{high:g}", field)
+    return n
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    rows = _tunnels(args)
+    if args.watch:
+        return _watch(args)
+    rows = tunnels_of(args)
     if args.json:
         print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
         return 0
@@ -402,3 +467,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if seen:
             print("  options seen: " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .. import statsview
+
+    interval = _number(args.interval, "--interval", 0.1, 3600)
+    count = _number(args.count, "--count", 0, 1e9)
+    if count != int(count):
+        raise UserError(f"{args.count!r} is not a whole number", "--count")
+    tunnels_of(args)  # a wrong NAME, --pid or --netns is an error now, not an empty view
+
+    def fetch() -> list[dict[str, Any]]:
+        try:
+            return tunnels_of(args)
+        except UserError:  # the tunnel went away while watching: show it gone
+            return []
+
+    return statsview.run(fetch, interval, int(count), args.json)

@@ -3,6 +3,7 @@
 Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, engine,
+    offload (the device runs with IFF_VNET_HDR: asked for and not refused),
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro},
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
@@ -273,9 +274,15 @@ class Dataplane:
                         "mode": spec.mode,
                         "mtu": tun.device.mtu,
                         "engine": eng.name,
+                        "offload": tun.device.vnet_hdr,
                         "offloads": eng.offloads(i),
                         "counters": eng.counters(i),
                         "socket": sock,
                     }
                 )
         return out
+
+    def worker_threads(self) -> int:
+        """Forwarding threads alive (a receive and a transmit thread per worker and
+        receive socket while all is well)."""
+        return sum(th.is_alive() for eng in self._engines for th in getattr(eng, "_threads", ()))

@@ -31,6 +31,7 @@ DfPolicy = Literal["unset", "set", "inherit"]
 MODES: tuple[Mode, ...] = ("tap", "tun")
 DF_POLICIES: tuple[DfPolicy, ...] = ("unset", "set", "inherit")
 ENGINES = ("c", "python")
+TOP_LEVEL_KEYS = ("engine", "netns", "offload", "workers", "nice", "metrics_addr", "drop_alarm")
 
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")  # IFNAMSIZ - 1, no whitespace, '/' or ':'
 
@@ -211,7 +212,7 @@ def check_together(specs: list[TunnelSpec]) -> None:
 def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
     """Tunnels from a TOML file of ``[[tunnel]]`` tables, plus its top-level settings.
 
-    Top-level keys other than ``tunnel`` (``engine``, ``netns``) are returned as is
+    Top-level keys other than ``tunnel`` (``TOP_LEVEL_KEYS``) are returned as is
     for the caller to apply; each tunnel table takes the keys of ``KEYS``.
     """
     try:
@@ -223,10 +224,10 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
     tables = data.pop("tunnel", None)
     if not isinstance(tables, list) or not tables:
         raise UserError(f"{path} has no [[tunnel]] tables", field="--config")
-    unknown = sorted(set(data) - {"engine", "netns", "offload", "workers", "nice"})
+    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise UserError(
-            "unknown top-level key; accepted: engine, netns, offload, workers, nice, [[tunnel]]",
+            f"unknown top-level key; accepted: {', '.join(TOP_LEVEL_KEYS)}, [[tunnel]]",
             unknown[0],
         )
     specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]

@@ -1,0 +1,108 @@
+"""Log lines of the long-running commands: human text or one JSON object per line.
+
+One line per event (a tunnel up or down, a repair, a drop-rate alarm), never per
+packet. An event names itself with ``extra={"event": ..., "device": ...}``; the JSON
+form carries those fields as keys so a log shipper can filter on them, the text form
+shows only the message.
+
+The choice travels to the processes a command starts (`node up` starts an endpoint
+daemon and a watcher) through the ``GENEVE_DP_LOG_FORMAT`` environment variable, so a
+child logs the way its parent was asked to without a flag on every command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Final, TextIO
+
+from .errors import UserError
+
+FORMATS: Final = ("text", "json")
+ENV: Final = "GENEVE_DP_LOG_FORMAT"
+
+# Attributes every LogRecord has; anything else on a record came in through ``extra``.
+_RECORD_KEYS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def _timestamp(created: float) -> str:
+    ms = int(created * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-01-02T03:04:05.678Z geneve-dp[123] INFO message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (
+            f"{_timestamp(record.created)} geneve-dp[{record.process}] "
+            f"{record.levelname} {record.getMessage()}"
+        )
+        if record.exc_info:
+            line += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts": ..., "level": ..., "logger": ..., "pid": ..., "msg": ..., <extra>...}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_KEYS and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        help=f"log lines as text (default) or json, one object per line; also ${ENV}",
+    )
+
+
+def resolve(value: str | None) -> str:
+    """The format asked for by the flag, else the environment, else text."""
+    if value is None:
+        env = os.environ.get(ENV)
+        if env is None:
+            return "text"
+        if env not in FORMATS:
+            raise UserError(f"{env!r} is not one of {', '.join(FORMATS)}", ENV)
+        return env
+    if value not in FORMATS:
+        raise UserError(f"{value!r} is not one of {', '.join(FORMATS)}", "--log-format")
+    return value
+
+
+def setup(fmt: str, verbose: bool = False, stream: TextIO | None = None) -> None:
+    """Send the root logger's records to ``stream`` (stderr) in ``fmt``; children
+    started from here on inherit the choice."""
+    os.environ[ENV] = fmt
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def setup_from_args(args: argparse.Namespace) -> str:
+    """``setup`` for a command with ``--log-format`` (and maybe ``-v``); the format."""
+    fmt = resolve(getattr(args, "log_format", None))
+    setup(fmt, bool(getattr(args, "verbose", False)))
+    return fmt

@@ -1,0 +1,230 @@
+"""Prometheus metrics of a running dataplane, read from its counters at scrape time.
+
+The daemon hands ``serve`` a function returning its status (the reply of the control
+socket's ``{"cmd": "status"}``); every scrape of ``/metrics`` calls it once, so there
+is no second copy of the counters to keep in step and nothing runs between scrapes.
+
+Names follow the Prometheus conventions: ``geneve_dp_`` prefix, base units (bytes),
+``_total`` on counters. Per tunnel device (labels ``device`` and ``vni``)::
+
+    geneve_dp_rx_packets_total, geneve_dp_rx_bytes_total,
+    geneve_dp_tx_packets_total, geneve_dp_tx_bytes_total,
+    geneve_dp_control_packets_total, geneve_dp_tx_fragmented_total,
+    geneve_dp_tx_gso_frames_total, geneve_dp_rx_gro_frames_total,
+    geneve_dp_drops_total{reason}, geneve_dp_options_total{class,type},
+    geneve_dp_options_other_total, geneve_dp_offload_enabled,
+    geneve_dp_tunnel_info{remote,local,port,mode,mtu}
+
+Per receive socket (labels ``family``, ``port``): the packets no tunnel could be named
+for are counted there, not on a device::
+
+    geneve_dp_socket_rx_packets_total, geneve_dp_socket_rx_queue_overflow_total,
+    geneve_dp_socket_drops_total{reason}
+
+And once per process: ``geneve_dp_workers`` (forwarding workers),
+``geneve_dp_worker_threads`` (forwarding threads alive),
+``geneve_dp_tunnels``, ``geneve_dp_build_info{version,engine,python}``, plus the
+client library's process_* metrics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import platform
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import ProcessCollector, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import __version__
+from .dataplane.reasons import SOCKET_DROP_REASONS, TUNNEL_DROP_REASONS
+from .errors import UserError
+
+DEFAULT_HOST = "127.0.0.1"
+
+Snapshot = Callable[[], Mapping[str, Any]]
+
+# (metric name without _total, counter key in the status, help text)
+_TUNNEL_COUNTERS = (
+    ("rx_packets", "rx_packets", "Packets received from the underlay and written to the device."),
+    ("rx_bytes", "rx_bytes", "Bytes of the packets counted in rx_packets."),
+    ("tx_packets", "tx_packets", "Packets read from the device and sent on the underlay."),
+    ("tx_bytes", "tx_bytes", "Bytes of the packets counted in tx_packets."),
+    ("control_packets", "control", "O-bit (control) packets received (RFC 8926 3.4)."),
+    ("tx_fragmented", "tx_fragmented", "Outer packets the engine fragmented itself."),
+    ("tx_gso_frames", "tx_gso_frames", "TSO super-frames segmented on transmit (offload)."),
+    ("rx_gro_frames", "rx_gro_frames", "Coalesced super-frames written to the device (offload)."),
+)
+
+
+def parse_addr(value: str, field: str = "--metrics-addr") -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1) -> (host, port)."""
+    text = str(value).strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = DEFAULT_HOST, text
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise UserError(f"{value!r}: write an IPv6 address as [ADDR]:PORT", field)
+    try:
+        port = int(port_text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise UserError(f"{value!r}: the port must be 1..65535 (HOST:PORT or PORT)", field)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise UserError(
+            f"{value!r}: the host must be an IPv4 or [IPv6] address, e.g. 127.0.0.1:9464",
+            field,
+        ) from exc
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
+
+
+def families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """The metric families of one status reply (pure: the tests feed it fixtures)."""
+    tunnels: list[Mapping[str, Any]] = list(status.get("tunnels", []))
+    dev = ["device", "vni"]
+    for name, key, doc in _TUNNEL_COUNTERS:
+        fam = CounterMetricFamily(f"geneve_dp_{name}", doc, labels=dev)
+        for t in tunnels:
+            fam.add_metric([t["name"], str(t["vni"])], int(t["counters"].get(key, 0)))
+        yield fam
+
+    drops = CounterMetricFamily(
+        "geneve_dp_drops", "Packets dropped on a tunnel, by reason.", labels=[*dev, "reason"]
+    )
+    opts = CounterMetricFamily(
+        "geneve_dp_options",
+        "Received TLV options by class and type (the first few kinds seen).",
+        labels=[*dev, "class", "type"],
+    )
+    other = CounterMetricFamily(
+        "geneve_dp_options_other",
+        "Received TLV options of kinds beyond those counted one by one.",
+        labels=dev,
+    )
+    offload = GaugeMetricFamily(
+        "geneve_dp_offload_enabled",
+        "1 if the device runs with TAP/TUN offloads (IFF_VNET_HDR), else 0.",
+        labels=dev,
+    )
+    info = InfoMetricFamily(
+        "geneve_dp_tunnel", "Configuration of a tunnel device.", labels=[*dev, "remote"]
+    )
+    for t in tunnels:
+        labels = [t["name"], str(t["vni"])]
+        c = t["counters"]
+        for reason in TUNNEL_DROP_REASONS:
+            drops.add_metric([*labels, reason], int(c.get("drops", {}).get(reason, 0)))
+        for kind, n in sorted(c.get("options_seen", {}).items()):
+            opt_class, _, opt_type = kind.partition(":")
+            opts.add_metric([*labels, opt_class, opt_type], int(n))
+        other.add_metric(labels, int(c.get("options_other", 0)))
+        offload.add_metric(labels, 1 if t.get("offload") else 0)
+        info.add_metric(
+            [*labels, str(t["remote"])],
+            {
+                "local": str(t.get("local")),
+                "port": str(t["port"]),
+                "mode": str(t["mode"]),
+                "mtu": str(t["mtu"]),
+            },
+        )
+    yield from (drops, opts, other, offload, info)
+
+    sockets: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for t in tunnels:
+        s = t.get("socket")
+        if s is not None:  # tunnels on one port share its socket: count it once
+            sockets[(f"ipv{s['family']}", str(s["port"]))] = s
+    sock = ["family", "port"]
+    rx = CounterMetricFamily(
+        "geneve_dp_socket_rx_packets", "Datagrams read from a receive socket.", labels=sock
+    )
+    ovfl = CounterMetricFamily(
+        "geneve_dp_socket_rx_queue_overflow",
+        "Datagrams the kernel dropped because the receive socket's queue was full.",
+        labels=sock,
+    )
+    sdrops = CounterMetricFamily(
+        "geneve_dp_socket_drops",
+        "Packets dropped before a tunnel could be named for them, by reason.",
+        labels=[*sock, "reason"],
+    )
+    for where, counts in sorted(sockets.items()):
+        rx.add_metric(list(where), int(counts.get("rx_packets", 0)))
+        ovfl.add_metric(list(where), int(counts.get("rx_queue_overflow", 0)))
+        for reason in SOCKET_DROP_REASONS:
+            sdrops.add_metric([*where, reason], int(counts.get("drops", {}).get(reason, 0)))
+    yield from (rx, ovfl, sdrops)
+
+    yield GaugeMetricFamily(
+        "geneve_dp_workers",
+        "Forwarding workers (a device queue and a receive socket each).",
+        value=int(status.get("workers", 0)),
+    )
+    yield GaugeMetricFamily(
+        "geneve_dp_worker_threads",
+        "Forwarding threads alive (receive and transmit, per worker and port).",
+        value=int(status.get("worker_threads", 0)),
+    )
+    yield GaugeMetricFamily("geneve_dp_tunnels", "Tunnel devices served.", value=len(tunnels))
+    build = InfoMetricFamily("geneve_dp_build", "Version of geneve-dp and what it runs on.")
+    build.add_metric(
+        [],
+        {
+            "version": __version__,
+            "engine": str(status.get("engine", "")),
+            "python": platform.python_version(),
+        },
+    )
+    yield build
+
+
+class DataplaneCollector(Collector):
+    """Reads the dataplane's counters when Prometheus scrapes, not before."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self._snapshot())
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP on one address, in a thread of its own."""
+
+    def __init__(self, host: str, port: int, snapshot: Snapshot) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(DataplaneCollector(snapshot))
+        ProcessCollector(registry=registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise UserError(
+                f"cannot listen on {where_of(host, port)}: {exc.strerror}", "--metrics-addr"
+            ) from exc
+        self.url = f"http://{where_of(host, self._server.server_port)}/metrics"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5.0)
+
+
+def where_of(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

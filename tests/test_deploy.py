@@ -1,0 +1,234 @@
+"""deploy/: the Kubernetes manifest is valid YAML of the expected shape whose command
+line and ConfigMap our own parsers accept; the systemd unit passes `systemd-analyze
+verify` and its command lines parse; and the two capabilities both grant are enough:
+`node up`/`down` and the DaemonSet's `up --config` run for real with only those."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from geneve_dp.ambient import topology as t
+from geneve_dp.cli import build_parser
+from geneve_dp.dataplane.spec import load_config
+from tests.netns import Netns, veth
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = ROOT / "deploy" / "kubernetes" / "geneve-dp.yaml"
+UNIT = ROOT / "deploy" / "systemd" / "geneve-dp-node.service"
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+
+
+def manifest() -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d is not None]
+    kinds = {d["kind"]: d for d in docs}
+    assert sorted(kinds) == ["ConfigMap", "DaemonSet"] and len(docs) == 2
+    return kinds["ConfigMap"], kinds["DaemonSet"]
+
+
+def k8s_argv(ds: dict[str, Any], node_ip: str) -> list[str]:
+    """The container's command line as the kubelet expands $(VAR) from its env."""
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: node_ip for e in c["env"] if "valueFrom" in e}
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["command"] + c["args"]]
+
+
+def test_daemonset_shape_and_its_command_line(tmp_path: Path) -> None:
+    cm, ds = manifest()
+    assert ds["apiVersion"] == "apps/v1" and cm["apiVersion"] == "v1"
+    pod = ds["spec"]["template"]["spec"]
+    assert (
+        ds["spec"]["selector"]["matchLabels"].items()
+        <= ds["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert pod["hostNetwork"] is True
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    (node_ip,) = [e for e in c["env"] if e["name"] == "NODE_IP"]
+    assert node_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    netns = mounts["/var/run/netns"]
+    assert volumes[netns["name"]]["hostPath"]["path"] == "/var/run/netns"
+    assert netns["mountPropagation"] == "HostToContainer"
+    assert volumes[mounts["/dev/net/tun"]["name"]]["hostPath"]["type"] == "CharDevice"
+
+    argv = k8s_argv(ds, "192.0.2.10")
+    assert argv[0] == "geneve-dp"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "up" and args.func.__name__ == "cmd_up"
+    assert args.log_format == "json" and args.metrics_addr == "192.0.2.10:9464"
+    # --config names the ConfigMap's key where the volume mounts it, and parses.
+    config = Path(args.config)
+    (cm_mount,) = [m for m in c["volumeMounts"] if volumes[m["name"]].get("configMap")]
+    assert volumes[cm_mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
+    assert str(config.parent) == cm_mount["mountPath"] and config.name in cm["data"]
+    local = tmp_path / config.name
+    local.write_text(cm["data"][config.name])
+    specs, settings = load_config(local)
+    assert [s.name for s in specs] == ["istioin", "istioout"]
+    assert [s.vni for s in specs] == [1000, 1001] and settings == {"drop_alarm": 100}
+    probe = build_parser().parse_args(c["livenessProbe"]["exec"]["command"][1:])
+    assert probe.func.__name__ == "cmd_show" and probe.name == "istioin"
+    port = int(ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+    assert argv[argv.index("--metrics-addr") + 1].endswith(f":{port}")
+
+
+def unit() -> dict[str, dict[str, list[str]]]:
+    """The unit file as systemd reads it: sections of keys with every value given."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in UNIT.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def unit_argv(command: str, env: dict[str, str]) -> list[str]:
+    return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w) for w in shlex.split(command)]
+
+
+def unit_env(svc: dict[str, list[str]]) -> dict[str, str]:
+    return dict(w.split("=", 1) for line in svc["Environment"] for w in shlex.split(line))
+
+
+def test_systemd_unit_verifies_and_its_commands_parse(tmp_path: Path) -> None:
+    svc = unit()["Service"]
+    assert svc["Type"] == ["oneshot"] and svc["RemainAfterExit"] == ["yes"]
+    assert set(svc["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert set(svc["AmbientCapabilities"][0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert svc["NoNewPrivileges"] == ["yes"]
+    env = unit_env(svc)
+    (start,) = svc["ExecStart"]
+    (stop_cmd,) = svc["ExecStop"]
+    up = unit_argv(start, env)
+    assert Path(up[0]).name == "geneve-dp"
+    args = build_parser().parse_args(up[1:])
+    assert args.func.__name__ == "cmd_node_up" and args.ztunnel_ip == env["ZTUNNEL_IP"]
+    assert args.log_format == "json"
+    down = build_parser().parse_args(unit_argv(stop_cmd, env)[1:])
+    assert down.func.__name__ == "cmd_down" and down.role == "node"
+
+    # systemd's own check. It insists the binary exists: point a copy at a stand-in.
+    stub = tmp_path / "geneve-dp"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    copy = tmp_path / UNIT.name
+    copy.write_text(UNIT.read_text().replace(up[0], str(stub)))
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    bad = tmp_path / "bad.service"
+    bad.write_text(copy.read_text().replace("RemainAfterExit=", "RemainAfterExits="))
+    proc = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True)
+    assert "RemainAfterExits" in proc.stderr  # the check can fail
+
+
+def capped() -> list[str]:
+    """setpriv limited to the unit's capabilities: as CapabilityBoundingSet= does, a uid-0
+    process then runs with exactly these."""
+    caps = unit()["Service"]["CapabilityBoundingSet"][0].split()
+    names = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    return ["setpriv", f"--bounding-set=-all,{names}", "--inh-caps=-all", "--"]
+
+
+def cap_eff(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no CapEff")
+
+
+@pytest.fixture
+def world() -> Iterator[t.World]:
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (network namespaces and real devices)")
+    w = t.World(tag=f"gdpd-{os.getpid()}-{time.monotonic_ns() % 100000}")
+    try:
+        w.build()
+        yield w
+    finally:
+        w.gdp(w.node, "node", "down", check=False)
+        w.destroy()
+
+
+def test_node_up_and_down_need_only_the_units_capabilities(world: t.World) -> None:
+    w = world
+    env = unit_env(unit()["Service"])
+    env.update(ZTUNNEL_IP=t.ZTUNNEL_IP, ZTUNNEL_VETH=t.ZTUNNEL_VETH)
+    svc = unit()["Service"]
+    for command in (svc["ExecStart"][0], svc["ExecStop"][0]):
+        argv = unit_argv(command, env)
+        cmd = ["ip", "netns", "exec", w.node, *capped(), sys.executable, "-m", "geneve_dp"]
+        proc = subprocess.run(
+            [*cmd, *argv[1:]], capture_output=True, text=True, env=w.env(), timeout=90
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        if argv[1:3] == ["node", "up"]:
+            pid = int((w.state_root / w.node / "node-endpoints.pid").read_text().split()[0])
+            assert cap_eff(pid) == 1 << CAP_NET_ADMIN | 1 << CAP_NET_RAW
+            assert "istioin" in w.run(w.node, "ip", "-o", "link").stdout
+    assert "istioin" not in w.run(w.node, "ip", "-o", "link").stdout
+
+
+def test_daemonset_command_runs_with_only_its_capabilities(
+    netns_factory: Callable[[str], Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(tmp_path / "run"))
+    cm, ds = manifest()
+    ns, peer = netns_factory("ds"), netns_factory("zt")
+    # The "node" reaches the tunnels' remote (the ztunnel IP) over its eth0.
+    veth(ns, "eth0", peer, "eth0")
+    ns.run("ip", "addr", "add", "10.244.1.1/24", "dev", "eth0")
+    config = tmp_path / "tunnels.toml"
+    config.write_text(cm["data"]["tunnels.toml"])
+    argv = k8s_argv(ds, "127.0.0.1")
+    argv[argv.index("--config") + 1] = str(config)
+    proc = subprocess.Popen(
+        ns.argv(*capped(), sys.executable, "-m", "geneve_dp", *argv[1:]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "ready: istioin, istioout" in line and "metrics http://127.0.0.1:9464" in line, (
+            line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        )
+        pid = int(re.search(r"pid (\d+)", line).group(1))  # type: ignore[union-attr]
+        assert cap_eff(pid) == 1 << CAP_NET_ADMIN | 1 << CAP_NET_RAW
+        # The liveness probe's command answers from inside.
+        probe = ds["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["exec"]
+        check = subprocess.run(
+            ns.argv(sys.executable, "-m", "geneve_dp", *probe["command"][1:]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert check.returncode == 0 and "istioin" in check.stdout, check.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "istioin" not in ns.run("ip", "-o", "link").stdout
