@@ -46,6 +46,7 @@
 /* Datagrams per coalesced UDP super-frame: the kernel's UDP_MAX_SEGMENTS is 64 on
  * older kernels (128 since 6.x); stay under the smaller. */
 #define USO_MAX_SEGS 64
+#define GRO_MAX_PIECES 64 /* segments per coalesced super-frame */
 
 static const uint8_t vnet_zero[GDP_VNET_LEN];
 
@@ -80,6 +81,13 @@ struct gro_state {
     uint32_t next_seq;
     uint16_t next_id; /* UDP over IPv4: the ID the next datagram must carry */
     uint32_t nseg;
+    /* The super-frame is buf[0 .. hdrs) (the first segment's headers, rewritten at
+     * flush) followed by the payloads, which stay where recvmmsg put them: piece[i]
+     * points into the receive buffers until gro_hold copies them here, before those
+     * buffers are reused. So the common case writes straight from where the data was
+     * received, with no copy of its own. */
+    struct iovec piece[GRO_MAX_PIECES];
+    int held; /* the payloads are copied into buf after the headers */
     uint8_t buf[GDP_BUF_SIZE];
 };
 
@@ -501,15 +509,40 @@ static void send_control(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt,
 }
 
 /* Write out the coalesced super-frame, if any. */
+/* Copy the payloads of a super-frame in the making into its own buffer: the receive
+ * buffers they sit in are about to be reused. */
+static void gro_hold(struct gdp_engine *e) {
+    struct gro_state *g = &e->gro;
+    if (!g->active || g->held)
+        return;
+    size_t off = g->hdrs;
+    for (uint32_t i = 0; i < g->nseg; i++) {
+        memmove(g->buf + off, g->piece[i].iov_base, g->piece[i].iov_len);
+        g->piece[i].iov_base = g->buf + off;
+        off += g->piece[i].iov_len;
+    }
+    g->held = 1;
+}
+
+/* Write out the coalesced super-frame, if any. */
 static void gro_flush(struct gdp_engine *e) {
     struct gro_state *g = &e->gro;
     if (!g->active)
         return;
     g->active = 0;
     struct gdp_tunnel *t = &e->tunnels[g->idx];
+    struct iovec iov[GRO_MAX_PIECES + 2];
+    uint8_t vh[GDP_VNET_LEN] = {0};
+    iov[0].iov_base = vh;
+    iov[0].iov_len = GDP_VNET_LEN;
+    iov[1].iov_base = g->buf;
+    iov[1].iov_len = g->hdrs;
+    memcpy(iov + 2, g->piece, g->nseg * sizeof(struct iovec));
+    int first = t->vnet_hdr ? 0 : 1;
+    int n = 2 + (int)g->nseg - first;
     if (g->nseg == 1) {
         /* Nothing merged: the segment is as received, checksum included. */
-        if (dev_write(t, g->buf, g->len) != (ssize_t)g->len)
+        if (writev(t->dev_fd, iov + first, n) != (ssize_t)((first ? 0 : GDP_VNET_LEN) + g->len))
             t->counters.drops[GDP_DROP_DEV_WRITE]++;
         return;
     }
@@ -532,7 +565,6 @@ static void gro_flush(struct gdp_engine *e) {
     uint64_t sum = csum_partial(g->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
     sum += g->proto + (uint32_t)(g->len - g->l4);
     gdp_store16(g->buf + g->l4 + csum_off, (uint16_t)~csum_fold(sum));
-    uint8_t vh[GDP_VNET_LEN] = {0};
     vh[0] = VNET_F_NEEDS_CSUM;
     vh[1] = udp ? VNET_GSO_UDP_L4 : g->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
     vh[2] = (uint8_t)g->hdrs;
@@ -542,11 +574,43 @@ static void gro_flush(struct gdp_engine *e) {
     vh[6] = (uint8_t)g->l4;
     vh[7] = (uint8_t)(g->l4 >> 8);
     vh[8] = (uint8_t)csum_off;
-    struct iovec iov[2] = {{vh, GDP_VNET_LEN}, {g->buf, g->len}};
-    if (writev(t->dev_fd, iov, 2) != (ssize_t)(GDP_VNET_LEN + g->len))
+    if (writev(t->dev_fd, iov, n) != (ssize_t)(GDP_VNET_LEN + g->len))
         t->counters.drops[GDP_DROP_DEV_WRITE]++;
     else
         t->counters.rx_gro_frames++;
+}
+
+/* Start a super-frame with this segment: its headers copied, its payload in place. */
+static void gro_start(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
+                      size_t hdrs) {
+    struct gro_state *g = &e->gro;
+    gro_flush(e);
+    memcpy(g->buf, f, hdrs);
+    g->piece[0].iov_base = (void *)(f + hdrs);
+    g->piece[0].iov_len = flen - hdrs;
+    g->held = 0;
+    g->active = 1;
+    g->idx = idx;
+    g->len = flen;
+    g->hdrs = hdrs;
+    g->mss = flen - hdrs;
+    g->last_plen = flen - hdrs;
+    g->nseg = 1;
+}
+
+/* Append a segment's payload (in place, or copied if the frame is held). */
+static void gro_append(struct gro_state *g, const uint8_t *p, size_t plen) {
+    struct iovec *v = &g->piece[g->nseg];
+    if (g->held) {
+        memcpy(g->buf + g->len, p, plen);
+        v->iov_base = g->buf + g->len;
+    } else {
+        v->iov_base = (void *)p;
+    }
+    v->iov_len = plen;
+    g->len += plen;
+    g->last_plen = plen;
+    g->nseg++;
 }
 
 /* Take a received inner frame into the coalescing buffer; returns 0 when the frame is
@@ -587,7 +651,7 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
     struct gro_state *g = &e->gro;
     if (g->active && g->proto == 6 && g->idx == idx && g->ipver == in->ipver &&
         g->hdrs == hdrs && g->l4 == l4 && g->ip_off == in->ip_off && !g->psh &&
-        g->next_seq == seq &&
+        g->next_seq == seq && g->nseg < GRO_MAX_PIECES &&
         g->last_plen == g->mss && plen <= g->mss && g->len + plen <= 65000) {
         const uint8_t *gip = g->buf + g->ip_off;
         const uint8_t *gtcp = g->buf + l4;
@@ -599,11 +663,8 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
                !memcmp(gtcp + 14, tcp + 14, 2) && !memcmp(gtcp + 18, tcp + 18, doff - 18) &&
                !memcmp(g->buf, f, in->ip_off);
         if (same) {
-            memcpy(g->buf + g->len, f + hdrs, plen);
-            g->len += plen;
+            gro_append(g, f + hdrs, plen);
             g->next_seq += (uint32_t)plen;
-            g->last_plen = plen;
-            g->nseg++;
             if (flags & 0x08) {
                 g->buf[l4 + 13] |= 0x08;
                 g->psh = 1;
@@ -611,21 +672,13 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
             return 1;
         }
     }
-    gro_flush(e);
-    memcpy(g->buf, f, flen);
-    g->active = 1;
-    g->idx = idx;
-    g->len = flen;
+    gro_start(e, idx, f, flen, hdrs);
     g->ip_off = in->ip_off;
     g->l4 = l4;
-    g->hdrs = hdrs;
-    g->mss = plen;
-    g->last_plen = plen;
     g->ipver = in->ipver;
     g->proto = 6;
     g->psh = (flags & 0x08) != 0;
     g->next_seq = seq + (uint32_t)plen;
-    g->nseg = 1;
     return 1;
 }
 
@@ -673,29 +726,18 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
                        : !memcmp(gip, ip, 4) && !memcmp(gip + 6, ip + 6, 34);
         same = same && !memcmp(g->buf + l4, uh, 4) && !memcmp(g->buf, f, in->ip_off);
         if (same) {
-            memcpy(g->buf + g->len, f + hdrs, plen);
-            g->len += plen;
-            g->last_plen = plen;
+            gro_append(g, f + hdrs, plen);
             g->next_id = (uint16_t)(id + 1);
-            g->nseg++;
             return 1;
         }
     }
-    gro_flush(e);
-    memcpy(g->buf, f, flen);
-    g->active = 1;
-    g->idx = idx;
-    g->len = flen;
+    gro_start(e, idx, f, flen, hdrs);
     g->ip_off = in->ip_off;
     g->l4 = l4;
-    g->hdrs = hdrs;
-    g->mss = plen;
-    g->last_plen = plen;
     g->ipver = in->ipver;
     g->proto = 17;
     g->psh = 0;
     g->next_id = (uint16_t)(id + 1);
-    g->nseg = 1;
     return 1;
 }
 
@@ -835,6 +877,7 @@ static int rx_batch(struct gdp_engine *e) {
             m->msg_controllen = CMSG_BUF;
             m->msg_flags = 0;
         }
+        gro_hold(e); /* its payloads may sit in the buffers this call refills */
         int n = recvmmsg(e->cfg.udp_fd, e->rx_msgs, GDP_BATCH, MSG_DONTWAIT, NULL);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
