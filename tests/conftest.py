@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.netns import Netns
+from tests.ops_helpers import make_pair, use_run_dir
 
 
 @pytest.fixture
@@ -24,3 +26,13 @@ def netns_factory() -> Iterator[Callable[[str], Netns]]:
     yield make
     for ns in reversed(made):
         ns.delete()
+
+
+@pytest.fixture
+def pair(
+    netns_factory: Callable[[str], Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Netns, Netns]:
+    """Two namespaces joined by an underlay (tests.ops_helpers.make_pair), with the
+    run directory of the daemons started in them private to the test."""
+    use_run_dir(tmp_path, monkeypatch)
+    return make_pair(netns_factory)

@@ -8,7 +8,6 @@ import ipaddress
 import struct
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,8 @@ from tests.ops_helpers import (
     B_UL,
     GDP,
     gdp,
-    make_pair,
     ping,
     tunnel_pair,
-    use_run_dir,
 )
 
 # ---- the filter, interpreted ----------------------------------------------------------
@@ -136,14 +133,6 @@ def test_outer_filter_ipv6_and_raw_ip_links() -> None:
 
 
 # ---- real captures ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def pair(
-    netns_factory: Callable[[str], Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Netns, Netns]:
-    use_run_dir(tmp_path, monkeypatch)
-    return make_pair(netns_factory)
 
 
 def start_capture(ns: Netns, *args: str) -> subprocess.Popen[str]:

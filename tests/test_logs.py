@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -23,12 +21,10 @@ from tests.ops_helpers import (
     B_UL,
     gdp,
     json_lines,
-    make_pair,
     ping,
     send_bad,
     start,
     stop,
-    use_run_dir,
 )
 
 
@@ -102,14 +98,6 @@ def test_alarm_fires_once_per_crossing_and_clears() -> None:
     off.update(0.0, _rows(0))
     off.update(1.0, _rows(10**6))
     assert records == []
-
-
-@pytest.fixture
-def pair(
-    netns_factory: Callable[[str], Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Netns, Netns]:
-    use_run_dir(tmp_path, monkeypatch)
-    return make_pair(netns_factory)
 
 
 def test_daemon_json_log_has_one_line_per_event(pair: tuple[Netns, Netns]) -> None:

@@ -9,8 +9,6 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -24,10 +22,8 @@ from tests.ops_helpers import (
     GDP,
     gdp,
     json_lines,
-    make_pair,
     send_bad,
     tunnel_pair,
-    use_run_dir,
 )
 
 
@@ -60,14 +56,6 @@ def test_rows_follow_tunnels_and_show_sockets_only_when_dropping() -> None:
     rows = rows_of(old, rates.readings([tunnel("gt0", 0, 30)]), 0.5)
     assert [r.get("socket") for r in rows] == [None, "ipv4:6081"] and rows[1]["drops_ps"] == 60
     assert rates.human(1_234_567, "bit/s") == "1.23 Mbit/s" and rates.human(12, "pps") == "12 pps"
-
-
-@pytest.fixture
-def pair(
-    netns_factory: Callable[[str], Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Netns, Netns]:
-    use_run_dir(tmp_path, monkeypatch)
-    return make_pair(netns_factory)
 
 
 def _pinging(ns: Netns, dst: str, count: int, interval: float) -> subprocess.Popen[str]:

@@ -16,6 +16,7 @@ import pytest
 
 from geneve_dp.daemon import query_all
 from tests.netns import Netns, veth
+from tests.ops_helpers import gdp, start
 
 GDP = [sys.executable, "-m", "geneve_dp"]
 
@@ -34,27 +35,6 @@ def pair(netns_factory: Callable[[str], Netns]) -> Iterator[tuple[Netns, Netns]]
     a.run("ip", "addr", "add", "10.99.0.1/24", "dev", "ul0")
     b.run("ip", "addr", "add", "10.99.0.2/24", "dev", "ul0")
     yield a, b
-
-
-def gdp(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*GDP, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def start(ns: Netns, *args: str) -> subprocess.Popen[str]:
-    """`geneve-dp up` in the foreground; returns once it printed its ready line."""
-    proc = subprocess.Popen(
-        [*GDP, "up", "--netns", ns.name, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "ready" not in line:
-        proc.kill()
-        _out, err = proc.communicate(timeout=10)
-        pytest.fail(f"up did not get ready: {line!r} {err}")
-    return proc
 
 
 def stop(proc: subprocess.Popen[str]) -> int:
