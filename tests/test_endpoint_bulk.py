@@ -346,8 +346,13 @@ def test_underlay_wire(
     tunnels("tap", family, True)
     gso_before = counters(a)["tx_gso_frames"]
     pcap = tmp_path / "ul.pcap"
+    # The dataplane's workers run at nice -10: the capture must outrank them, or on two
+    # cores it is the one left without CPU (and drops what it should record).
     cap = b.popen(
         [
+            "nice",
+            "-n",
+            "-20",
             "tcpdump",
             "-i",
             "ub",
