@@ -1,8 +1,13 @@
 """The supervisor of a running dataplane: an asyncio program on a uvloop loop.
 
 It owns everything that is not per-packet: starting the engines, putting addresses on
-the devices (and back, if someone deletes them), serving `show`/`stats` over a unix
-socket, watching the worker threads and tearing down on SIGINT/SIGTERM.
+the devices (and back, if someone deletes them), opening a device again when someone
+deletes it, serving `show`/`stats` over a unix socket, watching the worker threads and
+tearing down on SIGINT/SIGTERM.
+
+A deleted TAP/TUN device cannot be given back to the engine that had it (its fd is dead
+for good), so the whole dataplane is started again; counters carry on from where the old
+one stopped, so they never go backwards.
 
 Netlink goes through pyroute2's synchronous API in the default executor: uvloop
 refuses AF_NETLINK endpoints, and ``uvloop.install()`` would make pyroute2 fail even
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
@@ -32,7 +38,12 @@ log = logging.getLogger("geneve_dp.daemon")
 RUN_DIR_ENV = "GENEVE_DP_RUN_DIR"
 DEFAULT_RUN_DIR = Path("/run/geneve-dp")
 RECONCILE_INTERVAL = 1.0
+# How often the devices' presence is checked: an ioctl per device (no netlink), cheap
+# enough to do often, so a deleted device is back well within 2 seconds.
+DEVICE_CHECK_INTERVAL = 0.2
 CLIENT_TIMEOUT = 5.0
+REQUEST_LIMIT = 64 * 1024  # bytes of one control request line
+REPAIR_LOG = 16  # repairs kept for `show`
 
 _CLONE_NEWNET = 0x40000000
 
@@ -110,8 +121,15 @@ class Daemon:
         self.pidfile = pidfile
         self.sock_path = socket_path(os.getpid())
         self.control_messages: list[dict[str, Any]] = []
+        self.repairs: list[str] = []
+        self.restarts = 0
         self._stop: asyncio.Event | None = None
         self._dataplane: Any = None
+        # Counters of dataplanes replaced by a restart, per tunnel name and for the
+        # sockets by (family, port): added to the live ones in status.
+        self._carried: dict[str, dict[str, Any]] = {}
+        self._carried_sock: dict[tuple[Any, Any], dict[str, Any]] = {}
+        self._retry_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -150,19 +168,86 @@ class Daemon:
     async def _supervise(self) -> int:
         assert self._stop is not None
         loop = asyncio.get_running_loop()
+        next_reconcile = loop.time() + RECONCILE_INTERVAL
         while not self._stop.is_set():
             try:
-                await asyncio.wait_for(self._stop.wait(), RECONCILE_INTERVAL)
+                await asyncio.wait_for(self._stop.wait(), DEVICE_CHECK_INTERVAL)
             except TimeoutError:
                 pass
+            if self._stop.is_set():
+                break
             try:
                 self._dataplane.check()
             except RuntimeError as exc:
                 log.error("a worker died: %s; shutting down", exc)
                 return 1
-            if not self._stop.is_set():
+            gone = missing_devices(self.specs)
+            if gone:
+                await self._restart(gone)
+                next_reconcile = loop.time() + RECONCILE_INTERVAL
+            elif loop.time() >= next_reconcile:
                 await loop.run_in_executor(None, self._apply_addresses, True)
+                next_reconcile = loop.time() + RECONCILE_INTERVAL
         return 0
+
+    async def _restart(self, gone: list[str]) -> None:
+        """Open the devices again after someone deleted ``gone``: a new dataplane."""
+        from .dataplane import Dataplane
+
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._retry_at:
+            return
+        old = self._dataplane
+        await loop.run_in_executor(None, old.stop)
+        self._carry(old.final_status)
+        old.final_status = []  # carried once, even if the next start fails
+        # The same MAC as before: the peers' neighbour caches stay right.
+        macs = {str(t["name"]): t.get("mac") for t in old.final_status}
+        self.specs = [
+            dataclasses.replace(s, mac=macs[s.name]) if s.mac is None and macs.get(s.name) else s
+            for s in self.specs
+        ]
+        new = Dataplane(
+            self.specs, engine=self.engine, control_hook=self._on_control, offload=self.offload
+        )
+        try:
+            await loop.run_in_executor(None, new.start)
+            await loop.run_in_executor(None, self._apply_addresses, False)
+        except (UserError, OSError) as exc:
+            # Say so and try again on the next check (a name taken by someone else
+            # may be freed); status shows no tunnels meanwhile.
+            self._dataplane = new
+            self._retry_at = loop.time() + RECONCILE_INTERVAL
+            log.error("device %s was deleted; opening it again failed: %s", ", ".join(gone), exc)
+            return
+        self._dataplane = new
+        self.restarts += 1
+        self._repaired(f"device {', '.join(gone)} was deleted; opened again (dataplane restarted)")
+
+    def _repaired(self, message: str) -> None:
+        log.warning("%s", message)
+        self.repairs.append(message)
+        del self.repairs[:-REPAIR_LOG]
+
+    def _carry(self, status: list[dict[str, Any]]) -> None:
+        for t in status:
+            name = str(t["name"])
+            self._carried[name] = add_counters(self._carried.get(name, {}), t["counters"])
+        for key, sock in _sockets(status).items():
+            self._carried_sock[key] = add_counters(self._carried_sock.get(key, {}), sock)
+
+    def _status(self) -> list[dict[str, Any]]:
+        """The live dataplane's status with the counters of replaced ones added."""
+        out = []
+        for t in self._dataplane.status():
+            t = dict(t)
+            t["counters"] = add_counters(t["counters"], self._carried.get(str(t["name"]), {}))
+            key = (t["socket"]["family"], t["socket"]["port"])
+            sock = {k: v for k, v in t["socket"].items() if k not in ("family", "port")}
+            carried = self._carried_sock.get(key, {})
+            t["socket"] = {"family": key[0], "port": key[1], **add_counters(sock, carried)}
+            out.append(t)
+        return out
 
     def _on_control(self, name: str, packet: bytes) -> None:
         # O-bit packets are control messages (RFC 8926 §3.4): never data. Keep the last
@@ -189,7 +274,7 @@ class Daemon:
                 link = ipr.get_links(index)[0]
                 if not link["flags"] & 1:  # IFF_UP
                     if reconcile:
-                        log.warning("%s was set down; setting it up again", spec.name)
+                        self._repaired(f"{spec.name} was set down; set up again")
                     ipr.link("set", index=index, state="up")
                 present = {
                     (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)
@@ -198,7 +283,7 @@ class Daemon:
                     if (str(iface.ip), iface.network.prefixlen) in present:
                         continue
                     if reconcile:
-                        log.warning("%s lost %s; adding it back", spec.name, iface)
+                        self._repaired(f"{spec.name} lost address {iface}; added back")
                     try:
                         ipr.addr(
                             "add",
@@ -220,7 +305,9 @@ class Daemon:
         self.sock_path.unlink(missing_ok=True)
         old = os.umask(0o177)  # the socket is born 0600: counters and config are root's
         try:
-            server = await asyncio.start_unix_server(self._handle, path=str(self.sock_path))
+            server = await asyncio.start_unix_server(
+                self._handle, path=str(self.sock_path), limit=REQUEST_LIMIT
+            )
         finally:
             os.umask(old)
         os.chmod(self.sock_path, 0o600)
@@ -228,28 +315,77 @@ class Daemon:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), CLIENT_TIMEOUT)
             try:
-                request = json.loads(line or b"{}")
-            except ValueError:
-                request = {}
-            if request.get("cmd") == "status":
-                reply: Any = {
-                    "pid": os.getpid(),
-                    "engine": self.engine,
-                    "offload": self._dataplane.offload,
-                    "netns_id": netns_id(),
-                    "tunnels": self._dataplane.status(),
-                    "control_messages": self.control_messages,
-                }
+                line = await asyncio.wait_for(reader.readline(), CLIENT_TIMEOUT)
+            except ValueError:  # asyncio's limit: the line is longer than REQUEST_LIMIT
+                reply: Any = {"error": f"request longer than {REQUEST_LIMIT} bytes; refused"}
             else:
-                reply = {"error": 'unknown request; accepted: {"cmd": "status"}'}
+                reply = self._answer(line)
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
+        except Exception:  # one bad client must never take the daemon down
+            log.exception("control request failed")
         finally:
             writer.close()
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        accepted = 'accepted: {"cmd": "status"}'
+        try:
+            request = json.loads(line or b"{}")
+        except ValueError:
+            return {"error": f"request is not a JSON object; {accepted}"}
+        if not isinstance(request, dict):
+            return {"error": f"request is not a JSON object; {accepted}"}
+        if request.get("cmd") != "status":
+            return {"error": f"unknown request; {accepted}"}
+        return {
+            "pid": os.getpid(),
+            "engine": self.engine,
+            "offload": self._dataplane.offload,
+            "netns_id": netns_id(),
+            "tunnels": self._status(),
+            "control_messages": self.control_messages,
+            "restarts": self.restarts,
+            "repairs": self.repairs,
+        }
+
+
+def missing_devices(specs: list[TunnelSpec]) -> list[str]:
+    """Names of ``specs`` whose device is gone (SIOCGIFINDEX, no netlink)."""
+    gone = []
+    for spec in specs:
+        try:
+            socket.if_nametoindex(spec.name)
+        except OSError:
+            gone.append(spec.name)
+    return gone
+
+
+def add_counters(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` + ``b`` key by key, into nested dicts; keys of either are kept."""
+    out: dict[str, Any] = dict(a)
+    for key, value in b.items():
+        mine = out.get(key)
+        if isinstance(value, dict):
+            out[key] = add_counters(mine if isinstance(mine, dict) else {}, value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[key] = (mine if isinstance(mine, int) else 0) + value
+        else:
+            out.setdefault(key, value)
+    return out
+
+
+def _sockets(status: list[dict[str, Any]]) -> dict[tuple[Any, Any], dict[str, Any]]:
+    """Each receive socket's counters once (tunnels on one port share them)."""
+    out = {}
+    for t in status:
+        sock = t["socket"]
+        out[(sock["family"], sock["port"])] = {
+            k: v for k, v in sock.items() if k not in ("family", "port")
+        }
+    return out
 
 
 def query_all(timeout: float = CLIENT_TIMEOUT) -> list[dict[str, Any]]:

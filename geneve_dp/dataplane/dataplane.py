@@ -2,7 +2,7 @@
 
 Status layout (one dict per tunnel)::
 
-    name, ifindex, vni, remote, local, port, mode, mtu, engine,
+    name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (coalesced super-frames written; offload only),
@@ -102,6 +102,7 @@ class Dataplane:
         self._ctl: tuple[socket.socket, socket.socket] | None = None
         self._ctl_thread: threading.Thread | None = None
         self._started = False
+        self.final_status: list[dict[str, object]] = []
 
     # ------------------------------------------------------------- lifecycle
 
@@ -150,6 +151,10 @@ class Dataplane:
         if self._ctl_thread is not None:
             self._ctl_thread.join(5.0)
             self._ctl_thread = None
+        # The counters once the workers are done: a supervisor that replaces this
+        # dataplane carries them on (nothing counts between this and the teardown).
+        if self._started:
+            self.final_status = self.status()
         self._teardown()
         self._started = False
 
@@ -226,6 +231,7 @@ class Dataplane:
                         "port": spec.port,
                         "mode": spec.mode,
                         "mtu": tun.device.mtu,
+                        "mac": ":".join(f"{b:02x}" for b in tun.device.mac) or None,
                         "engine": eng.name,
                         "counters": eng.counters(i),
                         "socket": sock,

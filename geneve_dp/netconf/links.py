@@ -12,6 +12,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import select
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,44 @@ def sysctl_set(key: str, value: str) -> str | None:
     if old != value:
         _sysctl_path(key).write_text(value + "\n")
     return old
+
+
+# --- change notifications --------------------------------------------------------------
+
+# rtnetlink multicast groups (linux/rtnetlink.h)
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV4_RULE = 0x80
+
+
+class Changes:
+    """A wake-up for reconcile loops: readable when a link, address, route or rule of
+    this namespace changed. The messages are not interpreted (pyroute2 may buffer
+    several per read, so they cannot be counted one by one); whoever wakes reads the
+    kernel's state itself."""
+
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+        try:
+            self._ipr.bind(
+                groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
+            )
+        except BaseException:
+            self._ipr.close()
+            raise
+
+    def wait(self, timeout: float) -> bool:
+        """True if something changed within ``timeout`` seconds (and consume it)."""
+        ready, _, _ = select.select([self._ipr.fileno()], [], [], timeout)
+        if not ready:
+            return False
+        with contextlib.suppress(Exception):  # only a wake-up: a bad message is no matter
+            self._ipr.get()
+        return True
+
+    def close(self) -> None:
+        self._ipr.close()
 
 
 # --- namespaces ------------------------------------------------------------------------
