@@ -147,6 +147,7 @@ class Daemon:
         try:
             await loop.run_in_executor(None, self._dataplane.start)
             await loop.run_in_executor(None, self._apply_addresses, False)
+            await loop.run_in_executor(None, self._announce)
             server = await self._serve()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
@@ -199,10 +200,10 @@ class Daemon:
             return
         old = self._dataplane
         await loop.run_in_executor(None, old.stop)
-        self._carry(old.final_status)
-        old.final_status = []  # carried once, even if the next start fails
         # The same MAC as before: the peers' neighbour caches stay right.
         macs = {str(t["name"]): t.get("mac") for t in old.final_status}
+        self._carry(old.final_status)
+        old.final_status = []  # carried once, even if the next start fails
         self.specs = [
             dataclasses.replace(s, mac=macs[s.name]) if s.mac is None and macs.get(s.name) else s
             for s in self.specs
@@ -213,6 +214,7 @@ class Daemon:
         try:
             await loop.run_in_executor(None, new.start)
             await loop.run_in_executor(None, self._apply_addresses, False)
+            await loop.run_in_executor(None, self._announce)
         except (UserError, OSError) as exc:
             # Say so and try again on the next check (a name taken by someone else
             # may be freed); status shows no tunnels meanwhile.
@@ -297,6 +299,17 @@ class Daemon:
                         raise UserError(
                             f"cannot add {iface} to {spec.name}: {exc}", "addresses"
                         ) from exc
+
+    def _announce(self) -> None:
+        """Gratuitous ARP for the IPv4 addresses of each TAP device (announce.py)."""
+        from .dataplane.announce import announce
+
+        macs = {str(t["name"]): t.get("mac") for t in self._dataplane.status()}
+        for spec in self.specs:
+            mac = macs.get(spec.name)
+            ips = [i.ip for i in spec.addresses if i.version == 4]
+            if spec.mode == "tap" and mac and ips:
+                announce(spec.name, bytes.fromhex(str(mac).replace(":", "")), ips)
 
     # -- control socket --------------------------------------------------------------------
 
