@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -427,6 +428,18 @@ def query_all(timeout: float = CLIENT_TIMEOUT) -> list[dict[str, Any]]:
                 if not chunk:
                     break
                 data += chunk
-        if data:
-            replies.append(json.loads(data))
+        if not data:
+            continue
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            # Not one of ours (or a broken one): name it and go on with the others.
+            print(
+                f"geneve-dp: {path} answered something that is not a status; skipped",
+                file=sys.stderr,
+            )
+            continue
+        replies.append(reply)
     return replies
