@@ -131,6 +131,8 @@ class Daemon:
         self._carried: dict[str, dict[str, Any]] = {}
         self._carried_sock: dict[tuple[Any, Any], dict[str, Any]] = {}
         self._retry_at = 0.0
+        self._ipr: Any = None  # pyroute2 IPRoute, used from the executor only
+        self._prober: Any = None  # netconf.probe.Prober, opened on first use
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -161,6 +163,9 @@ class Daemon:
             if server is not None:
                 server.close()
             await loop.run_in_executor(None, self._dataplane.stop)
+            await loop.run_in_executor(None, self._close_netlink)
+            if self._prober is not None:
+                self._prober.close()
             for path in (self.sock_path, self.pidfile):
                 if path is not None:
                     path.unlink(missing_ok=True)
@@ -183,13 +188,17 @@ class Daemon:
             except RuntimeError as exc:
                 log.error("a worker died: %s; shutting down", exc)
                 return 1
-            gone = missing_devices(self.specs)
+            gone = [s.name for s in self.specs if self._probe().link_up(s.name) is None]
             if gone:
                 await self._restart(gone)
                 next_reconcile = loop.time() + RECONCILE_INTERVAL
             elif loop.time() >= next_reconcile:
-                await loop.run_in_executor(None, self._apply_addresses, True)
                 next_reconcile = loop.time() + RECONCILE_INTERVAL
+                if not self._devices_as_specified():
+                    try:
+                        await loop.run_in_executor(None, self._apply_addresses, True)
+                    except Exception as exc:  # keep forwarding; the next pass tries again
+                        log.error("reconcile pass failed: %s", exc)
         return 0
 
     async def _restart(self, gone: list[str]) -> None:
@@ -263,43 +272,85 @@ class Daemon:
 
     # -- netlink (runs in the executor) ------------------------------------------------------
 
+    def _probe(self) -> Any:
+        """The daemon's Prober (netconf/probe.py): one socket and file for its life, so
+        the looks every DEVICE_CHECK_INTERVAL open no file descriptor."""
+        from .netconf.probe import Prober
+
+        if self._prober is None:
+            self._prober = Prober()
+        return self._prober
+
+    def _devices_as_specified(self) -> bool:
+        """Every device up with its addresses, by ioctl and /proc (probe.py): the
+        periodic look costs no netlink, so pyroute2 runs only to repair."""
+        probe = self._probe()
+        v4 = probe.ipv4_addresses()
+        v6 = probe.ipv6_addresses()
+        for spec in self.specs:
+            if probe.link_up(spec.name) is False:
+                return False
+            for iface in spec.addresses:
+                if iface.version == 4 and str(iface.ip) not in v4.get(spec.name, set()):
+                    return False
+                if iface.version == 6 and (str(iface.ip), iface.network.prefixlen) not in v6.get(
+                    spec.name, set()
+                ):
+                    return False
+        return True
+
     def _apply_addresses(self, reconcile: bool) -> None:
         """Put each spec's addresses on its device and the link up; on reconcile, put back
         whatever was removed since."""
         from pyroute2 import IPRoute
 
-        with IPRoute() as ipr:
-            for spec in self.specs:
-                links = ipr.link_lookup(ifname=spec.name)
-                if not links:
-                    continue  # the engine noticed, or will: not ours to recreate here
-                index = links[0]
-                link = ipr.get_links(index)[0]
-                if not link["flags"] & 1:  # IFF_UP
-                    if reconcile:
-                        self._repaired(f"{spec.name} was set down; set up again")
-                    ipr.link("set", index=index, state="up")
-                present = {
-                    (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)
-                }
-                for iface in spec.addresses:
-                    if (str(iface.ip), iface.network.prefixlen) in present:
+        # One netlink socket, kept: repairs are rare (probe.py decides when), and a
+        # failed call closes it so the next repair opens a fresh one.
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        try:
+            self._apply_with(self._ipr, reconcile)
+        except BaseException:
+            self._close_netlink()
+            raise
+
+    def _close_netlink(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def _apply_with(self, ipr: Any, reconcile: bool) -> None:
+        for spec in self.specs:
+            links = ipr.link_lookup(ifname=spec.name)
+            if not links:
+                continue  # the engine noticed, or will: not ours to recreate here
+            index = links[0]
+            link = ipr.get_links(index)[0]
+            if not link["flags"] & 1:  # IFF_UP
+                if reconcile:
+                    self._repaired(f"{spec.name} was set down; set up again")
+                ipr.link("set", index=index, state="up")
+            present = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=index)
+            }
+            for iface in spec.addresses:
+                if (str(iface.ip), iface.network.prefixlen) in present:
+                    continue
+                if reconcile:
+                    self._repaired(f"{spec.name} lost address {iface}; added back")
+                try:
+                    ipr.addr(
+                        "add",
+                        index=index,
+                        address=str(iface.ip),
+                        prefixlen=iface.network.prefixlen,
+                    )
+                except Exception as exc:  # pyroute2 raises NetlinkError
+                    if getattr(exc, "code", None) == errno.EEXIST:
                         continue
-                    if reconcile:
-                        self._repaired(f"{spec.name} lost address {iface}; added back")
-                    try:
-                        ipr.addr(
-                            "add",
-                            index=index,
-                            address=str(iface.ip),
-                            prefixlen=iface.network.prefixlen,
-                        )
-                    except Exception as exc:  # pyroute2 raises NetlinkError
-                        if getattr(exc, "code", None) == errno.EEXIST:
-                            continue
-                        raise UserError(
-                            f"cannot add {iface} to {spec.name}: {exc}", "addresses"
-                        ) from exc
+                    raise UserError(
+                        f"cannot add {iface} to {spec.name}: {exc}", "addresses"
+                    ) from exc
 
     def _announce(self) -> None:
         """Gratuitous ARP for the IPv4 addresses of each TAP device (announce.py)."""
@@ -364,17 +415,6 @@ class Daemon:
             "restarts": self.restarts,
             "repairs": self.repairs,
         }
-
-
-def missing_devices(specs: list[TunnelSpec]) -> list[str]:
-    """Names of ``specs`` whose device is gone (SIOCGIFINDEX, no netlink)."""
-    gone = []
-    for spec in specs:
-        try:
-            socket.if_nametoindex(spec.name)
-        except OSError:
-            gone.append(spec.name)
-    return gone
 
 
 def add_counters(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
