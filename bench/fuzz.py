@@ -6,8 +6,10 @@
 Builds csrc/fuzz (build.sh), runs each target for the given time on its corpus under
 csrc/fuzz/build (kept between runs), and prints one JSON object per target: executions,
 final coverage (libFuzzer's ``cov:`` edges and ``ft:`` features), corpus size, peak RSS
-and findings (crash/leak/timeout artifacts written, sanitizer reports). Exit status 1
-if any target had a finding. CI runs the short versions in tests/test_fuzz_c.py.
+and findings (crash/leak/timeout artifacts written, sanitizer reports), and the line
+coverage of csrc/codec.c that the corpus reaches (a -fprofile-instr-generate build of
+the same harness replayed over it, llvm-cov report). Exit status 1 if any target had a
+finding. CI runs the short versions in tests/test_fuzz_c.py.
 """
 
 from __future__ import annotations
@@ -71,6 +73,40 @@ def run(target: str, seconds: int) -> dict[str, Any]:
     }
 
 
+def line_coverage(target: str, corpus: Path) -> dict[str, Any]:
+    """Lines of csrc/codec.c executed by replaying ``corpus`` (llvm-cov's figures)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = Path(tmp) / f"{target}_cov"
+        build = subprocess.run(
+            ["clang", "-fsanitize=fuzzer", "-fprofile-instr-generate", "-fcoverage-mapping",
+             "-O0", "-I", str(ROOT / "csrc"), str(FUZZ / f"{target}.c"),
+             str(ROOT / "csrc" / "codec.c"), "-o", str(binary)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if build.returncode != 0:
+            return {"error": build.stderr.strip()[-300:]}
+        raw, data = Path(tmp) / "cov.profraw", Path(tmp) / "cov.profdata"
+        subprocess.run(
+            [str(binary), "-runs=0", str(corpus)],
+            env={"LLVM_PROFILE_FILE": str(raw)}, capture_output=True, timeout=600,
+        )  # fmt: skip
+        subprocess.run(["llvm-profdata", "merge", "-sparse", str(raw), "-o", str(data)],
+                       check=True, capture_output=True)  # fmt: skip
+        report = subprocess.run(
+            ["llvm-cov", "report", str(binary), "-instr-profile", str(data),
+             str(ROOT / "csrc" / "codec.c")],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    for line in report.splitlines():
+        if line.split() and line.split()[0].endswith("codec.c"):
+            f = line.split()
+            # Regions, missed, cover, functions, missed, executed, lines, missed, cover...
+            lines, missed = int(f[7]), int(f[8])
+            return {"file": "csrc/codec.c", "lines": lines, "lines_covered": lines - missed,
+                    "line_cover": f[9], "branch_cover": f[12]}  # fmt: skip
+    return {"error": "codec.c not in the llvm-cov report"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fuzz", description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="per target (default 10)")
@@ -82,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = False
     for target in args.target or TARGETS:
         result = run(target, max(1, round(args.minutes * 60)))
+        result["line_coverage"] = line_coverage(target, BUILD / f"corpus-{target}")
         print(json.dumps(result), flush=True)
         bad |= bool(result["findings"]) or result["exit_code"] != 0
     return 1 if bad else 0
