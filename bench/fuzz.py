@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,8 +74,15 @@ def run(target: str, seconds: int) -> dict[str, Any]:
     }
 
 
+def _tool(name: str) -> str:
+    """An LLVM tool by its plain name, else the clang-14 one (Debian names both)."""
+    return shutil.which(name) or shutil.which(f"{name}-14") or name
+
+
 def line_coverage(target: str, corpus: Path) -> dict[str, Any]:
     """Lines of csrc/codec.c executed by replaying ``corpus`` (llvm-cov's figures)."""
+    if not (shutil.which("llvm-cov") or shutil.which("llvm-cov-14")):
+        return {"error": "llvm-cov not found (apt install llvm-14)"}
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / f"{target}_cov"
         build = subprocess.run(
@@ -90,10 +98,10 @@ def line_coverage(target: str, corpus: Path) -> dict[str, Any]:
             [str(binary), "-runs=0", str(corpus)],
             env={"LLVM_PROFILE_FILE": str(raw)}, capture_output=True, timeout=600,
         )  # fmt: skip
-        subprocess.run(["llvm-profdata", "merge", "-sparse", str(raw), "-o", str(data)],
+        subprocess.run([_tool("llvm-profdata"), "merge", "-sparse", str(raw), "-o", str(data)],
                        check=True, capture_output=True)  # fmt: skip
         report = subprocess.run(
-            ["llvm-cov", "report", str(binary), "-instr-profile", str(data),
+            [_tool("llvm-cov"), "report", str(binary), "-instr-profile", str(data),
              str(ROOT / "csrc" / "codec.c")],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
