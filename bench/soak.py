@@ -137,10 +137,12 @@ def soak(
                     s = d.sample()
                     if time.monotonic() - t0 >= warmup and d.ns not in baseline:
                         baseline[d.ns] = s
-            after = losses(u, a, b)
             for d in (a, b):
-                s = d.sample()  # once more, idle: the end state
+                # Once more, idle: the end state. Before the status queries below,
+                # whose connections the daemons are still closing for a moment after.
+                d.sample()
                 baseline.setdefault(d.ns, d.samples[0])
+            after = losses(u, a, b)
         finally:
             for d in (a, b):
                 if d.proc.poll() is None:
@@ -171,6 +173,7 @@ def soak(
             "threads": sorted({s["threads"] for s in d.samples}),
             "samples": len(d.samples),
             "rss_series_kib": [s["rss_kib"] for s in d.samples],
+            "fds_series": [s["fds"] for s in d.samples],
         }
         ok &= growth < RSS_BOUND_KIB and len(fds) == 1
     result["ok"] = bool(ok)

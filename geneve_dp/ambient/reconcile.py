@@ -149,10 +149,15 @@ def iptables_repair_text(
     return ("\n".join(text) + "\n" if text else ""), fixes
 
 
-def repair(intent: Intent, say: Say, memory: Memory | None = None) -> list[str]:
+def repair(
+    intent: Intent, say: Say, memory: Memory | None = None, routing: bool = True
+) -> list[str]:
     """Add back whatever of ``intent`` is missing; the repairs made, each also said.
 
-    Without ``memory`` (a one-off pass) a deleted device restarts its daemon at once."""
+    Without ``memory`` (a one-off pass) a deleted device restarts its daemon at once.
+    ``routing=False`` leaves out ip rules and routes: the watcher looks at those when
+    rtnetlink announced a change (and now and then regardless), because every pyroute2
+    dump keeps memory for good (see links.link_names) and they cannot change unseen."""
     done: list[str] = []
 
     def fixed(msg: str) -> None:
@@ -209,6 +214,13 @@ def repair(intent: Intent, say: Say, memory: Memory | None = None) -> list[str]:
             for msg in fixes:
                 fixed(msg)
 
+    for key, value in intent.sysctls:
+        cur = links.sysctl_get(key)
+        if cur is not None and cur != value:
+            links.sysctl_set(key, value)
+            fixed(f"sysctl {key} was {cur}; set to {value} again")
+    if not routing:
+        return done
     rules_now = links.list_rules()
     for rule in intent.rules:
         if rule not in rules_now:
@@ -221,9 +233,4 @@ def repair(intent: Intent, say: Say, memory: Memory | None = None) -> list[str]:
         if links.add_route(route):
             fixed(f"route {route.describe()} was missing; added")
 
-    for key, value in intent.sysctls:
-        cur = links.sysctl_get(key)
-        if cur is not None and cur != value:
-            links.sysctl_set(key, value)
-            fixed(f"sysctl {key} was {cur}; set to {value} again")
     return done

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import os
 import select
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,11 @@ def link(name: str) -> LinkInfo | None:
 
 
 def link_names() -> list[str]:
-    with iproute() as ipr:
-        return sorted(str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links())
+    """Device names of this namespace. Read through libc's if_nameindex, not pyroute2:
+    the watchers ask every second, and a pyroute2 0.9.7 link dump keeps ~2.6 KiB per
+    call for good (measured); this is a read, so rule 5 (changes through pyroute2)
+    is not at stake."""
+    return sorted(name for _index, name in socket.if_nameindex())
 
 
 def delete_link(name: str) -> bool:
@@ -185,10 +189,13 @@ def del_route(r: Route) -> bool:
 
 
 def route_exists(r: Route) -> bool:
+    # The device's index by ioctl, not a pyroute2 link dump: this runs for every route
+    # on every watcher pass (see link_names).
+    try:
+        idx = [socket.if_nametoindex(r.dev)]
+    except OSError:
+        return False
     with iproute() as ipr:
-        idx = ipr.link_lookup(ifname=r.dev)
-        if not idx:
-            return False
         net = ipaddress.IPv4Network(r.dst)
         for msg in ipr.get_routes(family=AF_INET, table=r.table):
             if msg.get_attr("RTA_TABLE") != r.table:
