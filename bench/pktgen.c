@@ -19,6 +19,8 @@
  *   send       --dst IP --port N [--sport BASE] [--flows N] [--size BYTES | --frame-size F]
  *              [--rate PPS] [--duration S | --count N] [--burst N]
  *              [--ifname DEV --src IP [--dst-mac MAC]]   (raw: AF_PACKET, see run_send_raw)
+ *   send-frames --ifname DEV --templates FILE [--rate PPS] [--duration S | --count N]
+ *              [--burst N]   (whole frames from FILE, round robin: see run_send_frames)
  *   sink       --bind IP --port N [--timeout S] [--idle S] [--max-samples N]
  *   rr-server  --bind IP --port N [--timeout S]
  *   rr         --dst IP --port N [--size BYTES] [--duration S | --count N]
@@ -113,6 +115,7 @@ struct opts {
     const char *ifname;
     const char *src;
     const char *dst_mac;
+    const char *templates;
     int port;
     int sport;
     int flows;
@@ -162,6 +165,7 @@ static void parse_opts(int argc, char **argv, struct opts *o) {
         else if (!strcmp(k, "--ifname")) o->ifname = v;
         else if (!strcmp(k, "--src")) o->src = v;
         else if (!strcmp(k, "--dst-mac")) o->dst_mac = v;
+        else if (!strcmp(k, "--templates")) o->templates = v;
         else if (!strcmp(k, "--frame-size")) o->frame_size = (int)parse_num(k, v, 64, 65535);
         else if (!strcmp(k, "--burst")) o->burst = (int)parse_num(k, v, 1, MAX_BURST);
         else if (!strcmp(k, "--rate")) o->rate = parse_num(k, v, 0, 1e9);
@@ -172,6 +176,11 @@ static void parse_opts(int argc, char **argv, struct opts *o) {
         else if (!strcmp(k, "--wait-ms")) o->wait_ms = (int)parse_num(k, v, 1, 60000);
         else if (!strcmp(k, "--max-samples")) o->max_samples = (size_t)parse_num(k, v, 1, 1e8);
         else usage_error("unknown option", k);
+    }
+    if (!strcmp(o->mode, "send-frames")) {
+        if (!o->ifname || !o->templates)
+            usage_error("send-frames needs --ifname DEV and --templates FILE", NULL);
+        return;
     }
     if (!o->addr) usage_error("--dst (send, rr) or --bind (sink, rr-server) is required", NULL);
     if (!o->port) usage_error("--port is required", NULL);
@@ -542,6 +551,106 @@ static int run_send_raw(const struct opts *o) {
     return 0;
 }
 
+/* ---------- send, frames from a file ---------- */
+
+#define MAX_TEMPLATES 4096
+#define MAX_FRAME 9216
+
+/* Hostile-input floods: whole frames, link header included, read from --templates (a
+ * sequence of records: u16 big-endian length, then that many bytes), written to
+ * --ifname with AF_PACKET round robin, as fast as the device takes them (or --rate).
+ * Nothing in them is fixed up: outer sources can be spoofed and headers wrong on
+ * purpose. The report counts what was sent of each template, in file order, so a test
+ * can compare the receiver's counters reason by reason. */
+static int run_send_frames(const struct opts *o) {
+    FILE *in = fopen(o->templates, "rb");
+    if (!in) usage_error("cannot open --templates", o->templates);
+    uint8_t *data = malloc((size_t)MAX_TEMPLATES * MAX_FRAME);
+    size_t *len = calloc(MAX_TEMPLATES, sizeof *len);
+    uint64_t *count = calloc(MAX_TEMPLATES, sizeof *count);
+    if (!data || !len || !count) die("calloc");
+    size_t nt = 0;
+    uint8_t lb[2];
+    while (fread(lb, 1, 2, in) == 2) {
+        size_t l = load16(lb);
+        if (nt == MAX_TEMPLATES) usage_error("more than 4096 templates", o->templates);
+        if (l < 1 || l > MAX_FRAME) usage_error("a template is empty or over 9216 bytes", o->templates);
+        if (fread(data + nt * MAX_FRAME, 1, l, in) != l) usage_error("a template is cut short", o->templates);
+        len[nt++] = l;
+    }
+    fclose(in);
+    if (!nt) usage_error("no templates in", o->templates);
+    unsigned ifindex = if_nametoindex(o->ifname);
+    if (!ifindex) usage_error("no such interface", o->ifname);
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0); /* 0: send only */
+    if (fd < 0) die("socket(AF_PACKET)");
+    struct sockaddr_ll ll;
+    memset(&ll, 0, sizeof ll);
+    ll.sll_family = AF_PACKET;
+    ll.sll_protocol = htons(ETH_P_IP);
+    ll.sll_ifindex = (int)ifindex;
+    if (bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) die("bind(AF_PACKET)");
+    int one = 1;
+    if (setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) < 0)
+        die("PACKET_QDISC_BYPASS");
+    big_buffers(fd);
+    struct mmsghdr *msgs = calloc((size_t)o->burst, sizeof *msgs);
+    struct iovec *iov = calloc((size_t)o->burst, sizeof *iov);
+    size_t *which = calloc((size_t)o->burst, sizeof *which);
+    if (!msgs || !iov || !which) die("calloc");
+    install_signals();
+    uint64_t sent = 0, errors = 0, bursts = 0;
+    uint64_t limit = o->count ? o->count : UINT64_MAX;
+    uint64_t start = now_ns(), t = start;
+    uint64_t end = o->duration > 0 ? start + (uint64_t)(o->duration * 1e9) : UINT64_MAX;
+    if (!o->count && o->duration <= 0) end = start + 1000000000ull;
+    double ns_per_pkt = o->rate > 0 ? 1e9 / o->rate : 0;
+    double due = (double)start;
+    size_t next = 0;
+    while (!g_stop && sent < limit && t < end) {
+        uint64_t want = limit - sent;
+        int n = want < (uint64_t)o->burst ? (int)want : o->burst;
+        if (ns_per_pkt > 0) {
+            if ((double)t < due) {
+                uint64_t d = (uint64_t)due;
+                struct timespec ts = {(time_t)(d / 1000000000ull), (long)(d % 1000000000ull)};
+                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+                t = now_ns();
+                if (t >= end) break;
+            } else if ((double)t - due > 1e8) {
+                due = (double)t;
+            }
+        }
+        for (int i = 0; i < n; i++) {
+            size_t k = (next + (size_t)i) % nt;
+            which[i] = k;
+            iov[i].iov_base = data + k * MAX_FRAME;
+            iov[i].iov_len = len[k];
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int r = sendmmsg(fd, msgs, (unsigned)n, 0);
+        if (r < 0) {
+            if (errno != EINTR) errors++; /* ENOBUFS: the device queue is full */
+            r = 0;
+        }
+        for (int i = 0; i < r; i++) count[which[i]]++;
+        next = (next + (size_t)r) % nt; /* unsent templates go first next time */
+        sent += (uint64_t)r;
+        bursts++;
+        due += ns_per_pkt * (r ? r : n);
+        t = now_ns();
+    }
+    double elapsed = (double)(t - start) / 1e9;
+    printf("{\"mode\": \"send-frames\", \"ifname\": \"%s\", \"templates\": %zu, \"sent_packets\": %"
+           PRIu64 ", \"elapsed_s\": %.6f, \"pps\": %.1f, \"errors\": %" PRIu64 ", \"bursts\": %"
+           PRIu64 ", \"per_template\": [",
+           o->ifname, nt, sent, elapsed, elapsed > 0 ? (double)sent / elapsed : 0.0, errors, bursts);
+    for (size_t k = 0; k < nt; k++) printf("%s%" PRIu64, k ? ", " : "", count[k]);
+    printf("]}\n");
+    return 0;
+}
+
 /* ---------- sink ---------- */
 
 struct flow_state {
@@ -751,12 +860,13 @@ int main(int argc, char **argv) {
     parse_opts(argc, argv, &o);
     setvbuf(stdout, NULL, _IOFBF, 1 << 16);
     int rc = 2;
-    if (!strcmp(o.mode, "send") && o.ifname) rc = run_send_raw(&o);
+    if (!strcmp(o.mode, "send-frames")) rc = run_send_frames(&o);
+    else if (!strcmp(o.mode, "send") && o.ifname) rc = run_send_raw(&o);
     else if (!strcmp(o.mode, "send")) rc = run_send(&o);
     else if (!strcmp(o.mode, "sink")) rc = run_sink(&o);
     else if (!strcmp(o.mode, "rr")) rc = run_rr(&o);
     else if (!strcmp(o.mode, "rr-server")) rc = run_rr_server(&o);
-    else usage_error("unknown mode (send, sink, rr, rr-server)", o.mode);
+    else usage_error("unknown mode (send, send-frames, sink, rr, rr-server)", o.mode);
     fflush(stdout);
     return rc;
 }

@@ -253,6 +253,39 @@ def udp_stream(
     }
 
 
+def send_frames(
+    netns: str | None,
+    ifname: str,
+    frames: list[bytes],
+    *,
+    duration: float = 1.0,
+    count: int | None = None,
+    rate: float = 0,
+    burst: int = 32,
+) -> Json:
+    """Write ``frames`` (whole link-layer frames, sent as they are) round robin to
+    ``ifname`` with AF_PACKET; the report's ``per_template`` counts each one sent."""
+    import tempfile
+
+    if not frames or len(frames) > 4096 or any(not 0 < len(f) <= 9216 for f in frames):
+        raise PktgenError("send_frames: 1..4096 frames of 1..9216 bytes each")
+    with tempfile.NamedTemporaryFile(prefix="gdp-frames-", suffix=".bin") as f:
+        for frame in frames:
+            f.write(struct.pack("!H", len(frame)) + frame)
+        f.flush()
+        return run(
+            "send-frames",
+            netns,
+            timeout=duration + 30,
+            ifname=ifname,
+            templates=f.name,
+            duration=duration if count is None else None,
+            count=count,
+            rate=rate,
+            burst=burst,
+        )
+
+
 def request_response(
     client_ns: str | None,
     server_ns: str | None,

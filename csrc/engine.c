@@ -1520,8 +1520,14 @@ static void tx_round(struct gdp_engine *e, struct tx_state *st) {
             uint8_t *buf = e->tx_bufs + (size_t)st->bufs * GDP_BUF_SIZE;
             size_t vlen = t->vnet_hdr ? GDP_VNET_LEN : 0;
             ssize_t r = read(t->dev_fd, buf + GDP_HEADROOM - vlen, GDP_BUF_SIZE - GDP_HEADROOM + vlen);
-            if (r < 0)
-                break; /* EAGAIN: drained (other errors: the device is going away) */
+            if (r < 0) {
+                /* EBADFD: the device was deleted and this fd is dead for good. Poll
+                 * would report it ready for ever (a busy loop), so stop polling it;
+                 * the supervisor opens a new device. EAGAIN: drained. */
+                if (errno == EBADFD)
+                    p->fd = -1;
+                break;
+            }
             if ((size_t)r <= vlen)
                 break;
             st->bufs++;

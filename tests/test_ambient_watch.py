@@ -22,6 +22,7 @@ import pytest
 from geneve_dp.ambient import constants as k
 from geneve_dp.ambient import endpoints
 from geneve_dp.ambient import topology as t
+from geneve_dp.daemon import query_all
 from tests.test_ambient_node import NODE_UP, ZT_UP, one_line_error, stable
 from tests.test_ambient_node import world as world  # the fixture
 
@@ -142,7 +143,7 @@ def test_watchers_bring_back_a_deleted_device_and_a_dead_daemon(world: t.World) 
         pidfile = w.state_root / ns / f"{role}-endpoints.pid"
         return pidfile.exists() and daemon_pid(w, ns, role) != old
 
-    wait_for(lambda: restarted(w.node, "node", node_pid), "the node's endpoint daemon")
+    # The node's daemon opens its deleted device again itself; the dead one is replaced.
     wait_for(lambda: restarted(w.zt, "ztunnel", zt_pid), "the ztunnel's endpoint daemon")
     # Devices, addresses, routes through them: as up left them.
     wait_for(lambda: {ns: stable(w.snapshot(ns)) for ns in (w.node, w.zt)} == after_up,
@@ -152,8 +153,12 @@ def test_watchers_bring_back_a_deleted_device_and_a_dead_daemon(world: t.World) 
     # And the tunnel carries packets again, both ways (ARP and ICMP through GENEVE).
     ping = w.run(w.node, "ping", "-c", "1", "-w", "10", k.ZT_INBOUND_TUN_IP, check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert daemon_pid(w, w.node, "node") == node_pid
+    (status,) = [r for r in query_all() if r["pid"] == node_pid]
+    assert status["restarts"] == 1
+    assert f"device {k.INBOUND_TUN} was deleted; opened again" in status["repairs"][0]
     node_log = (w.state_root / w.node / "node-watch.log").read_text()
-    assert f"device {k.INBOUND_TUN} was deleted; daemon started again" in node_log
+    assert "daemon started again" not in node_log
     zt_log = (w.state_root / w.zt / "ztunnel-watch.log").read_text()
     assert "its daemon had exited; daemon started again" in zt_log
 

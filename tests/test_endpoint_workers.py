@@ -44,7 +44,7 @@ def test_queues_and_sockets_per_worker(netns_factory: Callable[[str], Netns], wo
     spec = {"name": "gt0", "vni": 7, "remote": "10.0.0.2", "addresses": ["192.168.7.1/24"]}
     with endpoint(a, f"c+offload+w{workers}", [spec]) as ep:
         assert ep.error is None, ep.error
-        assert ep.tunnel("gt0")["socket"]["workers"] == workers
+        assert len(ep.tunnel("gt0")["socket"]["rx_packets_per_worker"]) == workers
         assert _tun_queues(ep.proc.pid, "gt0") == workers
         assert _udp_sockets(a, 6081) == workers
     # All gone with the dataplane.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the libFuzzer harness for the C GENEVE decoder, with ASan and UBSan.
+# Build the libFuzzer harnesses for the C GENEVE decoder and its option walkers, with
+# ASan and UBSan.
 #
-#   bash csrc/fuzz/build.sh            # -> csrc/fuzz/build/fuzz_decode (+ _selftest)
+#   bash csrc/fuzz/build.sh            # -> csrc/fuzz/build/fuzz_{decode,options} (+ _selftest)
 #   csrc/fuzz/build/fuzz_decode -max_total_time=60 csrc/fuzz/build/corpus
 #
 # It compiles csrc/codec.c directly (not the cffi module). The _selftest variant adds
@@ -22,7 +23,9 @@ flags=(
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
     -fno-omit-frame-pointer -I "$csrc"
 )
-"$cc" "${flags[@]}" "$here/fuzz_decode.c" "$csrc/codec.c" -o "$out/fuzz_decode"
-"$cc" "${flags[@]}" -DGDP_FUZZ_SELFTEST "$here/fuzz_decode.c" "$csrc/codec.c" \
-    -o "$out/fuzz_decode_selftest"
-echo "built $out/fuzz_decode and $out/fuzz_decode_selftest"
+for target in fuzz_decode fuzz_options; do
+    "$cc" "${flags[@]}" "$here/$target.c" "$csrc/codec.c" -o "$out/$target"
+    "$cc" "${flags[@]}" -DGDP_FUZZ_SELFTEST "$here/$target.c" "$csrc/codec.c" \
+        -o "$out/${target}_selftest"
+    echo "built $out/$target and $out/${target}_selftest"
+done

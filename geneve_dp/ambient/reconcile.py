@@ -13,6 +13,7 @@ text cannot be compared with a save directly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,17 @@ from . import constants as k
 from . import endpoints
 
 Say = Callable[[str], None]
+
+# A running endpoint daemon opens a deleted device again by itself within a fraction of
+# a second (daemon.py); the watcher replaces the daemon only if it has not after this.
+DAEMON_GRACE = 1.5
+
+
+@dataclass
+class Memory:
+    """What a watcher carries from one pass to the next."""
+
+    devices_gone_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,31 +149,50 @@ def iptables_repair_text(
     return ("\n".join(text) + "\n" if text else ""), fixes
 
 
-def repair(intent: Intent, say: Say) -> list[str]:
-    """Add back whatever of ``intent`` is missing; the repairs made, each also said."""
+def repair(
+    intent: Intent, say: Say, memory: Memory | None = None, routing: bool = True
+) -> list[str]:
+    """Add back whatever of ``intent`` is missing; the repairs made, each also said.
+
+    Without ``memory`` (a one-off pass) a deleted device restarts its daemon at once.
+    ``routing=False`` leaves out ip rules and routes: the watcher looks at those when
+    rtnetlink announced a change (and now and then regardless), because every pyroute2
+    dump keeps memory for good (see links.link_names) and they cannot change unseen."""
     done: list[str] = []
 
     def fixed(msg: str) -> None:
         done.append(msg)
         say(msg)
 
-    # The endpoint daemon keeps its devices' addresses and link state, but it does not
-    # create a deleted device again, and nothing runs it again if it dies: start it
-    # afresh for either. Routes and sysctls of its devices are put back further down.
+    # The endpoint daemon keeps its devices' addresses and link state and opens a
+    # deleted device again itself; nothing runs it again if it dies, or if it does not
+    # bring its device back (stuck): start it afresh for either. Routes and sysctls of
+    # its devices are put back further down.
     if intent.endpoints and intent.pidfile is not None:
         present = set(links.link_names())
         gone = [e.name for e in intent.endpoints if e.name not in present]
         pid = endpoints.running(intent.pidfile)
-        if gone or pid is None:
+        waiting = False
+        if gone and pid is not None and memory is not None:
+            now = time.monotonic()
+            if memory.devices_gone_since is None:
+                memory.devices_gone_since = now
+            waiting = now - memory.devices_gone_since < DAEMON_GRACE
+        if (gone or pid is None) and not waiting:
             names = [e.name for e in intent.endpoints]
             endpoints.stop(intent.pidfile, names)
             endpoints.start(list(intent.endpoints), intent.pidfile.parent, intent.role)
             new = endpoints.running(intent.pidfile)
             # A daemon that died took its devices with it: name the cause, not the effect.
             why = (
-                "its daemon had exited" if pid is None else f"device {', '.join(gone)} was deleted"
+                "its daemon had exited"
+                if pid is None
+                else f"device {', '.join(gone)} was deleted and its daemon did not open it "
+                f"again within {DAEMON_GRACE:g}s"
             )
             fixed(f"endpoints {', '.join(names)}: {why}; daemon started again (pid {new})")
+        if memory is not None and not waiting:
+            memory.devices_gone_since = None
 
     # A route through a device that is not there cannot be added: skip it quietly.
     present_devs = set(links.link_names())
@@ -183,6 +214,13 @@ def repair(intent: Intent, say: Say) -> list[str]:
             for msg in fixes:
                 fixed(msg)
 
+    for key, value in intent.sysctls:
+        cur = links.sysctl_get(key)
+        if cur is not None and cur != value:
+            links.sysctl_set(key, value)
+            fixed(f"sysctl {key} was {cur}; set to {value} again")
+    if not routing:
+        return done
     rules_now = links.list_rules()
     for rule in intent.rules:
         if rule not in rules_now:
@@ -195,9 +233,4 @@ def repair(intent: Intent, say: Say) -> list[str]:
         if links.add_route(route):
             fixed(f"route {route.describe()} was missing; added")
 
-    for key, value in intent.sysctls:
-        cur = links.sysctl_get(key)
-        if cur is not None and cur != value:
-            links.sysctl_set(key, value)
-            fixed(f"sysctl {key} was {cur}; set to {value} again")
     return done

@@ -1,9 +1,14 @@
 """The reconcile watcher of a profile: `geneve-dp node watch` / `geneve-dp ztunnel watch`.
 
 `node up` / `ztunnel up` start it detached in their namespace, with a pidfile and a log
-in the state directory. About once a second it reads the state file (the intent) under
-the state directory's lock and puts back whatever of it is missing (reconcile.py),
-logging one line per repair. It exits by itself once the state file is gone.
+in the state directory. It reads the state file (the intent) under the state
+directory's lock and puts back whatever of it is missing (reconcile.py), logging one
+line per repair: once a second, and also at once when the kernel announces a change of
+links, addresses, routes or rules (rtnetlink), so a deleted rule or device is back in
+well under the second. iptables and ipset changes have no such notification: they wait
+for the next periodic pass. ip rules and routes, which cannot change without one, are
+read on a notification and every ROUTING_INTERVAL only (pyroute2 dumps keep memory for
+good, see links.link_names). It exits by itself once the state file is gone.
 
 A plain loop with a sleep: nothing here needs an event loop, and pyroute2's sync API
 is then used the way ARCHITECTURE rule 5 allows (no uvloop anywhere near it).
@@ -17,13 +22,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..netconf import links
 from . import procs, reconcile
 from .state import StateFile, locked
 
 INTERVAL = 1.0
+TICK = 0.2  # how long a wait for a change lasts before SIGTERM is looked at again
+SETTLE = 0.02  # after a change, a moment for the rest of a burst (a flush, a restart)
+ROUTING_INTERVAL = 30.0  # rules and routes are read at least this often without a change
 
 # What a profile's state file asks to exist (node.intent, ztunnel.intent).
 IntentOf = Callable[[StateFile], reconcile.Intent]
@@ -75,19 +85,47 @@ def run(
     stop_event = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_event.set())
-    say(f"watching {directory / state_name} every {interval:g}s")
-    while not stop_event.wait(interval):
-        try:
-            if not reconcile_once(directory, state_name, intent_of, repaired or say):
-                say("the state file is gone (down ran); exiting")
-                return 0
-        except Exception as exc:  # keep watching: the next pass may succeed
-            say(f"reconcile pass failed: {exc}")
+    say(f"watching {directory / state_name} every {interval:g}s and on netlink changes")
+    memory = reconcile.Memory()
+    changes = links.Changes()
+    try:
+        next_pass = time.monotonic() + interval
+        next_routing = 0.0  # the first pass reads everything
+        while not stop_event.is_set():
+            woke = changes.wait(max(0.0, min(TICK, next_pass - time.monotonic())))
+            if stop_event.is_set():
+                break
+            if not woke and time.monotonic() < next_pass:
+                continue
+            if woke:
+                time.sleep(SETTLE)
+                while changes.wait(0):
+                    pass
+            now = time.monotonic()
+            next_pass = now + interval
+            routing = woke or now >= next_routing
+            if routing:
+                next_routing = now + ROUTING_INTERVAL
+            try:
+                if not reconcile_once(
+                    directory, state_name, intent_of, repaired or say, memory, routing
+                ):
+                    say("the state file is gone (down ran); exiting")
+                    return 0
+            except Exception as exc:  # keep watching: the next pass may succeed
+                say(f"reconcile pass failed: {exc}")
+    finally:
+        changes.close()
     return 0
 
 
 def reconcile_once(
-    directory: Path, state_name: str, intent_of: IntentOf, say: Callable[[str], None]
+    directory: Path,
+    state_name: str,
+    intent_of: IntentOf,
+    say: Callable[[str], None],
+    memory: reconcile.Memory | None = None,
+    routing: bool = True,
 ) -> bool:
     """One pass; False when there is nothing to watch any more."""
     with locked(directory) as held:
@@ -99,5 +137,5 @@ def reconcile_once(
         # An incomplete record is a setup still running (or one that crashed, for
         # `down` to clean): nothing to hold on to yet.
         if st.data.get("complete"):
-            reconcile.repair(intent_of(st), say)
+            reconcile.repair(intent_of(st), say, memory, routing)
     return True

@@ -2,7 +2,7 @@
 
 Status layout (one dict per tunnel)::
 
-    name, ifindex, vni, remote, local, port, mode, mtu, engine,
+    name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
     offload (the device runs with IFF_VNET_HDR: asked for and not refused),
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro},
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
@@ -10,7 +10,7 @@ Status layout (one dict per tunnel)::
                rx_gro_frames (coalesced super-frames written; offload only),
                drops: {reason: n for every name in DROP_REASONS},
                options_seen: {"0xCLASS:0xTYPE": n}, options_other},
-    socket:   {family, port, workers, rx_packets, rx_packets_per_worker, rx_queue_overflow,
+    socket:   {family, port, rx_packets, rx_packets_per_worker, rx_queue_overflow,
                drops: {reason: n for every name in SOCKET_DROP_REASONS}}
 
 Drops that cannot be attributed to a tunnel (bad header, unknown VNI, wrong outer
@@ -149,6 +149,7 @@ class Dataplane:
         self._ctl: tuple[socket.socket, socket.socket] | None = None
         self._ctl_thread: threading.Thread | None = None
         self._started = False
+        self.final_status: list[dict[str, object]] = []
 
     # ------------------------------------------------------------- lifecycle
 
@@ -197,6 +198,10 @@ class Dataplane:
         if self._ctl_thread is not None:
             self._ctl_thread.join(5.0)
             self._ctl_thread = None
+        # The counters once the workers are done: a supervisor that replaces this
+        # dataplane carries them on (nothing counts between this and the teardown).
+        if self._started:
+            self.final_status = self.status()
         self._teardown()
         self._started = False
 
@@ -273,6 +278,7 @@ class Dataplane:
                         "port": spec.port,
                         "mode": spec.mode,
                         "mtu": tun.device.mtu,
+                        "mac": ":".join(f"{b:02x}" for b in tun.device.mac) or None,
                         "engine": eng.name,
                         "offload": tun.device.vnet_hdr,
                         "offloads": eng.offloads(i),

@@ -312,7 +312,6 @@ class CGroupEngine:
         """The port's receive counters, summed over the workers' sockets."""
         stats = [w.stats for w in self.workers]
         return {
-            "workers": len(stats),
             "rx_packets": sum(int(s.rx_packets) for s in stats),
             "rx_packets_per_worker": [int(s.rx_packets) for s in stats],
             "rx_queue_overflow": sum(int(s.rx_queue_overflow) for s in stats),

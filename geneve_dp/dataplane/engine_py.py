@@ -517,7 +517,6 @@ class PyGroupEngine:
 
     def socket_counters(self) -> dict[str, object]:
         return {
-            "workers": 1,
             "rx_packets": self.sock_rx,
             "rx_packets_per_worker": [self.sock_rx],
             "rx_queue_overflow": self.rx_ovfl,

@@ -87,11 +87,12 @@ def parse_address(value: object, field_name: str) -> IPAddress:
 
 
 def _int(value: object, field_name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool):
-        raise UserError(f"{value!r} is not a number in {lo}..{hi}", field=field_name)
+    # A float would be cut to an integer without a word (vni = 1.5 is VNI 1): refused.
+    if isinstance(value, bool | float):
+        raise UserError(f"{value!r} is not a whole number in {lo}..{hi}", field=field_name)
     try:
         number = int(value, 0) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise UserError(f"{value!r} is not a number in {lo}..{hi}", field=field_name) from exc
     if not lo <= number <= hi:
         raise UserError(f"{number} is out of range {lo}..{hi}", field=field_name)
@@ -107,6 +108,12 @@ def _choice(value: object, field_name: str, choices: tuple[str, ...]) -> Any:
 def _bool(value: object, field_name: str) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"{value!r} is not true or false", field=field_name)
+    return value
+
+
+def _list(value: object, field_name: str, what: str) -> list[Any] | tuple[Any, ...]:
+    if not isinstance(value, list | tuple):
+        raise UserError(f"{value!r} is not a list of {what}", field=field_name)
     return value
 
 
@@ -150,7 +157,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
     mtu = _int(raw["mtu"], f("mtu"), 68, 65535) if raw.get("mtu") is not None else None
     options = tuple(
         parse_option(str(o), field=f("options")) if not isinstance(o, codec.Option) else o
-        for o in raw.get("options", ())
+        for o in _list(raw.get("options", ()), f("options"), "CLASS:TYPE:HEX strings")
     )
     try:
         codec.encode_options(options)
@@ -163,7 +170,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         if not _MAC.match(str(mac)) or int(str(mac)[:2], 16) & 1:
             raise UserError(f"{mac!r} is not a unicast MAC like 02:00:00:00:00:01", field=f("mac"))
     addresses = []
-    for text in raw.get("addresses", ()):
+    for text in _list(raw.get("addresses", ()), f("addresses"), "address/prefix strings"):
         try:
             addresses.append(ipaddress.ip_interface(str(text)))
         except ValueError as exc:
@@ -219,6 +226,10 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}", field="--config") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path} is not UTF-8 text (TOML must be): byte {exc.start}", field="--config"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path} is not valid TOML: {exc}", field="--config") from exc
     tables = data.pop("tunnel", None)
@@ -230,6 +241,9 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
             f"unknown top-level key; accepted: {', '.join(TOP_LEVEL_KEYS)}, [[tunnel]]",
             unknown[0],
         )
+    for i, t in enumerate(tables):
+        if not isinstance(t, dict):
+            raise UserError(f"{t!r} is not a table (write [[tunnel]] sections)", f"tunnel[{i}]")
     specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]
     check_together(specs)
     return specs, data

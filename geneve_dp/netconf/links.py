@@ -12,6 +12,8 @@ import contextlib
 import errno
 import ipaddress
 import os
+import select
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +59,11 @@ def link(name: str) -> LinkInfo | None:
 
 
 def link_names() -> list[str]:
-    with iproute() as ipr:
-        return sorted(str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links())
+    """Device names of this namespace. Read through libc's if_nameindex, not pyroute2:
+    the watchers ask every second, and a pyroute2 0.9.7 link dump keeps ~2.6 KiB per
+    call for good (measured); this is a read, so rule 5 (changes through pyroute2)
+    is not at stake."""
+    return sorted(name for _index, name in socket.if_nameindex())
 
 
 def delete_link(name: str) -> bool:
@@ -184,10 +189,13 @@ def del_route(r: Route) -> bool:
 
 
 def route_exists(r: Route) -> bool:
+    # The device's index by ioctl, not a pyroute2 link dump: this runs for every route
+    # on every watcher pass (see link_names).
+    try:
+        idx = [socket.if_nametoindex(r.dev)]
+    except OSError:
+        return False
     with iproute() as ipr:
-        idx = ipr.link_lookup(ifname=r.dev)
-        if not idx:
-            return False
         net = ipaddress.IPv4Network(r.dst)
         for msg in ipr.get_routes(family=AF_INET, table=r.table):
             if msg.get_attr("RTA_TABLE") != r.table:
@@ -317,6 +325,44 @@ def sysctl_set(key: str, value: str) -> str | None:
     if old != value:
         _sysctl_path(key).write_text(value + "\n")
     return old
+
+
+# --- change notifications --------------------------------------------------------------
+
+# rtnetlink multicast groups (linux/rtnetlink.h)
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV4_RULE = 0x80
+
+
+class Changes:
+    """A wake-up for reconcile loops: readable when a link, address, route or rule of
+    this namespace changed. The messages are not interpreted (pyroute2 may buffer
+    several per read, so they cannot be counted one by one); whoever wakes reads the
+    kernel's state itself."""
+
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+        try:
+            self._ipr.bind(
+                groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
+            )
+        except BaseException:
+            self._ipr.close()
+            raise
+
+    def wait(self, timeout: float) -> bool:
+        """True if something changed within ``timeout`` seconds (and consume it)."""
+        ready, _, _ = select.select([self._ipr.fileno()], [], [], timeout)
+        if not ready:
+            return False
+        with contextlib.suppress(Exception):  # only a wake-up: a bad message is no matter
+            self._ipr.get()
+        return True
+
+    def close(self) -> None:
+        self._ipr.close()
 
 
 # --- namespaces ------------------------------------------------------------------------
