@@ -88,8 +88,25 @@ struct gro_state {
      * received, with no copy of its own. */
     struct iovec piece[GRO_MAX_PIECES];
     int held; /* the payloads are copied into buf after the headers */
+    /* What every merged packet must share beyond its inner headers (RFC 8926 §4.6, as
+     * the kernel's GENEVE GRO compares): the whole GENEVE header, options included,
+     * and the outer source port (the outer addresses are the tunnel's). */
+    uint8_t ghdr[GDP_MAX_HEADER_LEN];
+    size_t ghlen;
+    uint16_t osport;
     uint8_t buf[GDP_BUF_SIZE];
 };
+
+/* The packet a received inner frame came in: its GENEVE header and outer source port. */
+struct outer_id {
+    const uint8_t *ghdr;
+    size_t ghlen;
+    uint16_t sport;
+};
+
+static int same_outer(const struct gro_state *g, const struct outer_id *o) {
+    return g->ghlen == o->ghlen && g->osport == o->sport && !memcmp(g->ghdr, o->ghdr, o->ghlen);
+}
 
 struct gdp_engine {
     struct gdp_engine_config cfg;
@@ -582,9 +599,12 @@ static void gro_flush(struct gdp_engine *e) {
 
 /* Start a super-frame with this segment: its headers copied, its payload in place. */
 static void gro_start(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
-                      size_t hdrs) {
+                      size_t hdrs, const struct outer_id *o) {
     struct gro_state *g = &e->gro;
     gro_flush(e);
+    memcpy(g->ghdr, o->ghdr, o->ghlen);
+    g->ghlen = o->ghlen;
+    g->osport = o->sport;
     memcpy(g->buf, f, hdrs);
     g->piece[0].iov_base = (void *)(f + hdrs);
     g->piece[0].iov_len = flen - hdrs;
@@ -616,12 +636,12 @@ static void gro_append(struct gro_state *g, const uint8_t *p, size_t plen) {
 /* Take a received inner frame into the coalescing buffer; returns 0 when the frame is
  * not a plain TCP data segment (the caller then writes it as it is). */
 static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
-                       const struct inner *in);
+                       const struct inner *in, const struct outer_id *o);
 
 static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
-                   const struct inner *in) {
+                   const struct inner *in, const struct outer_id *o) {
     if (in->ipver && in->proto == 17 && in->ports && e->tunnels[idx].rx_uso)
-        return gro_add_udp(e, idx, f, flen, in);
+        return gro_add_udp(e, idx, f, flen, in, o);
     if (!in->ipver || in->proto != 6 || !in->ports)
         return 0;
     const uint8_t *ip = f + in->ip_off;
@@ -661,7 +681,7 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
                        : !memcmp(gip, ip, 4) && !memcmp(gip + 6, ip + 6, 34);
         same = same && !memcmp(gtcp, tcp, 4) && !memcmp(gtcp + 8, tcp + 8, 5) &&
                !memcmp(gtcp + 14, tcp + 14, 2) && !memcmp(gtcp + 18, tcp + 18, doff - 18) &&
-               !memcmp(g->buf, f, in->ip_off);
+               !memcmp(g->buf, f, in->ip_off) && same_outer(g, o);
         if (same) {
             gro_append(g, f + hdrs, plen);
             g->next_seq += (uint32_t)plen;
@@ -672,7 +692,7 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
             return 1;
         }
     }
-    gro_start(e, idx, f, flen, hdrs);
+    gro_start(e, idx, f, flen, hdrs, o);
     g->ip_off = in->ip_off;
     g->l4 = l4;
     g->ipver = in->ipver;
@@ -686,7 +706,7 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
  * flow whose headers differ only where segmentation rewrites them (lengths, IPv4 ID
  * counting up by one, checksums), so splitting gives back exactly what arrived. */
 static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
-                       const struct inner *in) {
+                       const struct inner *in, const struct outer_id *o) {
     const uint8_t *ip = f + in->ip_off;
     size_t l4;
     if (in->ipver == 4) {
@@ -724,14 +744,15 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
                        ? !memcmp(gip, ip, 2) && !memcmp(gip + 6, ip + 6, 4) &&
                              !memcmp(gip + 12, ip + 12, 8)
                        : !memcmp(gip, ip, 4) && !memcmp(gip + 6, ip + 6, 34);
-        same = same && !memcmp(g->buf + l4, uh, 4) && !memcmp(g->buf, f, in->ip_off);
+        same = same && !memcmp(g->buf + l4, uh, 4) && !memcmp(g->buf, f, in->ip_off) &&
+               same_outer(g, o);
         if (same) {
             gro_append(g, f + hdrs, plen);
             g->next_id = (uint16_t)(id + 1);
             return 1;
         }
     }
-    gro_start(e, idx, f, flen, hdrs);
+    gro_start(e, idx, f, flen, hdrs, o);
     g->ip_off = in->ip_off;
     g->l4 = l4;
     g->ipver = in->ipver;
@@ -823,7 +844,8 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
         reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
     c->rx_packets++;
     c->rx_bytes += flen;
-    if (t->vnet_hdr && gro_add(e, idx, f, flen, &in))
+    struct outer_id o = {pkt, (size_t)rc, from->sin6_port}; /* sin_port: same place */
+    if (t->vnet_hdr && gro_add(e, idx, f, flen, &in, &o))
         return;
     gro_flush(e);
     if (dev_write(t, f, flen) != (ssize_t)flen) {

@@ -1,6 +1,8 @@
-"""Receive coalescing of UDP (offload mode): runs of same-sized datagrams of one flow
-are written to the device as one UDP_L4 super-frame, and the kernel hands the
-receiving socket exactly the datagrams that were sent.
+"""Receive coalescing (offload mode): runs of same-sized datagrams of one UDP flow are
+written to the device as one UDP_L4 super-frame, and the kernel hands the receiving
+socket exactly the datagrams that were sent; only packets whose GENEVE headers and
+outer sources are the same are merged; a UDP GSO batch with bad packets inside loses
+only those.
 
 The endpoint is paused (SIGSTOP) while a burst is queued on its socket, so one
 recvmmsg sees the whole burst and what gets merged does not depend on timing.
@@ -25,6 +27,7 @@ from tests.endpoint_helpers import (
     ether,
     geneve,
     ip_checksum,
+    option,
     send_udp,
     underlay,
     wait_for,
@@ -85,7 +88,8 @@ def rx_env() -> Iterator[tuple[Netns, Netns, Endpoint, bytes]]:
             "mode": "tap",
             "addresses": ["192.168.100.1/24"],
         }
-        ep = Endpoint(a, "c+offload", [spec])
+        # One worker: packets from two source ports meet in one receive queue.
+        ep = Endpoint(a, "c+offload+w1", [spec])
         try:
             assert ep.error is None, ep.error
             mac = bytes.fromhex(
@@ -191,3 +195,79 @@ def test_pktgen_flows_arrive_in_order_through_coalescing(tmp_path: object) -> No
     finally:
         a.delete()
         b.delete()
+
+
+GSO_SEND = r"""
+import json, socket, struct, sys
+port, packets = int(sys.argv[1]), [bytes.fromhex(h) for h in json.loads(sys.argv[2])]
+size = len(packets[0])
+assert all(len(p) == size for p in packets)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.0.0.2", 0))
+s.connect(("10.0.0.1", port))
+# UDP_SEGMENT (103): one send, cut into datagrams of `size` bytes; through the veth
+# the super-packet reaches the endpoint's UDP_GRO socket whole.
+s.sendmsg([b"".join(packets)], [(socket.SOL_UDP, 103, struct.pack("H", size))])
+"""
+
+
+def _frame(
+    mac: bytes, datagram: bytes, *, vni: int = VNI, options: bytes = b"", version: int = 0
+) -> bytes:
+    return geneve(vni, 0x6558, ether(mac, PEER_MAC, 0x0800, datagram), options, version=version)
+
+
+def test_bad_packets_inside_a_gso_batch_cost_only_themselves(
+    rx_env: tuple[Netns, Netns, Endpoint, bytes],
+) -> None:
+    a, b, ep, mac = rx_env
+    payloads = [bytes([0x30 + i]) * 120 for i in range(8)]
+    frames = [_frame(mac, udp4(p, 500 + i)) for i, p in enumerate(payloads)]
+    frames[2] = _frame(mac, udp4(payloads[2], 502), version=1)
+    frames[5] = _frame(mac, udp4(payloads[5], 505), vni=VNI + 1)
+    before = ep.tunnel("gt0")
+    sink = a.popen([sys.executable, "-c", SINK, INNER_DST, str(DPORT), "2"], stdout=subprocess.PIPE)
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    b.run(sys.executable, "-c", GSO_SEND, "6081", json.dumps([f.hex() for f in frames]))
+    out, _ = sink.communicate(timeout=30)
+    received = [bytes.fromhex(h) for h in json.loads(out)]
+    assert received == [p for i, p in enumerate(payloads) if i not in (2, 5)]
+    after = ep.tunnel("gt0")
+    sock0, sock1 = before["socket"]["drops"], after["socket"]["drops"]
+    assert sock1["bad_version"] - sock0["bad_version"] == 1
+    assert sock1["unknown_vni"] - sock0["unknown_vni"] == 1
+    assert after["counters"]["rx_packets"] - before["counters"]["rx_packets"] == 6
+
+
+def test_only_identical_geneve_headers_and_outer_sources_merge(
+    rx_env: tuple[Netns, Netns, Endpoint, bytes],
+) -> None:
+    a, b, ep, mac = rx_env
+    opt_a = option(0x0102, 0x01, b"AAAA")
+    opt_b = option(0x0102, 0x01, b"BBBB")
+    payloads = [bytes([0x40 + i]) * 150 for i in range(9)]
+    datagrams = [udp4(p, 700 + i) for i, p in enumerate(payloads)]
+    # 0-2 with option A, 3-5 with option B (same length: only the contents differ),
+    # 6-8 again B but from another outer source port.
+    first = [
+        ("10.0.0.2", "10.0.0.1", 6081, 0, _frame(mac, d, options=opt_a if i < 3 else opt_b))
+        for i, d in enumerate(datagrams[:6])
+    ]
+    before = ep.tunnel("gt0")["counters"]
+    sink = a.popen([sys.executable, "-c", SINK, INNER_DST, str(DPORT), "2"], stdout=subprocess.PIPE)
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+    os.kill(ep.proc.pid, signal.SIGSTOP)
+    try:
+        send_udp(b, first)
+        # Another send_udp is another socket: the same outer address (the tunnel's
+        # remote), another source port.
+        send_udp(b, [("10.0.0.2", "10.0.0.1", 6081, 0, _frame(mac, d, options=opt_b))
+                     for d in datagrams[6:]])  # fmt: skip
+    finally:
+        os.kill(ep.proc.pid, signal.SIGCONT)
+    out, _ = sink.communicate(timeout=30)
+    assert [bytes.fromhex(h) for h in json.loads(out)] == payloads
+    after = ep.tunnel("gt0")["counters"]
+    assert after["rx_packets"] - before["rx_packets"] == 9
+    assert after["rx_gro_frames"] - before["rx_gro_frames"] == 3
+    assert after["options_seen"]["0x0102:0x01"] - before["options_seen"].get("0x0102:0x01", 0) == 9
