@@ -183,6 +183,12 @@ def _open_device(
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
                 rx_uso = _probe_uso(fd)
+                if not rx_uso:
+                    log.info(
+                        "%s: this kernel's TAP/TUN has no UDP segmentation (Linux 6.2+); "
+                        "received UDP is written one datagram at a time",
+                        spec.name,
+                    )
             except OSError as exc:
                 log.warning(
                     "%s: the kernel refuses TAP/TUN offloads (%s); running without them",
