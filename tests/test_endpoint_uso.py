@@ -159,7 +159,8 @@ def _udp_snmp(ns: Netns) -> dict[str, int]:
     return dict(zip(udp[0][1:], map(int, udp[1][1:]), strict=True))
 
 
-def test_pktgen_flows_arrive_in_order_through_coalescing(tmp_path: object) -> None:
+@pytest.mark.parametrize("mode", ["tap", "tun"])
+def test_pktgen_flows_arrive_in_order_through_coalescing(mode: str) -> None:
     """A real UDP load through two endpoints: every datagram of every flow arrives,
     none reordered or duplicated, and the receiver wrote super-frames."""
     from bench import pktgen
@@ -174,7 +175,7 @@ def test_pktgen_flows_arrive_in_order_through_coalescing(tmp_path: object) -> No
             b: {"remote": "10.0.0.1", "addresses": ["192.168.100.2/24"]},
         }
         eps = [
-            Endpoint(ns, "c+offload", [{"name": "gt0", "vni": VNI, "mode": "tap", **s}])
+            Endpoint(ns, "c+offload", [{"name": "gt0", "vni": VNI, "mode": mode, **s}])
             for ns, s in specs.items()
         ]
         try:
