@@ -239,6 +239,63 @@ static int bound_socket(const struct opts *o) {
     return fd;
 }
 
+/* Pacing: each burst has a due time on an absolute schedule, so sleep overshoot is
+ * made up by later bursts instead of drifting the average rate. A send mode runs
+ * until --count packets, --duration seconds, or (neither given) 1 s. */
+struct schedule {
+    uint64_t limit, start, end;
+    double ns_per_pkt, due;
+};
+
+static void schedule_init(struct schedule *s, const struct opts *o) {
+    s->limit = o->count ? o->count : UINT64_MAX;
+    s->start = now_ns();
+    s->end = o->duration > 0 ? s->start + (uint64_t)(o->duration * 1e9) : UINT64_MAX;
+    if (!o->count && o->duration <= 0) s->end = s->start + 1000000000ull; /* neither: 1 s */
+    s->ns_per_pkt = o->rate > 0 ? 1e9 / o->rate : 0;
+    s->due = (double)s->start;
+}
+
+/* Wait until the next burst is due (with --rate); *t is the time now, updated after a
+ * sleep. Returns 0 when the run's time ran out meanwhile. */
+static int schedule_wait(struct schedule *s, uint64_t *t) {
+    if (s->ns_per_pkt <= 0) return 1;
+    if ((double)*t < s->due) {
+        uint64_t d = (uint64_t)s->due;
+        struct timespec ts = {(time_t)(d / 1000000000ull), (long)(d % 1000000000ull)};
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+        *t = now_ns();
+        if (*t >= s->end) return 0;
+    } else if ((double)*t - s->due > 1e8) {
+        s->due = (double)*t; /* stalled >100 ms (descheduled): don't burst to catch up */
+    }
+    return 1;
+}
+
+/* A burst of n was offered and r of them sent: the next one is due that much later. */
+static void schedule_sent(struct schedule *s, int r, int n) {
+    s->due += s->ns_per_pkt * (r ? r : n);
+}
+
+/* An AF_PACKET socket that only sends, bound to a device, past its qdisc. */
+static int packet_socket(const char *ifname) {
+    unsigned ifindex = if_nametoindex(ifname);
+    if (!ifindex) usage_error("no such interface", ifname);
+    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0); /* 0: send only, receive nothing */
+    if (fd < 0) die("socket(AF_PACKET)");
+    struct sockaddr_ll ll;
+    memset(&ll, 0, sizeof ll);
+    ll.sll_family = AF_PACKET;
+    ll.sll_protocol = htons(ETH_P_IP);
+    ll.sll_ifindex = (int)ifindex;
+    if (bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) die("bind(AF_PACKET)");
+    int one = 1;
+    if (setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) < 0)
+        die("PACKET_QDISC_BYPASS");
+    big_buffers(fd);
+    return fd;
+}
+
 static void install_signals(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -369,30 +426,14 @@ static int run_send(const struct opts *o) {
     }
     install_signals();
     uint64_t sent = 0, errors = 0, refused = 0, bursts = 0;
-    uint64_t limit = o->count ? o->count : UINT64_MAX;
-    uint64_t start = now_ns();
-    uint64_t end = o->duration > 0 ? start + (uint64_t)(o->duration * 1e9) : UINT64_MAX;
-    if (!o->count && o->duration <= 0) end = start + 1000000000ull; /* neither: 1 s */
-    /* Pacing: each burst has a due time on an absolute schedule, so sleep overshoot is
-     * made up by later bursts instead of drifting the average rate. */
-    double ns_per_pkt = o->rate > 0 ? 1e9 / o->rate : 0;
-    double due = (double)start;
+    struct schedule sch;
+    schedule_init(&sch, o);
     int f = 0;
-    uint64_t t = start;
-    while (!g_stop && sent < limit && t < end) {
-        uint64_t want = limit - sent;
+    uint64_t t = sch.start;
+    while (!g_stop && sent < sch.limit && t < sch.end) {
+        uint64_t want = sch.limit - sent;
         int n = want < (uint64_t)o->burst ? (int)want : o->burst;
-        if (ns_per_pkt > 0) {
-            if ((double)t < due) {
-                uint64_t d = (uint64_t)due;
-                struct timespec ts = {(time_t)(d / 1000000000ull), (long)(d % 1000000000ull)};
-                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
-                t = now_ns();
-                if (t >= end) break;
-            } else if ((double)t - due > 1e8) {
-                due = (double)t; /* stalled >100 ms (descheduled): don't burst to catch up */
-            }
-        }
+        if (!schedule_wait(&sch, &t)) break;
         for (int i = 0; i < n; i++) fill_header(bufs + (size_t)i * size, (uint16_t)f, seq[f] + (uint32_t)i, t);
         int r = sendmmsg(fds[f], msgs, (unsigned)n, 0);
         if (r < 0) {
@@ -406,11 +447,11 @@ static int run_send(const struct opts *o) {
         seq[f] += (uint32_t)r;
         sent += (uint64_t)r;
         bursts++;
-        due += ns_per_pkt * (r ? r : n);
+        schedule_sent(&sch, r, n);
         f = (f + 1) % o->flows;
         t = now_ns();
     }
-    double elapsed = (double)(t - start) / 1e9;
+    double elapsed = (double)(t - sch.start) / 1e9;
     printf("{\"mode\": \"send\", \"sent_packets\": %" PRIu64 ", \"sent_bytes\": %" PRIu64
            ", \"elapsed_s\": %.6f, \"pps\": %.1f, \"errors\": %" PRIu64 ", \"refused\": %" PRIu64
            ", \"bursts\": %" PRIu64 ", \"flows\": %d, \"payload_size\": %d, \"burst\": %d"
@@ -444,26 +485,13 @@ static int run_send_raw(const struct opts *o) {
     if (o->dst_mac && sscanf(o->dst_mac, "%hhx:%hhx:%hhx:%hhx:%hhx:%hhx", &dmac[0], &dmac[1],
                              &dmac[2], &dmac[3], &dmac[4], &dmac[5]) != 6)
         usage_error("--dst-mac is not a MAC address", o->dst_mac);
-    unsigned ifindex = if_nametoindex(o->ifname);
-    if (!ifindex) usage_error("no such interface", o->ifname);
-    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0); /* 0: send only, receive nothing */
-    if (fd < 0) die("socket(AF_PACKET)");
+    int fd = packet_socket(o->ifname);
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", o->ifname);
     if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0) die("SIOCGIFHWADDR");
     int ether = ifr.ifr_hwaddr.sa_family == ARPHRD_ETHER;
     size_t l2 = ether ? 14 : 0;
-    struct sockaddr_ll ll;
-    memset(&ll, 0, sizeof ll);
-    ll.sll_family = AF_PACKET;
-    ll.sll_protocol = htons(ETH_P_IP);
-    ll.sll_ifindex = (int)ifindex;
-    if (bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) die("bind(AF_PACKET)");
-    int one = 1;
-    if (setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) < 0)
-        die("PACKET_QDISC_BYPASS");
-    big_buffers(fd);
 
     size_t size = (size_t)o->size;
     size_t hdr = l2 + 20 + 8, frame = hdr + size;
@@ -503,27 +531,14 @@ static int run_send_raw(const struct opts *o) {
     }
     install_signals();
     uint64_t sent = 0, errors = 0, bursts = 0;
-    uint64_t limit = o->count ? o->count : UINT64_MAX;
-    uint64_t start = now_ns(), t = start;
-    uint64_t end = o->duration > 0 ? start + (uint64_t)(o->duration * 1e9) : UINT64_MAX;
-    if (!o->count && o->duration <= 0) end = start + 1000000000ull;
-    double ns_per_pkt = o->rate > 0 ? 1e9 / o->rate : 0;
-    double due = (double)start;
+    struct schedule sch;
+    schedule_init(&sch, o);
+    uint64_t t = sch.start;
     int f = 0;
-    while (!g_stop && sent < limit && t < end) {
-        uint64_t want = limit - sent;
+    while (!g_stop && sent < sch.limit && t < sch.end) {
+        uint64_t want = sch.limit - sent;
         int n = want < (uint64_t)o->burst ? (int)want : o->burst;
-        if (ns_per_pkt > 0) {
-            if ((double)t < due) {
-                uint64_t d = (uint64_t)due;
-                struct timespec ts = {(time_t)(d / 1000000000ull), (long)(d % 1000000000ull)};
-                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
-                t = now_ns();
-                if (t >= end) break;
-            } else if ((double)t - due > 1e8) {
-                due = (double)t;
-            }
-        }
+        if (!schedule_wait(&sch, &t)) break;
         for (int i = 0; i < n; i++) {
             uint8_t *b = bufs + (size_t)i * frame;
             memcpy(b, tmpl + (size_t)f * hdr, hdr);
@@ -537,11 +552,11 @@ static int run_send_raw(const struct opts *o) {
         seq[f] += (uint32_t)r;
         sent += (uint64_t)r;
         bursts++;
-        due += ns_per_pkt * (r ? r : n);
+        schedule_sent(&sch, r, n);
         f = (f + 1) % o->flows;
         t = now_ns();
     }
-    double elapsed = (double)(t - start) / 1e9;
+    double elapsed = (double)(t - sch.start) / 1e9;
     printf("{\"mode\": \"send\", \"raw\": true, \"ifname\": \"%s\", \"sent_packets\": %" PRIu64
            ", \"sent_bytes\": %" PRIu64 ", \"frame_bytes\": %zu, \"elapsed_s\": %.6f, \"pps\": %.1f"
            ", \"errors\": %" PRIu64 ", \"refused\": 0, \"bursts\": %" PRIu64 ", \"flows\": %d"
@@ -580,47 +595,21 @@ static int run_send_frames(const struct opts *o) {
     }
     fclose(in);
     if (!nt) usage_error("no templates in", o->templates);
-    unsigned ifindex = if_nametoindex(o->ifname);
-    if (!ifindex) usage_error("no such interface", o->ifname);
-    int fd = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0); /* 0: send only */
-    if (fd < 0) die("socket(AF_PACKET)");
-    struct sockaddr_ll ll;
-    memset(&ll, 0, sizeof ll);
-    ll.sll_family = AF_PACKET;
-    ll.sll_protocol = htons(ETH_P_IP);
-    ll.sll_ifindex = (int)ifindex;
-    if (bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) die("bind(AF_PACKET)");
-    int one = 1;
-    if (setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) < 0)
-        die("PACKET_QDISC_BYPASS");
-    big_buffers(fd);
+    int fd = packet_socket(o->ifname);
     struct mmsghdr *msgs = calloc((size_t)o->burst, sizeof *msgs);
     struct iovec *iov = calloc((size_t)o->burst, sizeof *iov);
     size_t *which = calloc((size_t)o->burst, sizeof *which);
     if (!msgs || !iov || !which) die("calloc");
     install_signals();
     uint64_t sent = 0, errors = 0, bursts = 0;
-    uint64_t limit = o->count ? o->count : UINT64_MAX;
-    uint64_t start = now_ns(), t = start;
-    uint64_t end = o->duration > 0 ? start + (uint64_t)(o->duration * 1e9) : UINT64_MAX;
-    if (!o->count && o->duration <= 0) end = start + 1000000000ull;
-    double ns_per_pkt = o->rate > 0 ? 1e9 / o->rate : 0;
-    double due = (double)start;
+    struct schedule sch;
+    schedule_init(&sch, o);
+    uint64_t t = sch.start;
     size_t next = 0;
-    while (!g_stop && sent < limit && t < end) {
-        uint64_t want = limit - sent;
+    while (!g_stop && sent < sch.limit && t < sch.end) {
+        uint64_t want = sch.limit - sent;
         int n = want < (uint64_t)o->burst ? (int)want : o->burst;
-        if (ns_per_pkt > 0) {
-            if ((double)t < due) {
-                uint64_t d = (uint64_t)due;
-                struct timespec ts = {(time_t)(d / 1000000000ull), (long)(d % 1000000000ull)};
-                clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
-                t = now_ns();
-                if (t >= end) break;
-            } else if ((double)t - due > 1e8) {
-                due = (double)t;
-            }
-        }
+        if (!schedule_wait(&sch, &t)) break;
         for (int i = 0; i < n; i++) {
             size_t k = (next + (size_t)i) % nt;
             which[i] = k;
@@ -638,10 +627,10 @@ static int run_send_frames(const struct opts *o) {
         next = (next + (size_t)r) % nt; /* unsent templates go first next time */
         sent += (uint64_t)r;
         bursts++;
-        due += ns_per_pkt * (r ? r : n);
+        schedule_sent(&sch, r, n);
         t = now_ns();
     }
-    double elapsed = (double)(t - start) / 1e9;
+    double elapsed = (double)(t - sch.start) / 1e9;
     printf("{\"mode\": \"send-frames\", \"ifname\": \"%s\", \"templates\": %zu, \"sent_packets\": %"
            PRIu64 ", \"elapsed_s\": %.6f, \"pps\": %.1f, \"errors\": %" PRIu64 ", \"bursts\": %"
            PRIu64 ", \"per_template\": [",
