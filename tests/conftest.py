@@ -29,10 +29,13 @@ def netns_factory() -> Iterator[Callable[[str], Netns]]:
 
 
 @pytest.fixture
-def pair(
-    netns_factory: Callable[[str], Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Netns, Netns]:
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run directory of the test's own (tests.ops_helpers.use_run_dir)."""
+    return use_run_dir(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def pair(netns_factory: Callable[[str], Netns], run_dir: Path) -> tuple[Netns, Netns]:
     """Two namespaces joined by an underlay (tests.ops_helpers.make_pair), with the
     run directory of the daemons started in them private to the test."""
-    use_run_dir(tmp_path, monkeypatch)
     return make_pair(netns_factory)

@@ -28,14 +28,10 @@ from tests.daemon_helpers import GDP, Up, up
 from tests.endpoint_helpers import underlay
 from tests.netns import Netns
 
+# Daemons started here keep their sockets in a run directory of this test's own.
+pytestmark = pytest.mark.usefixtures("run_dir")
+
 OK = {"name": '"gt0"', "vni": 9, "remote": '"10.0.0.2"'}  # TOML values as written
-
-
-@pytest.fixture(autouse=True)
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "run"
-    monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(path))
-    return path
 
 
 def toml_table(extra: dict[str, object]) -> str:

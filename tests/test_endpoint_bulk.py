@@ -86,13 +86,6 @@ print(sent, h.hexdigest(), time.monotonic() - t0, flush=True)
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "run"
-    monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(path))
-    return path
-
-
-@pytest.fixture
 def pair(netns_factory: Callable[[str], Netns], run_dir: Path) -> tuple[Netns, Netns]:
     a, b = netns_factory("bka"), netns_factory("bkb")
     underlay(a, b)  # ua 10.0.0.1 / fd00::1 <-> ub 10.0.0.2 / fd00::2, MTU 1500

@@ -30,17 +30,13 @@ from tests.netns import Netns, sh
 from tests.test_ambient_node import NODE_UP, ZT_UP, stable
 from tests.test_ambient_node import world as world  # the fixture
 
+# Daemons started here keep their sockets in a run directory of this test's own.
+pytestmark = pytest.mark.usefixtures("run_dir")
+
 REPAIR_BOUND = 2.0  # seconds, from the issue
 EXIT_BOUND = 2.0
 IDLE_CPU = 0.05  # CPU seconds per second that count as "not spinning"
 TUN = ["gt0", "--vni", "100", "--mode", "tap"]
-
-
-@pytest.fixture(autouse=True)
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "run"
-    monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(path))
-    return path
 
 
 @pytest.fixture

@@ -80,24 +80,26 @@ def test_planted_bugs_are_caught(harness: Path, tmp_path: Path, data: bytes, nee
     assert run([str(harness), str(planted)], timeout=60).returncode == 0
 
 
-def test_bounded_fuzz_run_finds_nothing(harness: Path, seeds: Path, tmp_path: Path) -> None:
-    corpus = BUILD / "corpus"  # kept between local runs (gitignored); fresh in CI
-    corpus.mkdir(exist_ok=True)
+def fuzz_run(
+    target: Path, seconds: int, corpora: list[Path], tmp_path: Path, min_cov: int
+) -> tuple[int, int]:
+    """A bounded libFuzzer run that must end clean: no crash artifact, no sanitizer
+    report, at least 50,000 executions and ``min_cov`` edges. Returns the executions and
+    the highest cov."""
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
     proc = run(
         [
-            str(harness),
-            f"-max_total_time={SECONDS}",
+            str(target),
+            f"-max_total_time={seconds}",
             "-max_len=300",
             "-timeout=10",
             "-rss_limit_mb=2048",
             "-print_final_stats=1",
             f"-artifact_prefix={artifacts}/",
-            str(corpus),
-            str(seeds),
+            *map(str, corpora),
         ],
-        timeout=SECONDS + 180,
+        timeout=seconds + 180,
     )
     tail = proc.stderr[-4000:]
     assert proc.returncode == 0, tail
@@ -106,8 +108,15 @@ def test_bounded_fuzz_run_finds_nothing(harness: Path, seeds: Path, tmp_path: Pa
     executed = int(re.search(r"stat::number_of_executed_units:\s*(\d+)", proc.stderr)[1])  # type: ignore[index]
     assert executed >= 50_000, tail
     cov = [int(c) for c in re.findall(r"\bcov: (\d+)", proc.stderr)]
-    assert cov and max(cov) >= 40, tail
-    print(f"fuzz: {executed} executions in {SECONDS} s, cov {max(cov)}")
+    assert cov and max(cov) >= min_cov, tail
+    return executed, max(cov)
+
+
+def test_bounded_fuzz_run_finds_nothing(harness: Path, seeds: Path, tmp_path: Path) -> None:
+    corpus = BUILD / "corpus"  # kept between local runs (gitignored); fresh in CI
+    corpus.mkdir(exist_ok=True)
+    executed, cov = fuzz_run(harness, SECONDS, [corpus, seeds], tmp_path, min_cov=40)
+    print(f"fuzz: {executed} executions in {SECONDS} s, cov {cov}")
 
 
 # ---- the option walkers (fuzz_options.c): every input is an option area ----------------
@@ -128,29 +137,7 @@ def test_option_walker_bounded_fuzz_run_finds_nothing(harness: Path, tmp_path: P
     target = harness.with_name("fuzz_options")
     corpus = BUILD / "corpus-fuzz_options"  # shared with bench.fuzz; fresh in CI
     corpus.mkdir(exist_ok=True)
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    proc = run(
-        [
-            str(target),
-            f"-max_total_time={OPTION_SECONDS}",
-            "-max_len=300",
-            "-timeout=10",
-            "-rss_limit_mb=2048",
-            "-print_final_stats=1",
-            f"-artifact_prefix={artifacts}/",
-            str(corpus),
-        ],
-        timeout=OPTION_SECONDS + 180,
-    )
-    tail = proc.stderr[-4000:]
-    assert proc.returncode == 0, tail
-    assert list(artifacts.iterdir()) == [], tail
-    assert "ERROR:" not in proc.stderr and "runtime error" not in proc.stderr, tail
-    executed = int(re.search(r"stat::number_of_executed_units:\s*(\d+)", proc.stderr)[1])  # type: ignore[index]
-    assert executed >= 50_000, tail
     # The walk is reached: its loop, the overrun exit and the encoder's checks are
     # more edges than the entry checks alone.
-    cov = [int(c) for c in re.findall(r"\bcov: (\d+)", proc.stderr)]
-    assert cov and max(cov) >= 40, tail
-    print(f"fuzz_options: {executed} executions in {OPTION_SECONDS} s, cov {max(cov)}")
+    executed, cov = fuzz_run(target, OPTION_SECONDS, [corpus], tmp_path, min_cov=40)
+    print(f"fuzz_options: {executed} executions in {OPTION_SECONDS} s, cov {cov}")

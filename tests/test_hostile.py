@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,16 +27,12 @@ from tests.daemon_helpers import up
 from tests.endpoint_helpers import underlay
 from tests.netns import Netns
 
+# Daemons started here keep their sockets in a run directory of this test's own.
+pytestmark = pytest.mark.usefixtures("run_dir")
+
 FLOOD_SECONDS = float(os.environ.get("GDP_FLOOD_SECONDS", "20"))
 LEGIT_PPS = 2000
 VNI = 100
-
-
-@pytest.fixture(autouse=True)
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "run"
-    monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(path))
-    return path
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from tests.ops_helpers import (
     ping,
     send_bad,
     tunnel_pair,
-    use_run_dir,
 )
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -136,11 +135,6 @@ SCRAPE = (
 
 def scrape(ns: Netns, url: str) -> str:
     return ns.run(sys.executable, "-c", SCRAPE, url).stdout
-
-
-@pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    return use_run_dir(tmp_path, monkeypatch)
 
 
 def test_up_serves_metrics_of_real_traffic(

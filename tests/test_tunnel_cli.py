@@ -22,13 +22,6 @@ GDP = [sys.executable, "-m", "geneve_dp"]
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "run"
-    monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(path))
-    return path
-
-
-@pytest.fixture
 def pair(netns_factory: Callable[[str], Netns]) -> Iterator[tuple[Netns, Netns]]:
     a, b = netns_factory("a"), netns_factory("b")
     veth(a, "ul0", b, "ul0")
