@@ -134,7 +134,7 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
             opt_class, _, opt_type = kind.partition(":")
             opts.add_metric([*labels, opt_class, opt_type], int(n))
         other.add_metric(labels, int(c.get("options_other", 0)))
-        offload.add_metric(labels, 1 if t.get("offload") else 0)
+        offload.add_metric(labels, 1 if t.get("offloads", {}).get("tso") else 0)
         info.add_metric(
             [*labels, str(t["remote"])],
             {

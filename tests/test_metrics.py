@@ -87,7 +87,7 @@ def _status(rx: int) -> dict[str, Any]:
         "port": 6081,
         "mode": "tap",
         "mtu": 1450,
-        "offload": True,
+        "offloads": {"tso": True},
         "counters": counters,
         "socket": sock,
     }

@@ -3,8 +3,8 @@
 Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
-    offload (the device runs with IFF_VNET_HDR: asked for and not refused),
-    offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro},
+    offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro} (what the
+              kernel accepted; tso: the device runs with IFF_VNET_HDR),
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (coalesced super-frames written; offload only),
@@ -280,7 +280,6 @@ class Dataplane:
                         "mtu": tun.device.mtu,
                         "mac": ":".join(f"{b:02x}" for b in tun.device.mac) or None,
                         "engine": eng.name,
-                        "offload": tun.device.vnet_hdr,
                         "offloads": eng.offloads(i),
                         "counters": eng.counters(i),
                         "socket": sock,
