@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import alarms
-from .dataplane.spec import TunnelSpec
+from .dataplane.spec import DEFAULT_NICE, TunnelSpec
 from .errors import UserError
 
 if TYPE_CHECKING:  # imported when used: prometheus_client only for --metrics-addr
@@ -125,7 +125,7 @@ class Daemon:
         pidfile: Path | None = None,
         offload: bool | None = None,
         workers: int | None = None,
-        nice: int | None = None,
+        nice: int = DEFAULT_NICE,
         metrics_addr: tuple[str, int] | None = None,
         drop_alarm: float = alarms.DEFAULT_THRESHOLD,
     ) -> None:
@@ -319,7 +319,7 @@ class Daemon:
             control_hook=self._on_control,
             offload=self.offload,
             workers=self.workers,
-            **({} if self.nice is None else {"nice": self.nice}),
+            nice=self.nice,
         )
 
     def _repaired(self, message: str, device: str, **extra: str) -> None:

@@ -240,26 +240,20 @@ def _perf_engines(
         csum = engine.endswith("+csum")
         engine = engine.removesuffix("+csum")
         ra, rb = ("10.0.0.2", "10.0.0.1") if family == 4 else ("fd00::2", "fd00::1")
-        sa = [
-            {
-                "name": "gt0",
-                "vni": 100,
-                "remote": ra,
-                "mode": mode,
-                "udp_csum": True if csum else None,
-                "addresses": ["192.168.100.1/24"],
-            }
-        ]
-        sb = [
-            {
-                "name": "gt0",
-                "vni": 100,
-                "remote": rb,
-                "mode": mode,
-                "udp_csum": True if csum else None,
-                "addresses": ["192.168.100.2/24"],
-            }
-        ]
+
+        def spec(remote: str, host: int, csum: bool = csum) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": "gt0",
+                    "vni": 100,
+                    "remote": remote,
+                    "mode": mode,
+                    "udp_csum": True if csum else None,
+                    "addresses": [f"192.168.100.{host}/24"],
+                }
+            ]
+
+        sa, sb = spec(ra, 1), spec(rb, 2)
         with endpoint(a, engine, sa), endpoint(b, engine, sb):
             a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
             label = f"{engine}{'+csum' if csum else ''} {mode} ipv{family} underlay"
