@@ -526,6 +526,30 @@ static void send_control(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt,
 }
 
 /* Write out the coalesced super-frame, if any. */
+/* Where the L4 header of an IP packet with no IPv4 options and no IPv6 extension
+ * headers starts, if the IP length covers exactly the rest of the frame (no link
+ * padding); 0 for anything else, which is never coalesced. */
+static size_t plain_l4(const uint8_t *f, const struct inner *in) {
+    const uint8_t *ip = f + in->ip_off;
+    if (in->ipver == 4)
+        return ip[0] == 0x45 && gdp_load16(ip + 2) == in->ip_len ? in->ip_off + 20 : 0;
+    return (size_t)gdp_load16(ip + 4) + 40 == in->ip_len ? in->ip_off + 40 : 0;
+}
+
+/* Whether a TCP or UDP message checksums right (its checksum field included). */
+static int l4_valid(const uint8_t *ip, int ipver, uint8_t proto, const uint8_t *msg,
+                    size_t len) {
+    return l4_csum(ipver, ipver == 4 ? ip + 12 : ip + 8, ipver == 4 ? ip + 16 : ip + 24, proto,
+                   msg, len) == 0;
+}
+
+/* Two IP headers that differ only where merging or splitting rewrites them: IPv4
+ * length, ID and checksum, IPv6 payload length. */
+static int same_ip(const uint8_t *a, const uint8_t *b, int ipver) {
+    return ipver == 4 ? !memcmp(a, b, 2) && !memcmp(a + 6, b + 6, 4) && !memcmp(a + 12, b + 12, 8)
+                      : !memcmp(a, b, 4) && !memcmp(a + 6, b + 6, 34);
+}
+
 /* Copy the payloads of a super-frame in the making into its own buffer: the receive
  * buffers they sit in are about to be reused. */
 static void gro_hold(struct gdp_engine *e) {
@@ -555,11 +579,11 @@ static void gro_flush(struct gdp_engine *e) {
     iov[1].iov_base = g->buf;
     iov[1].iov_len = g->hdrs;
     memcpy(iov + 2, g->piece, g->nseg * sizeof(struct iovec));
-    int first = t->vnet_hdr ? 0 : 1;
-    int n = 2 + (int)g->nseg - first;
+    int n = 2 + (int)g->nseg; /* coalescing runs only on devices with a virtio header */
     if (g->nseg == 1) {
-        /* Nothing merged: the segment is as received, checksum included. */
-        if (writev(t->dev_fd, iov + first, n) != (ssize_t)((first ? 0 : GDP_VNET_LEN) + g->len))
+        /* Nothing merged: the segment is as received, checksum included (a zero
+         * virtio header claims no offload). */
+        if (writev(t->dev_fd, iov, n) != (ssize_t)(GDP_VNET_LEN + g->len))
             t->counters.drops[GDP_DROP_DEV_WRITE]++;
         return;
     }
@@ -599,9 +623,14 @@ static void gro_flush(struct gdp_engine *e) {
 
 /* Start a super-frame with this segment: its headers copied, its payload in place. */
 static void gro_start(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
-                      size_t hdrs, const struct outer_id *o) {
+                      const struct inner *in, uint8_t proto, size_t l4, size_t hdrs,
+                      const struct outer_id *o) {
     struct gro_state *g = &e->gro;
     gro_flush(e);
+    g->ip_off = in->ip_off;
+    g->ipver = in->ipver;
+    g->proto = proto;
+    g->l4 = l4;
     memcpy(g->ghdr, o->ghdr, o->ghlen);
     g->ghlen = o->ghlen;
     g->osport = o->sport;
@@ -645,26 +674,16 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
     if (!in->ipver || in->proto != 6 || !in->ports)
         return 0;
     const uint8_t *ip = f + in->ip_off;
-    size_t l4;
-    if (in->ipver == 4) {
-        if (ip[0] != 0x45 || gdp_load16(ip + 2) != in->ip_len)
-            return 0; /* IP options, or link padding after the packet */
-        l4 = in->ip_off + 20;
-    } else {
-        if ((size_t)gdp_load16(ip + 4) + 40 != in->ip_len)
-            return 0;
-        l4 = in->ip_off + 40;
-    }
+    size_t l4 = plain_l4(f, in);
+    if (!l4)
+        return 0;
     const uint8_t *tcp = f + l4;
     size_t doff = (size_t)(tcp[12] >> 4) * 4;
     size_t hdrs = l4 + doff;
     uint8_t flags = tcp[13];
     if (doff < 20 || hdrs >= flen || hdrs > SEG_INNER_MAX || (flags & ~0x18) || !(flags & 0x10))
         return 0; /* only ACK (+PSH) segments that carry data */
-    size_t alen = in->ipver == 4 ? 4 : 16;
-    uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
-    sum += 6 + (uint32_t)(flen - l4);
-    if (csum_fold(csum_partial(tcp, flen - l4, sum)) != 0)
+    if (!l4_valid(ip, in->ipver, 6, tcp, flen - l4))
         return 0; /* a bad checksum: let the kernel see (and count) it */
     size_t plen = flen - hdrs;
     uint32_t seq = gdp_load32(tcp + 4);
@@ -675,10 +694,7 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
         g->last_plen == g->mss && plen <= g->mss && g->len + plen <= 65000) {
         const uint8_t *gip = g->buf + g->ip_off;
         const uint8_t *gtcp = g->buf + l4;
-        int same = in->ipver == 4
-                       ? !memcmp(gip, ip, 2) && !memcmp(gip + 6, ip + 6, 4) &&
-                             !memcmp(gip + 12, ip + 12, 8)
-                       : !memcmp(gip, ip, 4) && !memcmp(gip + 6, ip + 6, 34);
+        int same = same_ip(gip, ip, in->ipver);
         same = same && !memcmp(gtcp, tcp, 4) && !memcmp(gtcp + 8, tcp + 8, 5) &&
                !memcmp(gtcp + 14, tcp + 14, 2) && !memcmp(gtcp + 18, tcp + 18, doff - 18) &&
                !memcmp(g->buf, f, in->ip_off) && same_outer(g, o);
@@ -692,11 +708,7 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
             return 1;
         }
     }
-    gro_start(e, idx, f, flen, hdrs, o);
-    g->ip_off = in->ip_off;
-    g->l4 = l4;
-    g->ipver = in->ipver;
-    g->proto = 6;
+    gro_start(e, idx, f, flen, in, 6, l4, hdrs, o);
     g->psh = (flags & 0x08) != 0;
     g->next_seq = seq + (uint32_t)plen;
     return 1;
@@ -708,16 +720,9 @@ static int gro_add(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t 
 static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, size_t flen,
                        const struct inner *in, const struct outer_id *o) {
     const uint8_t *ip = f + in->ip_off;
-    size_t l4;
-    if (in->ipver == 4) {
-        if (ip[0] != 0x45 || gdp_load16(ip + 2) != in->ip_len)
-            return 0;
-        l4 = in->ip_off + 20;
-    } else {
-        if ((size_t)gdp_load16(ip + 4) + 40 != in->ip_len)
-            return 0;
-        l4 = in->ip_off + 40;
-    }
+    size_t l4 = plain_l4(f, in);
+    if (!l4)
+        return 0;
     const uint8_t *uh = f + l4;
     size_t hdrs = l4 + 8;
     if (hdrs >= flen || gdp_load16(uh + 4) != flen - l4)
@@ -725,13 +730,8 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
     uint16_t cs = gdp_load16(uh + 6);
     if (cs == 0 && in->ipver == 6)
         return 0; /* invalid over IPv6: the kernel decides (and counts) */
-    if (cs != 0) {
-        size_t alen = in->ipver == 4 ? 4 : 16;
-        uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
-        sum += 17 + (uint32_t)(flen - l4);
-        if (csum_fold(csum_partial(uh, flen - l4, sum)) != 0)
-            return 0; /* a bad checksum: let the kernel see (and count) it */
-    }
+    if (cs != 0 && !l4_valid(ip, in->ipver, 17, uh, flen - l4))
+        return 0; /* a bad checksum: let the kernel see (and count) it */
     size_t plen = flen - hdrs;
     uint16_t id = in->ipver == 4 ? gdp_load16(ip + 4) : 0;
     struct gro_state *g = &e->gro;
@@ -740,10 +740,7 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
         g->nseg < USO_MAX_SEGS && g->len + plen <= 65000 &&
         (in->ipver == 6 || id == g->next_id)) {
         const uint8_t *gip = g->buf + g->ip_off;
-        int same = in->ipver == 4
-                       ? !memcmp(gip, ip, 2) && !memcmp(gip + 6, ip + 6, 4) &&
-                             !memcmp(gip + 12, ip + 12, 8)
-                       : !memcmp(gip, ip, 4) && !memcmp(gip + 6, ip + 6, 34);
+        int same = same_ip(gip, ip, in->ipver);
         same = same && !memcmp(g->buf + l4, uh, 4) && !memcmp(g->buf, f, in->ip_off) &&
                same_outer(g, o);
         if (same) {
@@ -752,11 +749,7 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
             return 1;
         }
     }
-    gro_start(e, idx, f, flen, hdrs, o);
-    g->ip_off = in->ip_off;
-    g->l4 = l4;
-    g->ipver = in->ipver;
-    g->proto = 17;
+    gro_start(e, idx, f, flen, in, 17, l4, hdrs, o);
     g->psh = 0;
     g->next_id = (uint16_t)(id + 1);
     return 1;
