@@ -1020,6 +1020,17 @@ static void add_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx, ui
     e->tx_last[s] = (uint8_t)last;
 }
 
+/* The outer TOS without ECN bits: what the tunnel's UDP sockets are set to. */
+static uint8_t socket_tos(const struct gdp_tunnel *t) {
+    return (uint8_t)(t->tos_set ? t->tos & ~ECN_MASK : 0);
+}
+
+/* The outer TOS of a packet: RFC 6040 normal mode copies the inner ECN, except that CE
+ * goes out as ECT(0). */
+static uint8_t tx_tos(const struct gdp_tunnel *t, uint8_t inner_ecn) {
+    return (uint8_t)(socket_tos(t) | (inner_ecn == ECN_CE ? ECN_ECT0 : inner_ecn));
+}
+
 /* A whole GENEVE packet (g, glen) for the tunnel's connected UDP socket of this flow:
  * the kernel writes UDP and IP and routes by the socket's cached route, which is
  * cheaper per packet than the raw socket's route lookup. Only where the checksum is 0
@@ -1038,7 +1049,7 @@ static void add_udp_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx
     m->msg_iovlen = 1;
     /* An IP-level cmsg costs a route lookup: only when ECN bits make the TOS differ
      * from the one set on the socket. */
-    if (tos != (uint8_t)(t->tos_set ? t->tos & ~ECN_MASK : 0)) {
+    if (tos != socket_tos(t)) {
         memset(e->tx_cmsg[s], 0, sizeof(e->tx_cmsg[s]));
         m->msg_control = e->tx_cmsg[s];
         m->msg_controllen = sizeof(e->tx_cmsg[s]);
@@ -1151,9 +1162,7 @@ static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t 
         uint16_t cs = csum_fold(sum);
         gdp_store16(u + 6, cs ? cs : 0xFFFF);
     }
-    /* RFC 6040 normal mode: ECN copied, except that CE goes out as ECT(0). */
-    uint8_t ecn = inner_ecn == ECN_CE ? ECN_ECT0 : inner_ecn;
-    uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) | ecn);
+    uint8_t tos = tx_tos(t, inner_ecn);
     uint8_t *ip = u - iplen;
     if (t->family == 4) {
         ip[0] = 0x45;
@@ -1239,9 +1248,7 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
     }
     uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
     if (!frags && t->gso_nocsum && t->n_gso) {
-        uint8_t ecn = in.ecn == ECN_CE ? ECN_ECT0 : in.ecn;
-        uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) | ecn);
-        add_udp_slot(e, st, idx, hash, tos, g, hlen + flen, (uint32_t)flen);
+        add_udp_slot(e, st, idx, hash, tx_tos(t, in.ecn), g, hlen + flen, (uint32_t)flen);
         return;
     }
     uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + flen, NULL, 0);
@@ -1316,7 +1323,7 @@ static void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, 
     /* Any IP-level cmsg makes the kernel route the send afresh instead of using the
      * connected socket's cached route: the TOS goes along only when it differs from
      * the one set on the socket (no inner ECN bits). */
-    int sock_tos = tos == (uint8_t)(t->tos_set ? t->tos & ~ECN_MASK : 0);
+    int sock_tos = tos == socket_tos(t);
     if (sock_tos)
         m.msg_controllen = CMSG_SPACE(sizeof(uint16_t));
     struct gdp_counters *c = &t->counters;
@@ -1458,8 +1465,7 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
     size_t outer_room = (t->family == 4 ? 20 : 40) + 8 + hlen;
     int udp_gso = t->n_gso > 0;
     size_t nseg = 0; /* segments waiting in e->gso_iov (UDP GSO path) */
-    uint8_t tos = (uint8_t)((t->tos_set ? t->tos & ~ECN_MASK : 0) |
-                            (in.ecn == ECN_CE ? ECN_ECT0 : in.ecn));
+    uint8_t tos = tx_tos(t, in.ecn);
     if (udp_gso)
         tx_send(e, st); /* the scratch headers below are reused from slot 0 */
     size_t per_send = t->gso_nocsum ? GSO_MAX_SEGS : 60000 / (hlen + hdrs + gso_size);
