@@ -33,6 +33,8 @@
 #define GSO_MAX_SEGS 40     /* per UDP GSO send: below UDP_MAX_SEGMENTS and 64 KiB */
 #define UDP_SEGMENT_OPT 103 /* linux/udp.h UDP_SEGMENT */
 #define UDP_GRO_OPT 104     /* linux/udp.h UDP_GRO */
+#define IP_RECVFRAGSIZE_OPT 25   /* linux/in.h */
+#define IPV6_RECVFRAGSIZE_OPT 77 /* linux/in6.h */
 #ifndef SOL_UDP
 #define SOL_UDP 17
 #endif
@@ -142,6 +144,7 @@ struct gdp_engine {
     uint8_t tx_last[TX_SLOTS];
     uint8_t icmp[ICMP_BUF];
     uint8_t hdr_scratch[GDP_MAX_HEADER_LEN];
+    uint8_t inj_hdr[24 + 14 + 20 + 8 + GDP_MAX_HEADER_LEN] __attribute__((aligned(8)));
     struct pollfd pfds[GDP_MAX_TUNNELS + 2];
 };
 
@@ -755,8 +758,76 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
     return 1;
 }
 
+/* A received inner frame larger than the underlay can carry in one packet, when the
+ * datagram was neither reassembled from fragments nor batched by UDP GRO, is a GSO
+ * super-packet of this host's own stack (a peer's inject device, through a veth): a
+ * TCP super-frame whose checksum field holds only the pseudo-header sum, to be
+ * completed by whoever segments it. Returns 0 when the frame is not one. With a
+ * virtio header it goes to the device as a GSO frame, MSS from the device MTU (the
+ * sender's segment size is not carried); without, the checksum is completed here and
+ * it goes as one large packet, which the kernel's TCP takes as well. */
+static int rx_super(struct gdp_tunnel *t, uint8_t *f, size_t flen, const struct inner *in) {
+    if (!in->ipver || in->proto != 6 || !in->ports)
+        return 0;
+    uint8_t *ip = f + in->ip_off;
+    size_t l4 = in->ip_off + (in->ipver == 4 ? (size_t)(ip[0] & 0x0F) * 4 : 40);
+    if (l4 + 20 > flen)
+        return 0;
+    size_t hdrs = l4 + (size_t)(f[l4 + 12] >> 4) * 4;
+    size_t iplen = in->ipver == 4 ? gdp_load16(ip + 2) : 40 + (size_t)gdp_load16(ip + 4);
+    if (hdrs < l4 + 20 || hdrs >= flen || in->ip_off + iplen != flen)
+        return 0;
+    size_t alen = in->ipver == 4 ? 4 : 16;
+    uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
+    sum += 6 + (uint32_t)(flen - l4);
+    uint16_t partial = (uint16_t)~csum_fold(sum);
+    uint16_t field = gdp_load16(f + l4 + 16);
+    /* 0 and 0xFFFF are the same one's complement sum */
+    if (field != partial && !((field == 0 || field == 0xFFFF) && (partial == 0 || partial == 0xFFFF)))
+        return 0;
+    size_t l3hdrs = hdrs - in->ip_off;
+    size_t mss = t->dev_mtu > l3hdrs ? t->dev_mtu - l3hdrs : 0;
+    size_t payload = flen - hdrs;
+    size_t nseg = mss ? (payload + mss - 1) / mss : 1;
+    struct gdp_counters *c = &t->counters;
+    ssize_t want = (ssize_t)flen;
+    ssize_t r;
+    if (t->vnet_hdr) {
+        uint8_t vh[GDP_VNET_LEN] = {0};
+        vh[0] = VNET_F_NEEDS_CSUM;
+        if (mss && payload > mss) {
+            vh[1] = in->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
+            if (f[l4 + 13] & 0x80) /* CWR */
+                vh[1] |= VNET_GSO_ECN;
+            vh[2] = (uint8_t)hdrs;
+            vh[3] = (uint8_t)(hdrs >> 8);
+            vh[4] = (uint8_t)mss;
+            vh[5] = (uint8_t)(mss >> 8);
+        }
+        vh[6] = (uint8_t)l4;
+        vh[7] = (uint8_t)(l4 >> 8);
+        vh[8] = 16;
+        struct iovec iov[2] = {{vh, GDP_VNET_LEN}, {f, flen}};
+        want += GDP_VNET_LEN;
+        r = writev(t->dev_fd, iov, 2);
+    } else {
+        uint16_t cs = csum_fold(csum_partial(f + l4, flen - l4, 0));
+        gdp_store16(f + l4 + 16, cs ? cs : 0xFFFF);
+        r = write(t->dev_fd, f, flen);
+    }
+    if (r != want) {
+        c->rx_packets--; /* counted by the caller */
+        c->rx_bytes -= flen;
+        c->drops[GDP_DROP_DEV_WRITE]++;
+        return 1;
+    }
+    c->rx_packets += nseg - 1;
+    c->rx_gro_frames++;
+    return 1;
+}
+
 static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
-                   const struct sockaddr_in6 *from, uint8_t outer_tos) {
+                   const struct sockaddr_in6 *from, uint8_t outer_tos, int whole) {
     struct gdp_sock_stats *ss = e->stats;
     struct gdp_header *h = &e->rx_hdr;
     int rc = gdp_decode(pkt, len, h);
@@ -837,6 +908,11 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
         reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
     c->rx_packets++;
     c->rx_bytes += flen;
+    if (whole && flen > t->max_inner) {
+        gro_flush(e);
+        if (rx_super(t, f, flen, &in))
+            return;
+    }
     struct outer_id o = {pkt, (size_t)rc, from->sin6_port}; /* sin_port: same place */
     if (t->vnet_hdr && gro_add(e, idx, f, flen, &in, &o))
         return;
@@ -848,10 +924,19 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
     }
 }
 
-static uint8_t cmsg_tos(struct msghdr *m, struct gdp_sock_stats *ss, size_t *gro_size) {
+/* The outer TOS of a received datagram; also its UDP GRO segment size (0: none) and
+ * whether it was reassembled from fragments (IP_RECVFRAGSIZE reports those only). */
+static uint8_t cmsg_tos(struct msghdr *m, struct gdp_sock_stats *ss, size_t *gro_size,
+                        int *reassembled) {
     uint8_t tos = 0;
     *gro_size = 0;
+    *reassembled = 0;
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(m); cm; cm = CMSG_NXTHDR(m, cm)) {
+        if ((cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_RECVFRAGSIZE_OPT) ||
+            (cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_RECVFRAGSIZE_OPT)) {
+            *reassembled = 1;
+            continue;
+        }
         if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO_OPT &&
             cm->cmsg_len >= CMSG_LEN(sizeof(int))) {
             int v;
@@ -906,21 +991,22 @@ static int rx_batch(struct gdp_engine *e) {
         for (int i = 0; i < n; i++) {
             struct msghdr *m = &e->rx_msgs[i].msg_hdr;
             size_t gro_size;
-            uint8_t tos = cmsg_tos(m, e->stats, &gro_size);
+            int reassembled;
+            uint8_t tos = cmsg_tos(m, e->stats, &gro_size, &reassembled);
             size_t len = e->rx_msgs[i].msg_len;
             if (m->msg_flags & MSG_TRUNC)
                 len = 0; /* cannot happen with 64 KiB buffers; never forward a part */
             uint8_t *p = e->rx_iov[i].iov_base;
             if (gro_size == 0 || gro_size >= len) {
                 e->stats->rx_packets++;
-                rx_one(e, p, len, &e->rx_addr[i], tos);
+                rx_one(e, p, len, &e->rx_addr[i], tos, gro_size == 0 && !reassembled);
                 continue;
             }
             /* UDP_GRO: the kernel handed over several same-sized datagrams at once. */
             for (size_t off = 0; off < len; off += gro_size) {
                 e->stats->rx_packets++;
                 rx_one(e, p + off, len - off < gro_size ? len - off : gro_size, &e->rx_addr[i],
-                       tos);
+                       tos, 0);
             }
         }
         if (n < GDP_BATCH)
@@ -1390,6 +1476,58 @@ static void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, 
         c->tx_bytes += e->gso_inner[i];
 }
 
+/* The virtio header of the inject device: struct virtio_net_hdr_v1_hash_tunnel. */
+#define INJ_VNET_LEN 24
+#define VNET_GSO_UDP_TUNNEL_IPV4 0x20
+#define INJ_OUTER (14 + 20 + 8) /* Ethernet, IPv4, UDP in front of the GENEVE header */
+
+/* Send a TSO super-frame whole: outer headers in front, written to the inject device
+ * with a UDP tunnel GSO header. The kernel routes it to the underlay like a packet it
+ * forwards, passes it whole through a veth, and otherwise cuts it into segments that
+ * each carry all of these headers (GENEVE options included), as for its own tunnels.
+ * Returns 0 when the frame was not taken (the caller segments it here instead). */
+static int tx_inject(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t *vh,
+                     const uint8_t *f, size_t flen, const struct inner *in, size_t l4,
+                     size_t hdrs, const uint8_t *hdr, size_t hlen, int df, uint32_t hash) {
+    size_t outer = INJ_OUTER + hlen;
+    if (t->family != 4 || t->udp_csum || outer - 14 + flen > 65535 || load16le(vh + 8) != 16 ||
+        !(vh[0] & VNET_F_NEEDS_CSUM))
+        return 0;
+    uint8_t *b = e->inj_hdr;
+    uint8_t *g = b + INJ_VNET_LEN + INJ_OUTER;
+    memcpy(g, hdr, hlen);
+    gdp_store16(g + 2, t->mode == GDP_MODE_TAP ? ETH_P_TEB : in->ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6);
+    uint8_t *ip = put_udp_ip(e, t, hash, in->ecn, df, g, hlen, f, flen);
+    ip[8] = (uint8_t)(t->ttl + 1); /* forwarding takes one off (the caller keeps ttl < 255) */
+    gdp_store16(ip + 10, gdp_inet_csum(ip, 20));
+    uint8_t *eth = ip - 14;
+    memcpy(eth, t->inj_mac, 6);
+    memcpy(eth + 6, t->inj_mac, 6);
+    eth[6] ^= 0x02; /* any unicast source but the device's own */
+    gdp_store16(eth + 12, ETH_P_IPV4);
+    uint8_t *v = b;
+    memset(v, 0, INJ_VNET_LEN);
+    v[0] = VNET_F_NEEDS_CSUM;
+    v[1] = (uint8_t)(vh[1] | VNET_GSO_UDP_TUNNEL_IPV4); /* TCPV4/6, ECN kept */
+    size_t put[][2] = {{2, outer + hdrs}, {4, load16le(vh + 4)}, {6, outer + l4}, {8, 16},
+                       {20, 14 + 20}, {22, outer + in->ip_off}};
+    for (size_t i = 0; i < sizeof(put) / sizeof(put[0]); i++) {
+        v[put[i][0]] = (uint8_t)put[i][1];
+        v[put[i][0] + 1] = (uint8_t)(put[i][1] >> 8);
+    }
+    struct iovec iov[2] = {{b, INJ_VNET_LEN + outer}, {(void *)f, flen}};
+    if (writev(t->inj_fd, iov, 2) != (ssize_t)(INJ_VNET_LEN + outer + flen))
+        return 0;
+    size_t mss = load16le(vh + 4);
+    size_t nseg = (flen - hdrs + mss - 1) / mss;
+    e->ip_id += (uint32_t)nseg - 1; /* the kernel numbers the segments on from ours */
+    struct gdp_counters *c = &t->counters;
+    c->tx_injected++;
+    c->tx_packets += nseg;
+    c->tx_bytes += flen - hdrs + nseg * hdrs; /* each segment's inner frame */
+    return 1;
+}
+
 /* A frame from a device with a virtio header: complete a partial checksum, or cut a
  * TCP super-frame into MSS-sized segments (what the kernel's GSO would do), each
  * encapsulated on its own. The header sits right in front of the frame. */
@@ -1457,6 +1595,11 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
     }
     int df = t->df == GDP_DF_SET || (t->df == GDP_DF_INHERIT && (in.ipver == 6 || in.df));
     uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
+    if (t->inject) {
+        tx_send(e, st); /* what the flow sent before this frame leaves first */
+        if (tx_inject(e, t, vh, f, flen, &in, l4, hdrs, hdr, hlen, df, hash))
+            return;
+    }
     uint16_t proto = t->mode == GDP_MODE_TAP ? ETH_P_TEB : in.ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6;
     size_t ipo = in.ip_off;
     uint16_t ip_id = in.ipver == 4 ? gdp_load16(f + ipo + 4) : 0;

@@ -73,6 +73,7 @@ struct gdp_counters {
     uint64_t tx_fragmented; /* packets sent as several outer fragments */
     uint64_t tx_gso_frames; /* TSO super-frames read from the device (vnet_hdr) */
     uint64_t rx_gro_frames; /* super-frames of coalesced received segments written */
+    uint64_t tx_injected;   /* TSO super-frames sent whole through the inject device */
     uint64_t drops[GDP_DROP_COUNT];
     uint64_t options_other; /* options seen after the table below filled up */
     struct gdp_optseen options_seen[GDP_OPTSEEN_SLOTS];
@@ -121,6 +122,16 @@ struct gdp_tunnel {
      * refuses UDP GSO there, so segments go one datagram each by sendmmsg (a
      * connected socket's cached route instead of a route lookup per packet). */
     int gso_nocsum;
+    /* The inject device (a TAP with UDP tunnel GSO, Linux 6.17+): a TSO
+     * super-frame is written to it whole behind its outer headers, the kernel
+     * forwards it to the underlay and segments it only where a device must,
+     * as it does for its own tunnels. IPv4 underlay without checksum only.
+     * Used while ``inject`` is set; the supervisor clears it if the kernel does
+     * not forward what is written there. */
+    int inject;
+    int inj_fd;
+    uint8_t inj_mac[6];
+    uint32_t dev_mtu; /* the tunnel device's MTU: the MSS of received super-packets */
     /* Set by gdp_tunnel_prepare. */
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */

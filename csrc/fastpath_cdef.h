@@ -80,6 +80,7 @@ struct gdp_counters {
     uint64_t tx_fragmented;
     uint64_t tx_gso_frames;
     uint64_t rx_gro_frames;
+    uint64_t tx_injected;
     uint64_t drops[17];
     uint64_t options_other;
     struct gdp_optseen options_seen[32];
@@ -118,6 +119,16 @@ struct gdp_tunnel {
     uint16_t gso_ports[8];
     uint32_t n_gso;
     int gso_nocsum;
+    /* The inject device (a TAP with UDP tunnel GSO, Linux 6.17+): a TSO
+     * super-frame is written to it whole behind its outer headers, the kernel
+     * forwards it to the underlay and segments it only where a device must,
+     * as it does for its own tunnels. IPv4 underlay without checksum only.
+     * Used while ``inject`` is set; the supervisor clears it if the kernel does
+     * not forward what is written there. */
+    int inject;
+    int inj_fd;
+    uint8_t inj_mac[6];
+    uint32_t dev_mtu; /* the tunnel device's MTU: the MSS of received super-packets */
     uint32_t hdr_len;
     uint32_t max_inner;
     uint8_t hdr[260];

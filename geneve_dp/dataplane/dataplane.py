@@ -3,11 +3,13 @@
 Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
-    offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro} (what the
-              kernel accepted; tso: the device runs with IFF_VNET_HDR),
+    offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro, tx_inject}
+              (what the kernel accepted; tso: the device runs with IFF_VNET_HDR;
+              tx_inject: TCP super-frames leave whole through the inject device),
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
-               rx_gro_frames (coalesced super-frames written; offload only),
+               rx_gro_frames (super-frames written to the device; offload only),
+               tx_injected (TSO super-frames sent whole through the inject device),
                drops: {reason: n for every name in DROP_REASONS},
                options_seen: {"0xCLASS:0xTYPE": n}, options_other},
     socket:   {family, port, rx_packets, rx_packets_per_worker, rx_queue_overflow,
@@ -44,6 +46,12 @@ Design notes (the kernel geneve contract, and where this differs):
   refuses UDP GSO there) one datagram each by sendmmsg. The receive socket gets
   UDP_GRO and C splits what it returns. A refused offload (TUNSETOFFLOAD, UDP_GRO,
   UDP_SEGMENT) is left off with a log line.
+- Without UDP checksums (the IPv4 default) a TCP super-frame goes whole instead, when
+  the kernel has UDP tunnel GSO on TAP (Linux 6.17+): written with its outer headers
+  to one inject device per process (inject.py), which the kernel forwards to the
+  underlay and segments only where a device must; through a veth the peer receives
+  the super-packet itself and writes it to its device as one GSO frame. A check every
+  supervision round turns it off (log line) if the kernel stops forwarding it.
 - Workers (C engine; default one per core): every device gets one queue per worker
   (IFF_MULTI_QUEUE) and every port one SO_REUSEPORT receive socket per worker. The
   kernel keeps a flow on one queue and one socket, so a flow's packets stay in order;
@@ -60,6 +68,7 @@ Design notes (the kernel geneve contract, and where this differs):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import socket
@@ -69,6 +78,7 @@ from typing import Protocol
 
 from ..errors import UserError
 from .endpoint import Group, close_resources, open_resources
+from .inject import Injector, forwarded_datagrams, open_injector
 from .spec import (
     DEFAULT_NICE,
     MAX_NICE,
@@ -80,6 +90,8 @@ from .spec import (
 )
 
 ControlHook = Callable[[str, bytes], None]
+
+log = logging.getLogger("geneve_dp.dataplane")
 
 
 def default_workers() -> int:
@@ -102,6 +114,8 @@ class GroupEngine(Protocol):
     def counters(self, i: int) -> dict[str, object]: ...
     def offloads(self, i: int) -> dict[str, bool]: ...
     def socket_counters(self) -> dict[str, object]: ...
+    def injected(self) -> int: ...
+    def stop_injecting(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -143,6 +157,11 @@ class Dataplane:
                 f"nice {nice} is out of range; accepted: {MIN_NICE}..{MAX_NICE}", field="nice"
             )
         self.nice = nice
+        # TCP super-frames sent whole through the inject device (inject.py): with the
+        # offloads, unless GDP_INJECT=0.
+        self.inject = self.offload and os.environ.get("GDP_INJECT", "1") != "0"
+        self._injector: Injector | None = None
+        self._inject_seen = (0, 0)  # (super-frames injected, datagrams forwarded)
         self._groups: list[Group] = []
         self._engines: list[GroupEngine] = []
         self._stop_fd = -1
@@ -158,6 +177,10 @@ class Dataplane:
             return
         try:
             self._groups = open_resources(self.specs, offload=self.offload, workers=self.workers)
+            if self.inject and any(s.family == 4 and not s.tx_udp_csum for s in self.specs):
+                self._injector = open_injector()
+                if self._injector is not None:
+                    self._inject_seen = (0, forwarded_datagrams())
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             control_fd = -1
             if self.control_hook is not None:
@@ -185,7 +208,9 @@ class Dataplane:
         if self.engine == "c":
             from .engine_c import CGroupEngine
 
-            return CGroupEngine(group, self._stop_fd, control_fd, gi, nice=self.nice)
+            return CGroupEngine(
+                group, self._stop_fd, control_fd, gi, nice=self.nice, injector=self._injector
+            )
         from .engine_py import PyGroupEngine
 
         return PyGroupEngine(group, self._stop_fd, control_fd, gi)
@@ -209,6 +234,9 @@ class Dataplane:
         for eng in self._engines:
             eng.close()
         close_resources(self._groups)
+        if self._injector is not None:
+            self._injector.close()
+            self._injector = None
         self._groups = []
         self._engines = []
         if self._ctl is not None:
@@ -229,6 +257,29 @@ class Dataplane:
                 raise RuntimeError(f"dataplane worker died: {why}")
         if self._ctl_thread is not None and not self._ctl_thread.is_alive():
             raise RuntimeError("dataplane control reader died")
+        self._check_inject()
+
+    def _check_inject(self) -> None:
+        """Stop injecting if the kernel forwarded nothing of what was injected since
+        the last look: a FORWARD chain or a policy that drops it would otherwise lose
+        every TCP super-frame (the engine then segments them, as without the device)."""
+        if self._injector is None:
+            return
+        injected = sum(eng.injected() for eng in self._engines)
+        forwarded = forwarded_datagrams()
+        was_injected, was_forwarded = self._inject_seen
+        self._inject_seen = (injected, forwarded)
+        if injected > was_injected and forwarded == was_forwarded:
+            log.warning(
+                "the kernel forwarded none of %d TCP super-frames written to %s (a FORWARD "
+                "rule or policy?): segmenting them here from now on",
+                injected - was_injected,
+                self._injector.name,
+            )
+            for eng in self._engines:
+                eng.stop_injecting()
+            self._injector.close()
+            self._injector = None
 
     # ------------------------------------------------------------- control messages
 

@@ -39,6 +39,8 @@ VNET_HDR_LEN = 12  # struct virtio_net_hdr_v1 (csrc/engine.h GDP_VNET_LEN)
 
 # Socket options the socket module does not name (linux/in.h, in6.h, udp.h, socket.h).
 IP_RECVTOS = 13
+IP_RECVFRAGSIZE = 25
+IPV6_RECVFRAGSIZE = 77
 IPV6_RECVTCLASS = 66
 IPV6_HDRINCL = 36
 SO_RXQ_OVFL = 40
@@ -256,6 +258,12 @@ def _udp_socket(
                 udp.setsockopt(socket.SOL_UDP, UDP_NO_CHECK6_RX, 1)
         else:
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
+        # Reassembled datagrams are then marked: only a datagram that is none, and not
+        # a UDP GRO batch, can be a super-packet of this host (engine.c rx_super).
+        if family == 6:
+            udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVFRAGSIZE, 1)
+        else:
+            udp.setsockopt(socket.IPPROTO_IP, IP_RECVFRAGSIZE, 1)
         udp.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         if reuseport:
             # One socket per worker; the kernel spreads datagrams by their 4-tuple, so

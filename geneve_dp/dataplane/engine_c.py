@@ -14,6 +14,7 @@ from typing import Any
 from ..codec import encode_options
 from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports
+from .inject import Injector
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
 
 REFLECT_SLOTS = 1024
@@ -61,6 +62,7 @@ _TUNNEL_COUNTERS = (
     "tx_fragmented",
     "tx_gso_frames",
     "rx_gro_frames",
+    "tx_injected",
 )
 
 
@@ -119,6 +121,7 @@ class CGroupEngine:
         control_fd: int,
         group_index: int,
         nice: int = 0,
+        injector: Injector | None = None,
     ) -> None:
         self.group = group
         self.nice = nice
@@ -145,6 +148,13 @@ class CGroupEngine:
             t.underlay_mtu = tun.underlay_mtu
             t.vnet_hdr = tun.device.vnet_hdr
             t.rx_uso = tun.device.rx_uso
+            t.dev_mtu = tun.device.mtu
+            # Forwarding takes one off the TTL that is written (engine.c tx_inject).
+            if injector and tun.device.vnet_hdr and spec.family == 4 and not spec.tx_udp_csum:
+                if spec.ttl < 255:
+                    t.inject = 1
+                    t.inj_fd = injector.fd
+                    ffi.memmove(t.inj_mac, injector.mac, 6)
             if tun.device.vnet_hdr and spec.df != "inherit":
                 # TSO segments leave through UDP sockets with UDP GSO (one send per
                 # super-frame). Per-packet DF cannot be set there, so df=inherit keeps
@@ -306,7 +316,17 @@ class CGroupEngine:
             "rx_coalesce_udp": bool(t.rx_uso),  # UDP runs written as UDP_L4 super-frames
             "udp_gso": bool(t.n_gso and not t.gso_nocsum),  # one sendmsg per super-frame
             "udp_gro": self.group.udp_gro,
+            "tx_inject": bool(t.inject),  # super-frames whole through the inject device
         }
+
+    def injected(self) -> int:
+        """TCP super-frames written to the inject device, over all tunnels and workers."""
+        return sum(int(w.tunnels[i].counters.tx_injected) for w in self.workers for i in range(len(self.group.tunnels)))
+
+    def stop_injecting(self) -> None:
+        for w in self.workers:
+            for i in range(len(self.group.tunnels)):
+                w.tunnels[i].inject = 0
 
     def socket_counters(self) -> dict[str, object]:
         """The port's receive counters, summed over the workers' sockets."""

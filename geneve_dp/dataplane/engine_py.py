@@ -499,6 +499,7 @@ class PyGroupEngine:
             "tx_fragmented": c.tx_fragmented,
             "tx_gso_frames": 0,
             "rx_gro_frames": 0,
+            "tx_injected": 0,
             "drops": dict(c.drops),
             "options_seen": {
                 f"0x{k[0]:04x}:0x{k[1]:02x}": n for k, n in list(c.options_seen.items())
@@ -509,8 +510,15 @@ class PyGroupEngine:
     def offloads(self, i: int) -> dict[str, bool]:
         """None: the Python engine handles every packet as it is."""
         return dict.fromkeys(
-            ("tso", "rx_coalesce_tcp", "rx_coalesce_udp", "udp_gso", "udp_gro"), False
+            ("tso", "rx_coalesce_tcp", "rx_coalesce_udp", "udp_gso", "udp_gro", "tx_inject"),
+            False,
         )
+
+    def injected(self) -> int:
+        return 0
+
+    def stop_injecting(self) -> None:
+        """Never injects."""
 
     def close(self) -> None:
         """Nothing of its own to close: the devices and sockets belong to the group."""
