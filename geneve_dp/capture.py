@@ -64,7 +64,7 @@ class Target:
 Insn = tuple[int, int | str, int | str, int]
 
 
-def _assemble(prog: list[Insn | str]) -> bytes:
+def assemble(prog: list[Insn | str]) -> bytes:
     """sock_filter structs from instructions and label strings placed between them."""
     labels: dict[str, int] = {}
     insns: list[Insn] = []
@@ -124,7 +124,7 @@ def outer_filter(link_len: int, remote: str, port: int, vni: int) -> bytes:
             last = i == len(offsets) - 1
             prog += [(_LD_W_ABS, 0, 0, off), (_JEQ, "accept" if last else 0, miss, word)]
     prog += ["accept", (_RET, 0, 0, SNAPLEN), "drop", (_RET, 0, 0, 0)]
-    return _assemble(prog)
+    return assemble(prog)
 
 
 # ---- what to listen on ------------------------------------------------------------------

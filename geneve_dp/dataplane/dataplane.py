@@ -78,7 +78,7 @@ from typing import Protocol
 
 from ..errors import UserError
 from .endpoint import Group, close_resources, open_resources
-from .inject import Injector, forwarded_datagrams, open_injector
+from .inject import PROBE_WAIT, Injector, open_injector
 from .spec import (
     DEFAULT_NICE,
     MAX_NICE,
@@ -114,7 +114,6 @@ class GroupEngine(Protocol):
     def counters(self, i: int) -> dict[str, object]: ...
     def offloads(self, i: int) -> dict[str, bool]: ...
     def socket_counters(self) -> dict[str, object]: ...
-    def injected(self) -> int: ...
     def stop_injecting(self) -> None: ...
     def close(self) -> None: ...
 
@@ -161,7 +160,6 @@ class Dataplane:
         # offloads, unless GDP_INJECT=0.
         self.inject = self.offload and os.environ.get("GDP_INJECT", "1") != "0"
         self._injector: Injector | None = None
-        self._inject_seen = (0, 0)  # (super-frames injected, datagrams forwarded)
         self._groups: list[Group] = []
         self._engines: list[GroupEngine] = []
         self._stop_fd = -1
@@ -179,8 +177,6 @@ class Dataplane:
             self._groups = open_resources(self.specs, offload=self.offload, workers=self.workers)
             if self.inject and any(s.family == 4 and not s.tx_udp_csum for s in self.specs):
                 self._injector = open_injector()
-                if self._injector is not None:
-                    self._inject_seen = (0, forwarded_datagrams())
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             control_fd = -1
             if self.control_hook is not None:
@@ -260,26 +256,23 @@ class Dataplane:
         self._check_inject()
 
     def _check_inject(self) -> None:
-        """Stop injecting if the kernel forwarded nothing of what was injected since
-        the last look: a FORWARD chain or a policy that drops it would otherwise lose
-        every TCP super-frame (the engine then segments them, as without the device)."""
-        if self._injector is None:
+        """Probe the inject device's way out now and then (inject.py); stop injecting
+        once a probe did not leave (the engines then segment, as without it)."""
+        inj = self._injector
+        if inj is None or inj.failed:
             return
-        injected = sum(eng.injected() for eng in self._engines)
-        forwarded = forwarded_datagrams()
-        was_injected, was_forwarded = self._inject_seen
-        self._inject_seen = (injected, forwarded)
-        if injected > was_injected and forwarded == was_forwarded:
-            log.warning(
-                "the kernel forwarded none of %d TCP super-frames written to %s (a FORWARD "
-                "rule or policy?): segmenting them here from now on",
-                injected - was_injected,
-                self._injector.name,
-            )
-            for eng in self._engines:
-                eng.stop_injecting()
-            self._injector.close()
-            self._injector = None
+        probed = (t for g in self._groups for t in g.tunnels if t.spec.family == 4)
+        tun = next((t for t in probed if not t.spec.tx_udp_csum), None)
+        if tun is None or inj.check(str(tun.local), str(tun.spec.remote)):
+            return
+        log.warning(
+            "a probe written to %s did not leave by the underlay within %.0f s (a FORWARD "
+            "rule or policy?): TCP super-frames are segmented here from now on",
+            inj.name,
+            PROBE_WAIT,
+        )
+        for eng in self._engines:
+            eng.stop_injecting()
 
     # ------------------------------------------------------------- control messages
 

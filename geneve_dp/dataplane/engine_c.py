@@ -319,10 +319,6 @@ class CGroupEngine:
             "tx_inject": bool(t.inject),  # super-frames whole through the inject device
         }
 
-    def injected(self) -> int:
-        """TCP super-frames written to the inject device, over all tunnels and workers."""
-        return sum(int(w.tunnels[i].counters.tx_injected) for w in self.workers for i in range(len(self.group.tunnels)))
-
     def stop_injecting(self) -> None:
         for w in self.workers:
             for i in range(len(self.group.tunnels)):

@@ -514,9 +514,6 @@ class PyGroupEngine:
             False,
         )
 
-    def injected(self) -> int:
-        return 0
-
     def stop_injecting(self) -> None:
         """Never injects."""
 

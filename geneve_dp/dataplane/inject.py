@@ -12,20 +12,33 @@ The frames enter the stack as if received on this device, so the device forwards
 (its own ``forwarding`` sysctl, nothing global), accepts our own source address
 (``accept_local``) and has no reverse-path filter. Where any of that cannot be had
 the device is not made and the engine segments as before, with a log line saying why.
+
+Forwarded packets pass the FORWARD hook, which the netns' firewall may close (a
+policy of DROP, as Docker sets). So a probe goes the same way every PROBE_INTERVAL
+seconds: an ICMP echo request from the tunnel's local address to its remote, written
+to the device and looked for leaving by an AF_PACKET socket whose BPF filter passes
+only it. If it does not leave, the supervisor stops injecting (engine.c then
+segments). The remote answers the echo; nothing else is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import ipaddress
 import logging
 import os
+import random
+import socket
 import struct
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from ..capture import ETH_P_ALL, PACKET_OUTGOING, SO_ATTACH_FILTER, Insn, assemble
 from .endpoint import (
     IFF_NO_PI,
     IFF_TAP,
@@ -37,13 +50,38 @@ from .endpoint import (
     TUNSETOFFLOAD,
     TUNSETVNETHDRSZ,
 )
+from .engine_py import inet_csum
 
 log = logging.getLogger("geneve_dp.dataplane")
 
 TUN_F_UDP_TUNNEL_GSO = 0x080
 INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (engine.c INJ_VNET_LEN)
 CONF = Path("/proc/sys/net/ipv4/conf")
-SNMP = Path("/proc/net/snmp")
+
+
+PROBE_INTERVAL = 5.0  # seconds between probes
+PROBE_WAIT = 1.0  # how long a probe may take to leave
+PROBE_TOKEN = b"geneve-dp inject probe"
+
+# Classic BPF (linux/filter.h): IPv4, ICMP, echo request with our identifier.
+_LD_H_ABS, _LD_B_ABS, _JEQ, _RET = 0x28, 0x30, 0x15, 0x06
+
+
+def _probe_filter(ident: int) -> bytes:
+    prog: list[Insn | str] = [
+        (_LD_H_ABS, 0, 0, 12),
+        (_JEQ, 0, "drop", 0x0800),
+        (_LD_B_ABS, 0, 0, 14 + 9),
+        (_JEQ, 0, "drop", socket.IPPROTO_ICMP),
+        (_LD_B_ABS, 0, 0, 14 + 20),
+        (_JEQ, 0, "drop", 8),
+        (_LD_H_ABS, 0, 0, 14 + 20 + 4),
+        (_JEQ, 0, "drop", ident),
+        (_RET, 0, 0, 256),
+        "drop",
+        (_RET, 0, 0, 0),
+    ]
+    return assemble(prog)
 
 
 @dataclass
@@ -51,12 +89,65 @@ class Injector:
     fd: int
     name: str
     mac: bytes
+    watch: socket.socket  # AF_PACKET, sees only our probes (any device)
+    ident: int
+    seq: int = 0
+    pending: float | None = None  # the deadline of the probe in flight
+    next_probe: float = 0.0  # monotonic time of the next probe
+    failed: bool = field(default=False)
 
     def close(self) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)  # the device goes with its fd
             self.fd = -1
+        self.watch.close()
+
+    def check(self, local: str, remote: str) -> bool:
+        """Advance the probing; False once a probe failed to leave (for good)."""
+        if self.failed:
+            return False
+        now = time.monotonic()
+        if self.pending is not None:
+            if self._probe_left():
+                self.pending = None
+                self.next_probe = now + PROBE_INTERVAL
+            elif now > self.pending:
+                self.failed = True
+                return False
+            return True
+        if now >= self.next_probe:
+            self._send_probe(local, remote)
+            self.pending = now + PROBE_WAIT
+        return True
+
+    def _send_probe(self, local: str, remote: str) -> None:
+        self.seq = (self.seq + 1) & 0xFFFF
+        icmp = struct.pack("!BBHHH", 8, 0, 0, self.ident, self.seq) + PROBE_TOKEN
+        icmp = icmp[:2] + struct.pack("!H", inet_csum(icmp)) + icmp[4:]
+        ip = struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45, 0, 20 + len(icmp), random.getrandbits(16), 0, 65, socket.IPPROTO_ICMP, 0,
+            ipaddress.IPv4Address(local).packed, ipaddress.IPv4Address(remote).packed,
+        )  # fmt: skip
+        ip = ip[:10] + struct.pack("!H", inet_csum(ip)) + ip[12:]
+        src = bytes([self.mac[0] ^ 0x02]) + self.mac[1:]
+        frame = self.mac + src + b"\x08\x00" + ip + icmp
+        with contextlib.suppress(BlockingIOError):
+            while True:  # what earlier probes left behind
+                self.watch.recv(256)
+        with contextlib.suppress(OSError):
+            os.write(self.fd, bytes(INJECT_VNET_HDR_LEN) + frame)
+
+    def _probe_left(self) -> bool:
+        while True:
+            try:
+                data, addr = self.watch.recvfrom(256)
+            except BlockingIOError:
+                return False
+            seq = struct.unpack_from("!H", data, 14 + 20 + 6)[0] if len(data) >= 42 else -1
+            if addr[2] == PACKET_OUTGOING and seq == self.seq and PROBE_TOKEN in data:
+                return True
 
 
 def device_name(pid: int | None = None) -> str:
@@ -89,7 +180,8 @@ def open_injector() -> Injector | None:
         log.info("no inject device (/dev/net/tun: %s)", exc.strerror)
         return None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        fcntl.ioctl(fd, TUNSETIFF, ifr)
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", INJECT_VNET_HDR_LEN))
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UDP_TUNNEL_GSO)
     except OSError as exc:
@@ -115,13 +207,24 @@ def open_injector() -> Injector | None:
         os.close(fd)
         log.info("TCP super-frames are segmented here: the inject device failed (%s)", exc)
         return None
-    return Injector(fd=fd, name=name, mac=mac)
-
-
-def forwarded_datagrams() -> int:
-    """The netns' count of forwarded IPv4 datagrams (/proc/net/snmp ForwDatagrams):
-    the kernel counts it after the FORWARD hook, so it shows whether what the engine
-    writes to the inject device leaves."""
-    lines = [ln.split() for ln in SNMP.read_text().splitlines() if ln.startswith("Ip:")]
-    names, values = lines[0], lines[1]
-    return int(values[names.index("ForwDatagrams")])
+    ident = random.getrandbits(16)
+    try:
+        # Unbound, on every device: the probe leaves by whichever the route picks. What
+        # arrives before the filter is attached is drained before each probe.
+        watch = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    except OSError as exc:
+        os.close(fd)
+        log.info("TCP super-frames are segmented here: no probe socket (%s)", exc.strerror)
+        return None
+    try:
+        prog = _probe_filter(ident)
+        insns = ctypes.create_string_buffer(prog, len(prog))
+        fprog = struct.pack("@HP", len(prog) // 8, ctypes.addressof(insns))
+        watch.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        watch.setblocking(False)
+    except OSError as exc:
+        watch.close()
+        os.close(fd)
+        log.info("TCP super-frames are segmented here: no probe socket (%s)", exc.strerror)
+        return None
+    return Injector(fd=fd, name=name, mac=mac, watch=watch, ident=ident)

@@ -1,0 +1,226 @@
+"""TCP super-frames sent whole through the inject device (dataplane/inject.py), and
+the receive side's rule for super-packets (engine.c rx_super).
+
+Two namespaces joined by a veth underlay, a C-engine endpoint with offloads in each
+(tests.endpoint_helpers). Byte-exact 1 GiB transfers over this path, and the on-wire
+shape of the segments the kernel cuts from it, are in test_endpoint_bulk.py.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from geneve_dp.dataplane.inject import device_name
+from tests.endpoint_helpers import Endpoint, endpoint, underlay, wait_for
+from tests.netns import Netns
+
+pytestmark = pytest.mark.root
+
+VNI = 100
+MIB = 1 << 20
+
+
+def spec(remote: str, host: int, **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": "gt0", "vni": VNI, "remote": remote, "addresses": [f"192.168.100.{host}/24"]}
+        | extra
+    ]
+
+
+@pytest.fixture
+def pair(netns_factory: Callable[[str], Netns]) -> tuple[Netns, Netns]:
+    a, b = netns_factory("inja"), netns_factory("injb")
+    underlay(a, b)
+    return a, b
+
+
+@pytest.fixture
+def tunnel(pair: tuple[Netns, Netns]) -> Iterator[tuple[Endpoint, Endpoint]]:
+    a, b = pair
+    with endpoint(a, "c+offload", spec("10.0.0.2", 1)) as ea:
+        with endpoint(b, "c+offload", spec("10.0.0.1", 2)) as eb:
+            assert ea.error is None and eb.error is None, (ea.error, eb.error)
+            a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
+            yield ea, eb
+
+
+SINK = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5301)); s.listen(1); s.settimeout(30)
+print("listening", flush=True)
+c, _ = s.accept(); c.settimeout(30); n = 0
+while True:
+    k = len(c.recv(1 << 20))
+    if not k:
+        break
+    n += k
+print(n, flush=True)
+"""
+
+SOURCE = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], 5301), timeout=30)
+block = bytes(range(256)) * 4096
+left = int(sys.argv[2])
+while left > 0:
+    c.sendall(block[:left]); left -= len(block)
+c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+"""
+
+
+def transfer(a: Netns, b: Netns, size: int, timeout: float = 60) -> int:
+    """Bytes received of ``size`` sent from a to b over TCP through the tunnel."""
+    srv = b.popen([sys.executable, "-c", SINK, "192.168.100.2"], stdout=subprocess.PIPE)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
+        a.run(sys.executable, "-c", SOURCE, "192.168.100.2", str(size), timeout=timeout)
+        out, _ = srv.communicate(timeout=30)
+        return int(out)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.wait(5)
+
+
+def sysctl(ns: Netns, dev: str, key: str) -> str:
+    return ns.run("cat", f"/proc/sys/net/ipv4/conf/{dev}/{key}").stdout.strip()
+
+
+def test_inject_device_made_and_removed(pair: tuple[Netns, Netns]) -> None:
+    a, _b = pair
+    with endpoint(a, "c+offload", spec("10.0.0.2", 1)) as ea:
+        assert ea.ready[0]["offloads"]["tx_inject"] is True
+        dev = device_name(ea.proc.pid)
+        links = json.loads(a.run("ip", "-j", "link", "show", "dev", dev).stdout)
+        assert links[0]["operstate"] in ("UP", "UNKNOWN")
+        # Forwarding is the device's own, never the netns' global switch.
+        assert sysctl(a, dev, "forwarding") == "1"
+        assert sysctl(a, dev, "accept_local") == "1"
+        assert sysctl(a, "all", "forwarding") == "0"
+        addrs = json.loads(a.run("ip", "-j", "addr", "show", "dev", dev).stdout)
+        assert addrs[0]["addr_info"] == []
+    gone = a.run("ip", "link", "show", "dev", dev, check=False)
+    assert gone.returncode != 0, "the inject device outlived its dataplane"
+
+
+def test_inject_off_where_it_cannot_work(pair: tuple[Netns, Netns]) -> None:
+    """No inject device with UDP checksums, over IPv6, or with --no-offload; and none
+    when the netns filters reverse paths (our own source arriving on a device)."""
+    a, _b = pair
+    cases = [
+        ("c+offload", spec("10.0.0.2", 1, udp_csum=True)),
+        ("c+offload", spec("fd00::2", 1)),
+        ("c", spec("10.0.0.2", 1)),
+    ]
+    for engine, s in cases:
+        with endpoint(a, engine, s) as ea:
+            assert ea.ready[0]["offloads"]["tx_inject"] is False, (engine, s)
+    a.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    with endpoint(a, "c+offload", spec("10.0.0.2", 1)) as ea:
+        assert ea.ready[0]["offloads"]["tx_inject"] is False
+        assert a.run("ip", "link", "show", "dev", device_name(ea.proc.pid), check=False).returncode
+
+
+def test_super_frames_go_whole_and_arrive_whole(
+    pair: tuple[Netns, Netns], tunnel: tuple[Endpoint, Endpoint]
+) -> None:
+    """The sender writes TSO super-frames whole; through the veth the receiver gets
+    them as super-packets and writes each as one GSO frame: far fewer frames than
+    segments on both sides, and every byte arrives."""
+    a, b = pair
+    ea, eb = tunnel
+    assert transfer(a, b, 64 * MIB) == 64 * MIB
+    sent, got = ea.tunnel("gt0")["counters"], eb.tunnel("gt0")["counters"]
+    assert sent["tx_injected"] > 0
+    # A 64 KiB super-frame is ~45 segments: whole frames dominate both ends.
+    assert sent["tx_packets"] > 10 * sent["tx_injected"], sent
+    assert got["rx_packets"] > 10 * got["rx_gro_frames"] > 0, got
+    assert eb.tunnel("gt0")["socket"]["rx_packets"] < got["rx_packets"] // 5
+    assert sum(sent["drops"].values()) == 0 and sum(got["drops"].values()) == 0
+
+
+def test_forward_drop_turns_injection_off(
+    pair: tuple[Netns, Netns], tunnel: tuple[Endpoint, Endpoint]
+) -> None:
+    """A FORWARD rule dropping what the inject device carries: the supervisor sees the
+    kernel forward nothing, stops injecting, and the transfer completes by the
+    engine's own segmentation."""
+    a, b = pair
+    ea, _eb = tunnel
+    dev = device_name(ea.proc.pid)
+    a.run("iptables", "-A", "FORWARD", "-i", dev, "-j", "DROP")
+    srv = b.popen([sys.executable, "-c", SINK, "192.168.100.2"], stdout=subprocess.PIPE)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
+        src = a.popen([sys.executable, "-c", SOURCE, "192.168.100.2", str(16 * MIB)])
+        # The endpoint helper runs the supervisor's check on every status request.
+        assert wait_for(lambda: not ea.tunnel("gt0")["offloads"]["tx_inject"], timeout=20)
+        assert src.wait(60) == 0
+        out, _ = srv.communicate(timeout=30)
+        assert int(out) == 16 * MIB
+    finally:
+        for p in (srv,):
+            if p.poll() is None:
+                p.kill()
+    c = ea.tunnel("gt0")["counters"]
+    assert c["tx_injected"] > 0 and c["tx_gso_frames"] > c["tx_injected"]
+
+
+def _pseudo_sum(src: bytes, dst: bytes, length: int) -> int:
+    words = (*struct.unpack("!4H", src + dst), 6, length)
+    s = sum(words)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def test_reassembled_datagram_is_not_taken_for_a_super_packet(
+    pair: tuple[Netns, Netns], tunnel: tuple[Endpoint, Endpoint]
+) -> None:
+    """A datagram larger than the underlay MTU that arrived in fragments, carrying a
+    TCP packet whose checksum field holds just the pseudo-header sum (what a local
+    super-packet has), is not trusted: it reaches the device as it came, and the
+    kernel's TCP drops it for its checksum."""
+    a, b = pair
+    ea, _eb = tunnel
+    mac = bytes.fromhex(ea.ready[0]["mac"].replace(":", ""))
+    src, dst = socket.inet_aton("192.168.100.2"), socket.inet_aton("192.168.100.1")
+    payload = bytes(4000)
+    tcp_len = 20 + len(payload)
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5999, 1, 0, 5 << 4, 0x18, 65535, 0, 0)
+    tcp = tcp[:16] + struct.pack("!H", _pseudo_sum(src, dst, tcp_len)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, 1, 0, 64, 6, 0, src, dst)
+    s = sum(struct.unpack("!10H", ip))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - s) + ip[12:]
+    frame = mac + bytes.fromhex("020000000002") + b"\x08\x00" + ip + tcp + payload
+    geneve = struct.pack("!BBHI", 0, 0, 0x6558, VNI << 8) + frame
+    send = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.setsockopt(socket.IPPROTO_IP, 10, 0); "  # IP_MTU_DISCOVER: DONT, so fragments
+        "s.bind(('10.0.0.2', 0)); s.sendto(bytes.fromhex(sys.argv[1]), ('10.0.0.1', 6081))"
+    )
+
+    def csum_errors() -> int:
+        lines = [ln.split() for ln in a.run("cat", "/proc/net/snmp").stdout.splitlines()]
+        tcp_rows = [ln for ln in lines if ln[0] == "Tcp:"]
+        return int(tcp_rows[1][tcp_rows[0].index("InCsumErrors")])
+
+    before_errors = csum_errors()
+    before = ea.tunnel("gt0")["counters"]
+    b.run(sys.executable, "-c", send, geneve.hex())
+    assert wait_for(lambda: ea.tunnel("gt0")["counters"]["rx_packets"] > before["rx_packets"])
+    after = ea.tunnel("gt0")["counters"]
+    assert after["rx_packets"] == before["rx_packets"] + 1  # one packet, not "segments"
+    assert after["rx_gro_frames"] == before["rx_gro_frames"]
+    assert wait_for(lambda: csum_errors() == before_errors + 1)
