@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from geneve_dp.dataplane.inject import device_name
 from tests.endpoint_helpers import Endpoint, endpoint, underlay, wait_for
 from tests.netns import Netns
 
@@ -99,7 +98,8 @@ def test_inject_device_made_and_removed(pair: tuple[Netns, Netns]) -> None:
     a, _b = pair
     with endpoint(a, "c+offload", spec("10.0.0.2", 1)) as ea:
         assert ea.ready[0]["offloads"]["tx_inject"] is True
-        dev = device_name(ea.proc.pid)
+        dev = ea.ready[0]["inject_device"]
+        assert dev.startswith("gdpx")
         links = json.loads(a.run("ip", "-j", "link", "show", "dev", dev).stdout)
         assert links[0]["operstate"] in ("UP", "UNKNOWN")
         # Forwarding is the device's own, never the netns' global switch.
@@ -127,7 +127,8 @@ def test_inject_off_where_it_cannot_work(pair: tuple[Netns, Netns]) -> None:
     a.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
     with endpoint(a, "c+offload", spec("10.0.0.2", 1)) as ea:
         assert ea.ready[0]["offloads"]["tx_inject"] is False
-        assert a.run("ip", "link", "show", "dev", device_name(ea.proc.pid), check=False).returncode
+        assert ea.ready[0]["inject_device"] is None
+        assert "gdpx" not in a.run("ip", "-o", "link").stdout
 
 
 def test_super_frames_go_whole_and_arrive_whole(
@@ -156,7 +157,7 @@ def test_forward_drop_turns_injection_off(
     engine's own segmentation."""
     a, b = pair
     ea, _eb = tunnel
-    dev = device_name(ea.proc.pid)
+    dev = ea.ready[0]["inject_device"]
     a.run("iptables", "-A", "FORWARD", "-i", dev, "-j", "DROP")
     srv = b.popen([sys.executable, "-c", SINK, "192.168.100.2"], stdout=subprocess.PIPE)
     try:

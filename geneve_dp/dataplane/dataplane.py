@@ -6,6 +6,7 @@ Status layout (one dict per tunnel)::
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro, tx_inject}
               (what the kernel accepted; tso: the device runs with IFF_VNET_HDR;
               tx_inject: TCP super-frames leave whole through the inject device),
+    inject_device (its name while tx_inject, else None),
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (super-frames written to the device; offload only),
@@ -308,10 +309,12 @@ class Dataplane:
 
     def status(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
+        inject = self._injector.name if self._injector is not None else None
         for group, eng in zip(self._groups, self._engines, strict=False):
             sock = {"family": group.family, "port": group.port, **eng.socket_counters()}
             for i, tun in enumerate(group.tunnels):
                 spec = tun.spec
+                offloads = eng.offloads(i)
                 out.append(
                     {
                         "name": spec.name,
@@ -324,7 +327,8 @@ class Dataplane:
                         "mtu": tun.device.mtu,
                         "mac": ":".join(f"{b:02x}" for b in tun.device.mac) or None,
                         "engine": eng.name,
-                        "offloads": eng.offloads(i),
+                        "offloads": offloads,
+                        "inject_device": inject if offloads["tx_inject"] else None,
                         "counters": eng.counters(i),
                         "socket": sock,
                     }

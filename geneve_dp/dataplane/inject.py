@@ -95,8 +95,16 @@ class Injector:
     pending: float | None = None  # the deadline of the probe in flight
     next_probe: float = 0.0  # monotonic time of the next probe
     failed: bool = field(default=False)
+    users: int = 1
+    netns: int = 0  # inode of the network namespace it lives in
 
     def close(self) -> None:
+        """Let go of it; the device goes with the last user (a supervisor that replaces
+        its dataplane keeps the same device, so the netns' links do not churn)."""
+        self.users -= 1
+        if self.users > 0:
+            return
+        _open.pop(self.netns, None)
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)  # the device goes with its fd
@@ -150,9 +158,10 @@ class Injector:
                 return True
 
 
-def device_name(pid: int | None = None) -> str:
-    """One per dataplane process (names are per netns, pids per host): at most 15."""
-    return f"gdpx{(os.getpid() if pid is None else pid):x}"[:15]
+_open: dict[int, Injector] = {}  # this process's inject devices, by netns inode
+
+
+NAMES = [f"gdpx{i}" for i in range(16)]  # names are per netns; the first free one
 
 
 def _sysctl(dev: str, key: str, value: str | None = None) -> str:
@@ -164,7 +173,20 @@ def _sysctl(dev: str, key: str, value: str | None = None) -> str:
 
 def open_injector() -> Injector | None:
     """The inject device, or None (logged) where the kernel or the netns' settings do
-    not allow it."""
+    not allow it. Within one process and netns, every caller shares one."""
+    netns = os.stat("/proc/self/ns/net").st_ino
+    shared = _open.get(netns)
+    if shared is not None and not shared.failed:
+        shared.users += 1
+        return shared
+    made = _make_injector()
+    if made is not None:
+        made.netns = netns
+        _open[netns] = made
+    return made
+
+
+def _make_injector() -> Injector | None:
     if _sysctl("all", "rp_filter") not in ("0",):
         # The strictest of "all" and the device's own applies, and a strict or loose
         # filter drops packets from our own address arriving on a device.
@@ -173,15 +195,24 @@ def open_injector() -> Injector | None:
             "so the inject device cannot send them whole"
         )
         return None
-    name = device_name()
-    try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        log.info("no inject device (/dev/net/tun: %s)", exc.strerror)
+    fd, name = -1, ""
+    for name in NAMES:
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("no inject device (/dev/net/tun: %s)", exc.strerror)
+            return None
+        try:
+            ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+            break
+        except OSError:  # another process's, or not a TAP at all: the next name
+            os.close(fd)
+            fd = -1
+    if fd < 0:
+        log.info("TCP super-frames are segmented here: no free inject device name")
         return None
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-        fcntl.ioctl(fd, TUNSETIFF, ifr)
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", INJECT_VNET_HDR_LEN))
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UDP_TUNNEL_GSO)
     except OSError as exc:
