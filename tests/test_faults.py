@@ -88,7 +88,9 @@ def test_kill9_then_up_again_is_clean_and_down_removes_everything(
             "--pidfile", str(pidfile)) as again, \
             up(b, *TUN, "--remote", "10.0.0.1", "--address", "192.168.100.2/24"):  # fmt: skip
         devices = re.findall(r"^\d+: (\S+?)[@:]", a.run("ip", "-o", "link").stdout, re.M)
-        assert sorted(devices) == ["gt0", "lo", "ua"]
+        # The killed process's tunnel and inject devices went with its fds: the name
+        # gdpx0 is free again and the new process's inject device has it.
+        assert sorted(devices) == ["gdpx0", "gt0", "lo", "ua"]
         assert a.run("ip", "-o", "-4", "addr", "show", "dev", "gt0").stdout.count("inet ") == 1
         assert pidfile.read_text().split() == [str(again.pid)]
         mine = [r for r in query_all() if r["pid"] in (first.pid, again.pid)]
@@ -97,7 +99,8 @@ def test_kill9_then_up_again_is_clean_and_down_removes_everything(
         assert ping(a, "192.168.100.2")
         rc, _took, err = again.stop()
         assert rc == 0, err
-    assert "gt0" not in a.run("ip", "-o", "link").stdout
+    links = a.run("ip", "-o", "link").stdout
+    assert "gt0" not in links and "gdpx" not in links
     assert not again.sock.exists() and not pidfile.exists()
 
 

@@ -79,7 +79,7 @@ from typing import Protocol
 
 from ..errors import UserError
 from .endpoint import Group, close_resources, open_resources
-from .inject import PROBE_WAIT, Injector, open_injector
+from .inject import PROBE_TRIES, Injector, open_injector
 from .spec import (
     DEFAULT_NICE,
     MAX_NICE,
@@ -267,10 +267,10 @@ class Dataplane:
         if tun is None or inj.check(str(tun.local), str(tun.spec.remote)):
             return
         log.warning(
-            "a probe written to %s did not leave by the underlay within %.0f s (a FORWARD "
+            "%d probes in a row written to %s did not leave by the underlay (a FORWARD "
             "rule or policy?): TCP super-frames are segmented here from now on",
+            PROBE_TRIES,
             inj.name,
-            PROBE_WAIT,
         )
         for eng in self._engines:
             eng.stop_injecting()

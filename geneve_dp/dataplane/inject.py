@@ -15,10 +15,12 @@ the device is not made and the engine segments as before, with a log line saying
 
 Forwarded packets pass the FORWARD hook, which the netns' firewall may close (a
 policy of DROP, as Docker sets). So a probe goes the same way every PROBE_INTERVAL
-seconds: an ICMP echo request from the tunnel's local address to its remote, written
-to the device and looked for leaving by an AF_PACKET socket whose BPF filter passes
-only it. If it does not leave, the supervisor stops injecting (engine.c then
-segments). The remote answers the echo; nothing else is sent.
+seconds: an ICMP echo reply (which nobody answers) from the tunnel's local address to
+its remote, written to the device and looked for leaving by an AF_PACKET socket whose
+BPF filter passes only it. The socket is open only for the probe's few milliseconds:
+while any packet socket is open, the kernel clones every outgoing packet for it. If
+PROBE_TRIES probes in a row do not leave, the supervisor stops injecting (engine.c
+then segments).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import random
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -60,10 +62,13 @@ CONF = Path("/proc/sys/net/ipv4/conf")
 
 
 PROBE_INTERVAL = 5.0  # seconds between probes
-PROBE_WAIT = 1.0  # how long a probe may take to leave
+PROBE_WAIT = 0.05  # how long a probe may take to leave (it leaves within the write)
+PROBE_TRIES = 3  # probes in a row that must fail, PROBE_RETRY apart
+PROBE_RETRY = 0.2
+ICMP_ECHO_REPLY = 0
 PROBE_TOKEN = b"geneve-dp inject probe"
 
-# Classic BPF (linux/filter.h): IPv4, ICMP, echo request with our identifier.
+# Classic BPF (linux/filter.h): IPv4, ICMP, echo reply with our identifier.
 _LD_H_ABS, _LD_B_ABS, _JEQ, _RET = 0x28, 0x30, 0x15, 0x06
 
 
@@ -74,7 +79,7 @@ def _probe_filter(ident: int) -> bytes:
         (_LD_B_ABS, 0, 0, 14 + 9),
         (_JEQ, 0, "drop", socket.IPPROTO_ICMP),
         (_LD_B_ABS, 0, 0, 14 + 20),
-        (_JEQ, 0, "drop", 8),
+        (_JEQ, 0, "drop", ICMP_ECHO_REPLY),
         (_LD_H_ABS, 0, 0, 14 + 20 + 4),
         (_JEQ, 0, "drop", ident),
         (_RET, 0, 0, 256),
@@ -89,12 +94,11 @@ class Injector:
     fd: int
     name: str
     mac: bytes
-    watch: socket.socket  # AF_PACKET, sees only our probes (any device)
     ident: int
     seq: int = 0
-    pending: float | None = None  # the deadline of the probe in flight
+    misses: int = 0  # probes in a row that did not leave
     next_probe: float = 0.0  # monotonic time of the next probe
-    failed: bool = field(default=False)
+    failed: bool = False
     users: int = 1
     netns: int = 0  # inode of the network namespace it lives in
 
@@ -109,29 +113,55 @@ class Injector:
             with contextlib.suppress(OSError):
                 os.close(self.fd)  # the device goes with its fd
             self.fd = -1
-        self.watch.close()
 
     def check(self, local: str, remote: str) -> bool:
-        """Advance the probing; False once a probe failed to leave (for good)."""
+        """Probe when one is due; False once PROBE_TRIES in a row failed (for good)."""
         if self.failed:
             return False
         now = time.monotonic()
-        if self.pending is not None:
-            if self._probe_left():
-                self.pending = None
-                self.next_probe = now + PROBE_INTERVAL
-            elif now > self.pending:
-                self.failed = True
-                return False
+        if now < self.next_probe:
             return True
-        if now >= self.next_probe:
-            self._send_probe(local, remote)
-            self.pending = now + PROBE_WAIT
-        return True
+        if self._probe(local, remote):
+            self.misses = 0
+            self.next_probe = now + PROBE_INTERVAL
+            return True
+        self.misses += 1
+        self.next_probe = now + PROBE_RETRY
+        self.failed = self.misses >= PROBE_TRIES
+        return not self.failed
 
-    def _send_probe(self, local: str, remote: str) -> None:
+    def _probe(self, local: str, remote: str) -> bool:
+        """Write one probe; whether it left by a device within PROBE_WAIT."""
         self.seq = (self.seq + 1) & 0xFFFF
-        icmp = struct.pack("!BBHHH", 8, 0, 0, self.ident, self.seq) + PROBE_TOKEN
+        try:
+            # Unbound, on every device: the probe leaves by whichever the route picks.
+            # What arrives before the filter is attached is read past below.
+            watch = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        except OSError:
+            return True  # cannot look: no evidence against the device
+        with watch:
+            prog = _probe_filter(self.ident)
+            insns = ctypes.create_string_buffer(prog, len(prog))
+            fprog = struct.pack("@HP", len(prog) // 8, ctypes.addressof(insns))
+            watch.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            try:
+                os.write(self.fd, bytes(INJECT_VNET_HDR_LEN) + self._frame(local, remote))
+            except OSError:
+                return False
+            deadline = time.monotonic() + PROBE_WAIT
+            while (left := deadline - time.monotonic()) > 0:
+                watch.settimeout(left)
+                try:
+                    data, addr = watch.recvfrom(256)
+                except TimeoutError:
+                    break
+                seq = struct.unpack_from("!H", data, 14 + 20 + 6)[0] if len(data) >= 42 else -1
+                if addr[2] == PACKET_OUTGOING and seq == self.seq and PROBE_TOKEN in data:
+                    return True
+        return False
+
+    def _frame(self, local: str, remote: str) -> bytes:
+        icmp = struct.pack("!BBHHH", ICMP_ECHO_REPLY, 0, 0, self.ident, self.seq) + PROBE_TOKEN
         icmp = icmp[:2] + struct.pack("!H", inet_csum(icmp)) + icmp[4:]
         ip = struct.pack(
             "!BBHHHBBH4s4s",
@@ -140,22 +170,7 @@ class Injector:
         )  # fmt: skip
         ip = ip[:10] + struct.pack("!H", inet_csum(ip)) + ip[12:]
         src = bytes([self.mac[0] ^ 0x02]) + self.mac[1:]
-        frame = self.mac + src + b"\x08\x00" + ip + icmp
-        with contextlib.suppress(BlockingIOError):
-            while True:  # what earlier probes left behind
-                self.watch.recv(256)
-        with contextlib.suppress(OSError):
-            os.write(self.fd, bytes(INJECT_VNET_HDR_LEN) + frame)
-
-    def _probe_left(self) -> bool:
-        while True:
-            try:
-                data, addr = self.watch.recvfrom(256)
-            except BlockingIOError:
-                return False
-            seq = struct.unpack_from("!H", data, 14 + 20 + 6)[0] if len(data) >= 42 else -1
-            if addr[2] == PACKET_OUTGOING and seq == self.seq and PROBE_TOKEN in data:
-                return True
+        return self.mac + src + b"\x08\x00" + ip + icmp
 
 
 _open: dict[int, Injector] = {}  # this process's inject devices, by netns inode
@@ -238,24 +253,4 @@ def _make_injector() -> Injector | None:
         os.close(fd)
         log.info("TCP super-frames are segmented here: the inject device failed (%s)", exc)
         return None
-    ident = random.getrandbits(16)
-    try:
-        # Unbound, on every device: the probe leaves by whichever the route picks. What
-        # arrives before the filter is attached is drained before each probe.
-        watch = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    except OSError as exc:
-        os.close(fd)
-        log.info("TCP super-frames are segmented here: no probe socket (%s)", exc.strerror)
-        return None
-    try:
-        prog = _probe_filter(ident)
-        insns = ctypes.create_string_buffer(prog, len(prog))
-        fprog = struct.pack("@HP", len(prog) // 8, ctypes.addressof(insns))
-        watch.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-        watch.setblocking(False)
-    except OSError as exc:
-        watch.close()
-        os.close(fd)
-        log.info("TCP super-frames are segmented here: no probe socket (%s)", exc.strerror)
-        return None
-    return Injector(fd=fd, name=name, mac=mac, watch=watch, ident=ident)
+    return Injector(fd=fd, name=name, mac=mac, ident=random.getrandbits(16))
