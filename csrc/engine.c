@@ -110,6 +110,29 @@ static int same_outer(const struct gro_state *g, const struct outer_id *o) {
     return g->ghlen == o->ghlen && g->osport == o->sport && !memcmp(g->ghdr, o->ghdr, o->ghlen);
 }
 
+/* Transmit coalescing of UDP (with the inject device): datagrams of one flow read from
+ * the device in a row, alike but for their IPv4 IDs (which follow on) and with partial
+ * checksums, leave as one UDP_L4 super-frame inside one GENEVE packet. The kernel cuts
+ * it back into the same datagrams wherever it is segmented, each with all the outer
+ * headers; through a veth the peer gets it whole (engine.c rx_super), so a run costs
+ * one write and one receive instead of one of each per datagram. */
+#define USO_RUNS 4
+#define USO_RUN_MAX 64
+
+struct uso_run {
+    int active;
+    uint32_t idx;   /* tunnel */
+    uint8_t *buf;   /* the first datagram's buffer (frame at GDP_HEADROOM) */
+    size_t flen;    /* every datagram's frame length */
+    size_t ip_off, l4;
+    uint16_t next_id;
+    uint32_t hash;
+    int df;
+    uint8_t ecn;
+    uint32_t nseg;
+    uint8_t *bufs[USO_RUN_MAX];
+};
+
 struct gdp_engine {
     struct gdp_engine_config cfg;
     struct gdp_tunnel *tunnels;
@@ -145,6 +168,10 @@ struct gdp_engine {
     uint8_t icmp[ICMP_BUF];
     uint8_t hdr_scratch[GDP_MAX_HEADER_LEN];
     uint8_t inj_hdr[24 + 14 + 20 + 8 + GDP_MAX_HEADER_LEN] __attribute__((aligned(8)));
+    struct uso_run uso[USO_RUNS];
+    uint32_t uso_rr; /* the run to give up next when all are taken */
+    uint8_t uso_hdr[SEG_INNER_MAX];
+    struct iovec uso_iov[USO_RUN_MAX + 2];
     struct pollfd pfds[GDP_MAX_TUNNELS + 2];
 };
 
@@ -758,55 +785,86 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
     return 1;
 }
 
-/* A received inner frame larger than the underlay can carry in one packet, when the
- * datagram was neither reassembled from fragments nor batched by UDP GRO, is a GSO
- * super-packet of this host's own stack (a peer's inject device, through a veth): a
- * TCP super-frame whose checksum field holds only the pseudo-header sum, to be
- * completed by whoever segments it. Returns 0 when the frame is not one. With a
- * virtio header it goes to the device as a GSO frame, MSS from the device MTU (the
- * sender's segment size is not carried); without, the checksum is completed here and
- * it goes as one large packet, which the kernel's TCP takes as well. */
-static int rx_super(struct gdp_tunnel *t, uint8_t *f, size_t flen, const struct inner *in) {
-    if (!in->ipver || in->proto != 6 || !in->ports)
+/* Whether the L4 checksum field holds just the pseudo-header sum over ``len`` bytes
+ * (0 and 0xFFFF are the same one's complement sum). */
+static int partial_csum(const uint8_t *ip, int ipver, uint8_t proto, size_t len, uint16_t field) {
+    size_t alen = ipver == 4 ? 4 : 16;
+    uint64_t sum = csum_partial(ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
+    sum += proto + (uint32_t)len;
+    uint16_t partial = (uint16_t)~csum_fold(sum);
+    return field == partial || ((field == 0 || field == 0xFFFF) && (partial == 0 || partial == 0xFFFF));
+}
+
+/* A GSO super-packet of this host's own stack (a peer's inject device, through a
+ * veth) arrives as one datagram that was neither reassembled from fragments nor
+ * batched by UDP GRO. Its inner frame is a super-frame whose checksum field holds only
+ * the pseudo-header sum, to be completed by whoever segments it:
+ * - TCP: longer than one underlay packet could carry; the MSS is taken from the device
+ *   MTU (the sender's segment size is not carried, and TCP is a stream);
+ * - UDP: the UDP length is one datagram's (8 + segment size) while the IP packet holds
+ *   several: the segment size is carried, as the datagram boundaries must be kept.
+ * Returns 0, touching nothing, when the frame is not one. Written to a device with a
+ * virtio header as one GSO frame; TCP without one as one large packet with its
+ * checksum completed here (the kernel's TCP takes that as well). */
+static int rx_super(struct gdp_engine *e, struct gdp_tunnel *t, uint8_t *f, size_t flen,
+                    const struct inner *in) {
+    if (!in->ipver || (in->proto != 6 && in->proto != 17) || !in->ports)
         return 0;
     uint8_t *ip = f + in->ip_off;
     size_t l4 = in->ip_off + (in->ipver == 4 ? (size_t)(ip[0] & 0x0F) * 4 : 40);
-    if (l4 + 20 > flen)
-        return 0;
-    size_t hdrs = l4 + (size_t)(f[l4 + 12] >> 4) * 4;
     size_t iplen = in->ipver == 4 ? gdp_load16(ip + 2) : 40 + (size_t)gdp_load16(ip + 4);
-    if (hdrs < l4 + 20 || hdrs >= flen || in->ip_off + iplen != flen)
+    if (in->ip_off + iplen != flen)
         return 0;
-    size_t alen = in->ipver == 4 ? 4 : 16;
-    uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
-    sum += 6 + (uint32_t)(flen - l4);
-    uint16_t partial = (uint16_t)~csum_fold(sum);
-    uint16_t field = gdp_load16(f + l4 + 16);
-    /* 0 and 0xFFFF are the same one's complement sum */
-    if (field != partial && !((field == 0 || field == 0xFFFF) && (partial == 0 || partial == 0xFFFF)))
-        return 0;
-    size_t l3hdrs = hdrs - in->ip_off;
-    size_t mss = t->dev_mtu > l3hdrs ? t->dev_mtu - l3hdrs : 0;
+    int udp = in->proto == 17;
+    size_t hdrs, seg, ulen = 0;
+    if (udp) {
+        if (!t->rx_uso || l4 + 8 > flen)
+            return 0;
+        ulen = gdp_load16(f + l4 + 4);
+        hdrs = l4 + 8;
+        if (ulen <= 8 || l4 + ulen >= flen || !partial_csum(ip, in->ipver, 17, ulen, gdp_load16(f + l4 + 6)))
+            return 0;
+        seg = ulen - 8;
+    } else {
+        if (flen <= t->max_inner || l4 + 20 > flen)
+            return 0;
+        hdrs = l4 + (size_t)(f[l4 + 12] >> 4) * 4;
+        if (hdrs < l4 + 20 || hdrs >= flen ||
+            !partial_csum(ip, in->ipver, 6, flen - l4, gdp_load16(f + l4 + 16)))
+            return 0;
+        size_t l3hdrs = hdrs - in->ip_off;
+        seg = t->dev_mtu > l3hdrs ? t->dev_mtu - l3hdrs : 0;
+    }
+    gro_flush(e); /* what came before it goes first */
     size_t payload = flen - hdrs;
-    size_t nseg = mss ? (payload + mss - 1) / mss : 1;
+    size_t nseg = seg ? (payload + seg - 1) / seg : 1;
     struct gdp_counters *c = &t->counters;
     ssize_t want = (ssize_t)flen;
     ssize_t r;
     if (t->vnet_hdr) {
         uint8_t vh[GDP_VNET_LEN] = {0};
         vh[0] = VNET_F_NEEDS_CSUM;
-        if (mss && payload > mss) {
+        if (udp) {
+            /* The kernel's UDP takes the length as the whole frame's and splits it at
+             * the segment size, fixing each datagram's length and checksum. */
+            gdp_store16(f + l4 + 4, (uint16_t)(flen - l4));
+            uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, in->ipver == 4 ? 8 : 32, 0);
+            gdp_store16(f + l4 + 6, (uint16_t)~csum_fold(sum + 17 + (uint32_t)(flen - l4)));
+            vh[1] = VNET_GSO_UDP_L4;
+        } else if (seg && payload > seg) {
             vh[1] = in->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
             if (f[l4 + 13] & 0x80) /* CWR */
                 vh[1] |= VNET_GSO_ECN;
+        }
+        if (vh[1]) {
             vh[2] = (uint8_t)hdrs;
             vh[3] = (uint8_t)(hdrs >> 8);
-            vh[4] = (uint8_t)mss;
-            vh[5] = (uint8_t)(mss >> 8);
+            vh[4] = (uint8_t)seg;
+            vh[5] = (uint8_t)(seg >> 8);
         }
         vh[6] = (uint8_t)l4;
         vh[7] = (uint8_t)(l4 >> 8);
-        vh[8] = 16;
+        vh[8] = udp ? 6 : 16;
         struct iovec iov[2] = {{vh, GDP_VNET_LEN}, {f, flen}};
         want += GDP_VNET_LEN;
         r = writev(t->dev_fd, iov, 2);
@@ -908,11 +966,8 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
         reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
     c->rx_packets++;
     c->rx_bytes += flen;
-    if (whole && flen > t->max_inner) {
-        gro_flush(e);
-        if (rx_super(t, f, flen, &in))
-            return;
-    }
+    if (whole && rx_super(e, t, f, flen, &in))
+        return;
     struct outer_id o = {pkt, (size_t)rc, from->sin6_port}; /* sin_port: same place */
     if (t->vnet_hdr && gro_add(e, idx, f, flen, &in, &o))
         return;
@@ -1481,6 +1536,37 @@ static void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, 
 #define VNET_GSO_UDP_TUNNEL_IPV4 0x20
 #define INJ_OUTER (14 + 20 + 8) /* Ethernet, IPv4, UDP in front of the GENEVE header */
 
+/* Fill e->inj_hdr: the inject device's virtio header, then Ethernet, outer IPv4 and
+ * UDP and the GENEVE header for an inner super-frame of ``ilen`` bytes: GSO type
+ * ``gso``, segments of ``seg`` bytes after ``hdrs`` of headers, checksum at ``l4`` +
+ * ``coff``. */
+static void inj_outer(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t *hdr,
+                      size_t hlen, const struct inner *in, int df, uint32_t hash, size_t ilen,
+                      uint8_t gso, size_t hdrs, size_t seg, size_t l4, size_t coff) {
+    size_t outer = INJ_OUTER + hlen;
+    uint8_t *g = e->inj_hdr + INJ_VNET_LEN + INJ_OUTER;
+    memcpy(g, hdr, hlen);
+    gdp_store16(g + 2, t->mode == GDP_MODE_TAP ? ETH_P_TEB : in->ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6);
+    uint8_t *ip = put_udp_ip(e, t, hash, in->ecn, df, g, hlen, NULL, ilen);
+    ip[8] = (uint8_t)(t->ttl + 1); /* forwarding takes one off (the caller keeps ttl < 255) */
+    gdp_store16(ip + 10, gdp_inet_csum(ip, 20));
+    uint8_t *eth = ip - 14;
+    memcpy(eth, t->inj_mac, 6);
+    memcpy(eth + 6, t->inj_mac, 6);
+    eth[6] ^= 0x02; /* any unicast source but the device's own */
+    gdp_store16(eth + 12, ETH_P_IPV4);
+    uint8_t *v = e->inj_hdr;
+    memset(v, 0, INJ_VNET_LEN);
+    v[0] = VNET_F_NEEDS_CSUM;
+    v[1] = gso;
+    size_t put[][2] = {{2, outer + hdrs}, {4, seg}, {6, outer + l4}, {8, coff},
+                       {20, 14 + 20}, {22, outer + in->ip_off}};
+    for (size_t i = 0; i < sizeof(put) / sizeof(put[0]); i++) {
+        v[put[i][0]] = (uint8_t)put[i][1];
+        v[put[i][0] + 1] = (uint8_t)(put[i][1] >> 8);
+    }
+}
+
 /* Send a TSO super-frame whole: outer headers in front, written to the inject device
  * with a UDP tunnel GSO header. The kernel routes it to the underlay like a packet it
  * forwards, passes it whole through a veth, and otherwise cuts it into segments that
@@ -1493,38 +1579,154 @@ static int tx_inject(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t *
     if (t->family != 4 || t->udp_csum || outer - 14 + flen > 65535 || load16le(vh + 8) != 16 ||
         !(vh[0] & VNET_F_NEEDS_CSUM))
         return 0;
-    uint8_t *b = e->inj_hdr;
-    uint8_t *g = b + INJ_VNET_LEN + INJ_OUTER;
-    memcpy(g, hdr, hlen);
-    gdp_store16(g + 2, t->mode == GDP_MODE_TAP ? ETH_P_TEB : in->ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6);
-    uint8_t *ip = put_udp_ip(e, t, hash, in->ecn, df, g, hlen, f, flen);
-    ip[8] = (uint8_t)(t->ttl + 1); /* forwarding takes one off (the caller keeps ttl < 255) */
-    gdp_store16(ip + 10, gdp_inet_csum(ip, 20));
-    uint8_t *eth = ip - 14;
-    memcpy(eth, t->inj_mac, 6);
-    memcpy(eth + 6, t->inj_mac, 6);
-    eth[6] ^= 0x02; /* any unicast source but the device's own */
-    gdp_store16(eth + 12, ETH_P_IPV4);
-    uint8_t *v = b;
-    memset(v, 0, INJ_VNET_LEN);
-    v[0] = VNET_F_NEEDS_CSUM;
-    v[1] = (uint8_t)(vh[1] | VNET_GSO_UDP_TUNNEL_IPV4); /* TCPV4/6, ECN kept */
-    size_t put[][2] = {{2, outer + hdrs}, {4, load16le(vh + 4)}, {6, outer + l4}, {8, 16},
-                       {20, 14 + 20}, {22, outer + in->ip_off}};
-    for (size_t i = 0; i < sizeof(put) / sizeof(put[0]); i++) {
-        v[put[i][0]] = (uint8_t)put[i][1];
-        v[put[i][0] + 1] = (uint8_t)(put[i][1] >> 8);
-    }
-    struct iovec iov[2] = {{b, INJ_VNET_LEN + outer}, {(void *)f, flen}};
+    size_t mss = load16le(vh + 4);
+    inj_outer(e, t, hdr, hlen, in, df, hash, flen, (uint8_t)(vh[1] | VNET_GSO_UDP_TUNNEL_IPV4),
+              hdrs, mss, l4, 16);
+    struct iovec iov[2] = {{e->inj_hdr, INJ_VNET_LEN + outer}, {(void *)f, flen}};
     if (writev(t->inj_fd, iov, 2) != (ssize_t)(INJ_VNET_LEN + outer + flen))
         return 0;
-    size_t mss = load16le(vh + 4);
     size_t nseg = (flen - hdrs + mss - 1) / mss;
     e->ip_id += (uint32_t)nseg - 1; /* the kernel numbers the segments on from ours */
     struct gdp_counters *c = &t->counters;
     c->tx_injected++;
     c->tx_packets += nseg;
     c->tx_bytes += flen - hdrs + nseg * hdrs; /* each segment's inner frame */
+    return 1;
+}
+
+/* Complete a partial checksum (as the device left it) and encapsulate as one packet. */
+static void tx_plain(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *buf,
+                     size_t flen, int partial, size_t cstart, size_t coff) {
+    uint8_t *f = buf + GDP_HEADROOM;
+    if (partial) {
+        if (cstart + coff + 2 > flen) {
+            e->tunnels[idx].counters.drops[GDP_DROP_TX_BAD_FRAME]++;
+            return;
+        }
+        /* The field holds the pseudo-header sum; sum the rest over it. */
+        uint16_t cs = csum_fold(csum_partial(f + cstart, flen - cstart, 0));
+        gdp_store16(f + cstart + coff, cs ? cs : 0xFFFF);
+    }
+    tx_one(e, st, idx, buf, flen);
+}
+
+/* Send a UDP run as one super-frame through the inject device; a run of one, or one
+ * the device refuses, leaves datagram by datagram. */
+static void uso_flush(struct gdp_engine *e, struct tx_state *st, struct uso_run *r) {
+    if (!r->active)
+        return;
+    r->active = 0;
+    struct gdp_tunnel *t = &e->tunnels[r->idx];
+    size_t hdrs = r->l4 + 8;
+    size_t plen = r->flen - hdrs;
+    size_t slen = hdrs + r->nseg * plen;
+    size_t outer = INJ_OUTER + t->hdr_len;
+    if (r->nseg > 1 && t->inject && outer - 14 + slen <= 65535) {
+        tx_send(e, st); /* what the flow sent before the run leaves first */
+        const uint8_t *f0 = r->buf + GDP_HEADROOM;
+        memcpy(e->uso_hdr, f0, hdrs);
+        uint8_t *ip = e->uso_hdr + r->ip_off;
+        if (ip[0] >> 4 == 4) {
+            gdp_store16(ip + 2, (uint16_t)(slen - r->ip_off));
+            gdp_store16(ip + 10, 0);
+            gdp_store16(ip + 10, gdp_inet_csum(ip, 20));
+        } else {
+            gdp_store16(ip + 4, (uint16_t)(slen - r->l4));
+        }
+        /* The UDP length stays one datagram's: the segment size, for the receiver. */
+        struct inner in = {.ipver = ip[0] >> 4, .ip_off = r->ip_off, .ecn = r->ecn};
+        inj_outer(e, t, t->hdr, t->hdr_len, &in, r->df, r->hash, slen,
+                  VNET_GSO_UDP_L4 | VNET_GSO_UDP_TUNNEL_IPV4, hdrs, plen, r->l4, 6);
+        struct iovec *v = e->uso_iov;
+        v[0].iov_base = e->inj_hdr;
+        v[0].iov_len = INJ_VNET_LEN + outer;
+        v[1].iov_base = e->uso_hdr;
+        v[1].iov_len = hdrs;
+        for (uint32_t k = 0; k < r->nseg; k++) {
+            v[2 + k].iov_base = r->bufs[k] + GDP_HEADROOM + hdrs;
+            v[2 + k].iov_len = plen;
+        }
+        if (writev(t->inj_fd, v, (int)r->nseg + 2) == (ssize_t)(INJ_VNET_LEN + outer + slen)) {
+            e->ip_id += r->nseg - 1;
+            struct gdp_counters *c = &t->counters;
+            c->tx_injected++;
+            c->tx_packets += r->nseg;
+            c->tx_bytes += r->nseg * r->flen;
+            return;
+        }
+    }
+    for (uint32_t k = 0; k < r->nseg; k++)
+        tx_plain(e, st, r->idx, r->bufs[k], r->flen, 1, r->l4, 6);
+}
+
+static void uso_flush_all(struct gdp_engine *e, struct tx_state *st) {
+    for (int k = 0; k < USO_RUNS; k++)
+        uso_flush(e, st, &e->uso[k]);
+}
+
+static int same_bytes(const uint8_t *a, const uint8_t *b, size_t from, size_t to) {
+    return !memcmp(a + from, b + from, to - from);
+}
+
+/* Take a datagram read from the device into a UDP run; 0 when it cannot be (the caller
+ * sends it as it is, after flushing the runs). */
+static int uso_add(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *buf,
+                   size_t flen, const uint8_t *vh, const struct inner *in) {
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    const uint8_t *f = buf + GDP_HEADROOM;
+    size_t ipo = in->ip_off;
+    size_t l4 = ipo + (in->ipver == 4 ? 20 : 40);
+    if (!t->inject || t->reflect || !in->ipver || in->proto != 17 || !in->ports ||
+        !(vh[0] & VNET_F_NEEDS_CSUM) || load16le(vh + 6) != l4 || load16le(vh + 8) != 6 ||
+        flen <= l4 + 8 || flen > t->max_inner || gdp_load16(f + l4 + 4) != flen - l4)
+        return 0;
+    const uint8_t *ip = f + ipo;
+    if (in->ipver == 4 ? ip[0] != 0x45 || gdp_load16(ip + 2) != flen - ipo
+                       : gdp_load16(ip + 4) != flen - l4)
+        return 0;
+    size_t addr_from = ipo + (in->ipver == 4 ? 12 : 8);
+    for (int k = 0; k < USO_RUNS; k++) {
+        struct uso_run *r = &e->uso[k];
+        if (!r->active || r->idx != idx || r->ip_off != ipo)
+            continue;
+        const uint8_t *f0 = r->buf + GDP_HEADROOM;
+        if (r->l4 != l4 || !same_bytes(f0, f, addr_from, l4 + 4))
+            continue; /* another flow */
+        int alike = r->flen == flen && same_bytes(f0, f, 0, ipo) &&
+                    (in->ipver == 6 ? same_bytes(f0, f, ipo, l4 + 8)
+                                    : same_bytes(f0, f, ipo, ipo + 4) &&
+                                          same_bytes(f0, f, ipo + 6, ipo + 10) &&
+                                          same_bytes(f0, f, ipo + 12, l4 + 8) &&
+                                          gdp_load16(ip + 4) == r->next_id);
+        size_t room = INJ_OUTER - 14 + t->hdr_len + l4 + 8 + (r->nseg + 1) * (flen - l4 - 8);
+        if (alike && r->nseg < USO_RUN_MAX && room <= 65535) {
+            r->bufs[r->nseg++] = buf;
+            r->next_id++;
+            return 1;
+        }
+        uso_flush(e, st, r); /* the flow changed: its run leaves before this datagram */
+        break;
+    }
+    struct uso_run *r = NULL;
+    for (int k = 0; k < USO_RUNS && !r; k++)
+        if (!e->uso[k].active)
+            r = &e->uso[k];
+    if (!r) {
+        r = &e->uso[e->uso_rr++ % USO_RUNS];
+        uso_flush(e, st, r);
+    }
+    r->active = 1;
+    r->idx = idx;
+    r->buf = buf;
+    r->flen = flen;
+    r->ip_off = ipo;
+    r->l4 = l4;
+    r->next_id = (uint16_t)(in->ipver == 4 ? gdp_load16(ip + 4) + 1 : 0);
+    r->hash = hash_inner(f, flen, in, e->cfg.hash_seed);
+    r->df = t->df == GDP_DF_SET || (t->df == GDP_DF_INHERIT && (in->ipver == 6 || in->df));
+    r->ecn = in->ecn;
+    r->nseg = 1;
+    r->bufs[0] = buf;
     return 1;
 }
 
@@ -1542,20 +1744,15 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
     size_t gso_size = load16le(vh + 4);
     size_t cstart = load16le(vh + 6);
     size_t coff = load16le(vh + 8);
+    struct inner in;
     if (gso == VNET_GSO_NONE) {
-        if (flags & VNET_F_NEEDS_CSUM) {
-            if (cstart + coff + 2 > flen) {
-                c->drops[GDP_DROP_TX_BAD_FRAME]++;
-                return;
-            }
-            /* The field holds the pseudo-header sum; sum the rest over it. */
-            uint16_t cs = csum_fold(csum_partial(f + cstart, flen - cstart, 0));
-            gdp_store16(f + cstart + coff, cs ? cs : 0xFFFF);
-        }
-        tx_one(e, st, idx, buf, flen);
+        if (t->inject && parse_inner(f, flen, t->mode, &in) == 0 &&
+            uso_add(e, st, idx, buf, flen, vh, &in))
+            return;
+        uso_flush_all(e, st); /* a flow's run goes before anything else it sends */
+        tx_plain(e, st, idx, buf, flen, flags & VNET_F_NEEDS_CSUM, cstart, coff);
         return;
     }
-    struct inner in;
     if ((gso != VNET_GSO_TCPV4 && gso != VNET_GSO_TCPV6) || gso_size == 0 ||
         parse_inner(f, flen, t->mode, &in) < 0 || in.ipver != (gso == VNET_GSO_TCPV4 ? 4 : 6) ||
         in.proto != 6 || cstart + 20 > flen) {
@@ -1679,8 +1876,10 @@ static void tx_round(struct gdp_engine *e, struct tx_state *st) {
         struct gdp_tunnel *t = &e->tunnels[idx];
         /* A bounded number of frames per device per round keeps tunnels fair. */
         for (int got = 0; got < GDP_BATCH * 2; got++) {
-            if (st->bufs == GDP_BATCH)
+            if (st->bufs == GDP_BATCH) {
+                uso_flush_all(e, st); /* runs point into the buffers tx_flush frees */
                 tx_flush(e, st);
+            }
             uint8_t *buf = e->tx_bufs + (size_t)st->bufs * GDP_BUF_SIZE;
             size_t vlen = t->vnet_hdr ? GDP_VNET_LEN : 0;
             ssize_t r = read(t->dev_fd, buf + GDP_HEADROOM - vlen, GDP_BUF_SIZE - GDP_HEADROOM + vlen);
@@ -1702,6 +1901,7 @@ static void tx_round(struct gdp_engine *e, struct tx_state *st) {
         }
     }
     e->rr++;
+    uso_flush_all(e, st);
     tx_flush(e, st);
 }
 
