@@ -880,6 +880,7 @@ static int rx_super(struct gdp_engine *e, struct gdp_tunnel *t, uint8_t *f, size
         return 1;
     }
     c->rx_packets += nseg - 1;
+    c->rx_bytes += (nseg - 1) * hdrs; /* each segment's inner frame, as the sender counts */
     c->rx_gro_frames++;
     return 1;
 }
@@ -1017,6 +1018,31 @@ static uint8_t cmsg_tos(struct msghdr *m, struct gdp_sock_stats *ss, size_t *gro
     return tos;
 }
 
+/* Whether a UDP GRO datagram is one GENEVE packet after all: a super-packet whose
+ * inner frame is a UDP_L4 super-frame, for which the kernel reports the inner
+ * segment size (the inner IP length then spans the whole datagram). */
+static int one_packet(const uint8_t *p, size_t len) {
+    if (len < GDP_BASE_HEADER_LEN)
+        return 0;
+    size_t off = GDP_BASE_HEADER_LEN + (size_t)(p[0] & 0x3F) * 4;
+    uint16_t proto = gdp_load16(p + 2);
+    if (proto == ETH_P_TEB) {
+        if (len < off + 18)
+            return 0;
+        proto = gdp_load16(p + off + 12);
+        off += 14;
+        if (proto == ETH_P_VLAN) {
+            proto = gdp_load16(p + off + 2);
+            off += 4;
+        }
+    }
+    if (proto == ETH_P_IPV4 && len >= off + 20 && p[off] >> 4 == 4)
+        return off + gdp_load16(p + off + 2) == len;
+    if (proto == ETH_P_IPV6 && len >= off + 40 && p[off] >> 4 == 6)
+        return off + 40 + gdp_load16(p + off + 4) == len;
+    return 0;
+}
+
 /* Drain the UDP socket; returns 0, or -errno on a hard error. */
 static int rx_batch(struct gdp_engine *e) {
     for (int rounds = 0; rounds < 64; rounds++) {
@@ -1052,9 +1078,9 @@ static int rx_batch(struct gdp_engine *e) {
             if (m->msg_flags & MSG_TRUNC)
                 len = 0; /* cannot happen with 64 KiB buffers; never forward a part */
             uint8_t *p = e->rx_iov[i].iov_base;
-            if (gro_size == 0 || gro_size >= len) {
+            if (gro_size == 0 || gro_size >= len || one_packet(p, len)) {
                 e->stats->rx_packets++;
-                rx_one(e, p, len, &e->rx_addr[i], tos, gro_size == 0 && !reassembled);
+                rx_one(e, p, len, &e->rx_addr[i], tos, !reassembled);
                 continue;
             }
             /* UDP_GRO: the kernel handed over several same-sized datagrams at once. */
@@ -1866,8 +1892,8 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
     }
 }
 
-/* Read what the ready devices have, encapsulate, send in batches. */
-static void tx_round(struct gdp_engine *e, struct tx_state *st) {
+/* Read what the ready devices have (by the revents of e->pfds) and encapsulate it. */
+static void tx_read(struct gdp_engine *e, struct tx_state *st) {
     for (uint32_t k = 0; k < e->n; k++) {
         uint32_t idx = (e->rr + k) % e->n;
         struct pollfd *p = &e->pfds[1 + idx];
@@ -1899,6 +1925,29 @@ static void tx_round(struct gdp_engine *e, struct tx_state *st) {
             else
                 tx_one(e, st, idx, buf, (size_t)r);
         }
+    }
+}
+
+/* How long a growing UDP run waits for the rest of its burst once the devices are
+ * drained: a sender's burst reaches the device a datagram at a time, and a run cut
+ * at every drain is a run of one or two. Only a run that already has two datagrams
+ * waits, so a lone datagram (a request) leaves at once. */
+#define USO_HOLD_NS 50000
+
+static int uso_growing(const struct gdp_engine *e) {
+    for (int k = 0; k < USO_RUNS; k++)
+        if (e->uso[k].active && e->uso[k].nseg >= 2)
+            return 1;
+    return 0;
+}
+
+/* One round: read, encapsulate, send in batches. */
+static void tx_round(struct gdp_engine *e, struct tx_state *st) {
+    tx_read(e, st);
+    if (USO_HOLD_NS && uso_growing(e) && st->bufs < GDP_BATCH) {
+        struct timespec hold = {0, USO_HOLD_NS};
+        if (ppoll(e->pfds + 1, e->n, &hold, NULL) > 0)
+            tx_read(e, st);
     }
     e->rr++;
     uso_flush_all(e, st);

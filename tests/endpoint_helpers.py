@@ -38,7 +38,7 @@ def _main(engine: str, specs_json: str) -> int:
             control.append([name, packet.hex()])
 
     # "c+offload": the C engine with IFF_VNET_HDR TSO/checksum offloads; "+wN": N
-    # workers (default: one per core).
+    # workers (default: one per two cores).
     parts = engine.split("+")
     offload = "offload" in parts
     workers = [int(p[1:]) for p in parts if p.startswith("w") and p[1:].isdigit()]

@@ -9,10 +9,12 @@ shape of the segments the kernel cuts from it, are in test_endpoint_bulk.py.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -225,3 +227,59 @@ def test_reassembled_datagram_is_not_taken_for_a_super_packet(
     assert after["rx_packets"] == before["rx_packets"] + 1  # one packet, not "segments"
     assert after["rx_gro_frames"] == before["rx_gro_frames"]
     assert wait_for(lambda: csum_errors() == before_errors + 1)
+
+
+BURST = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("192.168.100.2", 7777))
+for i in range(int(sys.argv[1])):
+    s.send(bytes([i]) * 200)
+"""
+
+
+def test_udp_run_on_the_wire_is_one_datagram_per_geneve_packet(
+    pair: tuple[Netns, Netns], tunnel: tuple[Endpoint, Endpoint], tmp_path: Any
+) -> None:
+    """A burst of one UDP flow leaves the sender as UDP runs through the inject device.
+    With transmit checksum offload off on the veth (so the kernel segments in software,
+    as before a NIC's wire) every captured GENEVE packet carries exactly one of the
+    datagrams, in order, whole, with a correct UDP checksum and consecutive IDs."""
+    from tests.test_endpoint_bulk import TXCSUM_OFF
+
+    a, b = pair
+    ea, eb = tunnel
+    assert a.run(sys.executable, "-c", TXCSUM_OFF, "ua").stdout.strip() == "0"
+    pcap = tmp_path / "burst.pcap"
+    argv = ["tcpdump", "-i", "ub", "-s", "0", "-n", "--immediate-mode", "-w", str(pcap)]
+    cap = b.popen([*argv, "udp port 6081"], stderr=subprocess.PIPE)
+    n = 40
+    before = ea.tunnel("gt0")["counters"]["tx_injected"]
+    try:
+        assert cap.stderr is not None and "listening on ub" in cap.stderr.readline()
+        # All at once, so the sender reads them from its device in a row.
+        a.run(sys.executable, "-c", BURST, str(n))
+        assert wait_for(lambda: eb.tunnel("gt0")["counters"]["rx_packets"] >= n)
+        time.sleep(0.3)
+    finally:
+        cap.send_signal(signal.SIGINT)
+        cap.communicate(timeout=10)
+    assert ea.tunnel("gt0")["counters"]["tx_injected"] > before
+    from scapy.all import IP, UDP, Ether, rdpcap  # type: ignore[import-untyped]
+
+    inner = []
+    for pkt in rdpcap(str(pcap)):
+        outer = pkt[IP]
+        assert len(bytes(outer)) <= 1500
+        payload = bytes(outer[UDP].payload)
+        frame = Ether(payload[8 + (payload[0] & 0x3F) * 4 :])
+        if UDP in frame and frame[UDP].dport == 7777:
+            inner.append(frame)
+    assert [bytes(f[UDP].payload) for f in inner] == [bytes([i]) * 200 for i in range(n)]
+    for f in inner:
+        got = f[UDP].chksum
+        del f[UDP].chksum
+        assert Ether(bytes(f))[UDP].chksum == got  # scapy recomputes it
+        assert f[IP].len == 20 + 8 + 200 and f[UDP].len == 8 + 200
+    ids = [f[IP].id for f in inner]
+    assert ids == [(ids[0] + k) & 0xFFFF for k in range(n)]

@@ -116,7 +116,7 @@ def register(sub: Any) -> None:
         "--workers",
         metavar="N",
         help="forwarding workers, each a queue of every device and a receive socket "
-        "(C engine; default: one per core, or GDP_WORKERS)",
+        "(C engine; default: one per two cores, or GDP_WORKERS)",
     )
     up.add_argument(
         "--nice",
