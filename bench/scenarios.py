@@ -125,13 +125,21 @@ class GeneveDp(Scenario):
     kernel_path = False
     ready_timeout = 30.0
 
-    def __init__(self, mode: str, engine: str, udp_csum: bool = False) -> None:
+    def __init__(self, mode: str, engine: str, udp_csum: bool = False, inject: bool = True) -> None:
         super().__init__()
         self.mode, self.engine, self.udp_csum = mode, engine, udp_csum
         self.extra = ["--udp-csum"] if udp_csum else []
-        self.id = f"geneve-dp-{engine}-{mode}" + ("-csum" if udp_csum else "")
-        self.label = f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}" + (
-            ", --udp-csum" if udp_csum else ""
+        # GDP_INJECT=0: without the inject device (dataplane/inject.py), for comparison.
+        self.env = None if inject else {**os.environ, "GDP_INJECT": "0"}
+        self.id = (
+            f"geneve-dp-{engine}-{mode}"
+            + ("-csum" if udp_csum else "")
+            + ("" if inject else "-noinject")
+        )
+        self.label = (
+            f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}"
+            + (", --udp-csum" if udp_csum else "")
+            + ("" if inject else ", GDP_INJECT=0")
         )
         self.description = (
             f"two `geneve-dp up --mode {mode} --engine {engine}{' '.join(['', *self.extra])}` "
@@ -140,6 +148,12 @@ class GeneveDp(Scenario):
                 ": outer UDP checksums on, which is what lets UDP GSO carry TSO super-frames "
                 "(the kernel refuses UDP_SEGMENT without a checksum)"
                 if udp_csum
+                else ""
+            )
+            + (
+                "; the inject device off (GDP_INJECT=0): TSO segments and UDP datagrams "
+                "leave one by one through sockets, as before it"
+                if not inject
                 else ""
             )
         )
@@ -156,7 +170,11 @@ class GeneveDp(Scenario):
                 *self.extra,
             ]  # fmt: skip
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
             )
             self.procs.append(proc)
             log: deque[str] = deque(maxlen=20)
@@ -259,6 +277,7 @@ def all_scenarios() -> list[Scenario]:
         BareVeth(),
         KernelVxlan(),
         GeneveDp("tap", "c"),
+        GeneveDp("tap", "c", inject=False),
         GeneveDp("tap", "c", udp_csum=True),
         GeneveDp("tun", "c"),
         GeneveDp("tap", "python"),

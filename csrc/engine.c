@@ -15,9 +15,11 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -1598,12 +1600,24 @@ static void inj_outer(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t 
  * forwards, passes it whole through a veth, and otherwise cuts it into segments that
  * each carry all of these headers (GENEVE options included), as for its own tunnels.
  * Returns 0 when the frame was not taken (the caller segments it here instead). */
+/* Whether the underlay device is up and running (one ioctl, per super-frame). */
+static int underlay_up(const struct gdp_engine *e, const struct gdp_tunnel *t) {
+    if (!t->underlay_ifname[0])
+        return 1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    memcpy(ifr.ifr_name, t->underlay_ifname, sizeof(ifr.ifr_name) - 1);
+    if (ioctl(e->cfg.raw_fd, SIOCGIFFLAGS, &ifr) < 0)
+        return 0;
+    return (ifr.ifr_flags & (IFF_UP | IFF_RUNNING)) == (IFF_UP | IFF_RUNNING);
+}
+
 static int tx_inject(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t *vh,
                      const uint8_t *f, size_t flen, const struct inner *in, size_t l4,
                      size_t hdrs, const uint8_t *hdr, size_t hlen, int df, uint32_t hash) {
     size_t outer = INJ_OUTER + hlen;
     if (t->family != 4 || t->udp_csum || outer - 14 + flen > 65535 || load16le(vh + 8) != 16 ||
-        !(vh[0] & VNET_F_NEEDS_CSUM))
+        !(vh[0] & VNET_F_NEEDS_CSUM) || !underlay_up(e, t))
         return 0;
     size_t mss = load16le(vh + 4);
     inj_outer(e, t, hdr, hlen, in, df, hash, flen, (uint8_t)(vh[1] | VNET_GSO_UDP_TUNNEL_IPV4),
@@ -1647,7 +1661,7 @@ static void uso_flush(struct gdp_engine *e, struct tx_state *st, struct uso_run 
     size_t plen = r->flen - hdrs;
     size_t slen = hdrs + r->nseg * plen;
     size_t outer = INJ_OUTER + t->hdr_len;
-    if (r->nseg > 1 && t->inject && outer - 14 + slen <= 65535) {
+    if (r->nseg > 1 && t->inject && outer - 14 + slen <= 65535 && underlay_up(e, t)) {
         tx_send(e, st); /* what the flow sent before the run leaves first */
         const uint8_t *f0 = r->buf + GDP_HEADROOM;
         memcpy(e->uso_hdr, f0, hdrs);

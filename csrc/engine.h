@@ -132,6 +132,10 @@ struct gdp_tunnel {
     int inj_fd;
     uint8_t inj_mac[6];
     uint32_t dev_mtu; /* the tunnel device's MTU: the MSS of received super-packets */
+    /* The device the route to the remote leaves by ("": unknown). While it is
+     * down nothing is injected: sockets then fail, and count, what the kernel
+     * would drop unseen behind the inject device. */
+    char underlay_ifname[16];
     /* Set by gdp_tunnel_prepare. */
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */

@@ -129,6 +129,10 @@ struct gdp_tunnel {
     int inj_fd;
     uint8_t inj_mac[6];
     uint32_t dev_mtu; /* the tunnel device's MTU: the MSS of received super-packets */
+    /* The device the route to the remote leaves by ("": unknown). While it is
+     * down nothing is injected: sockets then fail, and count, what the kernel
+     * would drop unseen behind the inject device. */
+    char underlay_ifname[16];
     uint32_t hdr_len;
     uint32_t max_inner;
     uint8_t hdr[260];

@@ -15,6 +15,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from geneve_dp.dataplane.dataplane import default_workers
 from geneve_dp.errors import UserError
 from geneve_dp.metrics import DataplaneCollector, parse_addr
 from tests.netns import Netns
@@ -155,7 +156,7 @@ def test_up_serves_metrics_of_real_traffic(
         assert value(s, "geneve_dp_drops_total", reason="critical_option", **dev) == 3
         sock = {"family": "ipv4", "port": "6081"}
         assert value(s, "geneve_dp_socket_drops_total", reason="unknown_vni", **sock) == 2
-        assert value(s, "geneve_dp_workers") == 2
+        assert value(s, "geneve_dp_workers") == default_workers()
         assert value(s, "geneve_dp_tunnels") == 1
         info = [k for k in s if k[0] == "geneve_dp_tunnel_info"]
         assert len(info) == 1 and ("remote", B_UL) in info[0][1] and ("mtu", "1450") in info[0][1]

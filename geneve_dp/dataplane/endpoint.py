@@ -76,6 +76,7 @@ class Tunnel:
     device: Device
     local: IPAddress
     underlay_mtu: int
+    underlay_dev: str = ""  # the route's device at start ("" if none was named)
 
 
 @dataclass
@@ -100,8 +101,8 @@ def _af(family: int) -> socket.AddressFamily:
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
-def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress]:
-    """Underlay MTU and local address for the route to spec.remote."""
+def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress, str]:
+    """Underlay MTU, local address and device for the route to spec.remote."""
     try:
         kwargs: dict[str, object] = {"dst": str(spec.remote)}
         if spec.local is not None:
@@ -122,8 +123,12 @@ def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress]:
     metrics = route.get_attr("RTA_METRICS")
     if metrics is not None:
         mtu = metrics.get_attr("RTAX_MTU") or 0
-    if not mtu and oif:
-        mtu = ipr.link("get", index=oif)[0].get_attr("IFLA_MTU")
+    ifname = ""
+    if oif:
+        link = ipr.link("get", index=oif)[0]
+        ifname = link.get_attr("IFLA_IFNAME") or ""
+        if not mtu:
+            mtu = link.get_attr("IFLA_MTU")
     if spec.local is not None:
         local: IPAddress = spec.local
     else:
@@ -136,7 +141,7 @@ def _route(ipr: IPRoute, spec: TunnelSpec) -> tuple[int, IPAddress]:
                     f"no route to {spec.remote}: {exc.strerror}", field="remote"
                 ) from exc
             local = ipaddress.ip_address(probe.getsockname()[0].split("%")[0])
-    return int(mtu), local
+    return int(mtu), local, ifname
 
 
 def _probe_uso(fd: int) -> bool:
@@ -367,7 +372,7 @@ def open_resources(specs: list[TunnelSpec], offload: bool = False, workers: int 
                         offload,
                         workers,
                     )
-                underlay_mtu, local = _route(ipr, spec)
+                underlay_mtu, local, underlay_dev = _route(ipr, spec)
                 mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead
                 if mtu < 68:
                     raise UserError(
@@ -375,7 +380,7 @@ def open_resources(specs: list[TunnelSpec], offload: bool = False, workers: int 
                         field="mtu",
                     )
                 device = _open_device(ipr, spec, mtu, offload, workers)
-                groups[key].tunnels.append(Tunnel(spec, device, local, underlay_mtu))
+                groups[key].tunnels.append(Tunnel(spec, device, local, underlay_mtu, underlay_dev))
     except NetlinkError as exc:
         close_resources(list(groups.values()))
         raise UserError(f"netlink: {os.strerror(exc.code)}", field="name") from exc

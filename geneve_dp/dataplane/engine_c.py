@@ -149,6 +149,8 @@ class CGroupEngine:
             t.vnet_hdr = tun.device.vnet_hdr
             t.rx_uso = tun.device.rx_uso
             t.dev_mtu = tun.device.mtu
+            name = tun.underlay_dev.encode()[:15]
+            ffi.memmove(t.underlay_ifname, name, len(name))
             # Forwarding takes one off the TTL that is written (engine.c tx_inject).
             if injector and tun.device.vnet_hdr and spec.family == 4 and not spec.tx_udp_csum:
                 if spec.ttl < 255:
