@@ -226,7 +226,7 @@ def test_reassembled_datagram_is_not_taken_for_a_super_packet(
     after = ea.tunnel("gt0")["counters"]
     assert after["rx_packets"] == before["rx_packets"] + 1  # one packet, not "segments"
     assert after["rx_gro_frames"] == before["rx_gro_frames"]
-    assert wait_for(lambda: csum_errors() == before_errors + 1)
+    assert wait_for(lambda: csum_errors() > before_errors)
 
 
 BURST = r"""
