@@ -288,3 +288,16 @@ def test_udp_run_on_the_wire_is_one_datagram_per_geneve_packet(
         assert f[IP].len == 20 + 8 + 200 and f[UDP].len == 8 + 200
     ids = [f[IP].id for f in inner]
     assert ids == [(ids[0] + i - seq[0]) & 0xFFFF for i in seq]  # one ID per datagram sent
+
+
+def test_python_receiver_takes_super_packets(pair: tuple[Netns, Netns]) -> None:
+    """A C sender's TCP super-packets reach a Python-engine receiver on the same host
+    whole (its socket has no UDP_GRO to split them): it completes their checksums and
+    the transfer arrives."""
+    a, b = pair
+    with endpoint(a, "c+offload", spec("10.0.0.2", 1)) as ea:
+        with endpoint(b, "python", spec("10.0.0.1", 2)) as eb:
+            assert ea.error is None and eb.error is None, (ea.error, eb.error)
+            a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
+            assert transfer(a, b, 8 * MIB) == 8 * MIB
+            assert ea.tunnel("gt0")["counters"]["tx_injected"] > 0
