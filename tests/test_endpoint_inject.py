@@ -238,6 +238,15 @@ for i in range(int(sys.argv[1])):
 """
 
 
+PORT_7777 = r"""
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.168.100.2", 7777))
+print("bound", flush=True)
+time.sleep(60)
+"""
+
+
 def test_udp_run_on_the_wire_is_one_datagram_per_geneve_packet(
     pair: tuple[Netns, Netns], tunnel: tuple[Endpoint, Endpoint], tmp_path: Any
 ) -> None:
@@ -256,6 +265,9 @@ def test_udp_run_on_the_wire_is_one_datagram_per_geneve_packet(
     n = 40
     before = ea.tunnel("gt0")["counters"]["tx_injected"]
     got_before = eb.tunnel("gt0")["counters"]["rx_packets"]
+    # A bound port: no ICMP port unreachable comes back to fail the sender's sends.
+    sink = b.popen([sys.executable, "-c", PORT_7777], stdout=subprocess.PIPE)
+    assert sink.stdout is not None and sink.stdout.readline().strip() == "bound"
     try:
         assert cap.stderr is not None and "listening on ub" in cap.stderr.readline()
         # All at once, so the sender reads them from its device in a row.
@@ -265,6 +277,8 @@ def test_udp_run_on_the_wire_is_one_datagram_per_geneve_packet(
     finally:
         cap.send_signal(signal.SIGINT)
         cap.communicate(timeout=10)
+        sink.kill()
+        sink.wait(5)
     assert ea.tunnel("gt0")["counters"]["tx_injected"] > before
     from scapy.all import IP, UDP, Ether, rdpcap  # type: ignore[import-untyped]
 
