@@ -241,6 +241,19 @@ static uint16_t l4_csum(int ipver, const uint8_t *src, const uint8_t *dst, uint8
     return csum_fold(csum_partial(msg, len, sum));
 }
 
+/* The one's complement sum, unfolded, of the pseudo header of an upper-layer message
+ * of ``len`` bytes in the IPv4 or IPv6 packet at ``ip`` (its addresses). */
+static uint64_t pseudo_sum(const uint8_t *ip, int ipver, uint8_t proto, size_t len) {
+    return csum_partial(ipver == 4 ? ip + 12 : ip + 8, ipver == 4 ? 8 : 32, 0) + proto +
+           (uint32_t)len;
+}
+
+/* What a partial checksum field holds (CHECKSUM_PARTIAL, a virtio NEEDS_CSUM frame):
+ * the pseudo-header sum, folded, not complemented. */
+static uint16_t partial_field(const uint8_t *ip, int ipver, uint8_t proto, size_t len) {
+    return (uint16_t)~csum_fold(pseudo_sum(ip, ipver, proto, len));
+}
+
 /* ---------------------------------------------------------------- inner parsing */
 
 struct inner {
@@ -620,7 +633,6 @@ static void gro_flush(struct gdp_engine *e) {
         return;
     }
     uint8_t *ip = g->buf + g->ip_off;
-    size_t alen = g->ipver == 4 ? 4 : 16;
     if (g->ipver == 4) {
         gdp_store16(ip + 2, (uint16_t)(g->len - g->ip_off));
         gdp_store16(ip + 10, 0);
@@ -635,9 +647,7 @@ static void gro_flush(struct gdp_engine *e) {
     /* Partial checksum, as a virtio device hands it over: the field holds the
      * pseudo-header sum and the kernel treats the payload as verified (each segment's
      * checksum was checked before it was merged). */
-    uint64_t sum = csum_partial(g->ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
-    sum += g->proto + (uint32_t)(g->len - g->l4);
-    gdp_store16(g->buf + g->l4 + csum_off, (uint16_t)~csum_fold(sum));
+    gdp_store16(g->buf + g->l4 + csum_off, partial_field(ip, g->ipver, g->proto, g->len - g->l4));
     vh[0] = VNET_F_NEEDS_CSUM;
     vh[1] = udp ? VNET_GSO_UDP_L4 : g->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
     vh[2] = (uint8_t)g->hdrs;
@@ -787,13 +797,15 @@ static int gro_add_udp(struct gdp_engine *e, uint32_t idx, const uint8_t *f, siz
     return 1;
 }
 
+/* The length the IP header at ``ip`` gives its packet. */
+static size_t ip_total(const uint8_t *ip, int ipver) {
+    return ipver == 4 ? gdp_load16(ip + 2) : 40 + (size_t)gdp_load16(ip + 4);
+}
+
 /* Whether the L4 checksum field holds just the pseudo-header sum over ``len`` bytes
  * (0 and 0xFFFF are the same one's complement sum). */
 static int partial_csum(const uint8_t *ip, int ipver, uint8_t proto, size_t len, uint16_t field) {
-    size_t alen = ipver == 4 ? 4 : 16;
-    uint64_t sum = csum_partial(ipver == 4 ? ip + 12 : ip + 8, 2 * alen, 0);
-    sum += proto + (uint32_t)len;
-    uint16_t partial = (uint16_t)~csum_fold(sum);
+    uint16_t partial = partial_field(ip, ipver, proto, len);
     return field == partial || ((field == 0 || field == 0xFFFF) && (partial == 0 || partial == 0xFFFF));
 }
 
@@ -814,8 +826,7 @@ static int rx_super(struct gdp_engine *e, struct gdp_tunnel *t, uint8_t *f, size
         return 0;
     uint8_t *ip = f + in->ip_off;
     size_t l4 = in->ip_off + (in->ipver == 4 ? (size_t)(ip[0] & 0x0F) * 4 : 40);
-    size_t iplen = in->ipver == 4 ? gdp_load16(ip + 2) : 40 + (size_t)gdp_load16(ip + 4);
-    if (in->ip_off + iplen != flen)
+    if (in->ip_off + ip_total(ip, in->ipver) != flen)
         return 0;
     int udp = in->proto == 17;
     size_t hdrs, seg, ulen = 0;
@@ -850,8 +861,7 @@ static int rx_super(struct gdp_engine *e, struct gdp_tunnel *t, uint8_t *f, size
             /* The kernel's UDP takes the length as the whole frame's and splits it at
              * the segment size, fixing each datagram's length and checksum. */
             gdp_store16(f + l4 + 4, (uint16_t)(flen - l4));
-            uint64_t sum = csum_partial(in->ipver == 4 ? ip + 12 : ip + 8, in->ipver == 4 ? 8 : 32, 0);
-            gdp_store16(f + l4 + 6, (uint16_t)~csum_fold(sum + 17 + (uint32_t)(flen - l4)));
+            gdp_store16(f + l4 + 6, partial_field(ip, in->ipver, 17, flen - l4));
             vh[1] = VNET_GSO_UDP_L4;
         } else if (seg && payload > seg) {
             vh[1] = in->ipver == 4 ? VNET_GSO_TCPV4 : VNET_GSO_TCPV6;
@@ -1028,21 +1038,12 @@ static int one_packet(const uint8_t *p, size_t len) {
         return 0;
     size_t off = GDP_BASE_HEADER_LEN + (size_t)(p[0] & 0x3F) * 4;
     uint16_t proto = gdp_load16(p + 2);
-    if (proto == ETH_P_TEB) {
-        if (len < off + 18)
-            return 0;
-        proto = gdp_load16(p + off + 12);
-        off += 14;
-        if (proto == ETH_P_VLAN) {
-            proto = gdp_load16(p + off + 2);
-            off += 4;
-        }
-    }
-    if (proto == ETH_P_IPV4 && len >= off + 20 && p[off] >> 4 == 4)
-        return off + gdp_load16(p + off + 2) == len;
-    if (proto == ETH_P_IPV6 && len >= off + 40 && p[off] >> 4 == 6)
-        return off + 40 + gdp_load16(p + off + 4) == len;
-    return 0;
+    int tap = proto == ETH_P_TEB;
+    struct inner in;
+    if (off >= len || (!tap && proto != ETH_P_IPV4 && proto != ETH_P_IPV6) ||
+        parse_inner(p + off, len - off, tap ? GDP_MODE_TAP : GDP_MODE_TUN, &in) < 0 || !in.ipver)
+        return 0;
+    return in.ip_off + ip_total(p + off + in.ip_off, in.ipver) == len - off;
 }
 
 /* Drain the UDP socket; returns 0, or -errno on a hard error. */
@@ -1304,6 +1305,17 @@ static int send_too_big(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_
 /* UDP and outer IP headers in front of ``g`` (the GENEVE header). The datagram is
  * g[0 .. glen) followed by rest[0 .. rest_len) (sent as a second iovec); an even glen
  * lets the checksum run over the two parts in turn. Returns the outer IP header. */
+/* The GENEVE protocol type of an inner frame: Ethernet in TAP mode, else its IP. */
+static uint16_t geneve_proto(const struct gdp_tunnel *t, int ipver) {
+    return t->mode == GDP_MODE_TAP ? ETH_P_TEB : ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6;
+}
+
+/* Whether the outer packet carries DF (--df; inherit: IPv6 inner, or inner DF). */
+static int outer_df(const struct gdp_tunnel *t, const struct inner *in) {
+    return t->df == GDP_DF_SET ||
+           (t->df == GDP_DF_INHERIT && (in->ipver == 6 || (in->ipver == 4 && in->df)));
+}
+
 static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash,
                            uint8_t inner_ecn, int df, uint8_t *g, size_t glen,
                            const uint8_t *rest, size_t rest_len) {
@@ -1391,19 +1403,12 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
     }
     uint8_t *g = f - hlen;
     memcpy(g, hdr, hlen);
-    uint16_t proto = t->mode == GDP_MODE_TAP ? ETH_P_TEB : in.ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6;
-    gdp_store16(g + 2, proto);
+    gdp_store16(g + 2, geneve_proto(t, in.ipver));
 
     size_t iplen = t->family == 4 ? 20 : 40;
     size_t udplen = 8 + hlen + flen;
     size_t total = iplen + udplen;
-    int df;
-    if (t->df == GDP_DF_SET)
-        df = 1;
-    else if (t->df == GDP_DF_INHERIT)
-        df = in.ipver == 6 || (in.ipver == 4 && in.df);
-    else
-        df = 0;
+    int df = outer_df(t, &in);
     int frags = total > t->underlay_mtu;
     if (frags) {
         if (flen > t->max_inner && in.ipver && send_too_big(e, t, f, &in)) {
@@ -1574,7 +1579,7 @@ static void inj_outer(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t 
     size_t outer = INJ_OUTER + hlen;
     uint8_t *g = e->inj_hdr + INJ_VNET_LEN + INJ_OUTER;
     memcpy(g, hdr, hlen);
-    gdp_store16(g + 2, t->mode == GDP_MODE_TAP ? ETH_P_TEB : in->ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6);
+    gdp_store16(g + 2, geneve_proto(t, in->ipver));
     uint8_t *ip = put_udp_ip(e, t, hash, in->ecn, df, g, hlen, NULL, ilen);
     ip[8] = (uint8_t)(t->ttl + 1); /* forwarding takes one off (the caller keeps ttl < 255) */
     gdp_store16(ip + 10, gdp_inet_csum(ip, 20));
@@ -1595,11 +1600,6 @@ static void inj_outer(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t 
     }
 }
 
-/* Send a TSO super-frame whole: outer headers in front, written to the inject device
- * with a UDP tunnel GSO header. The kernel routes it to the underlay like a packet it
- * forwards, passes it whole through a veth, and otherwise cuts it into segments that
- * each carry all of these headers (GENEVE options included), as for its own tunnels.
- * Returns 0 when the frame was not taken (the caller segments it here instead). */
 /* Whether the underlay device is up and running (one ioctl, per super-frame). */
 static int underlay_up(const struct gdp_engine *e, const struct gdp_tunnel *t) {
     if (!t->underlay_ifname[0])
@@ -1612,7 +1612,14 @@ static int underlay_up(const struct gdp_engine *e, const struct gdp_tunnel *t) {
     return (ifr.ifr_flags & (IFF_UP | IFF_RUNNING)) == (IFF_UP | IFF_RUNNING);
 }
 
-static int tx_inject(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t *vh,
+/* Send a TSO super-frame whole: outer headers in front, written to the inject device
+ * with a UDP tunnel GSO header. The kernel routes it to the underlay like a packet it
+ * forwards, passes it whole through a veth, and otherwise cuts it into segments that
+ * each carry all of these headers (GENEVE options included), as for its own tunnels.
+ * What the flow sent before it is sent first. Returns 0 when the frame was not taken
+ * (the caller segments it here instead). */
+static int tx_inject(struct gdp_engine *e, struct tx_state *st, struct gdp_tunnel *t,
+                     const uint8_t *vh,
                      const uint8_t *f, size_t flen, const struct inner *in, size_t l4,
                      size_t hdrs, const uint8_t *hdr, size_t hlen, int df, uint32_t hash) {
     size_t outer = INJ_OUTER + hlen;
@@ -1622,6 +1629,7 @@ static int tx_inject(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t *
     if (t->mode != GDP_MODE_TAP || t->family != 4 || t->udp_csum || outer - 14 + flen > 65535 ||
         load16le(vh + 8) != 16 || !(vh[0] & VNET_F_NEEDS_CSUM) || !underlay_up(e, t))
         return 0;
+    tx_send(e, st);
     size_t mss = load16le(vh + 4);
     inj_outer(e, t, hdr, hlen, in, df, hash, flen, (uint8_t)(vh[1] | VNET_GSO_UDP_TUNNEL_IPV4),
               hdrs, mss, l4, 16);
@@ -1766,7 +1774,7 @@ static int uso_add(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
     r->l4 = l4;
     r->next_id = (uint16_t)(in->ipver == 4 ? gdp_load16(ip + 4) + 1 : 0);
     r->hash = hash_inner(f, flen, in, e->cfg.hash_seed);
-    r->df = t->df == GDP_DF_SET || (t->df == GDP_DF_INHERIT && (in->ipver == 6 || in->df));
+    r->df = outer_df(t, in);
     r->ecn = in->ecn;
     r->nseg = 1;
     r->bufs[0] = buf;
@@ -1833,14 +1841,11 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
         c->drops[GDP_DROP_TOO_BIG]++;
         return;
     }
-    int df = t->df == GDP_DF_SET || (t->df == GDP_DF_INHERIT && (in.ipver == 6 || in.df));
+    int df = outer_df(t, &in);
     uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
-    if (t->inject) {
-        tx_send(e, st); /* what the flow sent before this frame leaves first */
-        if (tx_inject(e, t, vh, f, flen, &in, l4, hdrs, hdr, hlen, df, hash))
-            return;
-    }
-    uint16_t proto = t->mode == GDP_MODE_TAP ? ETH_P_TEB : in.ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6;
+    if (t->inject && tx_inject(e, st, t, vh, f, flen, &in, l4, hdrs, hdr, hlen, df, hash))
+        return;
+    uint16_t proto = geneve_proto(t, in.ipver);
     size_t ipo = in.ip_off;
     uint16_t ip_id = in.ipver == 4 ? gdp_load16(f + ipo + 4) : 0;
     uint32_t seq = gdp_load32(f + l4 + 4);
@@ -1880,11 +1885,7 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
             fl &= (uint8_t)~0x80; /* CWR only on the first */
         tcp[13] = fl;
         gdp_store16(tcp + 16, 0);
-        size_t tlen = hdrs - l4 + n;
-        size_t alen = in.ipver == 4 ? 4 : 16;
-        const uint8_t *src = in.ipver == 4 ? sip + 12 : sip + 8;
-        uint64_t sum = csum_partial(src, 2 * alen, 0); /* source and destination */
-        sum += 6 + (uint32_t)tlen;
+        uint64_t sum = pseudo_sum(sip, in.ipver, 6, hdrs - l4 + n);
         sum = csum_partial(tcp, hdrs - l4, sum);
         sum = csum_partial(f + off, n, sum);
         gdp_store16(tcp + 16, csum_fold(sum));
@@ -1961,7 +1962,7 @@ static int uso_growing(const struct gdp_engine *e) {
 /* One round: read, encapsulate, send in batches. */
 static void tx_round(struct gdp_engine *e, struct tx_state *st) {
     tx_read(e, st);
-    if (USO_HOLD_NS && uso_growing(e) && st->bufs < GDP_BATCH) {
+    if (uso_growing(e) && st->bufs < GDP_BATCH) {
         struct timespec hold = {0, USO_HOLD_NS};
         if (ppoll(e->pfds + 1, e->n, &hold, NULL) > 0)
             tx_read(e, st);
