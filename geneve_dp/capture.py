@@ -183,13 +183,18 @@ def outer_target(tunnel: Mapping[str, Any], ifname: str | None = None) -> Target
 # ---- the capture loop -------------------------------------------------------------------
 
 
+def attach_filter(sock: socket.socket, prog: bytes) -> None:
+    """Attach an assembled classic BPF program (SO_ATTACH_FILTER copies it)."""
+    insns = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("@HP", len(prog) // 8, ctypes.addressof(insns))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
 def open_socket(target: Target) -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
         if target.filter is not None:
-            insns = ctypes.create_string_buffer(target.filter, len(target.filter))
-            fprog = struct.pack("@HP", len(target.filter) // 8, ctypes.addressof(insns))
-            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            attach_filter(sock, target.filter)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind((target.ifname, ETH_P_ALL))  # Python applies htons itself

@@ -5,12 +5,13 @@ Status layout (one dict per tunnel)::
     name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro, tx_inject}
               (what the kernel accepted; tso: the device runs with IFF_VNET_HDR;
-              tx_inject: TCP super-frames leave whole through the inject device),
+              tx_inject: TCP super-frames (TAP) and UDP runs leave whole through
+              the inject device),
     inject_device (its name while tx_inject, else None),
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (super-frames written to the device; offload only),
-               tx_injected (TSO super-frames sent whole through the inject device),
+               tx_injected (super-frames sent whole through the inject device),
                drops: {reason: n for every name in DROP_REASONS},
                options_seen: {"0xCLASS:0xTYPE": n}, options_other},
     socket:   {family, port, rx_packets, rx_packets_per_worker, rx_queue_overflow,
@@ -51,8 +52,9 @@ Design notes (the kernel geneve contract, and where this differs):
   the kernel has UDP tunnel GSO on TAP (Linux 6.17+): written with its outer headers
   to one inject device per process (inject.py), which the kernel forwards to the
   underlay and segments only where a device must; through a veth the peer receives
-  the super-packet itself and writes it to its device as one GSO frame. A check every
-  supervision round turns it off (log line) if the kernel stops forwarding it.
+  the super-packet itself and writes it to its device as one GSO frame. Runs of one
+  UDP flow go the same way (UDP_L4 super-frames). A probe every 5 s turns it off (log
+  line) once what is written there no longer leaves (inject.py).
 - Workers (C engine; default one per two cores): every device gets one queue per worker
   (IFF_MULTI_QUEUE) and every port one SO_REUSEPORT receive socket per worker. The
   kernel keeps a flow on one queue and one socket, so a flow's packets stay in order;
@@ -79,7 +81,7 @@ from typing import Protocol
 
 from ..errors import UserError
 from .endpoint import Group, close_resources, open_resources
-from .inject import PROBE_TRIES, Injector, open_injector
+from .inject import PROBE_TRIES, Injector, injectable, open_injector
 from .spec import (
     DEFAULT_NICE,
     MAX_NICE,
@@ -183,7 +185,7 @@ class Dataplane:
             return
         try:
             self._groups = open_resources(self.specs, offload=self.offload, workers=self.workers)
-            if self.inject and any(s.family == 4 and not s.tx_udp_csum for s in self.specs):
+            if self.inject and any(injectable(s) for s in self.specs):
                 self._injector = open_injector()
             self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             control_fd = -1
@@ -269,8 +271,7 @@ class Dataplane:
         inj = self._injector
         if inj is None or inj.failed:
             return
-        probed = (t for g in self._groups for t in g.tunnels if t.spec.family == 4)
-        tun = next((t for t in probed if not t.spec.tx_udp_csum), None)
+        tun = next((t for g in self._groups for t in g.tunnels if injectable(t.spec)), None)
         if tun is None or inj.check(str(tun.local), str(tun.spec.remote)):
             return
         log.warning(

@@ -14,7 +14,7 @@ from typing import Any
 from ..codec import encode_options
 from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports
-from .inject import Injector
+from .inject import Injector, injectable
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
 
 REFLECT_SLOTS = 1024
@@ -151,12 +151,10 @@ class CGroupEngine:
             t.dev_mtu = tun.device.mtu
             name = tun.underlay_dev.encode()[:15]
             ffi.memmove(t.underlay_ifname, name, len(name))
-            # Forwarding takes one off the TTL that is written (engine.c tx_inject).
-            if injector and tun.device.vnet_hdr and spec.family == 4 and not spec.tx_udp_csum:
-                if spec.ttl < 255:
-                    t.inject = 1
-                    t.inj_fd = injector.fd
-                    ffi.memmove(t.inj_mac, injector.mac, 6)
+            if injector and tun.device.vnet_hdr and injectable(spec):
+                t.inject = 1
+                t.inj_fd = injector.fd
+                ffi.memmove(t.inj_mac, injector.mac, 6)
             if tun.device.vnet_hdr and spec.df != "inherit":
                 # TSO segments leave through UDP sockets with UDP GSO (one send per
                 # super-frame). Per-packet DF cannot be set there, so df=inherit keeps

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from .. import codec
-from .endpoint import Group, Tunnel, ephemeral_ports
+from .endpoint import IP_RECVFRAGSIZE, IPV6_RECVFRAGSIZE, Group, Tunnel, ephemeral_ports
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
 
 ETH_P_IPV4, ETH_P_IPV6, ETH_P_VLAN, ETH_P_TEB = 0x0800, 0x86DD, 0x8100, 0x6558
@@ -24,7 +24,7 @@ REFLECT_SLOTS = 1024
 _PORT_PROTOS = (6, 17, 132, 136)
 
 
-_FRAGSIZE = {(socket.IPPROTO_IP, 25), (socket.IPPROTO_IPV6, 77)}  # IP(V6)_RECVFRAGSIZE
+_FRAGSIZE = {(socket.IPPROTO_IP, IP_RECVFRAGSIZE), (socket.IPPROTO_IPV6, IPV6_RECVFRAGSIZE)}
 
 
 def inet_csum(data: bytes | bytearray | memoryview, start: int = 0) -> int:

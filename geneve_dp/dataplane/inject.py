@@ -26,7 +26,6 @@ then segments).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import ipaddress
 import logging
@@ -40,7 +39,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from ..capture import ETH_P_ALL, PACKET_OUTGOING, SO_ATTACH_FILTER, Insn, assemble
+from ..capture import ETH_P_ALL, PACKET_OUTGOING, Insn, assemble, attach_filter
 from .endpoint import (
     IFF_NO_PI,
     IFF_TAP,
@@ -53,6 +52,7 @@ from .endpoint import (
     TUNSETVNETHDRSZ,
 )
 from .engine_py import inet_csum
+from .spec import TunnelSpec
 
 log = logging.getLogger("geneve_dp.dataplane")
 
@@ -140,10 +140,7 @@ class Injector:
         except OSError:
             return True  # cannot look: no evidence against the device
         with watch:
-            prog = _probe_filter(self.ident)
-            insns = ctypes.create_string_buffer(prog, len(prog))
-            fprog = struct.pack("@HP", len(prog) // 8, ctypes.addressof(insns))
-            watch.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+            attach_filter(watch, _probe_filter(self.ident))
             try:
                 os.write(self.fd, bytes(INJECT_VNET_HDR_LEN) + self._frame(local, remote))
             except OSError:
@@ -174,6 +171,13 @@ class Injector:
 
 
 _open: dict[int, Injector] = {}  # this process's inject devices, by netns inode
+
+
+def injectable(spec: TunnelSpec) -> bool:
+    """Whether a tunnel may send through the inject device: IPv4 without checksums
+    (elsewhere the sockets' UDP GSO serves) and a TTL that forwarding can take one
+    off of."""
+    return spec.family == 4 and not spec.tx_udp_csum and spec.ttl < 255
 
 
 NAMES = [f"gdpx{i}" for i in range(16)]  # names are per netns; the first free one
