@@ -1644,10 +1644,12 @@ static int tx_inject(struct gdp_engine *e, struct tx_state *st, struct gdp_tunne
                      const uint8_t *f, size_t flen, const struct inner *in, size_t l4,
                      size_t hdrs, const uint8_t *hdr, size_t hlen, int df, uint32_t hash) {
     size_t outer = INJ_OUTER + hlen;
-    /* TAP mode only: through TUN devices (tunnel MTU 1500 over a 1600 underlay, bench
-     * geneve-dp-c-tun) single-stream TCP lost packets and fell to 1 Gbit/s with a few
-     * hundred retransmits per 5 s, not understood yet; segmented here it does not. */
-    if (t->mode != GDP_MODE_TAP || t->family != 4 || t->udp_csum || outer - 14 + flen > 65535 ||
+    /* A frame that fits one underlay packet stays here: the receiver takes a whole
+     * datagram for a super-packet only when it is bigger than one underlay packet
+     * could be (anything else might be a sender's complete packet). Without this a
+     * super-frame of two segments, the second short, arrived with its checksum
+     * unfinished and the receiver's TCP dropped it (TcpInCsumErrors). */
+    if (t->family != 4 || t->udp_csum || flen <= t->max_inner || outer - 14 + flen > 65535 ||
         load16le(vh + 8) != 16 || !(vh[0] & VNET_F_NEEDS_CSUM) || !underlay_up(e, t))
         return 0;
     tx_send(e, st);

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.endpoint_helpers import Endpoint, endpoint, underlay, wait_for
+from tests.hostile import snmp
 from tests.netns import Netns
 
 pytestmark = pytest.mark.root
@@ -315,3 +316,80 @@ def test_python_receiver_takes_super_packets(pair: tuple[Netns, Netns]) -> None:
             a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
             assert transfer(a, b, 8 * MIB) == 8 * MIB
             assert ea.tunnel("gt0")["counters"]["tx_injected"] > 0
+
+
+# One connection; each round the client sends one message of the size given and the
+# server answers one byte once it has it all, so every message leaves as one TSO
+# frame (TCP_NODELAY, nothing else in flight).
+PINGPONG_SERVER = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5302)); s.listen(1); s.settimeout(30)
+print("listening", flush=True)
+c, _ = s.accept(); c.settimeout(30)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+size = int(c.recv(16).decode()); c.sendall(b"k")
+while True:
+    got = 0
+    while got < size:
+        k = len(c.recv(size - got))
+        if not k:
+            sys.exit(0)
+        got += k
+    c.sendall(b"k")
+"""
+
+PINGPONG_CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], 5302), timeout=30)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+mss = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+size = mss + int(sys.argv[2])
+c.sendall(str(size).encode().ljust(16)); c.recv(1)
+for _ in range(int(sys.argv[3])):
+    c.sendall(b"x" * size)
+    assert c.recv(1) == b"k"
+print(size, flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["tap", "tun"])
+def test_two_segment_frame_that_fits_one_packet_arrives_intact(
+    netns_factory: Callable[[str], Netns], mode: str
+) -> None:
+    """A tunnel MTU below what the underlay carries (1500 over 1600, as the bench
+    sets it) lets a TSO frame of two segments, the second short, fit one underlay
+    packet. The receiver cannot tell such a datagram from a sender's complete packet,
+    so the sender segments it itself: the receiver's TCP sees no checksum errors and
+    nothing is retransmitted. (Injected whole, each arrived with its checksum
+    unfinished and was dropped.)"""
+    a, b = netns_factory("inj2a"), netns_factory("inj2b")
+    underlay(a, b, mtu=1600)
+    rounds = 100
+    with (
+        endpoint(a, "c+offload", spec("10.0.0.2", 1, mode=mode, mtu=1500)) as ea,
+        endpoint(b, "c+offload", spec("10.0.0.1", 2, mode=mode, mtu=1500)) as eb,
+    ):
+        assert ea.error is None and eb.error is None, (ea.error, eb.error)
+        a.run("ping", "-c", "1", "-W", "2", "192.168.100.2")
+        csum_errors = snmp(b, "Tcp", "InCsumErrors")
+        retrans = snmp(a, "Tcp", "RetransSegs")
+        before = ea.tunnel("gt0")["counters"]
+        srv = b.popen([sys.executable, "-c", PINGPONG_SERVER, "192.168.100.2"],
+                      stdout=subprocess.PIPE)  # fmt: skip
+        try:
+            assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
+            # 20 bytes over one MSS: the frame is 20 bytes over the tunnel MTU, still
+            # within the 64 the underlay has spare.
+            out = a.run(sys.executable, "-c", PINGPONG_CLIENT, "192.168.100.2", "20",
+                        str(rounds), timeout=60)  # fmt: skip
+        finally:
+            srv.kill()
+            srv.wait(5)
+        after = ea.tunnel("gt0")["counters"]
+    print(f"{mode}: {rounds} messages of {out.stdout.strip()} bytes")
+    # They really were TSO frames of two segments...
+    assert after["tx_gso_frames"] - before["tx_gso_frames"] >= rounds // 2, (before, after)
+    # ...and arrived whole the first time.
+    assert snmp(b, "Tcp", "InCsumErrors") == csum_errors
+    assert snmp(a, "Tcp", "RetransSegs") == retrans
