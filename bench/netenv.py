@@ -3,8 +3,8 @@
 Every name carries the process id and a counter (gdpb-<pid>-<n>-a/-b), so concurrent
 runs and leftovers of a crashed run never collide, and ``close()`` removes the
 namespaces (killing whatever still runs inside) whatever happened before. Also the CPU
-accounting helpers: per-process time from /proc/PID/stat and system-wide softirq time
-from /proc/stat.
+accounting helpers: per-process time from /proc/PID/stat and system-wide softirq, busy
+and steal time from /proc/stat.
 """
 
 from __future__ import annotations
@@ -183,6 +183,16 @@ def busy_seconds() -> float:
         fields = [int(v) for v in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user).
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def steal_seconds() -> float:
+    """System-wide steal CPU seconds since boot (the 8th column of /proc/stat's cpu
+    line): time a virtual CPU wanted to run but the hypervisor ran someone else.
+    busy_seconds() counts it, so a cost per unit of work subtracts it to charge only
+    what this machine's CPUs actually did."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / CLK_TCK
 
 
 def softirq_seconds() -> float:

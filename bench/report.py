@@ -109,6 +109,36 @@ def _cost_table(scenarios: list[Json], base: Json | None, small: int) -> list[st
     return lines
 
 
+def _copy_floor(floor: Json) -> str:
+    """One paragraph: what copying costs and the TCP throughput that leaves geneve-dp
+    at most (bench/copy_floor.py)."""
+    copies, cores = floor["copies"], floor["cores"]
+    text = (
+        f"TCP bound from copies: copying {floor['block_bytes'] // 1024} KiB blocks costs "
+        f"{_fmt_num(floor['hot_s_per_gb'])} s/GB in cache "
+        f"({_fmt_num(floor['cold_s_per_gb'])} s/GB from a "
+        f"{floor['working_set_bytes'] >> 20} MiB working set). geneve-dp copies each byte "
+        f"{copies} more times than kernel VXLAN, so its CPU per GB is at least kernel "
+        f"VXLAN's (machine busy time less steal) plus {copies} copies in cache, and "
+        f"{cores} cores carry at most"
+    )
+    parts = []
+    for b in floor["bounds"]:
+        n = f"{b['streams']} stream{'s' if b['streams'] != 1 else ''}"
+        if b.get("error"):
+            parts.append(f"n/a with {n} ({b['error']})")
+            continue
+        parts.append(
+            f"{_fmt_num(b['max_gbps'])} Gbit/s with {n} (x{b['max_ratio']:.2f} kernel VXLAN; "
+            f"{_fmt_num(b['vxlan_s_per_gb'])} + "
+            f"{_fmt_num(b['floor_s_per_gb'] - b['vxlan_s_per_gb'])} = "
+            f"{_fmt_num(b['floor_s_per_gb'])} s/GB)"
+        )
+    if not parts:
+        return text + ": n/a (no kernel VXLAN TCP figures in this run)."
+    return text + " " + ", ".join(parts) + "."
+
+
 def markdown(results: Json) -> str:
     params = results["parameters"]
     m = results["machine"]
@@ -253,6 +283,11 @@ def markdown(results: Json) -> str:
         ]
     elif gen.get("error"):
         notes.append(f"- generator ceiling: {gen['error']}")
+    floor = results.get("copy_floor")
+    if floor and floor.get("hot_s_per_gb") is not None:
+        lines += ["", _copy_floor(floor)]
+    elif floor and floor.get("error"):
+        notes.append(f"- copy cost: {floor['error']}")
     if notes:
         lines += ["", "Errors:", "", *notes]
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ SCHEMA_ID = "geneve-dp-bench/1"
 NUM = {"type": "number", "minimum": 0}
 INT = {"type": "integer", "minimum": 0}
 ERROR = {"type": ["string", "null"]}
+NUM_OR_NULL = {"type": ["number", "null"], "minimum": 0}
 
 CPU = {
     "type": "object",
@@ -22,6 +23,8 @@ CPU = {
         "dataplane_s": {"type": ["number", "null"]},
         "softirq_s": {"type": "number"},
         "busy_s": {"type": "number"},
+        # Results from before steal was recorded have no steal_s.
+        "steal_s": NUM_OR_NULL,
         "wall_s": NUM,
         "rss_kib": {"type": ["integer", "null"], "minimum": 0},
         "peak_rss_kib": {"type": ["integer", "null"], "minimum": 0},
@@ -109,6 +112,52 @@ PDR_STEP = {
                 },
             },
         },
+        "error": ERROR,
+    },
+}
+
+COPY_BOUND = {
+    "type": "object",
+    "required": [
+        "streams",
+        "vxlan_gbps",
+        "vxlan_s_per_gb",
+        "floor_s_per_gb",
+        "max_gbps",
+        "max_ratio",
+        "error",
+    ],
+    "properties": {
+        "streams": {"type": ["integer", "null"], "minimum": 1},
+        "vxlan_gbps": NUM_OR_NULL,
+        "vxlan_s_per_gb": NUM_OR_NULL,
+        "floor_s_per_gb": NUM_OR_NULL,
+        "max_gbps": NUM_OR_NULL,
+        "max_ratio": NUM_OR_NULL,
+        "error": ERROR,
+    },
+}
+
+COPY_FLOOR = {
+    "type": "object",
+    "required": [
+        "block_bytes",
+        "working_set_bytes",
+        "hot_s_per_gb",
+        "cold_s_per_gb",
+        "copies",
+        "cores",
+        "bounds",
+        "error",
+    ],
+    "properties": {
+        "block_bytes": {"type": ["integer", "null"], "minimum": 1},
+        "working_set_bytes": {"type": ["integer", "null"], "minimum": 1},
+        "hot_s_per_gb": NUM_OR_NULL,
+        "cold_s_per_gb": NUM_OR_NULL,
+        "copies": INT,
+        "cores": INT,
+        "bounds": {"type": "array", "items": COPY_BOUND},
         "error": ERROR,
     },
 }
@@ -212,6 +261,8 @@ SCHEMA: dict[str, Any] = {
                 "error": ERROR,
             },
         },
+        # Not in "required": results from before it was measured have none.
+        "copy_floor": COPY_FLOOR,
         "baseline": {"type": "string"},
         "scenarios": {"type": "array", "items": SCENARIO},
     },

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import pktgen, report, schema
+from . import copy_floor, pktgen, report, schema
 from .netenv import (
     BlackholeNetns,
     busy_seconds,
@@ -33,6 +33,7 @@ from .netenv import (
     rss_kib,
     sh,
     softirq_seconds,
+    steal_seconds,
 )
 from .pktgen import Json
 from .scenarios import SCENARIO_IDS, Scenario, all_scenarios
@@ -249,13 +250,14 @@ class Progress:
 
 class CpuMeter:
     """CPU time spent during one step: the dataplane processes' own (user + system,
-    all threads, children included) and system-wide softirq time."""
+    all threads, children included) and system-wide softirq, busy and steal time."""
 
     def __init__(self, path: NetPath) -> None:
         self.pids = [p for pid in path.dataplane_pids for p in process_tree(pid)]
         self.proc0 = cpu_seconds(self.pids)
         self.soft0 = softirq_seconds()
         self.busy0 = busy_seconds()
+        self.steal0 = steal_seconds()
         self.wall0 = time.monotonic()
 
     def read(self) -> Json:
@@ -263,6 +265,8 @@ class CpuMeter:
             "dataplane_s": round(cpu_seconds(self.pids) - self.proc0, 3) if self.pids else None,
             "softirq_s": round(softirq_seconds() - self.soft0, 3),
             "busy_s": round(busy_seconds() - self.busy0, 3),
+            # Inside busy_s: what the hypervisor gave to others while we wanted the CPU.
+            "steal_s": round(steal_seconds() - self.steal0, 3),
             "wall_s": round(time.monotonic() - self.wall0, 3),
             "rss_kib": rss_kib(self.pids, "VmRSS") if self.pids else None,
             "peak_rss_kib": rss_kib(self.pids, "VmHWM") if self.pids else None,
@@ -512,6 +516,48 @@ def generator_ceiling(cfg: Json, log: Progress) -> Json:
     return out
 
 
+def copy_cost(cores: int, log: Callable[[str], None]) -> Json:
+    """The CPU cost of copying 64 KiB blocks, once per run (see bench/copy_floor.py);
+    the bounds are added once the kernel VXLAN scenario has run."""
+    out: Json = {
+        "block_bytes": None,
+        "working_set_bytes": None,
+        "hot_s_per_gb": None,
+        "cold_s_per_gb": None,
+        "copies": copy_floor.COPIES,
+        "cores": cores,
+        "bounds": [],
+        "error": None,
+    }
+    try:
+        out.update(copy_floor.measure_copy_cost())
+        log(
+            f"copy cost, {out['block_bytes'] // 1024} KiB blocks: {out['hot_s_per_gb']:.4f} "
+            f"s/GB in cache, {out['cold_s_per_gb']:.4f} s/GB from "
+            f"{out['working_set_bytes'] >> 20} MiB"
+        )
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"copy cost: ERROR {out['error']}")
+    return out
+
+
+def _add_bounds(floor: Json, scenarios: list[Json], log: Callable[[str], None]) -> None:
+    cores = floor["cores"]
+    vxlan = next((s for s in scenarios if s["id"] == "vxlan"), None)
+    if vxlan is None or floor.get("hot_s_per_gb") is None:
+        return
+    # The in-cache cost: the cheapest copy there is, so the bound is never too low.
+    floor["bounds"] = copy_floor.tcp_bound(vxlan["tcp"], floor["hot_s_per_gb"], cores)
+    for b in floor["bounds"]:
+        if b["error"] is None:
+            log(
+                f"TCP bound from copies, {b['streams']} stream(s): at most "
+                f"{b['max_gbps']:.2f} Gbit/s on {cores} cores (x{b['max_ratio']:.2f} "
+                "kernel VXLAN)"
+            )
+
+
 def _sum_cpu(steps: list[Json]) -> Json:
     cpus = [step["cpu"] for step in steps if step and step.get("cpu")]
     dataplane = [c["dataplane_s"] for c in cpus if c["dataplane_s"] is not None]
@@ -520,6 +566,7 @@ def _sum_cpu(steps: list[Json]) -> Json:
         "dataplane_s": round(sum(dataplane), 3) if dataplane else None,
         "softirq_s": round(sum(c["softirq_s"] for c in cpus), 3),
         "busy_s": round(sum(c.get("busy_s", 0.0) for c in cpus), 3),
+        "steal_s": round(sum(c.get("steal_s", 0.0) for c in cpus), 3),
         "wall_s": round(sum(c["wall_s"] for c in cpus), 3),
         "peak_rss_kib": max(peaks) if peaks else None,
     }
@@ -701,8 +748,10 @@ def _run(args: argparse.Namespace, cfg: Json, scenarios: list[Scenario], log: Pr
         "scenarios": [],
     }
     results["generator"] = generator_ceiling(cfg, log)
+    results["copy_floor"] = copy_cost(results["machine"]["cores"], log)
     for i, scenario in enumerate(scenarios, 1):
         results["scenarios"].append(run_scenario(scenario, cfg, log, f"{i}/{len(scenarios)}"))
+    _add_bounds(results["copy_floor"], results["scenarios"], log)
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     results["machine"]["loadavg_end"] = loadavg()
     problems = schema.validate(results)

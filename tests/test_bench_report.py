@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bench import report, schema, suite
+from bench import copy_floor, report, schema, suite
 from geneve_dp import cli
 
 
@@ -40,7 +41,7 @@ def udp(frame: int, kpps: float, error: str | None = None) -> dict[str, Any]:
 
 
 def tcp(streams: int, gbps: float) -> dict[str, Any]:
-    cpu = {"dataplane_s": None, "softirq_s": 0.5, "wall_s": 2.0}
+    cpu = {"dataplane_s": None, "softirq_s": 0.5, "busy_s": 1.5, "steal_s": 0.1, "wall_s": 2.0}
     return {
         "streams": streams,
         "seconds": 2,
@@ -92,6 +93,29 @@ def scenario(sid: str, label: str, kpps: float, gbps: float, p50: float) -> dict
     }
 
 
+def vxlan_tcp() -> list[dict[str, Any]]:
+    """Kernel VXLAN TCP steps with round figures, so the bound is exact by hand:
+    1 stream: 8 Gbit/s over 5 s = 5 GB for 3.5 - 0.5 = 3 CPU s, 0.6 s/GB;
+    4 streams: 20 Gbit/s over 4 s = 10 GB for 12.5 - 0.5 = 12 CPU s, 1.2 s/GB."""
+    one, four = tcp(1, 8.0), tcp(4, 20.0)
+    one["cpu"].update(busy_s=3.5, steal_s=0.5, wall_s=5.0)
+    four["cpu"].update(busy_s=12.5, steal_s=0.5, wall_s=4.0)
+    return [one, four]
+
+
+def floor_entry(bounds: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "block_bytes": 65536,
+        "working_set_bytes": 64 << 20,
+        "hot_s_per_gb": 0.1,
+        "cold_s_per_gb": 0.25,
+        "copies": 4,
+        "cores": 2,
+        "bounds": bounds,
+        "error": None,
+    }
+
+
 @pytest.fixture
 def results() -> dict[str, Any]:
     broken = scenario("geneve-dp-python-tap", "geneve-dp Python engine, TAP", 1, 1, 1)
@@ -115,6 +139,7 @@ def results() -> dict[str, Any]:
             "tcp_streams": [1, 4],
         },
         "generator": {"seconds": 1, "steps": [{"frame": 64, "pps": 800e3}], "error": None},
+        "copy_floor": floor_entry(copy_floor.tcp_bound(vxlan_tcp(), 0.1, 2)),
         "baseline": "vxlan",
         "scenarios": [
             scenario("veth", "bare veth", 250, 10, 20),
@@ -146,6 +171,8 @@ def test_schema_agrees_with_jsonschema(results: dict[str, Any]) -> None:
         (lambda r: r["scenarios"][1].update(rr=[]), "oneOf"),
         (lambda r: r.update(schema="other/1"), "expected"),
         (lambda r: r["machine"].update(cores=True), "expected integer"),
+        (lambda r: r["copy_floor"]["bounds"][0].pop("max_gbps"), "missing 'max_gbps'"),
+        (lambda r: r["copy_floor"].update(hot_s_per_gb=-1), "minimum"),
     ],
 )
 def test_schema_rejects(results: dict[str, Any], mutate: Any, needle: str) -> None:
@@ -254,3 +281,112 @@ def test_bench_codec_passes_every_argument_through(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "bench.codec", fake)
     assert cli.main(["bench", "codec", "--help", "-n", "5", "x"]) == 0
     assert seen == [["--help", "-n", "5", "x"]]
+
+
+def test_tcp_bound_exact() -> None:
+    # Floor = kernel VXLAN's s/GB + 4 x 0.1; 2 cores / floor x 8 bits.
+    one, four = copy_floor.tcp_bound(vxlan_tcp(), copy_s_per_gb=0.1, cores=2)
+    assert one == {
+        "streams": 1,
+        "vxlan_gbps": 8.0,
+        "vxlan_s_per_gb": 0.6,
+        "floor_s_per_gb": 1.0,
+        "max_gbps": 16.0,  # 2 / 1.0 x 8
+        "max_ratio": 2.0,
+        "error": None,
+    }
+    assert four["vxlan_s_per_gb"] == 1.2
+    assert four["floor_s_per_gb"] == 1.6
+    assert four["max_gbps"] == 10.0  # 2 / 1.6 x 8
+    assert four["max_ratio"] == 0.5
+    two_copies = copy_floor.tcp_bound(vxlan_tcp(), 0.1, cores=2, copies=2)[0]
+    assert two_copies["floor_s_per_gb"] == 0.8 and two_copies["max_gbps"] == 20.0
+
+
+def test_tcp_bound_skips_failed_and_unmeasured_steps() -> None:
+    failed = {"streams": 4, "seconds": 2, "error": "iperf3: boom"}
+    old = tcp(1, 8.0)
+    del old["cpu"]["steal_s"]  # a result from before steal was recorded
+    bounds = copy_floor.tcp_bound([failed, old, {**tcp(1, 8.0), "cpu": None}], 0.1, 2)
+    assert [b["error"] for b in bounds] == [
+        "kernel VXLAN step failed",
+        "no CPU figures (busy_s, steal_s, wall_s)",
+        "no CPU figures (busy_s, steal_s, wall_s)",
+    ]
+    assert all(b["max_gbps"] is None and b["max_ratio"] is None for b in bounds)
+    assert [b["streams"] for b in bounds] == [4, 1, 1]
+
+
+def test_markdown_shows_copy_floor(results: dict[str, Any]) -> None:
+    md = report.markdown(results)
+    line = next(x for x in md.splitlines() if x.startswith("TCP bound from copies"))
+    assert "copying 64 KiB blocks costs 0.1 s/GB in cache" in line
+    assert "(0.25 s/GB from a 64 MiB working set)" in line
+    assert "4 more times than kernel VXLAN" in line and "2 cores carry at most" in line
+    assert "16 Gbit/s with 1 stream (x2.00 kernel VXLAN; 0.6 + 0.4 = 1 s/GB)" in line
+    assert "10 Gbit/s with 4 streams (x0.50 kernel VXLAN; 1.2 + 0.4 = 1.6 s/GB)" in line
+
+
+def test_markdown_copy_floor_without_vxlan_or_measurement(results: dict[str, Any]) -> None:
+    results["copy_floor"]["bounds"] = []
+    assert "2 cores carry at most: n/a (no kernel VXLAN TCP figures" in report.markdown(results)
+    results["copy_floor"].update(hot_s_per_gb=None, cold_s_per_gb=None, error="MemoryError: x")
+    md = report.markdown(results)
+    assert "TCP bound from copies" not in md and "- copy cost: MemoryError: x" in md
+    assert schema.validate(results) == []
+
+
+def test_schema_takes_results_without_copy_floor_or_steal(results: dict[str, Any]) -> None:
+    del results["copy_floor"]
+    for s in results["scenarios"]:
+        for step in s["tcp"]:
+            del step["cpu"]["steal_s"]
+    assert schema.validate(results) == []
+    assert "TCP bound from copies" not in report.markdown(results)
+
+
+def test_suite_adds_bounds_from_the_vxlan_scenario(
+    results: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        copy_floor,
+        "measure_copy_cost",
+        lambda: (
+            {k: floor_entry([])[k] for k in ("block_bytes", "working_set_bytes")}
+            | {"hot_s_per_gb": 0.1, "cold_s_per_gb": 0.25}
+        ),
+    )
+    log: list[str] = []
+    floor = suite.copy_cost(2, log.append)
+    results["scenarios"][1]["tcp"] = vxlan_tcp()
+    suite._add_bounds(floor, results["scenarios"], log.append)
+    assert floor == floor_entry(copy_floor.tcp_bound(vxlan_tcp(), 0.1, 2))
+    assert any("16.00 Gbit/s on 2 cores (x2.00 kernel VXLAN)" in x for x in log)
+    no_vxlan = suite.copy_cost(2, log.append)
+    suite._add_bounds(no_vxlan, results["scenarios"][:1], log.append)
+    assert no_vxlan["bounds"] == []
+
+
+def test_suite_copy_cost_failure_is_an_error_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom() -> dict[str, Any]:
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(copy_floor, "measure_copy_cost", boom)
+    floor = suite.copy_cost(2, lambda msg: None)
+    assert floor["error"] == "MemoryError: no room" and floor["hot_s_per_gb"] is None
+    suite._add_bounds(floor, [{"id": "vxlan", "tcp": vxlan_tcp()}], lambda msg: None)
+    assert floor["bounds"] == []
+    assert schema.validate(floor, schema.COPY_FLOOR) == []
+
+
+def test_sum_cpu_adds_steal() -> None:
+    total = suite._sum_cpu(vxlan_tcp())
+    assert total["steal_s"] == 1.0 and total["busy_s"] == 16.0
+
+
+def test_measure_copy_cost_is_positive() -> None:
+    # Short and small: only that it measures something sane, never how fast.
+    cost = copy_floor.measure_copy_cost(block=65536, working_set=4 << 20, target_s=0.02)
+    assert cost["block_bytes"] == 65536 and cost["working_set_bytes"] == 4 << 20
+    for key in ("hot_s_per_gb", "cold_s_per_gb"):
+        assert cost[key] > 0 and math.isfinite(cost[key])
