@@ -1109,6 +1109,7 @@ static int rx_batch(struct gdp_engine *e) {
 struct tx_state {
     int slots; /* used transmit slots */
     int bufs;  /* used transmit buffers */
+    int done;  /* the frame just read was sent whole: its buffer is free again */
 };
 
 static void tx_send(struct gdp_engine *e, struct tx_state *st) {
@@ -1663,6 +1664,7 @@ static int tx_inject(struct gdp_engine *e, struct tx_state *st, struct gdp_tunne
     e->ip_id += (uint32_t)nseg - 1; /* the kernel numbers the segments on from ours */
     struct gdp_counters *c = &t->counters;
     c->tx_injected++;
+    st->done = 1;
     c->tx_packets += nseg;
     c->tx_bytes += flen - hdrs + nseg * hdrs; /* each segment's inner frame */
     return 1;
@@ -1961,10 +1963,13 @@ static void tx_read(struct gdp_engine *e, struct tx_state *st) {
             if ((size_t)r <= vlen)
                 break;
             st->bufs++;
+            st->done = 0;
             if (vlen)
                 tx_vnet(e, st, idx, buf, (size_t)r - vlen);
             else
                 tx_one(e, st, idx, buf, (size_t)r);
+            if (st->done)
+                st->bufs--; /* the next read lands in the same, cache-warm buffer */
         }
     }
 }
@@ -1996,7 +2001,7 @@ static void tx_round(struct gdp_engine *e, struct tx_state *st) {
 }
 
 int gdp_engine_run(struct gdp_engine *e, int dirs) {
-    struct tx_state st = {0, 0};
+    struct tx_state st = {0, 0, 0};
     int do_rx = (dirs & GDP_DIR_RX) != 0;
     int do_tx = (dirs & GDP_DIR_TX) != 0;
     /* Each direction has its own pollfd set: pfds for transmit, a local one for
