@@ -70,35 +70,40 @@ def frame_for_payload(payload: int) -> int:
     return payload + ETH_OVERHEAD + IPV4_UDP
 
 
-def _binary_path() -> Path:
+def _binary_path(name: str) -> Path:
     # Beside the source in a checkout; in a per-user cache when the package directory
     # is read-only (installed into site-packages).
     if os.access(HERE, os.W_OK):
-        return BINARY
+        return BUILD_DIR / name
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "geneve-dp" / BINARY.name
+    return cache / "geneve-dp" / name
 
 
-def binary() -> Path:
-    """The generator binary, built (or rebuilt after an edit of pktgen.c) on demand."""
-    target = _binary_path()
+def build(source: Path, name: str, extra: tuple[str, ...] = ()) -> Path:
+    """A bench helper built from one C file (again whenever the file changes)."""
+    target = _binary_path(name)
     with _build_lock:
-        if target.exists() and target.stat().st_mtime >= SOURCE.stat().st_mtime:
+        if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
             return target
         cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if cc is None:
-            raise PktgenError("no C compiler (gcc or cc) to build bench/pktgen.c")
+            raise PktgenError(f"no C compiler (gcc or cc) to build bench/{source.name}")
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build to a temporary name and rename, so a concurrent user never runs a
         # half-written binary.
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         proc = subprocess.run(
-            [cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True
+            [cc, *CFLAGS, *extra, "-o", str(tmp), str(source)], capture_output=True, text=True
         )
         if proc.returncode != 0:
-            raise PktgenError(f"building {SOURCE.name} failed:\n{proc.stderr.strip()}")
+            raise PktgenError(f"building {source.name} failed:\n{proc.stderr.strip()}")
         tmp.replace(target)
         return target
+
+
+def binary() -> Path:
+    """The generator binary, built (or rebuilt after an edit of pktgen.c) on demand."""
+    return build(SOURCE, BINARY.name)
 
 
 def _argv(mode: str, netns: str | None, options: dict[str, object]) -> list[str]:

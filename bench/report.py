@@ -114,7 +114,8 @@ def _copy_floor(floor: Json) -> str:
     at most (bench/copy_floor.py)."""
     copies, cores = floor["copies"], floor["cores"]
     text = (
-        f"TCP bound from copies: copying {floor['block_bytes'] // 1024} KiB blocks costs "
+        f"TCP bound from copies alone (loose: it counts nothing else a userspace hop "
+        f"costs): copying {floor['block_bytes'] // 1024} KiB blocks costs "
         f"{_fmt_num(floor['hot_s_per_gb'])} s/GB in cache "
         f"({_fmt_num(floor['cold_s_per_gb'])} s/GB from a "
         f"{floor['working_set_bytes'] >> 20} MiB working set). geneve-dp copies each byte "

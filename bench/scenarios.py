@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import pktgen
 from .netenv import Underlay, sh
 
 INNER_SUBNET = "10.202.0"
@@ -117,6 +118,74 @@ class KernelVxlan(Scenario):
         return Path(
             u.a, u.b, f"{INNER_SUBNET}.1", f"{INNER_SUBNET}.2", src_dev="vx0", dst_dev="vx0"
         )
+
+
+class TapWire(Scenario):
+    """Two TAP devices, one per namespace, joined by gdp-tapwire (bench/tapwire.c): one
+    read and one write per frame, with the offloads geneve-dp asks for. Every userspace
+    dataplane over TAP does at least that on each end, and geneve-dp does it twice per
+    direction plus the encapsulation and the UDP sockets, so this path is a ceiling for
+    all of them on this machine, measured in the same run as the rest."""
+
+    id = "tap-wire"
+    label = "userspace TAP wire (no tunnel)"
+    description = (
+        "no tunnel: a TAP device in each namespace, joined by `gdp-tapwire`, one thread per "
+        "direction reading a frame from one and writing it to the other (TSO super-frames "
+        "whole): the least a userspace dataplane over TAP does, hence its ceiling"
+    )
+    kernel_path = False
+    ready_timeout = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def build(self, u: Underlay) -> Path:
+        binary = pktgen.build(pktgen.HERE / "tapwire.c", "gdp-tapwire", ("-pthread",))
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", u.a, str(binary), "tw0", "tw1"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stderr is not None
+        readable, _, _ = select.select([self.proc.stderr], [], [], self.ready_timeout)
+        line = self.proc.stderr.readline().decode(errors="replace").strip() if readable else ""
+        if line != "ready":
+            raise RuntimeError(f"gdp-tapwire did not start: {line or 'no output'}")
+        # The open file keeps tw1 attached wherever it is moved.
+        sh("ip", "-n", u.a, "link", "set", "tw1", "netns", u.b)
+        for n, (ns, dev) in enumerate(((u.a, "tw0"), (u.b, "tw1")), 1):
+            sh("ip", "-n", ns, "link", "set", dev, "mtu", str(TUNNEL_MTU))
+            sh("ip", "-n", ns, "addr", "add", f"{INNER_SUBNET}.{n}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        return Path(
+            u.a,
+            u.b,
+            f"{INNER_SUBNET}.1",
+            f"{INNER_SUBNET}.2",
+            dataplane_pids=[self.proc.pid],
+            src_dev="tw0",
+            dst_dev="tw1",
+        )
+
+    def alive(self) -> str | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"gdp-tapwire exited ({self.proc.returncode})"
+        return None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+            self.proc = None
+        super().stop()
 
 
 class GeneveDp(Scenario):
@@ -276,6 +345,7 @@ def all_scenarios() -> list[Scenario]:
     return [
         BareVeth(),
         KernelVxlan(),
+        TapWire(),
         GeneveDp("tap", "c"),
         GeneveDp("tap", "c", inject=False),
         GeneveDp("tap", "c", udp_csum=True),

@@ -689,7 +689,7 @@ def run_scenario(scenario: Scenario, cfg: Json, log: Progress, index: str) -> Js
             "kernel path: no dataplane process; softirq_s and busy_s (all non-idle time) "
             "are system-wide"
             if scenario.kernel_path
-            else "dataplane_s: utime+stime of both geneve-dp processes; softirq_s and busy_s "
+            else "dataplane_s: utime+stime of the dataplane processes; softirq_s and busy_s "
             "(all non-idle time) are system-wide"
         )
     except Exception as exc:

@@ -55,7 +55,10 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
             assert s["dataplane_counters"] is None
         else:
             assert s["cpu"]["dataplane_s"] > 0
-            assert set(s["dataplane_counters"]) == {"a", "b"}, s["dataplane_counters"]
+            # geneve-dp's own counters from both endpoints; the TAP wire keeps none.
+            want = {"a", "b"} if s["id"].startswith("geneve-dp") else None
+            counters = s["dataplane_counters"]
+            assert (set(counters) if counters is not None else None) == want, counters
     assert results["generator"]["error"] is None
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One progress line per step, the table on stdout, the files beside the JSON.
