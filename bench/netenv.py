@@ -176,31 +176,31 @@ def rss_kib(pids: list[int], field: str = "VmRSS") -> int:
     return total
 
 
+def _cpu_line() -> list[int]:
+    """The aggregate cpu line of /proc/stat, in ticks: user nice system idle iowait irq
+    softirq steal ... (guest time is inside user)."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
 def busy_seconds() -> float:
     """System-wide non-idle CPU seconds since boot: everything the run cost the machine
     (generator, sink, daemons, kernel), so paths compare on total work too."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal (guest time is inside user).
+    fields = _cpu_line()
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 def steal_seconds() -> float:
-    """System-wide steal CPU seconds since boot (the 8th column of /proc/stat's cpu
-    line): time a virtual CPU wanted to run but the hypervisor ran someone else.
-    busy_seconds() counts it, so a cost per unit of work subtracts it to charge only
-    what this machine's CPUs actually did."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[8]) / CLK_TCK
+    """System-wide steal CPU seconds since boot: time a virtual CPU wanted to run but
+    the hypervisor ran someone else. busy_seconds() counts it, so a cost per unit of
+    work subtracts it to charge only what this machine's CPUs actually did."""
+    return _cpu_line()[7] / CLK_TCK
 
 
 def softirq_seconds() -> float:
-    """System-wide softirq CPU seconds since boot (the 7th column of /proc/stat's cpu
-    line). Kernel paths (veth, VXLAN) do their work there, not in any process."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[7]) / CLK_TCK
+    """System-wide softirq CPU seconds since boot. Kernel paths (veth, VXLAN) do their
+    work there, not in any process."""
+    return _cpu_line()[6] / CLK_TCK
 
 
 class BlackholeNetns:

@@ -1306,9 +1306,6 @@ static int send_too_big(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_
     return 1;
 }
 
-/* UDP and outer IP headers in front of ``g`` (the GENEVE header). The datagram is
- * g[0 .. glen) followed by rest[0 .. rest_len) (sent as a second iovec); an even glen
- * lets the checksum run over the two parts in turn. Returns the outer IP header. */
 /* The GENEVE protocol type of an inner frame: Ethernet in TAP mode, else its IP. */
 static uint16_t geneve_proto(const struct gdp_tunnel *t, int ipver) {
     return t->mode == GDP_MODE_TAP ? ETH_P_TEB : ipver == 4 ? ETH_P_IPV4 : ETH_P_IPV6;
@@ -1320,6 +1317,9 @@ static int outer_df(const struct gdp_tunnel *t, const struct inner *in) {
            (t->df == GDP_DF_INHERIT && (in->ipver == 6 || (in->ipver == 4 && in->df)));
 }
 
+/* UDP and outer IP headers in front of ``g`` (the GENEVE header). The datagram is
+ * g[0 .. glen) followed by rest[0 .. rest_len) (sent as a second iovec); an even glen
+ * lets the checksum run over the two parts in turn. Returns the outer IP header. */
 static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash,
                            uint8_t inner_ecn, int df, uint8_t *g, size_t glen,
                            const uint8_t *rest, size_t rest_len) {

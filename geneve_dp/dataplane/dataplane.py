@@ -5,8 +5,8 @@ Status layout (one dict per tunnel)::
     name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro, tx_inject}
               (what the kernel accepted; tso: the device runs with IFF_VNET_HDR;
-              tx_inject: TCP super-frames (TAP) and UDP runs leave whole through
-              the inject device),
+              tx_inject: TCP super-frames and UDP runs leave whole through the
+              inject device),
     inject_device (its name while tx_inject, else None),
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
