@@ -33,6 +33,7 @@ class Endpoint:
     remote: str
     port: int
     address: str  # "a.b.c.d/len"
+    mark: int | None = None  # the outer packets' mark (the one every inner packet has)
 
 
 def render_config(endpoints: list[Endpoint]) -> str:
@@ -47,6 +48,7 @@ def render_config(endpoints: list[Endpoint]) -> str:
             f"port = {ep.port}",
             'mode = "tap"',
             f'addresses = ["{ep.address}"]',
+            *([f"mark = {ep.mark}"] if ep.mark else []),
             "",
         ]
     return "\n".join(out)

@@ -76,6 +76,9 @@ class Intent:
     sysctls: tuple[tuple[str, str], ...] = ()
     ipset_entries: dict[str, str] | None = None  # IP -> comment; None: no ipset here
     chains: tuple[ChainIntent, ...] = ()
+    # Per enrolled pod; as many as there are pods, so looked at on routing passes only.
+    pod_routes: tuple[links.Route, ...] = ()
+    pod_sysctls: tuple[tuple[str, str], ...] = ()
 
 
 def expected_chains(ruleset: iptables.Ruleset, saved: iptables.Saved) -> list[ChainIntent]:
@@ -155,9 +158,11 @@ def repair(
     """Add back whatever of ``intent`` is missing; the repairs made, each also said.
 
     Without ``memory`` (a one-off pass) a deleted device restarts its daemon at once.
-    ``routing=False`` leaves out ip rules and routes: the watcher looks at those when
-    rtnetlink announced a change (and now and then regardless), because every pyroute2
-    dump keeps memory for good (see links.link_names) and they cannot change unseen."""
+    ``routing=False`` leaves out what the kernel announces when it changes (ip rules,
+    routes, the pods' sysctls) and compares the ipset by its size only: the watcher
+    looks at those fully when rtnetlink announced a change (and now and then
+    regardless). However many pods there are, a pass makes one route dump and one
+    rule dump."""
     done: list[str] = []
 
     def fixed(msg: str) -> None:
@@ -194,18 +199,18 @@ def repair(
         if memory is not None and not waiting:
             memory.devices_gone_since = None
 
-    # A route through a device that is not there cannot be added: skip it quietly.
-    present_devs = set(links.link_names())
-
     if intent.ipset_entries is not None:
         if not ipset.exists(k.IPSET_NAME):
             ipset.create(k.IPSET_NAME)
             fixed(f"ipset {k.IPSET_NAME} was destroyed; created again")
-        have = ipset.entries(k.IPSET_NAME)
-        for ip, comment in intent.ipset_entries.items():
-            if ip not in have:
-                ipset.add(k.IPSET_NAME, ip, comment)
-                fixed(f"ipset {k.IPSET_NAME}: pod {ip} (uid {comment}) was missing; added")
+        # An entry removed shows in the count; one swapped for another does not, and
+        # waits for the next full look.
+        if routing or ipset.count(k.IPSET_NAME) < len(intent.ipset_entries):
+            have = ipset.entries(k.IPSET_NAME)
+            for ip, comment in intent.ipset_entries.items():
+                if ip not in have:
+                    ipset.add(k.IPSET_NAME, ip, comment)
+                    fixed(f"ipset {k.IPSET_NAME}: pod {ip} (uid {comment}) was missing; added")
 
     if intent.chains:
         text, fixes = iptables_repair_text(intent.chains, iptables.save())
@@ -214,7 +219,8 @@ def repair(
             for msg in fixes:
                 fixed(msg)
 
-    for key, value in intent.sysctls:
+    sysctls = (*intent.sysctls, *intent.pod_sysctls) if routing else intent.sysctls
+    for key, value in sysctls:
         cur = links.sysctl_get(key)
         if cur is not None and cur != value:
             links.sysctl_set(key, value)
@@ -227,8 +233,11 @@ def repair(
             links.add_rule(rule)
             fixed(f"ip rule {rule.describe()} was missing; added")
 
-    for route in intent.routes:
-        if route.dev not in present_devs or links.route_exists(route):
+    routes_now = links.route_keys()
+    for route in (*intent.routes, *intent.pod_routes):
+        rkey = links.route_key(route)
+        # A route through a device that is not there cannot be added: skip it quietly.
+        if rkey is None or rkey in routes_now:
             continue
         if links.add_route(route):
             fixed(f"route {route.describe()} was missing; added")

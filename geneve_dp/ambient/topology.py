@@ -144,6 +144,10 @@ class World:
         # GENEVE traffic and blur the "no packet through the tunnel" checks.
         for key in ("all", "default"):
             self.run(name, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
+            # The hostile default many distributions ship: strict reverse-path filtering,
+            # which every device made afterwards inherits. The profiles must turn it off
+            # where Istio does, not rely on a fresh namespace's 0.
+            self.run(name, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=1")
         return name
 
     def hold_neighbours(self, ns: str, devices: Sequence[str]) -> None:
@@ -249,6 +253,8 @@ class World:
         )
         return {
             "iptables-save": normalize_save(out("iptables-save")),
+            # The other backend too: where kubelet uses it, so do the profiles.
+            "iptables-legacy-save": normalize_save(out("iptables-legacy-save")),
             "ip rule": out("ip", "rule"),
             "ip route show table all": out("ip", "route", "show", "table", "all"),
             "ipset list": out("ipset", "list"),

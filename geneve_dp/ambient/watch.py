@@ -28,12 +28,16 @@ from pathlib import Path
 
 from ..netconf import links
 from . import procs, reconcile
+from .profile import use_recorded_iptables
 from .state import StateFile, locked
 
 INTERVAL = 1.0
 TICK = 0.2  # how long a wait for a change lasts before SIGTERM is looked at again
 SETTLE = 0.02  # after a change, a moment for the rest of a burst (a flush, a restart)
 ROUTING_INTERVAL = 30.0  # rules and routes are read at least this often without a change
+# Passes started by changes are at least this far apart: a burst of changes (hundreds
+# of pods enrolled) costs a few passes a second, not one pass per change.
+BURST_GAP = 0.3
 
 # What a profile's state file asks to exist (node.intent, ztunnel.intent).
 IntentOf = Callable[[StateFile], reconcile.Intent]
@@ -91,19 +95,26 @@ def run(
     try:
         next_pass = time.monotonic() + interval
         next_routing = 0.0  # the first pass reads everything
+        last_pass = 0.0
+        pending = False  # a change seen and not yet looked at
         while not stop_event.is_set():
-            woke = changes.wait(max(0.0, min(TICK, next_pass - time.monotonic())))
+            due = min(next_pass, last_pass + BURST_GAP) if pending else next_pass
+            woke = changes.wait(max(0.0, min(TICK, due - time.monotonic())))
             if stop_event.is_set():
                 break
-            if not woke and time.monotonic() < next_pass:
+            pending = pending or woke
+            now = time.monotonic()
+            if now < next_pass and (not pending or now < last_pass + BURST_GAP):
                 continue
             if woke:
                 time.sleep(SETTLE)
                 while changes.wait(0):
                     pass
             now = time.monotonic()
+            last_pass = now
             next_pass = now + interval
-            routing = woke or now >= next_routing
+            routing = pending or now >= next_routing
+            pending = False
             if routing:
                 next_routing = now + ROUTING_INTERVAL
             try:
@@ -137,5 +148,6 @@ def reconcile_once(
         # An incomplete record is a setup still running (or one that crashed, for
         # `down` to clean): nothing to hold on to yet.
         if st.data.get("complete"):
+            use_recorded_iptables(st)
             reconcile.repair(intent_of(st), say, memory, routing)
     return True

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .. import logs, wire
@@ -72,6 +73,7 @@ def register(sub: Any) -> None:
     _netns_arg(down)
     down.set_defaults(func=cmd_down, role="node")
     _watch_parser(nsub, "node")
+    _status_parser(nsub, "node")
     rend = nsub.add_parser(
         "render", help="print the iptables-restore input `node up` would apply (no root)"
     )
@@ -95,7 +97,12 @@ def register(sub: Any) -> None:
     zsub = zt.add_subparsers(dest="action", required=True, metavar="ACTION")
     zup = zsub.add_parser("up", help="install (idempotent)")
     zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
-    zup.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
+    zup.add_argument(
+        "--port",
+        type=int,
+        help="GENEVE UDP port (default: the one `node up` chose for this ztunnel, found in "
+        "its record; 6081 without one)",
+    )
     _netns_arg(zup)
     logs.add_argument(zup)
     zup.set_defaults(func=cmd_ztunnel_up)
@@ -103,6 +110,7 @@ def register(sub: Any) -> None:
     _netns_arg(zdown)
     zdown.set_defaults(func=cmd_down, role="ztunnel")
     _watch_parser(zsub, "ztunnel")
+    _status_parser(zsub, "ztunnel")
 
     pod = sub.add_parser(
         "pod",
@@ -111,12 +119,21 @@ def register(sub: Any) -> None:
     )
     psub = pod.add_subparsers(dest="action", required=True, metavar="ACTION")
     padd = psub.add_parser("add", help="enrol a pod (adding twice is a no-op)")
-    padd.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
-    padd.add_argument("--uid", required=True, help="the pod's UID (ipset comment)")
+    padd.add_argument("ip", metavar="IP", nargs="?", help="the pod's IPv4 address")
+    padd.add_argument("--uid", help="the pod's UID (ipset comment)")
+    padd.add_argument(
+        "--batch",
+        metavar="FILE",
+        help="enrol many pods in one run: one 'IP UID' per line ('-': standard input); "
+        "every line is checked before any pod is enrolled",
+    )
     _netns_arg(padd)
     padd.set_defaults(func=cmd_pod_add)
-    pdel = psub.add_parser("del", help="remove a pod (an unknown pod is not an error)")
-    pdel.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
+    pdel = psub.add_parser("del", help="remove pods (an unknown pod is not an error)")
+    pdel.add_argument("ip", metavar="IP", nargs="*", help="the pods' IPv4 addresses")
+    pdel.add_argument(
+        "--batch", metavar="FILE", help="also remove the IPs listed in FILE, one a line"
+    )
     _netns_arg(pdel)
     pdel.set_defaults(func=cmd_pod_del)
     plist = psub.add_parser("list", help="enrolled pods, one 'IP UID' per line")
@@ -177,6 +194,51 @@ def _watch_parser(sub: Any, role: str) -> None:
     w.set_defaults(func=cmd_watch, role=role)
 
 
+def _status_parser(sub: Any, role: str) -> None:
+    st = sub.add_parser(
+        "status",
+        help=f"what `{role} up` recorded here: settings, iptables backend, watcher",
+    )
+    st.add_argument("--json", action="store_true", help="one JSON object")
+    _netns_arg(st)
+    st.set_defaults(func=cmd_status, role=role)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ..ambient import procs, state, watch
+
+    _enter(args)
+    mod = _profile(args.role)
+    path = mod.state_path()
+    st = state.StateFile.load(path)
+    backend = st.data.get("iptables_backend") or {}
+    watcher = procs.find(["geneve_dp", args.role, "watch"], watch.pidfile(path.parent, args.role))
+    out: dict[str, Any] = {
+        "role": args.role,
+        "state": "up" if st.data.get("complete") else "setting up" if st.exists else "down",
+        "config": st.data.get("config"),
+        "iptables_backend": backend.get("name") or ("as installed" if backend else None),
+        "iptables_backend_why": backend.get("why"),
+        "watcher_pids": watcher,
+    }
+    if args.role == "node":
+        out["pods"] = len(state.load_pods(path.parent))
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return 0
+    print(f"{args.role}: {out['state']}")
+    for key, value in (out["config"] or {}).items():
+        print(f"  {key}: {value}")
+    if backend:
+        print(f"  iptables backend: {out['iptables_backend']} ({out['iptables_backend_why']})")
+    if "pods" in out:
+        print(f"  pods: {out['pods']}")
+    print(f"  watcher: {', '.join(map(str, watcher)) if watcher else 'not running'}")
+    return 0
+
+
 def _netns_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--netns",
@@ -202,6 +264,7 @@ def _version(value: str) -> k.IstioVersion:
 
 def cmd_node_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, node
+    from ..netconf import iptables
 
     checks.require_tools("node up")
     say = _progress(args, "node")
@@ -217,7 +280,7 @@ def cmd_node_up(args: argparse.Namespace) -> int:
     cfg = node.up(cfg, log=say, choose_port=args.port is None)
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
-        f"GENEVE port {cfg.port}, Istio {cfg.version} rules"
+        f"GENEVE port {cfg.port}, Istio {cfg.version} rules, iptables {iptables.selected()}"
     )
     return 0
 
@@ -289,7 +352,7 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     checks.require_tools("ztunnel up")
     say = _progress(args, "ztunnel")
     _enter(args)
-    cfg = ztunnel.resolve(args.host_ip, args.port)
+    cfg = ztunnel.resolve(args.host_ip, args.port, say)
     ztunnel.up(cfg, log=say)
     print(
         f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, tunnels to {cfg.host_ip}:{cfg.port}, "
@@ -298,21 +361,68 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_lines(path: str) -> list[tuple[int, list[str]]]:
+    """(line number, words) of each non-empty, non-comment line of FILE or stdin."""
+    from ..errors import UserError
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", "--batch") from exc
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if words:
+            out.append((n, words))
+    return out
+
+
+def _pods_to_add(args: argparse.Namespace) -> list[tuple[str, str]]:
+    from ..errors import UserError
+
+    if args.batch is None:
+        if args.ip is None:
+            raise UserError("is required (or --batch FILE)", "IP")
+        if not args.uid:
+            raise UserError("is required (the pod's UID, kept as the ipset comment)", "--uid")
+        return [(args.ip, args.uid)]
+    if args.ip is not None or args.uid is not None:
+        raise UserError("takes no IP or --uid: each line of the file names one pod", "--batch")
+    out = []
+    for n, words in _batch_lines(args.batch):
+        if len(words) != 2:
+            raise UserError(f"line {n}: expected 'IP UID', got {' '.join(words)!r}", "--batch")
+        out.append((words[0], words[1]))
+    return out
+
+
 def cmd_pod_add(args: argparse.Namespace) -> int:
     from ..ambient import checks, pods
 
     checks.require_root("pod add")
+    wanted = _pods_to_add(args)
     _enter(args)
-    print(pods.add(args.ip, args.uid).message)
+    for result in pods.add_many(wanted):
+        print(result.message)
     return 0
 
 
 def cmd_pod_del(args: argparse.Namespace) -> int:
     from ..ambient import checks, pods
+    from ..errors import UserError
 
     checks.require_root("pod del")
+    ips = list(args.ip)
+    if args.batch is not None:
+        for n, words in _batch_lines(args.batch):
+            if len(words) > 2:
+                raise UserError(f"line {n}: expected 'IP [UID]'", "--batch")
+            ips.append(words[0])
+    if not ips:
+        raise UserError("is required (one or more, or --batch FILE)", "IP")
     _enter(args)
-    print(pods.delete(args.ip).message)
+    for result in pods.delete_many(ips):
+        print(result.message)
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..codec import encode_options
 from ..fastpath import ffi, lib
-from .endpoint import Group, Tunnel, ephemeral_ports
+from .endpoint import Group, Tunnel, ephemeral_ports, set_mark
 from .inject import Injector, injectable
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
 
@@ -244,6 +244,8 @@ class CGroupEngine:
             if not spec.tx_udp_csum:
                 s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
+            if spec.mark:
+                set_mark(s, spec.mark)
             s.bind((str(tun.local), 0))
             s.connect((str(spec.remote), spec.port))
             s.setblocking(False)

@@ -56,6 +56,10 @@ class TunnelSpec:
     reflect_options: bool = False
     mac: str | None = None  # TAP only; None lets the kernel pick a random one
     addresses: tuple[IPInterface, ...] = ()  # put on the device once it is up
+    # The outer packets' firewall mark (SO_MARK), which routes and matches them: the
+    # kernel's geneve gives the outer packet the inner's mark, which a TAP read does not
+    # carry, so a tunnel whose inner packets all have one mark (the profile knows) says so.
+    mark: int | None = None
 
     @property
     def family(self) -> int:
@@ -121,7 +125,7 @@ _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 KEYS = (
     "name vni remote local port mode mtu ttl tos df udp_csum udp6_zero_csum_rx "
-    "options reflect_options mac addresses"
+    "options reflect_options mac addresses mark"
 ).split()
 
 
@@ -176,6 +180,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         except ValueError as exc:
             raise UserError(f"{text!r} is not an address/prefix", field=f("addresses")) from exc
     tos = _int(raw["tos"], f("tos"), 0, 255) if raw.get("tos") is not None else None
+    mark = _int(raw["mark"], f("mark"), 0, 0xFFFFFFFF) if raw.get("mark") is not None else None
     return TunnelSpec(
         name=name,
         vni=vni,
@@ -193,6 +198,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         reflect_options=_bool(raw.get("reflect_options", False), f("reflect_options")),
         mac=str(mac).lower() if mac is not None else None,
         addresses=tuple(addresses),
+        mark=mark or None,
     )
 
 
