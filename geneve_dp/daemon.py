@@ -112,7 +112,7 @@ class Daemon:
         self._dataplane = self._new_dataplane()
         server: asyncio.base_events.Server | None = None
         # Listening first: a taken metrics port is refused before any device exists.
-        metrics = self._start_metrics()
+        metrics = await self._start_metrics()
         started: list[dict[str, Any]] = []
         try:
             await loop.run_in_executor(None, self._dataplane.start)
@@ -161,13 +161,13 @@ class Daemon:
         log.info("stopped; devices removed")
         return rc
 
-    def _start_metrics(self) -> MetricsServer | None:
+    async def _start_metrics(self) -> MetricsServer | None:
         if self.metrics_addr is None:
             return None
         from . import metrics
 
         host, port = self.metrics_addr
-        server = metrics.MetricsServer(host, port, self.status)
+        server = await metrics.MetricsServer.start(host, port, self.status)
         if not metrics.is_loopback(host):
             log.warning(
                 "metrics on %s are reachable from other hosts: counters and tunnel "
