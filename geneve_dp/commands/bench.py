@@ -14,6 +14,9 @@ from typing import Any
 
 from ..errors import UserError
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("bench",)
+
 
 def register(sub: Any) -> None:
     from bench.suite import add_arguments
