@@ -65,6 +65,12 @@ _TUNNEL_COUNTERS = (
 )
 
 
+ADDR_ACCEPTED = (
+    "accepted: PORT, IPV4:PORT, [IPV4]:PORT or [IPV6]:PORT with PORT 1..65535, e.g. "
+    "127.0.0.1:9464 or [fd00::1]:9464"
+)
+
+
 def parse_addr(value: str, field: str = "--metrics-addr") -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1) -> (host, port)."""
     text = str(value).strip()
@@ -72,21 +78,22 @@ def parse_addr(value: str, field: str = "--metrics-addr") -> tuple[str, int]:
     if not sep:
         host, port_text = DEFAULT_HOST, text
     elif host.startswith("[") and host.endswith("]"):
+        # Brackets around either family, so one template, `[$(NODE_IP)]:PORT`, fits
+        # IPv4 and IPv6 nodes alike.
         host = host[1:-1]
     elif ":" in host:
-        raise UserError(f"{value!r}: write an IPv6 address as [ADDR]:PORT", field)
+        raise UserError(f"{value!r} has an IPv6 host without brackets; {ADDR_ACCEPTED}", field)
     try:
         port = int(port_text)
     except ValueError:
         port = -1
     if not 1 <= port <= 65535:
-        raise UserError(f"{value!r}: the port must be 1..65535 (HOST:PORT or PORT)", field)
+        raise UserError(f"{value!r} has no port in 1..65535; {ADDR_ACCEPTED}", field)
     try:
         ipaddress.ip_address(host)
     except ValueError as exc:
         raise UserError(
-            f"{value!r}: the host must be an IPv4 or [IPv6] address, e.g. 127.0.0.1:9464",
-            field,
+            f"{value!r} has a host that is not an IP address; {ADDR_ACCEPTED}", field
         ) from exc
     return host, port
 
