@@ -306,6 +306,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     fmt = logs.resolve(args.log_format)
     if os.geteuid() != 0:
         raise UserError("is run without root; accepted: root (CAP_NET_ADMIN)", "up")
+    from ..control import prepare_run_dir
+
+    prepare_run_dir()  # an untrusted run directory is refused before anything exists
     logs.setup(fmt, args.verbose)
     if netns:
         from ..netns import enter_netns
@@ -368,7 +371,7 @@ def _run_daemon(
 def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
-    from ..control import run_dir
+    from ..control import open_log, run_dir
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -387,10 +390,8 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
     os.setsid()
     rc = 1
     try:
-        directory = run_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        log_path = directory / f"gdp-{os.getpid()}.log"
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_fd = open_log(os.getpid())
+        log_path = run_dir() / f"gdp-{os.getpid()}.log"
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
