@@ -145,10 +145,19 @@ def parse_sizes(text: str) -> list[int]:
     return frames
 
 
-def parse_scenarios(text: str | None) -> list[Scenario]:
+def parse_scenarios(text: str | None, log: Callable[[str], None] | None = None) -> list[Scenario]:
+    """The scenarios asked for; by default every one this machine can run (the others
+    are named through ``log``), and one asked for by name that cannot run is an error."""
     every = all_scenarios()
     if not text:
-        return every
+        runnable = []
+        for s in every:
+            why = s.missing()
+            if why is None:
+                runnable.append(s)
+            elif log is not None:
+                log(f"{s.id}: left out, {why}")
+        return runnable
     wanted = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in SCENARIO_IDS]
     if unknown or not wanted:
@@ -156,7 +165,12 @@ def parse_scenarios(text: str | None) -> list[Scenario]:
             f"--scenarios: unknown {', '.join(unknown) or '(empty)'}; "
             f"choose from {', '.join(SCENARIO_IDS)}"
         )
-    return [s for s in every if s.id in wanted]
+    chosen = [s for s in every if s.id in wanted]
+    for s in chosen:
+        why = s.missing()
+        if why is not None:
+            raise BenchError(f"--scenarios: {s.id} cannot run here: {why}")
+    return chosen
 
 
 def settings(args: argparse.Namespace) -> Json:
@@ -708,12 +722,12 @@ def run(args: argparse.Namespace, log: Progress | None = None) -> int:
     """The suite from parsed arguments; returns the exit code (1 if a scenario failed)."""
     # Options first, so a typo is reported the same way with or without root.
     cfg = settings(args)
-    scenarios = parse_scenarios(args.scenarios)
+    log = log or Progress()
+    scenarios = parse_scenarios(args.scenarios, log)
     if os.geteuid() != 0:
         raise BenchError("needs root (it creates network namespaces, veths and tunnels)")
     if shutil.which("iperf3") is None:
         raise BenchError("iperf3 is not installed (apt-get install iperf3)")
-    log = log or Progress()
     for name in remove_stale():
         log(f"removed namespace {name} left by an earlier run")
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, through every finally that

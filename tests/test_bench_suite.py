@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import schema
+from bench import ovs, schema
 from bench.scenarios import SCENARIO_IDS
 
 pytestmark = pytest.mark.root
@@ -26,6 +26,9 @@ def leftover_namespaces() -> set[str]:
 def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces and real devices)")
+    why = ovs.missing()
+    if why is not None:  # the run would leave its scenario out
+        pytest.fail(f"Open vSwitch is needed (.ci/setup installs it): {why}")
     before = leftover_namespaces()
     proc = subprocess.run(
         [
