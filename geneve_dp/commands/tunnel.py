@@ -379,9 +379,11 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
     os.close(read_fd)
     os.setsid()
     rc = 1
+    log_path: Path | None = None
     try:
         directory = run_dir()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _sweep_empty_logs(directory)
         log_path = directory / f"gdp-{os.getpid()}.log"
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -394,9 +396,6 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
             os.close(write_fd)
 
         rc = _run_daemon(specs, daemon_args, pidfile, ready)
-        if rc == 0:
-            # A clean stop leaves nothing to diagnose; a crash keeps its log.
-            log_path.unlink(missing_ok=True)
     except UserError as exc:
         try:
             os.write(write_fd, str(exc).encode())
@@ -409,7 +408,27 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
         except OSError:
             pass
     finally:
+        # A clean stop leaves nothing to diagnose, and an empty log nothing to read (a
+        # failure before "ready" went to the parent): only a crash's words are kept.
+        if log_path is not None and (rc == 0 or _is_empty(log_path)):
+            log_path.unlink(missing_ok=True)
         os._exit(rc)
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _sweep_empty_logs(directory: Path) -> None:
+    """Remove the empty logs of detached daemons that are gone (killed with SIGKILL, so
+    they could not clean up): an empty file has nothing to diagnose."""
+    for path in directory.glob("gdp-*.log"):
+        pid = path.stem.removeprefix("gdp-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and _is_empty(path):
+            path.unlink(missing_ok=True)
 
 
 def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
