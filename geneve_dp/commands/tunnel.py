@@ -33,12 +33,13 @@ VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-lev
 `engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
-reflect_options, mac, addresses; `remote` may name a [remotes.NAME] table with
-`namespace` and `selector`: the IP of the newest Ready pod on this node, $NODE_NAME, of
-the family of $NODE_IP, asked from the Kubernetes API and followed: when the pod moves
-to another IP, `up` stops cleanly to be started again). Tunnels on the same port share
-one UDP socket and are told apart by VNI and outer source address. The device is set up
-(and given --address) once it exists; a line with "ready" is printed when forwarding.
+reflect_options, mac, addresses, wire_sized; `remote` may name a [remotes.NAME] table
+with `namespace` and `selector`: the IP of the newest Ready pod on this node, $NODE_NAME,
+of the family of $NODE_IP, asked from the Kubernetes API and followed: when the pod
+moves to another IP, `up` stops cleanly to be started again). Tunnels on the same port
+share one UDP socket and are told apart by VNI and outer source address. The device is
+set up (and given --address) once it exists; a line with "ready" is printed when
+forwarding.
 
 Logs go to stderr, one line per event (tunnel up/down, repairs, drop-rate alarms; never
 per packet), as text or, with --log-format json, one JSON object per line.
@@ -121,6 +122,12 @@ def register(sub: Any) -> None:
         "--reflect-options",
         action="store_true",
         help="return the options seen on a flow on the packets of its reverse direction",
+    )
+    up.add_argument(
+        "--wire-sized",
+        action="store_true",
+        help="send no packet bigger than the underlay MTU (no super-packets on the underlay), "
+        "for a peer that reads the underlay raw, e.g. Open vSwitch's userspace datapath",
     )
     up.add_argument("--mac", help="TAP device MAC address (default: random)")
     up.add_argument(
@@ -257,6 +264,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
         "reflect_options": args.reflect_options,
         "mac": args.mac,
         "addresses": args.address,
+        "wire_sized": args.wire_sized,
     }
     try:
         spec = build_spec(raw)
