@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from geneve_dp.control import query_all
-from tests.daemon_helpers import GDP, ROOT
+from tests.daemon_helpers import GDP, ROOT, up
 from tests.endpoint_helpers import geneve, wait_for
 from tests.netns import Netns
 from tests.ops_helpers import A_UL, B_UL, gdp
@@ -213,3 +213,32 @@ def test_idle_metrics_clients_starve_neither_scrapes_nor_repairs(
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
+
+
+def test_a_stopped_daemon_is_reported_and_the_others_still_shown(
+    pair: tuple[Netns, Netns],
+) -> None:
+    a, b = pair
+    common = ["gt0", "--vni", "77"]
+    with (
+        up(a, *common, "--remote", B_UL) as da,
+        up(b, *common, "--remote", A_UL) as db,
+        up(b, "gt1", "--vni", "78", "--remote", A_UL, "--port", "6082") as dc,
+    ):
+        os.kill(db.pid, signal.SIGSTOP)
+        os.kill(dc.pid, signal.SIGSTOP)
+        try:
+            show = gdp("show", "--all", timeout=30)
+            stats = gdp("stats", "--all", "--json", timeout=30)
+        finally:
+            os.kill(db.pid, signal.SIGCONT)
+            os.kill(dc.pid, signal.SIGCONT)
+    for proc in (show, stats):
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 2, lines  # one line per stopped daemon
+        for pid in (db.pid, dc.pid):
+            assert any(f"pid {pid})" in ln and "did not answer" in ln for ln in lines), lines
+    assert f" {da.pid}" in show.stdout and f" {db.pid}" not in show.stdout
+    assert set(json.loads(stats.stdout)) == {"gt0"}
