@@ -93,6 +93,7 @@ from typing import Protocol
 from pyroute2 import IPRoute
 
 from ..errors import UserError
+from . import inject as _inject
 from .counters import add_counters
 from .endpoint import Group, Tunnel, close_resources, close_tunnel, open_group, open_tunnel
 from .inject import PROBE_TRIES, Injector, injectable, open_injector
@@ -529,10 +530,52 @@ class Dataplane:
                     "engine": eng.name,
                     "offloads": offloads,
                     "inject_device": inject if offloads["tx_inject"] else None,
+                    "tx_path": self._tx_path(spec, offloads),
                     "counters": add_counters(eng.counters(i), self._base.get(spec.name, {})),
                     "socket": sock,
                 }
         return [rows[s.name] for s in self.specs if s.name in rows]
+
+    def _tx_path(self, spec: TunnelSpec, offloads: dict[str, bool]) -> dict[str, str | None]:
+        """How the tunnel's packets leave, and why that way: ``via`` "inject" (the
+        inject device, named in ``device``) or "sockets"."""
+        inj = self._injector
+        if offloads["tx_inject"] and inj is not None:
+            return {
+                "via": "inject",
+                "device": inj.name,
+                "why": "IPv4 without UDP checksums: TCP super-frames and UDP runs are written "
+                f"whole to {inj.name}, which the kernel forwards to the underlay",
+            }
+        how = (
+            "one UDP GSO send per super-frame"
+            if offloads["udp_gso"]
+            else "one datagram per packet or segment"
+        )
+        if self.engine != "c":
+            why = "the Python engine sends packet by packet"
+        elif not self.offload:
+            why = "offloads are off (--no-offload or GDP_OFFLOAD=0)"
+        elif not offloads["tso"]:
+            why = "the kernel refused the device's offloads"
+        elif not self.inject:
+            why = "GDP_INJECT=0"
+        elif spec.family == 6:
+            why = "IPv6 underlay: UDP checksums are on, and the sockets' UDP GSO serves"
+        elif spec.tx_udp_csum:
+            why = "--udp-csum: the sockets' UDP GSO serves"
+        elif spec.ttl >= 255:
+            why = "TTL 255: forwarding through the inject device would take one off"
+        elif inj is None:
+            why = f"no inject device: {inject_refusal() or 'not made'}"
+        elif inj.failed:
+            why = (
+                f"probes written to {inj.name} did not leave by the underlay (a FORWARD "
+                "rule or policy?); injecting stopped"
+            )
+        else:
+            why = "not injecting"
+        return {"via": "sockets", "device": None, "why": f"{why}; {how}"}
 
     def worker_threads(self) -> int:
         """Forwarding threads alive (a receive and a transmit thread per worker and
@@ -572,3 +615,8 @@ def _put_back_mtus(mtus: list[tuple[int, int]]) -> None:
     with contextlib.suppress(Exception), IPRoute() as ipr:
         for index, mtu in mtus:
             ipr.link("set", index=index, mtu=mtu)
+
+
+def inject_refusal() -> str:
+    """Why open_injector() last made no device (inject.py logs it too)."""
+    return _inject.refusal
