@@ -188,7 +188,7 @@ def _netns_arg(p: argparse.ArgumentParser) -> None:
 def _enter(args: argparse.Namespace) -> None:
     """Switch to --netns before any socket, thread or child process exists."""
     if getattr(args, "netns", None):
-        from ..daemon import enter_netns
+        from ..netns import enter_netns
 
         enter_netns(args.netns)
 

@@ -71,7 +71,7 @@ def _bound(value: str, field: str, whole: bool) -> float:
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from .. import capture, pcap
-    from ..daemon import enter_netns
+    from ..netns import enter_netns
     from .tunnel import tunnels_of
 
     count = int(_bound(args.count, "--count", whole=True))

@@ -271,7 +271,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
     logs.setup(fmt, args.verbose)
     if netns:
-        from ..daemon import enter_netns
+        from ..netns import enter_netns
 
         enter_netns(str(netns))
     if args.detach:
@@ -331,7 +331,7 @@ def _run_daemon(
 def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
-    from ..daemon import run_dir
+    from ..control import run_dir
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -385,7 +385,8 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
 def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The running tunnels the command asks about: like `ip link`, those of the current
     network namespace unless --netns, --all or --pid say otherwise."""
-    from ..daemon import netns_id, query_all
+    from ..control import query_all
+    from ..netns import netns_inode
 
     name: str | None = args.name
     rows = []
@@ -395,7 +396,7 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not replies:
             raise UserError(f"no running dataplane with pid {args.pid}", "--pid")
     elif not args.all:
-        wanted = netns_id(args.netns)
+        wanted = netns_inode(args.netns)
         replies = [r for r in replies if r.get("netns_id") == wanted]
     for reply in replies:
         for tunnel in reply.get("tunnels", []):
