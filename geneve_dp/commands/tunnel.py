@@ -36,6 +36,14 @@ reflect_options, mac, addresses). Tunnels on the same port share one UDP socket 
 are told apart by VNI and outer source address. The device is set up (and given
 --address) once it exists; a line with "ready" is printed when forwarding.
 
+One endpoint process serves a network namespace and port: `up` of a tunnel on a port
+an endpoint of this namespace already serves adds the tunnel to it (its other tunnels
+forward on untouched) and returns; `geneve-dp set NAME` changes one in place, `geneve-dp
+down NAME` removes one (the last one ends the process), `--config` of the file the
+endpoint was started from applies the file's difference (as SIGHUP does). A device
+deleted with `ip link del` while its tunnel is configured is opened again (same name
+and MAC: the tunnel's intent wins); `geneve-dp down NAME` is how it goes for good.
+
 Logs go to stderr, one line per event (tunnel up/down, repairs, drop-rate alarms; never
 per packet), as text or, with --log-format json, one JSON object per line.
 --metrics-addr serves Prometheus /metrics; without a host it listens on 127.0.0.1
@@ -274,13 +282,35 @@ def cmd_up(args: argparse.Namespace) -> int:
         from ..netns import enter_netns
 
         enter_netns(str(netns))
+    from . import live
+
+    explicit = {k for k in daemon_args if k not in ("engine", "offload")}
+    if args.engine or "engine" in settings:
+        explicit.add("engine")
+    if offload is not None:
+        explicit.add("offload")
+    lock = live.lock_run_dir()
+    try:
+        rc = live.join(specs, daemon_args, explicit, args.config, args.pidfile)
+    except BaseException:
+        live.unlock(lock)
+        raise
+    if rc is not None:
+        live.unlock(lock)
+        return rc
+    # None runs here for these ports: start one, holding the lock until it is ready.
+    daemon_args["config"] = args.config
     if args.detach:
-        return _up_detached(specs, daemon_args, args.pidfile)
+        return _up_detached(specs, daemon_args, args.pidfile, lock)
 
     def announce(message: str) -> None:
         print(f"geneve-dp: {message}", flush=True)
+        live.unlock(lock)
 
-    return _run_daemon(specs, daemon_args, args.pidfile, announce)
+    try:
+        return _run_daemon(specs, daemon_args, args.pidfile, announce)
+    finally:
+        live.unlock(lock)
 
 
 def _daemon_args(
@@ -328,9 +358,12 @@ def _run_daemon(
         return runner.run(daemon.run(on_ready))
 
 
-def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None) -> int:
+def _up_detached(
+    specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None, lock: int = -1
+) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
-    pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
+    pipe, so the parent exits 0 only once the devices exist, or 2 with the message.
+    The parent holds ``lock`` (live.lock_run_dir) until then."""
     from ..control import run_dir
 
     read_fd, write_fd = os.pipe()
@@ -339,6 +372,8 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
         os.close(write_fd)
         with os.fdopen(read_fd) as pipe:
             report = pipe.read()
+        if lock >= 0:
+            os.close(lock)
         if report.startswith("ready"):
             print(f"geneve-dp: {report.strip()}", flush=True)
             return 0
@@ -347,6 +382,8 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
         return 2
     # Child: a session of its own, stdio to a log file, report through the pipe.
     os.close(read_fd)
+    if lock >= 0:
+        os.close(lock)  # the parent's to release
     os.setsid()
     rc = 1
     try:

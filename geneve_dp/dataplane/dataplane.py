@@ -2,12 +2,14 @@
 
 Status layout (one dict per tunnel)::
 
-    name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
+    name, ifindex, vni, remote, local, port, mode, mtu, ttl, tos, df,
+    options ("0xCLASS:0xTYPE:HEX" sent), mac (TAP; else None), engine,
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro, tx_inject}
               (what the kernel accepted; tso: the device runs with IFF_VNET_HDR;
               tx_inject: TCP super-frames and UDP runs leave whole through the
               inject device),
     inject_device (its name while tx_inject, else None),
+    tx_path: {via: "inject" or "sockets", device (the inject device's name), why},
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (super-frames written to the device; offload only),
@@ -105,6 +107,7 @@ from .spec import (
     MIN_WORKERS,
     TunnelSpec,
     check_together,
+    spec_to_raw,
 )
 
 ControlHook = Callable[[str, bytes], None]
@@ -526,6 +529,10 @@ class Dataplane:
                     "port": spec.port,
                     "mode": spec.mode,
                     "mtu": tun.device.mtu,
+                    "ttl": spec.ttl,
+                    "tos": spec.tos,
+                    "df": spec.df,
+                    "options": spec_to_raw(spec)["options"],
                     "mac": ":".join(f"{b:02x}" for b in tun.device.mac) or None,
                     "engine": eng.name,
                     "offloads": offloads,
