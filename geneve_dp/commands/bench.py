@@ -20,6 +20,9 @@ from typing import Any
 
 from ..errors import UserError
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("bench",)
+
 # The source tree's bench/ folder: beside the geneve_dp package.
 BENCH_DIR = Path(__file__).resolve().parent.parent.parent / "bench"
 

@@ -20,6 +20,7 @@ from ..dataplane.spec import TunnelSpec, spec_to_raw
 from ..errors import UserError
 from ..live import FIXED
 
+COMMANDS = ("down", "set")
 LOCK_WAIT = 30.0  # seconds an `up` waits for another one starting an endpoint
 END_WAIT = 10.0  # seconds `down` waits for an endpoint whose last tunnel went to end
 

@@ -9,6 +9,8 @@ Status layout (one dict per tunnel)::
               tx_inject: TCP super-frames and UDP runs leave whole through the
               inject device),
     inject_device (its name while tx_inject, else None),
+    inject_probes ({left, late, stopped, unseen}: the inject device's probes by outcome,
+                   inject.py; None for a tunnel that never injects),
     tx_path: {via: "inject" or "sockets", device (the inject device's name), why},
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
@@ -56,7 +58,9 @@ Design notes (the kernel geneve contract, and where this differs):
   underlay and segments only where a device must; through a veth the peer receives
   the super-packet itself and writes it to its device as one GSO frame. Runs of one
   UDP flow go the same way (UDP_L4 super-frames). A probe every 5 s turns it off (log
-  line) once what is written there no longer leaves (inject.py).
+  line) once what is written there enters and no longer leaves, and on again (log
+  line) once a probe leaves; a supervisor scheduled late counts for nothing
+  (inject.py).
 - Workers (C engine; default one per two cores): every device gets one queue per worker
   (IFF_MULTI_QUEUE) and every port one SO_REUSEPORT receive socket per worker. The
   kernel keeps a flow on one queue and one socket, so a flow's packets stay in order;
@@ -142,7 +146,8 @@ class GroupEngine(Protocol):
     def counters(self, i: int) -> dict[str, object]: ...
     def offloads(self, i: int) -> dict[str, bool]: ...
     def socket_counters(self) -> dict[str, object]: ...
-    def stop_injecting(self) -> None: ...
+    def injectable(self, i: int) -> bool: ...
+    def set_injecting(self, on: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -188,6 +193,7 @@ class Dataplane:
         # offloads, unless GDP_INJECT=0.
         self.inject = self.offload and os.environ.get("GDP_INJECT", "1") != "0"
         self._injector: Injector | None = None
+        self._injecting = False  # what the engines were last told (inject.py)
         # One port's sockets, tunnels and running engine, by (family, port).
         self._ports: dict[tuple[int, int], _Port] = {}
         # Counters of the engines that swaps replaced: by tunnel, and by port.
@@ -312,6 +318,9 @@ class Dataplane:
                 and any(injectable(s) for s in specs if s.name not in live)
             ):
                 injector = self._injector = open_injector()
+                if injector is not None:
+                    # A shared device keeps its state: the engines start as it says.
+                    self._injecting = injector.on
             with IPRoute() as ipr:
                 groups: dict[tuple[int, int], Group] = {}
                 for key in sorted(touched & keys):
@@ -415,7 +424,7 @@ class Dataplane:
         self._tags[tag] = tuple(t.spec.name for t in group.tunnels)
         control_fd = self._ctl[1].fileno() if self._ctl is not None else -1
         try:
-            injector = self._injector if self._injector and not self._injector.failed else None
+            injector = self._injector
             if self.engine == "c":
                 from .engine_c import CGroupEngine
 
@@ -432,6 +441,8 @@ class Dataplane:
                 from .engine_py import PyGroupEngine
 
                 engine = PyGroupEngine(group, stop_fd, control_fd, tag, seed=self._seed)
+            if injector is not None:
+                engine.set_injecting(self._injecting)
         except BaseException:
             os.close(stop_fd)
             raise
@@ -451,25 +462,43 @@ class Dataplane:
         self._check_inject()
 
     def _check_inject(self) -> None:
-        """Probe the inject device's way out now and then (inject.py); stop injecting
-        once a probe did not leave (the engines then segment, as without it)."""
+        """Probe the inject device's way out now and then (inject.py) and have the
+        engines inject or segment as the probes say, with one log line per change."""
         inj = self._injector
-        if inj is None or inj.failed:
+        if inj is None:
             return
-        tun = next(
-            (t for p in self._ports.values() for t in p.group.tunnels if injectable(t.spec)),
-            None,
-        )
-        if tun is None or inj.check(str(tun.local), str(tun.spec.remote)):
+        tuns = [t for p in self._ports.values() for t in p.group.tunnels if injectable(t.spec)]
+        if not tuns:
             return
-        log.warning(
-            "%d probes in a row written to %s did not leave by the underlay (a FORWARD "
-            "rule or policy?): TCP super-frames are segmented here from now on",
-            PROBE_TRIES,
-            inj.name,
-        )
+        on = inj.check(str(tuns[0].local), str(tuns[0].spec.remote))
+        if on == self._injecting:
+            return
+        self._set_injecting(on)
+        names = ", ".join(t.spec.name for t in tuns)
+        if on:
+            log.info(
+                "%s: a probe written to %s left by the underlay again: TCP super-frames "
+                "and UDP runs leave whole again",
+                names,
+                inj.name,
+                extra={"event": "inject_on", "device": inj.name},
+            )
+        else:
+            log.warning(
+                "%s: %d probes in a row entered %s and did not leave by the underlay (a "
+                "FORWARD rule or policy, no route, no neighbour?): TCP super-frames are "
+                "segmented here until a probe leaves again (next in %.0f s, then less often)",
+                names,
+                PROBE_TRIES,
+                inj.name,
+                inj.retry,
+                extra={"event": "inject_off", "device": inj.name},
+            )
+
+    def _set_injecting(self, on: bool) -> None:
+        self._injecting = on
         for port in self._ports.values():
-            port.engine.stop_injecting()
+            port.engine.set_injecting(on)
 
     # ------------------------------------------------------------- control messages
 
@@ -506,7 +535,8 @@ class Dataplane:
 
     def _status(self) -> list[dict[str, object]]:
         rows: dict[str, dict[str, object]] = {}
-        inject = self._injector.name if self._injector is not None else None
+        inj = self._injector
+        inject = inj.name if inj is not None else None
         for key, port in self._ports.items():
             eng = port.engine
             live_sock = dict(eng.socket_counters())
@@ -537,13 +567,18 @@ class Dataplane:
                     "engine": eng.name,
                     "offloads": offloads,
                     "inject_device": inject if offloads["tx_inject"] else None,
-                    "tx_path": self._tx_path(spec, offloads),
+                    "inject_probes": (
+                        dict(inj.probes) if inj is not None and eng.injectable(i) else None
+                    ),
+                    "tx_path": self._tx_path(spec, offloads, eng.injectable(i)),
                     "counters": add_counters(eng.counters(i), self._base.get(spec.name, {})),
                     "socket": sock,
                 }
         return [rows[s.name] for s in self.specs if s.name in rows]
 
-    def _tx_path(self, spec: TunnelSpec, offloads: dict[str, bool]) -> dict[str, str | None]:
+    def _tx_path(
+        self, spec: TunnelSpec, offloads: dict[str, bool], given: bool
+    ) -> dict[str, str | None]:
         """How the tunnel's packets leave, and why that way: ``via`` "inject" (the
         inject device, named in ``device``) or "sockets"."""
         inj = self._injector
@@ -575,10 +610,10 @@ class Dataplane:
             why = "TTL 255: forwarding through the inject device would take one off"
         elif inj is None:
             why = f"no inject device: {inject_refusal() or 'not made'}"
-        elif inj.failed:
+        elif given and not self._injecting:
             why = (
                 f"probes written to {inj.name} did not leave by the underlay (a FORWARD "
-                "rule or policy?); injecting stopped"
+                "rule or policy, no route, no neighbour?); injecting again once one leaves"
             )
         else:
             why = "not injecting"

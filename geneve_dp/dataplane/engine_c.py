@@ -128,6 +128,7 @@ class CGroupEngine:
         self.nice = nice
         n = len(group.tunnels)
         self._keep: list[Any] = []
+        self._inject_ok: set[int] = set()  # tunnels given the inject device
         self.sockets: list[socket.socket] = []
         self.tunnels = ffi.new("struct gdp_tunnel[]", n)
         for i, tun in enumerate(group.tunnels):
@@ -153,6 +154,7 @@ class CGroupEngine:
             name = tun.underlay_dev.encode()[:15]
             ffi.memmove(t.underlay_ifname, name, len(name))
             if injector and tun.device.vnet_hdr and injectable(spec):
+                self._inject_ok.add(i)
                 t.inject = 1
                 t.inj_fd = injector.fd
                 ffi.memmove(t.inj_mac, injector.mac, 6)
@@ -320,10 +322,16 @@ class CGroupEngine:
             "tx_inject": bool(t.inject),  # super-frames whole through the inject device
         }
 
-    def stop_injecting(self) -> None:
+    def injectable(self, i: int) -> bool:
+        """Whether tunnel i was given the inject device (it injects while that is on)."""
+        return i in self._inject_ok
+
+    def set_injecting(self, on: bool) -> None:
+        """Inject (or segment here) from the next frame on; engine.c reads the flag
+        per frame."""
         for w in self.workers:
-            for i in range(len(self.group.tunnels)):
-                w.tunnels[i].inject = 0
+            for i in self._inject_ok:
+                w.tunnels[i].inject = int(on)
 
     def socket_counters(self) -> dict[str, object]:
         """The port's receive counters, summed over the workers' sockets."""
