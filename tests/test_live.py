@@ -191,8 +191,7 @@ def test_set_changes_the_wire_and_names_what_it_cannot(
         time.sleep(0.8)
         ping(a, B_IN, 3, interval=0.1)
         cap.communicate(timeout=20)
-        _linktype, frames_in = read_frames(pcap)
-        frames = [f for f in frames_in if f[14 + 12 : 14 + 16] == _ip(A_UL)]
+        frames = [f for _lt, f in read_frames(pcap) if f[14 + 12 : 14 + 16] == _ip(A_UL)]
         assert frames, "no outer frame from a"
         ip = frames[0][14:]
         assert ip[8] == 33  # TTL

@@ -28,8 +28,9 @@ from ..errors import UserError
 
 UP_DESCRIPTION = """\
 Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM (or until
-`geneve-dp down` removes the last), then remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
-VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
+`geneve-dp down` removes the last), then remove them and exit 0. One tunnel from
+flags (like `ip link add NAME type geneve id VNI remote IP dstport 6081`), or many
+from --config FILE (TOML: optional top-level
 `engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
