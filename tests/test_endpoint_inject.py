@@ -79,12 +79,13 @@ c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
 """
 
 
-def transfer(a: Netns, b: Netns, size: int, timeout: float = 60) -> int:
-    """Bytes received of ``size`` sent from a to b over TCP through the tunnel."""
-    srv = b.popen([sys.executable, "-c", SINK, "192.168.100.2"], stdout=subprocess.PIPE)
+def transfer(a: Netns, b: Netns, size: int, timeout: float = 60, dst: str = "192.168.100.2") -> int:
+    """Bytes received of ``size`` sent from a to b (at ``dst``) over TCP through the
+    tunnel."""
+    srv = b.popen([sys.executable, "-c", SINK, dst], stdout=subprocess.PIPE)
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "listening"
-        a.run(sys.executable, "-c", SOURCE, "192.168.100.2", str(size), timeout=timeout)
+        a.run(sys.executable, "-c", SOURCE, dst, str(size), timeout=timeout)
         out, _ = srv.communicate(timeout=30)
         return int(out)
     finally:

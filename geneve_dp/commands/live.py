@@ -86,6 +86,7 @@ def register(sub: Any) -> None:
     for key, on, off in (
         ("udp_csum", "--udp-csum", "--no-udp-csum"),
         ("reflect_options", "--reflect-options", "--no-reflect-options"),
+        ("wire_sized", "--wire-sized", "--no-wire-sized"),
     ):
         group = st.add_mutually_exclusive_group()
         group.add_argument(on, dest=key, action="store_const", const=True)
@@ -315,7 +316,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     from ..control import request
 
     changes: dict[str, Any] = {}
-    for key in (*_SET_VALUES, "udp_csum", "reflect_options", "udp6_zero_csum_rx"):
+    for key in (*_SET_VALUES, "udp_csum", "reflect_options", "wire_sized", "udp6_zero_csum_rx"):
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = value

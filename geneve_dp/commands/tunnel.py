@@ -34,7 +34,7 @@ from --config FILE (TOML: optional top-level
 `engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
-reflect_options, mac, addresses). Tunnels on the same port share one UDP socket and
+reflect_options, mac, addresses, wire_sized). Tunnels on the same port share one UDP socket and
 are told apart by VNI and outer source address. The device is set up (and given
 --address) once it exists; a line with "ready" is printed when forwarding.
 
@@ -128,6 +128,12 @@ def register(sub: Any) -> None:
         "--reflect-options",
         action="store_true",
         help="return the options seen on a flow on the packets of its reverse direction",
+    )
+    up.add_argument(
+        "--wire-sized",
+        action="store_true",
+        help="send no packet bigger than the underlay MTU (no super-packets on the underlay), "
+        "for a peer that reads the underlay raw, e.g. Open vSwitch's userspace datapath",
     )
     up.add_argument("--mac", help="TAP device MAC address (default: random)")
     up.add_argument(
@@ -264,6 +270,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
         "reflect_options": args.reflect_options,
         "mac": args.mac,
         "addresses": args.address,
+        "wire_sized": args.wire_sized,
     }
     try:
         spec = build_spec(raw)

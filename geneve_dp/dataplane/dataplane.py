@@ -4,6 +4,7 @@ Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, ttl, tos, df,
     options ("0xCLASS:0xTYPE:HEX" sent), mac (TAP; else None), engine,
+    wire_sized (no packet leaves bigger than the underlay MTU; spec.py),
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro, tx_inject}
               (what the kernel accepted; tso: the device runs with IFF_VNET_HDR;
               tx_inject: TCP super-frames and UDP runs leave whole through the
@@ -565,6 +566,7 @@ class Dataplane:
                     "options": spec_to_raw(spec)["options"],
                     "mac": ":".join(f"{b:02x}" for b in tun.device.mac) or None,
                     "engine": eng.name,
+                    "wire_sized": spec.wire_sized,
                     "offloads": offloads,
                     "inject_device": inject if offloads["tx_inject"] else None,
                     "inject_probes": (

@@ -165,8 +165,11 @@ class CGroupEngine:
                 # with SO_NO_CHECK): with the IPv4 default of checksum 0 the segments
                 # go one datagram each by sendmmsg on these connected sockets (their
                 # cached route saves the raw socket's route lookup per packet).
-                t.gso_nocsum = not spec.tx_udp_csum
-                for k, sock in enumerate(self._gso_sockets(tun, spec.tx_udp_csum)):
+                # wire_sized: one datagram per segment even with checksums, so no
+                # UDP GSO super-packet crosses the underlay whole.
+                gso = spec.tx_udp_csum and not spec.wire_sized
+                t.gso_nocsum = not gso
+                for k, sock in enumerate(self._gso_sockets(tun, gso)):
                     t.gso_fds[k] = sock.fileno()
                     t.gso_ports[k] = sock.getsockname()[1]
                     t.n_gso = k + 1

@@ -75,6 +75,11 @@ class TunnelSpec:
     reflect_options: bool = False
     mac: str | None = None  # TAP only; None lets the kernel pick a random one
     addresses: tuple[IPInterface, ...] = ()  # put on the device once it is up
+    # Every packet leaves this process no bigger than the underlay MTU: no TCP
+    # super-frame or UDP run through the inject device, no UDP GSO send. For a peer
+    # that reads the underlay raw (an AF_PACKET reader such as Open vSwitch's
+    # userspace datapath), which would otherwise get super-packets whole off a veth.
+    wire_sized: bool = False
 
     @property
     def family(self) -> int:
@@ -153,7 +158,7 @@ REQUIRED = {
 
 KEYS = (
     "name vni remote local port mode mtu ttl tos df udp_csum udp6_zero_csum_rx "
-    "options reflect_options mac addresses"
+    "options reflect_options mac addresses wire_sized"
 ).split()
 
 
@@ -234,6 +239,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         reflect_options=_bool(raw.get("reflect_options", False), f("reflect_options")),
         mac=str(mac).lower() if mac is not None else None,
         addresses=tuple(addresses),
+        wire_sized=_bool(raw.get("wire_sized", False), f("wire_sized")),
     )
 
 
@@ -257,6 +263,7 @@ def spec_to_raw(spec: TunnelSpec) -> dict[str, Any]:
         "reflect_options": spec.reflect_options,
         "mac": spec.mac,
         "addresses": [str(a) for a in spec.addresses],
+        "wire_sized": spec.wire_sized,
     }
 
 
