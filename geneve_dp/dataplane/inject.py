@@ -5,7 +5,7 @@ GENEVE is checksum 0, so a socket can only send a TSO super-frame one segment at
 time. A TAP device with UDP tunnel GSO (TUN_F_UDP_TUNNEL_GSO, Linux 6.17+) takes the
 whole encapsulated super-frame instead, the way the kernel's own tunnels hand theirs
 to the stack: the kernel forwards it to the underlay, passes it whole through a veth
-(the peer's socket gets the super-packet, engine.c rx_super) and cuts it into
+(the peer's socket gets the super-packet, csrc/seg.c super_plan) and cuts it into
 segments, each with every outer header, only where a device cannot take it whole.
 
 The frames enter the stack as if received on this device, so the device forwards
@@ -19,7 +19,7 @@ seconds: an ICMP echo reply (which nobody answers) from the tunnel's local addre
 its remote, written to the device and looked for leaving by an AF_PACKET socket whose
 BPF filter passes only it. The socket is open only for the probe's few milliseconds:
 while any packet socket is open, the kernel clones every outgoing packet for it. If
-PROBE_TRIES probes in a row do not leave, the supervisor stops injecting (engine.c
+PROBE_TRIES probes in a row do not leave, the supervisor stops injecting (the engine
 then segments).
 """
 
@@ -57,7 +57,7 @@ from .spec import TunnelSpec
 log = logging.getLogger("geneve_dp.dataplane")
 
 TUN_F_UDP_TUNNEL_GSO = 0x080
-INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (engine.c INJ_VNET_LEN)
+INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (csrc/proto.h VNET_TUNNEL_LEN)
 CONF = Path("/proc/sys/net/ipv4/conf")
 
 
