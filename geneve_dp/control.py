@@ -15,7 +15,7 @@ import selectors
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,15 @@ REPLY_LIMIT = 16 * 1024 * 1024
 STATUS_REQUEST = b'{"cmd": "status"}\n'
 
 Status = Callable[[], dict[str, Any]]
+# A change request (any "cmd" but "status") -> its reply.
+Command = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+ACCEPTED = (
+    'accepted: {"cmd": "status"}, {"cmd": "add", "tunnels": [SPEC]}, '
+    '{"cmd": "down", "names": [NAME]}, {"cmd": "set", "name": NAME, "changes": {KEY: VALUE}}, '
+    '{"cmd": "reload"[, "tunnels": [SPEC]]}'
+)
+# How long a change may take to answer (devices, routes, an engine swap per port).
+CHANGE_TIMEOUT = 30.0
 
 
 def run_dir() -> Path:
@@ -47,13 +56,16 @@ def socket_path(pid: int) -> Path:
 # -- server (the daemon's side) ------------------------------------------------------------
 
 
-async def serve(path: Path, status: Status) -> asyncio.base_events.Server:
-    """Listen on ``path`` and answer each request with ``status()``."""
+async def serve(
+    path: Path, status: Status, command: Command | None = None
+) -> asyncio.base_events.Server:
+    """Listen on ``path``; answer a status request with ``status()`` and any other
+    request with ``command(request)``."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _handle(reader, writer, status)
+        await _handle(reader, writer, status, command)
 
     old = os.umask(0o177)  # the socket is born 0600: counters and config are root's
     try:
@@ -65,7 +77,10 @@ async def serve(path: Path, status: Status) -> asyncio.base_events.Server:
 
 
 async def _handle(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: Status
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    status: Status,
+    command: Command | None = None,
 ) -> None:
     try:
         try:
@@ -74,6 +89,9 @@ async def _handle(
             reply: Any = {"error": f"request longer than {REQUEST_LIMIT} bytes; refused"}
         else:
             reply = answer(line, status)
+            request = reply.pop("_request", None)
+            if request is not None:
+                reply = await command(request) if command is not None else {"error": "refused"}
         writer.write(json.dumps(reply, default=str).encode() + b"\n")
         await writer.drain()
     except (TimeoutError, ConnectionError):
@@ -85,20 +103,74 @@ async def _handle(
 
 
 def answer(line: bytes, status: Status) -> dict[str, Any]:
-    """The reply to one request line."""
-    accepted = 'accepted: {"cmd": "status"}'
+    """The reply to one request line; a change request comes back as ``_request``
+    for the command handler."""
     try:
         request = json.loads(line or b"{}")
     except ValueError:
-        return {"error": f"request is not a JSON object; {accepted}"}
+        return {"error": f"request is not a JSON object; {ACCEPTED}"}
     if not isinstance(request, dict):
-        return {"error": f"request is not a JSON object; {accepted}"}
-    if request.get("cmd") != "status":
-        return {"error": f"unknown request; {accepted}"}
-    return status()
+        return {"error": f"request is not a JSON object; {ACCEPTED}"}
+    cmd = request.get("cmd")
+    if cmd == "status":
+        return status()
+    if cmd in ("add", "down", "set", "reload"):
+        return {"_request": request}
+    return {"error": f"unknown request; {ACCEPTED}"}
 
 
 # -- client (show, stats, ambient) ---------------------------------------------------------
+
+
+def sockets() -> list[Path]:
+    """The control sockets in the run directory. One that cannot be listed (it is
+    root's, 0700) is an error saying so, never an empty list: "no tunnels" would be
+    a lie to a user who may not look."""
+    directory = run_dir()
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except PermissionError as exc:
+        raise UserError(
+            f"cannot read the control sockets in {directory}: permission denied (EACCES; "
+            "they are root's: run as root)",
+            "run dir",
+        ) from exc
+    return [directory / n for n in names if n.startswith("gdp-") and n.endswith(".sock")]
+
+
+def request(path: Path, body: dict[str, Any], timeout: float = CHANGE_TIMEOUT) -> dict[str, Any]:
+    """Send one request to a daemon's socket; its reply. A refusal (``error``) is
+    raised as the UserError it was, field and all."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except PermissionError as exc:
+            raise UserError(f"cannot use {path}: permission denied (run as root)") from exc
+        except OSError as exc:
+            raise UserError(f"the endpoint at {path} is gone ({exc.strerror})") from exc
+        s.sendall(json.dumps(body).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise UserError(f"the endpoint at {path} did not answer")
+    if "error" in reply:
+        field = reply.get("field")
+        message = str(reply["error"])
+        if field and message.startswith(f"{field}: "):
+            message = message[len(field) + 2 :]
+        raise UserError(message, str(field) if field else None)
+    return reply
 
 
 def query_all(timeout: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
@@ -108,12 +180,9 @@ def query_all(timeout: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
     (stopped, or stuck) is named on stderr and left out: the others are still shown.
     Sockets left by a dataplane that was killed are removed on the way.
     """
-    directory = run_dir()
-    if not directory.is_dir():
-        return []
     pending: dict[socket.socket, tuple[Path, bytearray]] = {}
     try:
-        for path in sorted(directory.glob("gdp-*.sock")):
+        for path in sockets():
             s = _ask(path)
             if s is not None:
                 pending[s] = (path, bytearray())

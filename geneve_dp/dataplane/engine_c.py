@@ -107,6 +107,7 @@ class CGroupEngine:
         group_index: int,
         nice: int = 0,
         injector: Injector | None = None,
+        seed: int | None = None,
     ) -> None:
         self.group = group
         self.nice = nice
@@ -171,7 +172,7 @@ class CGroupEngine:
         # seed (a flow's source port must not depend on the worker) and the same
         # reflection tables and transmit sockets.
         sport_min, sport_max = ephemeral_ports()
-        hash_seed = random.getrandbits(32)
+        hash_seed = random.getrandbits(32) if seed is None else seed
         ip_id = random.getrandbits(16)
         self.workers: list[_Worker] = []
         nworkers = len(group.udps)

@@ -188,14 +188,21 @@ class PyGroupEngine:
 
     name = "python"
 
-    def __init__(self, group: Group, stop_fd: int, control_fd: int, group_index: int) -> None:
+    def __init__(
+        self,
+        group: Group,
+        stop_fd: int,
+        control_fd: int,
+        group_index: int,
+        seed: int | None = None,
+    ) -> None:
         self.group = group
         self.stop_fd = stop_fd
         self.control_fd = control_fd
         self.tag = group_index << 24
         self.tunnels = [PyTunnel(t) for t in group.tunnels]
         self.sport_min, self.sport_max = ephemeral_ports()
-        self.seed = random.getrandbits(32)
+        self.seed = random.getrandbits(32) if seed is None else seed
         self.ip_id = self.seed & 0xFFFF
         self.sock_drops = dict.fromkeys(SOCKET_DROP_REASONS, 0)
         self.sock_rx = 0
