@@ -150,13 +150,16 @@ def intent(st: StateFile) -> reconcile.Intent:
     )
 
 
-def up(cfg: NodeConfig, log: Any = None, choose_port: bool = False) -> NodeConfig:
+def up(
+    cfg: NodeConfig, log: Any = None, choose_port: bool = False, start_watch: bool = True
+) -> NodeConfig:
     """Install the node side. Idempotent: an earlier setup (or a crashed one) is removed
     first and its enrolled pods are put back afterwards.
 
     With ``choose_port`` (no --port given) the GENEVE port is picked as Istio 1.19+
     does, once the earlier setup is gone so that its own endpoints do not count;
-    Istio 1.18 always used 6081. Returns the configuration applied.
+    Istio 1.18 always used 6081. Without ``start_watch`` the caller runs the reconcile
+    watcher itself (`node up --foreground`). Returns the configuration applied.
     """
     say = log or (lambda _msg: None)
     st = _state()
@@ -221,8 +224,10 @@ def up(cfg: NodeConfig, log: Any = None, choose_port: bool = False) -> NodeConfi
     if enrolled:
         say(f"re-enrolling {len(enrolled)} pods")
         pods.add_many((ip, rec.uid) for ip, rec in enrolled.items())
-    say(f"reconcile watcher: `geneve-dp node watch`, log {watch.logfile(st.path.parent, ROLE)}")
-    watch.start(st.path.parent, ROLE)
+    if start_watch:
+        log_path = watch.logfile(st.path.parent, ROLE)
+        say(f"reconcile watcher: `geneve-dp node watch`, log {log_path}")
+        watch.start(st.path.parent, ROLE)
     return cfg
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..netconf import links
+from ..netns import current_netns_name
 from . import constants as k
 from .rules import NodeRulesConfig
 
@@ -32,7 +32,7 @@ def state_root() -> Path:
 
 
 def state_dir(netns: str | None = None) -> Path:
-    return state_root() / (netns or links.current_netns_name())
+    return state_root() / (netns or current_netns_name())
 
 
 @contextlib.contextmanager

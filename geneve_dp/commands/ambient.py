@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,10 @@ def _progress(args: argparse.Namespace, role: str) -> Callable[[str], None]:
     return lambda msg: log.info("%s up: %s", role, msg, extra={"event": "setup_step"})
 
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("node", "ztunnel", "pod", "proxy", "demo")
+
+
 def register(sub: Any) -> None:
     node = sub.add_parser(
         "node",
@@ -40,7 +45,17 @@ def register(sub: Any) -> None:
         ),
     )
     nsub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = nsub.add_parser("up", help="install (idempotent; re-enrols known pods)")
+    up = nsub.add_parser(
+        "up",
+        help="install (idempotent; re-enrols known pods)",
+        description=(
+            "Install the node side in this network namespace: endpoints istioin and istioout "
+            f"towards --ztunnel-ip, the {k.IPSET_NAME} ipset, the ztunnel-* iptables chains, "
+            "ip rules 100-103 and tables 100-102, then start the endpoint daemon and the "
+            "`node watch` reconciler in the background and exit. Running it again changes "
+            "nothing that is already right and re-enrols the pods it knew. Needs root."
+        ),
+    )
     up.add_argument("--ztunnel-ip", metavar="IP", help="the ztunnel pod's IPv4 address")
     up.add_argument(
         "--ztunnel-veth", metavar="DEV", help="host-side veth of the ztunnel pod (must be a veth)"
@@ -66,16 +81,35 @@ def register(sub: Any) -> None:
         default=k.DEFAULT_ISTIO_VERSION,
         help="which release's rules to reproduce (default %(default)s)",
     )
+    up.add_argument(
+        "--foreground",
+        action="store_true",
+        help="then stay: become the `node watch` reconciler (a service's main process; "
+        "`node down` stops it)",
+    )
     _netns_arg(up)
     logs.add_argument(up)
     up.set_defaults(func=cmd_node_up)
-    down = nsub.add_parser("down", help="remove everything `node up` installed")
+    down = nsub.add_parser(
+        "down",
+        help="remove everything `node up` installed",
+        description=(
+            "Stop the endpoint daemon and the watcher `node up` started and remove exactly "
+            "what it added (devices, ipset, chains, rules, routes, sysctls), also after a "
+            "crash. Nothing to remove is not an error. Needs root."
+        ),
+    )
     _netns_arg(down)
     down.set_defaults(func=cmd_down, role="node")
     _watch_parser(nsub, "node")
     _status_parser(nsub, "node")
     rend = nsub.add_parser(
-        "render", help="print the iptables-restore input `node up` would apply (no root)"
+        "render",
+        help="print the iptables-restore input `node up` would apply (no root)",
+        description=(
+            "Print, without changing anything, the iptables-restore text (--noflush, own "
+            "chains only) that `node up` applies in one call for these values."
+        ),
     )
     rend.add_argument("--ztunnel-ip", metavar="IP", required=True)
     rend.add_argument("--ztunnel-veth", metavar="DEV", required=True)
@@ -95,7 +129,16 @@ def register(sub: Any) -> None:
         ),
     )
     zsub = zt.add_subparsers(dest="action", required=True, metavar="ACTION")
-    zup = zsub.add_parser("up", help="install (idempotent)")
+    zup = zsub.add_parser(
+        "up",
+        help="install (idempotent)",
+        description=(
+            "Install the ztunnel pod's side in this network namespace: endpoints pistioin and "
+            "pistioout towards the node (--host-ip), ip rules 20000/20003, table 100's local "
+            "default and the mangle PREROUTING TPROXY rules; start the endpoint daemon and "
+            "the `ztunnel watch` reconciler in the background. Idempotent. Needs root."
+        ),
+    )
     zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
     zup.add_argument(
         "--port",
@@ -106,7 +149,14 @@ def register(sub: Any) -> None:
     _netns_arg(zup)
     logs.add_argument(zup)
     zup.set_defaults(func=cmd_ztunnel_up)
-    zdown = zsub.add_parser("down", help="remove everything `ztunnel up` installed")
+    zdown = zsub.add_parser(
+        "down",
+        help="remove everything `ztunnel up` installed",
+        description=(
+            "Stop what `ztunnel up` started and remove exactly what it added, also after a "
+            "crash. Needs root."
+        ),
+    )
     _netns_arg(zdown)
     zdown.set_defaults(func=cmd_down, role="ztunnel")
     _watch_parser(zsub, "ztunnel")
@@ -118,7 +168,16 @@ def register(sub: Any) -> None:
         description="Enrol a pod IP in ambient redirection on this node, or remove it.",
     )
     psub = pod.add_subparsers(dest="action", required=True, metavar="ACTION")
-    padd = psub.add_parser("add", help="enrol a pod (adding twice is a no-op)")
+    padd = psub.add_parser(
+        "add",
+        help="enrol a pod (adding twice is a no-op)",
+        description=(
+            f"Enrol pod IP in ambient redirection: an entry in the {k.IPSET_NAME} ipset "
+            "(commented with --uid), its route in table 100, so its traffic enters "
+            "istioout, and rp_filter off on its device. Adding a pod twice changes "
+            "nothing. With --batch FILE, many pods in one run. Needs root."
+        ),
+    )
     padd.add_argument("ip", metavar="IP", nargs="?", help="the pod's IPv4 address")
     padd.add_argument("--uid", help="the pod's UID (ipset comment)")
     padd.add_argument(
@@ -129,14 +188,25 @@ def register(sub: Any) -> None:
     )
     _netns_arg(padd)
     padd.set_defaults(func=cmd_pod_add)
-    pdel = psub.add_parser("del", help="remove pods (an unknown pod is not an error)")
+    pdel = psub.add_parser(
+        "del",
+        help="remove pods (an unknown pod is not an error)",
+        description=(
+            "Remove pod IPs from ambient redirection (ipset entry and table-100 route). "
+            "A pod that is not enrolled is not an error. Needs root."
+        ),
+    )
     pdel.add_argument("ip", metavar="IP", nargs="*", help="the pods' IPv4 addresses")
     pdel.add_argument(
         "--batch", metavar="FILE", help="also remove the IPs listed in FILE, one a line"
     )
     _netns_arg(pdel)
     pdel.set_defaults(func=cmd_pod_del)
-    plist = psub.add_parser("list", help="enrolled pods, one 'IP UID' per line")
+    plist = psub.add_parser(
+        "list",
+        help="enrolled pods, one 'IP UID' per line",
+        description="Print the enrolled pods, one 'IP UID' per line, sorted by IP.",
+    )
     _netns_arg(plist)
     plist.set_defaults(func=cmd_pod_list)
 
@@ -172,6 +242,9 @@ def register(sub: Any) -> None:
         ),
     )
     demo.add_argument("--keep", action="store_true", help="leave the namespaces up at the end")
+    demo.add_argument(
+        "--json", action="store_true", help="end with a JSON summary line instead of a sentence"
+    )
     demo.set_defaults(func=cmd_demo)
 
 
@@ -250,7 +323,7 @@ def _netns_arg(p: argparse.ArgumentParser) -> None:
 def _enter(args: argparse.Namespace) -> None:
     """Switch to --netns before any socket, thread or child process exists."""
     if getattr(args, "netns", None):
-        from ..daemon import enter_netns
+        from ..netns import enter_netns
 
         enter_netns(args.netns)
 
@@ -277,12 +350,29 @@ def cmd_node_up(args: argparse.Namespace) -> int:
         args.dns_capture,
         _version(args.istio_version),
     )
-    cfg = node.up(cfg, log=say, choose_port=args.port is None)
+    cfg = node.up(cfg, log=say, choose_port=args.port is None, start_watch=not args.foreground)
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
-        f"GENEVE port {cfg.port}, Istio {cfg.version} rules, iptables {iptables.selected()}"
+        f"GENEVE port {cfg.port}, Istio {cfg.version} rules, iptables {iptables.selected()}",
+        flush=True,
     )
+    if args.foreground:
+        _become_watcher("node", args)
     return 0
+
+
+def _become_watcher(role: str, args: argparse.Namespace) -> None:
+    """Replace this process with `geneve-dp ROLE watch`: the same pid (a service's main
+    process) under the command line `ROLE down` looks for when it stops the watcher."""
+    from ..ambient import watch
+
+    directory = _profile(role).state_path().parent
+    watch.pidfile(directory, role).write_text(f"{os.getpid()}\n")
+    argv = [sys.executable, "-m", "geneve_dp", role, "watch"]
+    if args.log_format is not None:
+        argv += ["--log-format", args.log_format]
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _profile(role: str) -> Any:
@@ -435,6 +525,9 @@ def cmd_pod_list(args: argparse.Namespace) -> int:
     return 0
 
 
+PORTS_ACCEPTED = "comma-separated ports 1..65535, e.g. 15001,15006,15008"
+
+
 def cmd_proxy(args: argparse.Namespace) -> int:
     from ..ambient import proxy
     from ..errors import UserError
@@ -443,9 +536,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     try:
         ports = [int(p) for p in str(args.ports).split(",") if p]
     except ValueError as exc:
-        raise UserError(f"{args.ports!r} is not a comma-separated port list", "--ports") from exc
+        raise UserError(
+            f"{args.ports!r} is not a port list; accepted: {PORTS_ACCEPTED}", "--ports"
+        ) from exc
     if not ports or any(not 1 <= p <= 65535 for p in ports):
-        raise UserError(f"{args.ports!r}: each port must be in 1..65535", "--ports")
+        raise UserError(f"{args.ports!r} is out of range; accepted: {PORTS_ACCEPTED}", "--ports")
     return proxy.main(ports, args.log, spoof=not args.no_spoof)
 
 
@@ -453,4 +548,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..ambient import checks, demo
 
     checks.require_tools("demo")
-    return demo.run(keep=args.keep)
+    return demo.run(keep=args.keep, as_json=args.json)
