@@ -119,6 +119,7 @@ class CGroupEngine:
         for i, tun in enumerate(group.tunnels):
             spec, t = tun.spec, self.tunnels[i]
             t.dev_fd = tun.device.fd
+            t.raw_fd = group.raw_for(spec.mark).fileno()
             t.mode = lib.GDP_MODE_TAP if spec.mode == "tap" else lib.GDP_MODE_TUN
             t.family = spec.family
             t.vni = spec.vni
