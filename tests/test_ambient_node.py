@@ -256,7 +256,7 @@ def test_failure_half_way_is_rolled_back(world: t.World, tmp_path: Path) -> None
         fake.chmod(0o755)
     env = {**w.env(), "PATH": f"{tmp_path}:{os.environ.get('PATH', '')}"}
     proc = _gdp_env(w, w.node, env, *NODE_UP)
-    one_line_error(proc, "iptables-restore", "simulated refusal")
+    one_line_error(proc, "-restore", "simulated refusal")
     assert w.snapshot(w.node) == before
     assert not (w.state_root / w.node / "node.json").exists()
     assert "istioin" not in w.gdp(w.node, "show", "--json").stdout

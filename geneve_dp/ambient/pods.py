@@ -72,11 +72,12 @@ def add_many(pods: Iterable[tuple[str, str]]) -> list[PodResult]:
         wanted.append((ip, uid))
     directory, cfg = _node()
     out = []
-    for ip, uid in wanted:
-        # Under the state lock, one pod at a time: the watcher must see the record and
-        # the kernel agree, and must not wait long for its turn.
-        with state.locked(directory):
-            out.append(_add(directory, cfg, ip, uid))
+    with links.session(), ipset.session():
+        for ip, uid in wanted:
+            # Under the state lock, one pod at a time: the watcher must see the record
+            # and the kernel agree, and must not wait long for its turn.
+            with state.locked(directory):
+                out.append(_add(directory, cfg, ip, uid))
     return out
 
 
@@ -147,13 +148,14 @@ def delete_many(ips: Iterable[str]) -> list[PodResult]:
     wanted = [str(checks.ipv4(ip_text, "IP")) for ip_text in ips]
     directory, cfg = _node()
     out = []
-    for ip in wanted:
-        with state.locked(directory):
-            removed = _remove(directory, ip, str(cfg.host_ip))
-        if removed:
-            out.append(PodResult(ip, True, f"pod {ip} removed from the mesh"))
-        else:
-            out.append(PodResult(ip, False, f"pod {ip} is not enrolled; nothing to do"))
+    with links.session(), ipset.session():
+        for ip in wanted:
+            with state.locked(directory):
+                removed = _remove(directory, ip, str(cfg.host_ip))
+            if removed:
+                out.append(PodResult(ip, True, f"pod {ip} removed from the mesh"))
+            else:
+                out.append(PodResult(ip, False, f"pod {ip} is not enrolled; nothing to do"))
     return out
 
 

@@ -35,8 +35,9 @@ INTERVAL = 1.0
 TICK = 0.2  # how long a wait for a change lasts before SIGTERM is looked at again
 SETTLE = 0.02  # after a change, a moment for the rest of a burst (a flush, a restart)
 ROUTING_INTERVAL = 30.0  # rules and routes are read at least this often without a change
-# Passes started by changes are at least this far apart: a burst of changes (hundreds
-# of pods enrolled) costs a few passes a second, not one pass per change.
+# Passes started by changes are at least this far apart (and twice the last pass's
+# length): a burst of changes (hundreds of pods enrolled) costs a few passes a second,
+# not one pass per change.
 BURST_GAP = 0.3
 
 # What a profile's state file asks to exist (node.intent, ztunnel.intent).
@@ -96,15 +97,16 @@ def run(
         next_pass = time.monotonic() + interval
         next_routing = 0.0  # the first pass reads everything
         last_pass = 0.0
+        gap = BURST_GAP
         pending = False  # a change seen and not yet looked at
         while not stop_event.is_set():
-            due = min(next_pass, last_pass + BURST_GAP) if pending else next_pass
+            due = min(next_pass, last_pass + gap) if pending else next_pass
             woke = changes.wait(max(0.0, min(TICK, due - time.monotonic())))
             if stop_event.is_set():
                 break
             pending = pending or woke
             now = time.monotonic()
-            if now < next_pass and (not pending or now < last_pass + BURST_GAP):
+            if now < next_pass and (not pending or now < last_pass + gap):
                 continue
             if woke:
                 time.sleep(SETTLE)
@@ -125,6 +127,9 @@ def run(
                     return 0
             except Exception as exc:  # keep watching: the next pass may succeed
                 say(f"reconcile pass failed: {exc}")
+            # A pass that took long (many pods) makes the next change-driven one wait
+            # longer: at most a third of the time goes to passes during a burst.
+            gap = max(BURST_GAP, 2 * (time.monotonic() - now))
     finally:
         changes.close()
     return 0

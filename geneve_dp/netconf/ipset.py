@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,15 +26,40 @@ IPSET_ERR_NOT_EXIST = 4102  # element not in set  (kernel's IPSET_ERR_EXIST is 4
 LISTINGS = {"entries": 0}
 
 
-@contextlib.contextmanager
-def _ipset() -> Iterator[Any]:
+_session = threading.local()  # .ipset: this thread's shared IPSet inside session()
+
+
+def _open() -> Any:
     try:
-        s = IPSet()
+        return IPSet()
     except (OSError, NetlinkError) as exc:
         raise UserError(f"cannot open the kernel ipset interface: {exc}", field="ipset") from exc
+
+
+@contextlib.contextmanager
+def _ipset() -> Iterator[Any]:
+    shared = getattr(_session, "ipset", None)
+    if shared is not None:
+        yield shared
+        return
+    s = _open()
     try:
         yield s
     finally:
+        s.close()
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Inside, this thread's calls here share one netlink socket (see links.session)."""
+    if getattr(_session, "ipset", None) is not None:
+        yield
+        return
+    _session.ipset = _open()
+    try:
+        yield
+    finally:
+        s, _session.ipset = _session.ipset, None
         s.close()
 
 

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,34 @@ FR_ACT_GOTO = 2
 DUMPS: dict[str, int] = {"routes": 0, "rules": 0}
 
 
+_session = threading.local()  # .ipr: this thread's shared IPRoute inside session()
+
+
 @contextlib.contextmanager
 def iproute() -> Iterator[Any]:
+    shared = getattr(_session, "ipr", None)
+    if shared is not None:
+        yield shared
+        return
     ipr = IPRoute()
     try:
         yield ipr
     finally:
+        ipr.close()
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Inside, this thread's calls here share one netlink socket (for a batch of many
+    small changes: opening one costs more than most requests)."""
+    if getattr(_session, "ipr", None) is not None:
+        yield
+        return
+    _session.ipr = IPRoute()
+    try:
+        yield
+    finally:
+        ipr, _session.ipr = _session.ipr, None
         ipr.close()
 
 
