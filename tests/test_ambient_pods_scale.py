@@ -70,11 +70,11 @@ def test_pod_work_does_not_grow_with_the_number_of_pods(world: t.World) -> None:
     assert [out["add"][i] for i in EARLY] == [0] * len(EARLY), out["add"]
     assert [out["add"][i] for i in LATE] == [0] * len(LATE), out["add"]
     assert max(out["del"]) == 0, out["del"]
-    # One watcher pass reads the routes once and the rules once, at 10 pods or 200,
-    # and finds nothing to repair.
+    # One watcher pass reads each of tables 100-102 once and the rules once, at 10 pods
+    # or 200, and finds nothing to repair.
     for key in ("pass_early", "pass_late"):
         dumps, repairs = out[key]
-        assert dumps == {"routes": 1, "rules": 1}, (key, dumps)
+        assert dumps == {"routes": 3, "rules": 1}, (key, dumps)
         assert repairs == [], (key, repairs)
 
 

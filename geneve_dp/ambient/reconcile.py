@@ -152,8 +152,32 @@ def iptables_repair_text(
     return ("\n".join(text) + "\n" if text else ""), fixes
 
 
+@dataclass(frozen=True)
+class View:
+    """The kernel's routes (of tables 100-102, where every profile route lives), rules
+    and ipset entries, read by the watcher *before* it takes the state lock, so that a
+    pod add or del never waits for these reads. A pod changed in between only makes
+    the pass add again what is already there, which the kernel reports (EEXIST) and
+    which is then neither counted nor logged as a repair."""
+
+    routes: frozenset[links.RouteKey]
+    rules: tuple[links.Rule, ...]
+    ipset_entries: dict[str, str]
+
+
+def read_view() -> View:
+    routes: set[links.RouteKey] = set()
+    for table in k.NODE_TABLES:
+        routes |= links.route_keys(table)
+    return View(frozenset(routes), tuple(links.list_rules()), ipset.entries(k.IPSET_NAME))
+
+
 def repair(
-    intent: Intent, say: Say, memory: Memory | None = None, routing: bool = True
+    intent: Intent,
+    say: Say,
+    memory: Memory | None = None,
+    routing: bool = True,
+    view: View | None = None,
 ) -> list[str]:
     """Add back whatever of ``intent`` is missing; the repairs made, each also said.
 
@@ -161,8 +185,8 @@ def repair(
     ``routing=False`` leaves out what the kernel announces when it changes (ip rules,
     routes, the pods' sysctls) and compares the ipset by its size only: the watcher
     looks at those fully when rtnetlink announced a change (and now and then
-    regardless). However many pods there are, a pass makes one route dump and one
-    rule dump."""
+    regardless), with ``view`` read before it took the state lock. However many pods
+    there are, a pass makes one dump of each of tables 100-102 and one rule dump."""
     done: list[str] = []
 
     def fixed(msg: str) -> None:
@@ -206,10 +230,9 @@ def repair(
         # An entry removed shows in the count; one swapped for another does not, and
         # waits for the next full look.
         if routing or ipset.count(k.IPSET_NAME) < len(intent.ipset_entries):
-            have = ipset.entries(k.IPSET_NAME)
+            have = view.ipset_entries if view is not None else ipset.entries(k.IPSET_NAME)
             for ip, comment in intent.ipset_entries.items():
-                if ip not in have:
-                    ipset.add(k.IPSET_NAME, ip, comment)
+                if ip not in have and ipset.add(k.IPSET_NAME, ip, comment):
                     fixed(f"ipset {k.IPSET_NAME}: pod {ip} (uid {comment}) was missing; added")
 
     if intent.chains:
@@ -227,13 +250,12 @@ def repair(
             fixed(f"sysctl {key} was {cur}; set to {value} again")
     if not routing:
         return done
-    rules_now = links.list_rules()
+    rules_now = view.rules if view is not None else tuple(links.list_rules())
     for rule in intent.rules:
-        if rule not in rules_now:
-            links.add_rule(rule)
+        if rule not in rules_now and links.add_rule(rule):
             fixed(f"ip rule {rule.describe()} was missing; added")
 
-    routes_now = links.route_keys()
+    routes_now = view.routes if view is not None else read_view().routes
     for route in (*intent.routes, *intent.pod_routes):
         rkey = links.route_key(route)
         # A route through a device that is not there cannot be added: skip it quietly.

@@ -144,6 +144,7 @@ def reconcile_once(
     routing: bool = True,
 ) -> bool:
     """One pass; False when there is nothing to watch any more."""
+    view = reconcile.read_view() if routing else None  # outside the lock (reconcile.View)
     with locked(directory) as held:
         if not held:
             return False
@@ -154,5 +155,5 @@ def reconcile_once(
         # `down` to clean): nothing to hold on to yet.
         if st.data.get("complete"):
             use_recorded_iptables(st)
-            reconcile.repair(intent_of(st), say, memory, routing)
+            reconcile.repair(intent_of(st), say, memory, routing, view)
     return True

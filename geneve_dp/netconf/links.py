@@ -244,10 +244,15 @@ def route_key(r: Route) -> RouteKey | None:
 
 
 def route_keys(table: int | None = None) -> set[RouteKey]:
-    """Keys of the IPv4 routes of ``table`` (None: every table), in one dump."""
+    """Keys of the IPv4 routes of ``table`` (None: every table), in one dump; the
+    kernel leaves the other tables out (strict checking), so the main table's many pod
+    routes are not read to check table 100."""
     out: set[RouteKey] = set()
-    with iproute() as ipr:
+    ipr = IPRoute(strict_check=True)
+    try:
         msgs = _dump_routes(ipr, table)
+    finally:
+        ipr.close()
     for msg in msgs:
         t = msg.get_attr("RTA_TABLE")
         if table is not None and t != table:
