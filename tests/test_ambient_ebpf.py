@@ -46,7 +46,7 @@ def _tag(prefix: str) -> str:
 @pytest.fixture(scope="module", params=["sk-assign", "iptables"])
 def scenario(request: pytest.FixtureRequest) -> Iterator[demo.Scenario]:
     _root()
-    world = t.World(tag=_tag("gdpb"), rp_filter=1)
+    world = t.World(tag=_tag("gdpf"), rp_filter=1)
     sc = demo.Scenario(world, mode="ebpf", ebpf_tproxy=request.param)
     try:
         sc.setup()

@@ -76,6 +76,10 @@ def load(
     """Open and load object ``name``; any failure is one UserError line (exit 2)."""
     path = object_path(name)
     try:
+        libbpf.lib()
+    except libbpf.BpfError as exc:
+        raise UserError(exc.what, FIELD) from exc
+    try:
         obj = libbpf.BpfObject(path)
     except libbpf.BpfError as exc:
         raise UserError(f"cannot open {path.name}: {exc.strerror}", FIELD) from exc
