@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +85,12 @@ def register(sub: Any) -> None:
         "--ztunnel-mac",
         metavar="MAC",
         help="eBPF mode: the ztunnel pod's eth0 MAC (default: learnt by ARP on --ztunnel-veth)",
+    )
+    up.add_argument(
+        "--foreground",
+        action="store_true",
+        help="then stay: become the `node watch` reconciler (a service's main process; "
+        "`node down` stops it)",
     )
     _netns_arg(up)
     logs.add_argument(up)
@@ -306,11 +313,14 @@ def cmd_node_up(args: argparse.Namespace) -> int:
         args.dns_capture,
         _version(args.istio_version),
     )
-    cfg = node.up(cfg, log=say, choose_port=args.port is None)
+    cfg = node.up(cfg, log=say, choose_port=args.port is None, start_watch=not args.foreground)
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
-        f"GENEVE port {cfg.port}, Istio {cfg.version} rules"
+        f"GENEVE port {cfg.port}, Istio {cfg.version} rules",
+        flush=True,
     )
+    if args.foreground:
+        _become_watcher("node", args)
     return 0
 
 
@@ -332,12 +342,29 @@ def _node_up_ebpf(args: argparse.Namespace) -> int:
         args.ztunnel_mac,
         _version(args.istio_version),
     )
-    cfg = node.up(cfg, log=say)
+    cfg = node.up(cfg, log=say, start_watch=not args.foreground)
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth} ({cfg.ztunnel_mac}), "
-        f"host IP {cfg.host_ip}, eBPF redirect mode (Istio 1.20)"
+        f"host IP {cfg.host_ip}, eBPF redirect mode (Istio 1.20)",
+        flush=True,
     )
+    if args.foreground:
+        _become_watcher("node", args)
     return 0
+
+
+def _become_watcher(role: str, args: argparse.Namespace) -> None:
+    """Replace this process with `geneve-dp ROLE watch`: the same pid (a service's main
+    process) under the command line `ROLE down` looks for when it stops the watcher."""
+    from ..ambient import watch
+
+    directory = _profile(role).state_path().parent
+    watch.pidfile(directory, role).write_text(f"{os.getpid()}\n")
+    argv = [sys.executable, "-m", "geneve_dp", role, "watch"]
+    if args.log_format is not None:
+        argv += ["--log-format", args.log_format]
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _profile(role: str) -> Any:

@@ -217,7 +217,7 @@ def _pod_program_fds(st: StateFile, maps: objects.Maps) -> dict[str, int]:
 # --- up / down -------------------------------------------------------------------------
 
 
-def up(cfg: Config, log: Say | None = None) -> Config:
+def up(cfg: Config, log: Say | None = None, start_watch: bool = True) -> Config:
     from .. import node as base
     from .. import pods
 
@@ -243,8 +243,9 @@ def up(cfg: Config, log: Say | None = None) -> Config:
     for ip, info in enrolled.items():
         say(f"re-enrolling pod {ip}")
         pods.add(ip, info.get("uid", ""))
-    say(f"reconcile watcher: `geneve-dp node watch`, log {watch.logfile(st.path.parent, ROLE)}")
-    watch.start(st.path.parent, ROLE)
+    if start_watch:
+        say(f"reconcile watcher: `geneve-dp node watch`, log {watch.logfile(st.path.parent, ROLE)}")
+        watch.start(st.path.parent, ROLE)
     return cfg
 
 
