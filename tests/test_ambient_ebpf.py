@@ -11,8 +11,10 @@ proxy's accept log and the kernel's tc/map state, never on timing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,6 +26,7 @@ import pytest
 from geneve_dp.ambient import demo
 from geneve_dp.ambient import topology as t
 from geneve_dp.ambient.ebpf import demo_steps, facts, libbpf, objects
+from geneve_dp.ambient.state import StateFile
 from geneve_dp.errors import UserError
 from tests.test_ambient_node import one_line_error
 
@@ -159,9 +162,12 @@ def test_watchers_put_back_filters_qdiscs_and_map_entries(ebpf_world: demo.Scena
                 maps is not None and maps.pod(a.ip) is not None and maps.host_ip() == t.GATEWAY_IP
             )
 
+    def logged() -> bool:
+        log = (w.state_root / w.node / "node-watch.log").read_text()
+        return "app_info: pod 10.244.1.10 was missing" in log and "host_ip_info" in log
+
     wait_for(entries_back, "map entries")
-    log = (w.state_root / w.node / "node-watch.log").read_text()
-    assert "app_info: pod 10.244.1.10 was missing" in log and "host_ip_info" in log, log
+    wait_for(logged, "one log line per repair")
     # And it all works again.
     assert_step(ev.step1())
     assert_step(ev.step4())
@@ -172,23 +178,50 @@ def test_every_filter_gone_reloads_the_programs_and_maps(ebpf_world: demo.Scenar
     sc = ebpf_world
     w, ev = sc.w, steps(sc)
     old_maps = dict(ev.node_state().data["maps"])
-    for dev in (t.ZTUNNEL_VETH, t.PODS[0].veth, t.PODS[1].veth):
-        w.run(w.node, "tc", "qdisc", "del", "dev", dev, "clsact")
+    # The watcher held still while every filter goes, so that the maps go too.
+    watcher = int((w.state_root / w.node / "node-watch.pid").read_text().split()[0])
+    os.kill(watcher, signal.SIGSTOP)
+    try:
+        for dev in (t.ZTUNNEL_VETH, t.PODS[0].veth, t.PODS[1].veth):
+            w.run(w.node, "tc", "qdisc", "del", "dev", dev, "clsact")
+        # Freed once the last program using them is (deferred by the kernel: RCU).
+        wait_for(lambda: not any(libbpf.map_exists(i) for i in old_maps.values()), "maps' end")
+    finally:
+        os.kill(watcher, signal.SIGCONT)
 
     def reloaded() -> bool:
-        st = ev.node_state()
-        return st.data["maps"] != old_maps and "geneve-dp:ztunnel_host_ingress" in filters(
-            w, w.node, t.ZTUNNEL_VETH, "ingress"
-        )
+        attached = [
+            f"geneve-dp:{prog}" in filters(w, w.node, dev, hook)
+            for dev, hook, prog in (
+                (t.ZTUNNEL_VETH, "ingress", "ztunnel_host_ingress"),
+                (t.PODS[0].veth, "ingress", "app_outbound"),
+                (t.PODS[1].veth, "egress", "app_inbound"),
+            )
+        ]
+        log = (w.state_root / w.node / "node-watch.log").read_text()
+        said = "BPF maps were gone (every filter removed); loaded again, 2 pods put back" in log
+        return all(attached) and ev.node_state().data["maps"] != old_maps and said
 
     wait_for(reloaded, "the node programs")
-    assert not any(libbpf.map_fd_by_id(i, n) for n, i in old_maps.items()), "old maps linger"
-    log = (w.state_root / w.node / "node-watch.log").read_text()
-    assert "loaded again, 2 pods put back" in log, log
-    wait_for(
-        lambda: "geneve-dp:app_outbound" in filters(w, w.node, t.PODS[0].veth, "ingress"), "pods"
-    )
     assert_step(ev.step1())
+    assert_step(ev.step5())
+
+
+@pytest.mark.root
+def test_a_lone_filter_comes_back_on_the_same_maps(ebpf_world: demo.Scenario) -> None:
+    sc = ebpf_world
+    w, ev = sc.w, steps(sc)
+    maps = dict(ev.node_state().data["maps"])
+    assert_step(ev.step1())
+    before = ev.counters()["node.out_redirect"]
+    w.run(w.node, "tc", "qdisc", "del", "dev", t.ZTUNNEL_VETH, "clsact")
+    wait_for(
+        lambda: "geneve-dp:ztunnel_host_ingress" in filters(w, w.node, t.ZTUNNEL_VETH, "ingress"),
+        "the ztunnel veth's filter",
+    )
+    # Same maps: pods' entries and the counters carried on.
+    assert ev.node_state().data["maps"] == maps
+    assert ev.counters()["node.out_redirect"] >= before > 0
     assert_step(ev.step5())
 
 
@@ -333,3 +366,33 @@ def test_redirect_mode_is_checked_by_the_parser() -> None:
         text=True,
     )
     assert proc.returncode == 2 and "--redirect-mode" in proc.stderr
+
+
+@pytest.mark.root
+def test_down_after_a_crash_that_lost_the_record_leaves_nothing(bare_world: t.World) -> None:
+    w = bare_world
+    before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
+    w.gdp(w.node, *NODE_UP)
+    w.gdp(w.zt, "ztunnel", "up", "--redirect-mode", "ebpf", "--host-ip", t.GATEWAY_IP)
+    for pod in t.PODS[:2]:
+        w.gdp(w.node, "pod", "add", pod.ip, "--uid", pod.uid)
+    node_st = StateFile.load(w.state_root / w.node / "node.json").data
+    prog_ids = [int(i) for i in node_st["progs"].values()]
+    # The crash: every helper process SIGKILLed, the state directory (in /run) gone.
+    for ns in (w.node, w.zt):
+        for pid in w.run(ns, "ip", "netns", "pids", ns).stdout.split():
+            with contextlib.suppress(ProcessLookupError):  # `ip netns pids` itself
+                os.kill(int(pid), signal.SIGKILL)
+    shutil.rmtree(w.state_root)
+    for ns, role in ((w.node, "node"), (w.zt, "ztunnel")):
+        out = w.gdp(ns, role, "down").stdout
+        assert "geneve-dp" not in w.run(ns, "tc", "filter", "show", "dev", "lo").stdout, out
+    for ns in (w.node, w.zt):
+        after = w.snapshot(ns)
+        for what in ("tc", "ip rule", "ip route show table all", "iptables-save"):
+            assert after[what] == before[ns][what], (ns, what, after[what])
+
+    def gone() -> bool:
+        return not any(libbpf.prog_exists(i) for i in prog_ids)
+
+    wait_for(gone, "the programs' release")

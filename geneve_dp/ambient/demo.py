@@ -221,11 +221,17 @@ class Scenario:
         src: str,
         host: str = t.SERVER_IP,
         quiet_vnis: tuple[int, ...] = (k.OUTBOUND_TUN_VNI, k.INBOUND_TUN_VNI),
+        need_reply: bool = True,
     ) -> None:
-        """Connect, check the echo and that the proxy took nothing; ``quiet_vnis``
-        must carry no GENEVE packet meanwhile (the others' counts are shown)."""
+        """Connect, check the echo (shown only, without ``need_reply``) and that the
+        proxy took nothing; ``quiet_vnis`` must carry no GENEVE packet meanwhile (the
+        others' counts are shown)."""
         n, g0 = len(self.accepts()), self.geneve()
-        self._connect_and_check(s, role, proto, host, port, src, f"step{s.number}-data")
+        if need_reply:
+            self._connect_and_check(s, role, proto, host, port, src, f"step{s.number}-data")
+        else:
+            reply = self.client(role, proto, host, port, f"step{s.number}-data")
+            s.observed.append(f"{role} -> {host}:{port}/{proto}: reply {reply!r}")
         new, g1 = self._new_accepts(n), self.geneve()
         s.check(not new, f"proxy accepted {len(new)} connection(s)")
         for vni in (k.OUTBOUND_TUN_VNI, k.INBOUND_TUN_VNI):
@@ -256,13 +262,16 @@ class Scenario:
         )
         self._not_captured(s, a.role, "udp", t.UDP_PORT, a.ip)
         self._not_captured(s, a.role, "udp", t.DNS_PORT, a.ip)
-        # The node's own TCP packets that no full socket sends (a SYN-ACK from a request
-        # socket, an ACK from TIME_WAIT, a RST) escape 1.20's `-m owner --socket-exists`
-        # skip mark, so they take rule 103 -> table 100 -> istioin: shown, not failed.
+        # The node's own TCP packets that no full socket sends (an ACK from TIME_WAIT, a
+        # RST) escape 1.20's `-m owner --socket-exists` skip mark, so they take rule 103
+        # -> table 100 -> istioin -> TPROXY to 15006, whose listener answers them with a
+        # RST that can cut the pod's connection to the node short: Istio's own race,
+        # reproduced; the request is still not captured.
         inbound_ok = (k.OUTBOUND_TUN_VNI,)
         self._not_captured(
-            s, a.role, "tcp", t.TCP_PORT, a.ip, host=t.GATEWAY_IP, quiet_vnis=inbound_ok
-        )
+            s, a.role, "tcp", t.TCP_PORT, a.ip, host=t.GATEWAY_IP, quiet_vnis=inbound_ok,
+            need_reply=False,
+        )  # fmt: skip
         self._not_captured(
             s, "node", "tcp", t.TCP_PORT, t.GATEWAY_IP, host=b.ip, quiet_vnis=inbound_ok
         )

@@ -222,6 +222,7 @@ def down() -> list[str]:
     if not cfg:
         # No record: Istio's clean slate for this namespace flushes tables 100-102.
         done += profile.flush_tables(k.NODE_TABLES)
+        done += _ebpf.remove_by_name()  # and the eBPF mode's filter
     done += profile.delete_rules(ztunnel_rules())
     done += profile.stop_endpoints(st, ROLE, [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN])
     profile.restore_sysctls(data.get("sysctls", {}))

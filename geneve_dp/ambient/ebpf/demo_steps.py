@@ -9,8 +9,7 @@ map state. The expectations are the reference's (istio-ambient-redirect.md §8).
 
 from __future__ import annotations
 
-import contextlib
-import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
     from ..demo import Scenario, Step
 
 Counters = dict[str, int]
+RELEASE_WAIT = 5.0
 
 
 def setup(sc: Scenario) -> None:
@@ -298,9 +298,16 @@ class EbpfSteps:
         self.w.stop_procs()
         node_out, zt_out = self.sc.teardown_profiles()
         s.observed += [node_out.split(" (")[0], zt_out.split(" (")[0]]
+        # The kernel frees a detached program, then its maps, after an RCU grace
+        # period: give that a bounded moment.
+        deadline = time.monotonic() + RELEASE_WAIT
+        while time.monotonic() < deadline and any(
+            i and (libbpf.prog_exists(i) or libbpf.map_exists(i)) for i in prog_ids + map_ids
+        ):
+            time.sleep(0.05)
         left = [i for i in prog_ids if i and libbpf.prog_exists(i)]
         s.check(not left, f"programs still loaded: {left or 'none'} (of {prog_ids})")
-        maps_left = [i for i in map_ids if i and _map_exists(i)]
+        maps_left = [i for i in map_ids if i and libbpf.map_exists(i)]
         s.check(not maps_left, f"maps still there: {maps_left or 'none'} (of {map_ids})")
         for ns, label in ((self.w.node, "node"), (self.w.zt, "ztunnel")):
             after = self.w.snapshot(ns)
@@ -313,12 +320,3 @@ class EbpfSteps:
 
     def steps(self) -> list[Callable[[], Step]]:
         return [self.step1, self.step2, self.step3, self.step4, self.step5, self.step6, self.step7]
-
-
-def _map_exists(map_id: int) -> bool:
-    fd = libbpf.lib().lib.bpf_map_get_fd_by_id(map_id)
-    if fd < 0:
-        return False
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    return True

@@ -267,6 +267,14 @@ def prog_id(fd: int) -> int:
     return int(prog_info(fd).id)
 
 
+def map_exists(map_id_: int) -> bool:
+    fd = lib().lib.bpf_map_get_fd_by_id(map_id_)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
 def prog_exists(prog_id_: int) -> bool:
     fd = lib().lib.bpf_prog_get_fd_by_id(prog_id_)
     if fd < 0:

@@ -191,11 +191,16 @@ def node_maps(st: StateFile) -> tuple[objects.Maps, bool]:
     return _load_fresh(st), True
 
 
-def _pod_program_fds(st: StateFile, maps: objects.Maps) -> dict[str, int]:
-    """fds of app_inbound/app_outbound: the loaded ones, else a load on the same maps."""
+def _program_fds(
+    st: StateFile,
+    maps: objects.Maps,
+    names: tuple[str, ...] = (facts.APP_INBOUND, facts.APP_OUTBOUND),
+) -> dict[str, int]:
+    """fds of programs ``names``: the loaded ones, else a load on the same maps (so
+    their entries and counters carry on); the caller closes them."""
     fds: dict[str, int] = {}
     progs = st.data.setdefault("progs", {})
-    for name, _hook in POD_PROGRAMS:
+    for name in names:
         fd = libbpf.prog_fd_by_id(int(progs.get(name, 0)), name) if progs.get(name) else None
         if fd is None:
             break
@@ -204,9 +209,10 @@ def _pod_program_fds(st: StateFile, maps: objects.Maps) -> dict[str, int]:
         return fds
     for fd in fds.values():
         os.close(fd)
-    obj = objects.load(objects.NODE_OBJECT, reuse=maps.fds, skip=[facts.ZTUNNEL_HOST_INGRESS])
+    skip = [p for p in _NODE_PROGRAMS if p not in names]
+    obj = objects.load(objects.NODE_OBJECT, reuse=maps.fds, skip=skip)
     try:
-        fds = {name: os.dup(obj.program_fd(name)) for name, _hook in POD_PROGRAMS}
+        fds = {name: os.dup(obj.program_fd(name)) for name in names}
     finally:
         obj.close()
     progs.update({name: libbpf.prog_id(fd) for name, fd in fds.items()})
@@ -271,9 +277,7 @@ def down() -> list[str]:
 
 def remove_by_name() -> list[str]:
     """Our filters on any device here (after a crash that lost the record)."""
-    return [
-        a.describe() for a in tc.ours_anywhere() if a.program in _NODE_PROGRAMS and tc.detach(a)
-    ]
+    return tc.remove_ours(_NODE_PROGRAMS)
 
 
 _NODE_PROGRAMS = (facts.APP_OUTBOUND, facts.APP_INBOUND, facts.ZTUNNEL_HOST_INGRESS)
@@ -312,7 +316,7 @@ def pod_add(st: StateFile, ip: str, uid: str) -> tuple[bool, str]:
         st.save()
         try:
             maps.set_pod(ip, want)
-            fds = _pod_program_fds(st, maps)
+            fds = _program_fds(st, maps)
             try:
                 for a in pod_attachments(veth):
                     _attach(st, a, fds[a.program])
@@ -405,23 +409,15 @@ def repair(st: StateFile, say: Say, routing: bool = True) -> list[str]:
         missing = [a for a in missing if tc.ifindex(a.dev) is not None and not tc.attached(a)]
         if not missing:
             return done
-        fd_zt = None
-        if any(a.program == facts.ZTUNNEL_HOST_INGRESS for a in missing):
-            pid = int(st.data.get("progs", {}).get(facts.ZTUNNEL_HOST_INGRESS, 0))
-            fd_zt = libbpf.prog_fd_by_id(pid, facts.ZTUNNEL_HOST_INGRESS) if pid else None
-        fds = _pod_program_fds(st, maps)
+        # The programs still loaded, or loaded again on the same maps (whose entries
+        # and counters carry on).
+        fds = _program_fds(st, maps, tuple(dict.fromkeys(a.program for a in missing)))
         try:
             for a in missing:
-                fd = fd_zt if a.program == facts.ZTUNNEL_HOST_INGRESS else fds[a.program]
-                if fd is None:  # not loaded any more: a full reload puts it back
-                    maps.close()
-                    maps = _load_fresh(st)
-                    fixed(f"tc filter {a.describe()} was removed; programs loaded again")
-                    return done
-                _attach(st, a, fd)
+                _attach(st, a, fds[a.program])
                 fixed(f"tc filter {a.describe()} was removed; attached again")
         finally:
-            for fd in [*fds.values(), *([fd_zt] if fd_zt is not None else [])]:
+            for fd in fds.values():
                 os.close(fd)
     finally:
         maps.close()

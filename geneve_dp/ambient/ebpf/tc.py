@@ -152,6 +152,19 @@ def detach(a: Attachment) -> bool:
     return not attached(a)
 
 
+def remove_ours(programs: tuple[str, ...]) -> list[str]:
+    """Without a record (a crash lost it): our filters of ``programs`` on any device
+    here, and each clsact qdisc left with no filter at all (nothing is lost by
+    deleting an empty one, and it was most likely ours)."""
+    done = []
+    for a in ours_anywhere():
+        if a.program in programs and detach(a):
+            done.append(a.describe())
+            if not any(filters(a.dev, hook) for hook in PARENT) and del_clsact(a.dev):
+                done.append(f"clsact qdisc on {a.dev}")
+    return done
+
+
 def ours_anywhere() -> list[Attachment]:
     """Our filters on any device of this namespace (teardown without a record)."""
     out = []

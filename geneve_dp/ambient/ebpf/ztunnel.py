@@ -223,9 +223,7 @@ def down() -> list[str]:
     data = st.data
     done: list[str] = []
     cfg = Config.from_dict(data["config"]) if data.get("config") else None
-    programs = (facts.ZTUNNEL_TPROXY, facts.ZTUNNEL_MARK)
-    found = [a for a in tc.ours_anywhere() if a.program in programs]
-    done += [a.describe() for a in found if tc.detach(a)]
+    done += remove_by_name()
     for dev in data.get("qdiscs", []):
         if tc.del_clsact(dev):
             done.append(f"clsact qdisc on {dev}")
@@ -246,6 +244,11 @@ def down() -> list[str]:
     profile.restore_sysctls(data.get("sysctls", {}))
     st.remove()
     return done
+
+
+def remove_by_name() -> list[str]:
+    """Our filter on any device here (after a crash that lost the record)."""
+    return tc.remove_ours((facts.ZTUNNEL_TPROXY, facts.ZTUNNEL_MARK))
 
 
 def intent(st: StateFile) -> reconcile.Intent:
