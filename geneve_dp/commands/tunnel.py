@@ -563,7 +563,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         path = t.get("tx_path") or {}
         where = f"{t.get('netns')}/" if ns_col else ""
         line = f"{where}{t['name']}: {_via(t)}: {path.get('why', 'unknown')}"
-        print(textwrap.fill(line, 88, initial_indent="  ", subsequent_indent="    "))
+        print(
+            textwrap.fill(
+                line, 88, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False
+            )
+        )
     injects = sorted({str(t["inject_device"]) for t in rows if t.get("inject_device")})
     for dev in injects:
         print()
@@ -575,6 +579,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "them to the underlay, cutting them into segments only where a device "
                 "must. It goes when the endpoint process ends.",
                 88,
+                break_on_hyphens=False,
             )
         )
     return 0
