@@ -157,14 +157,14 @@ def test_collector_reads_at_scrape_time_and_follows_conventions() -> None:
 def test_every_engine_counter_is_a_metric() -> None:
     """What `stats` reads from either engine is exported: each scalar counter by its
     own family; drops, options and the socket's by theirs."""
-    from geneve_dp.dataplane import engine_c
+    from geneve_dp.dataplane.reasons import TUNNEL_COUNTERS
     from geneve_dp.metrics import _TUNNEL_COUNTERS
 
     exported = {key for _name, key, _doc in _TUNNEL_COUNTERS}
-    assert set(engine_c._TUNNEL_COUNTERS) <= exported
+    assert set(TUNNEL_COUNTERS) <= exported
     status = _status(1)
     for t in status["tunnels"]:
-        t["counters"] = {**t["counters"], **dict.fromkeys(engine_c._TUNNEL_COUNTERS, 3)}
+        t["counters"] = {**t["counters"], **dict.fromkeys(TUNNEL_COUNTERS, 3)}
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DataplaneCollector(lambda: status))
     s, _ = samples(generate_latest(registry).decode())

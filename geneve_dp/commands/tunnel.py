@@ -321,6 +321,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     fmt = logs.resolve(args.log_format)
     if os.geteuid() != 0:
         raise UserError("is run without root; accepted: root (CAP_NET_ADMIN)", "up")
+    from ..control import prepare_run_dir
+
+    prepare_run_dir()  # an untrusted run directory is refused before anything exists
     logs.setup(fmt, args.verbose)
     if netns:
         from ..netns import enter_netns
@@ -426,7 +429,7 @@ def _up_detached(
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message.
     The parent holds ``lock`` (live.lock_run_dir) until then."""
-    from ..control import run_dir
+    from ..control import open_log, prepare_run_dir
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -450,11 +453,10 @@ def _up_detached(
     rc = 1
     log_path: Path | None = None
     try:
-        directory = run_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = prepare_run_dir()
         _sweep_empty_logs(directory)
+        log_fd = open_log(os.getpid())
         log_path = directory / f"gdp-{os.getpid()}.log"
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)

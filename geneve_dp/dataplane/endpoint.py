@@ -61,7 +61,7 @@ class Device:
     mac: bytes  # 6 bytes for TAP, empty for TUN
     mtu: int
     vnet_hdr: bool = False
-    rx_uso: bool = False  # takes UDP_L4 super-frames on write (engine.c gro_add_udp)
+    rx_uso: bool = False  # takes UDP_L4 super-frames on write (csrc/gro.c offer_udp)
     queue_fds: list[int] = field(default_factory=list)  # IFF_MULTI_QUEUE queues 2..n
 
     @property
@@ -187,7 +187,7 @@ def _open_device(
             ) from exc
         if offload:
             # The kernel may then hand over TCP super-frames with partial checksums;
-            # the C engine segments them and completes the checksums (engine.c tx_vnet).
+            # the C engine segments them and completes the checksums (csrc/encap.c tx_vnet).
             try:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
@@ -266,7 +266,7 @@ def _udp_socket(
         else:
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
         # Reassembled datagrams are then marked: only a datagram that is none, and not
-        # a UDP GRO batch, can be a super-packet of this host (engine.c rx_super).
+        # a UDP GRO batch, can be a super-packet of this host (csrc/seg.c super_plan).
         if family == 6:
             udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVFRAGSIZE, 1)
         else:

@@ -5,7 +5,7 @@ GENEVE is checksum 0, so a socket can only send a TSO super-frame one segment at
 time. A TAP device with UDP tunnel GSO (TUN_F_UDP_TUNNEL_GSO, Linux 6.17+) takes the
 whole encapsulated super-frame instead, the way the kernel's own tunnels hand theirs
 to the stack: the kernel forwards it to the underlay, passes it whole through a veth
-(the peer's socket gets the super-packet, engine.c rx_super) and cuts it into
+(the peer's socket gets the super-packet, csrc/seg.c super_plan) and cuts it into
 segments, each with every outer header, only where a device cannot take it whole.
 
 The frames enter the stack as if received on this device, so the device forwards
@@ -32,7 +32,7 @@ how soon the supervisor got to look:
 - unseen: the kernel had not even taken it in when the wait was over (softirq
   backlog): no evidence either way, so it counts for nothing.
 
-PROBE_TRIES stopped probes in a row turn injection off (engine.c then segments);
+PROBE_TRIES stopped probes in a row turn injection off (the engine then segments);
 probing goes on, backing off, and the first probe that leaves turns it on again.
 """
 
@@ -72,7 +72,7 @@ from .spec import TunnelSpec
 log = logging.getLogger("geneve_dp.dataplane")
 
 TUN_F_UDP_TUNNEL_GSO = 0x080
-INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (engine.c INJ_VNET_LEN)
+INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (csrc/proto.h VNET_TUNNEL_LEN)
 CONF = Path("/proc/sys/net/ipv4/conf")
 
 
