@@ -3,6 +3,12 @@
 The daemon serves its status on ``gdp-<pid>.sock`` (one JSON request line in, one
 JSON reply line out); `show`, `stats` and the ambient tools find every running
 dataplane by globbing the run directory and asking each socket (``query_all``).
+
+Whoever can write to the run directory can stand in for a dataplane, so it is trusted
+only as a real directory (not a symlink) owned by root or by us and writable by its
+owner alone (``check_run_dir``); a client also believes only a socket whose listener
+runs as root or as itself (SO_PEERCRED, read after connecting, so no swap between a
+look and the use), and the daemon's files are created in it without following links.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import logging
 import os
 import selectors
 import socket
+import stat
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -49,6 +57,49 @@ def run_dir() -> Path:
     return Path(os.environ.get(RUN_DIR_ENV, str(DEFAULT_RUN_DIR)))
 
 
+def _trusted_uid(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse (UserError) a run directory someone else could write to."""
+    accepted = "accepted: a directory (not a symlink) owned by root or you, mode 0700 or 0755"
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UserError(f"{path} is a symbolic link; {accepted}", RUN_DIR_ENV)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path} is not a directory; {accepted}", RUN_DIR_ENV)
+    if not _trusted_uid(st.st_uid):
+        raise UserError(f"{path} is owned by uid {st.st_uid}; {accepted}", RUN_DIR_ENV)
+    if st.st_mode & 0o022:
+        mode = stat.S_IMODE(st.st_mode)
+        raise UserError(f"{path} is writable by others (mode {mode:04o}); {accepted}", RUN_DIR_ENV)
+
+
+def prepare_run_dir() -> Path:
+    """The run directory, created 0700 if missing, and checked (``check_run_dir``)."""
+    path = run_dir()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # something that is not a directory: check_run_dir names it
+    except OSError as exc:
+        raise UserError(f"cannot create {path}: {exc.strerror}", RUN_DIR_ENV) from exc
+    check_run_dir(path)
+    return path
+
+
+def open_log(pid: int) -> int:
+    """The detached daemon's log file ``gdp-<pid>.log``, opened for appending without
+    following a symlink (a planted link must not point root's writes elsewhere)."""
+    path = prepare_run_dir() / f"gdp-{pid}.log"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot open {path}: {exc.strerror}", RUN_DIR_ENV) from exc
+
+
 def socket_path(pid: int) -> Path:
     return run_dir() / f"gdp-{pid}.sock"
 
@@ -61,18 +112,27 @@ async def serve(
 ) -> asyncio.base_events.Server:
     """Listen on ``path``; answer a status request with ``status()`` and any other
     request with ``command(request)``."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
+    prepare_run_dir()
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise UserError(
+                f"{path} exists and is not a socket; accepted: nothing there (remove it)",
+                RUN_DIR_ENV,
+            )
+        path.unlink()  # a socket left by a dataplane with our pid: a dead one
+    except FileNotFoundError:
+        pass
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _handle(reader, writer, status, command)
 
-    old = os.umask(0o177)  # the socket is born 0600: counters and config are root's
+    # The socket is born 0600 (counters and config are root's): no chmod after bind,
+    # so there is no moment in which it is open to others.
+    old = os.umask(0o177)
     try:
         server = await asyncio.start_unix_server(handle, path=str(path), limit=REQUEST_LIMIT)
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
     return server
 
 
@@ -128,6 +188,7 @@ def sockets() -> list[Path]:
     a lie to a user who may not look."""
     directory = run_dir()
     try:
+        check_run_dir(directory)
         names = sorted(os.listdir(directory))
     except FileNotFoundError:
         return []
@@ -151,13 +212,23 @@ def request(path: Path, body: dict[str, Any], timeout: float = CHANGE_TIMEOUT) -
             raise UserError(f"cannot use {path}: permission denied (run as root)") from exc
         except OSError as exc:
             raise UserError(f"the endpoint at {path} is gone ({exc.strerror})") from exc
-        s.sendall(json.dumps(body).encode() + b"\n")
+        uid = _peer_uid(s)
+        if not _trusted_uid(uid):
+            raise UserError(f"{path} is served by uid {uid}, neither root nor you; refused")
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        try:
+            s.sendall(json.dumps(body).encode() + b"\n")
+            while not data.endswith(b"\n") and len(data) <= REPLY_LIMIT:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            raise UserError(
+                f"the endpoint at {path} did not answer within {timeout:g} s (stopped or stuck?)"
+            ) from None
+        except OSError as exc:
+            raise UserError(f"the endpoint at {path} is gone ({exc.strerror})") from exc
     try:
         reply = json.loads(data)
     except ValueError:
@@ -183,7 +254,7 @@ def query_all(timeout: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
     pending: dict[socket.socket, tuple[Path, bytearray]] = {}
     try:
         for path in sockets():
-            s = _ask(path)
+            s = _ask(path, timeout)
             if s is not None:
                 pending[s] = (path, bytearray())
         done = _collect(pending, timeout)
@@ -193,11 +264,7 @@ def query_all(timeout: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
     replies = []
     for path, data in done:
         if data is None:
-            print(
-                f"geneve-dp: the dataplane of {path} (pid {_pid_of(path)}) did not answer "
-                f"within {timeout:g} s (stopped or stuck?); skipped",
-                file=sys.stderr,
-            )
+            _unanswered(path, timeout)
             continue
         if not data:
             continue
@@ -220,15 +287,14 @@ def _pid_of(path: Path) -> str:
     return path.name.removeprefix("gdp-").removesuffix(".sock")
 
 
-def _ask(path: Path) -> socket.socket | None:
-    """A socket connected to ``path`` with the status request sent, or None for a
-    stale socket (removed). A listener that cannot take the connection (its backlog
-    is full: it has not been accepting) gets a socket that will never answer."""
+def _ask(path: Path, timeout: float) -> socket.socket | None:
+    """A socket connected to ``path`` with the status request sent; None for a stale
+    socket (removed), a listener that is not root's or ours, or one that cannot take
+    a connection (its backlog is full: it has not been accepting), each named."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.setblocking(False)
     try:
         s.connect(str(path))
-        s.send(STATUS_REQUEST)  # far less than a socket buffer: never partial
     except (ConnectionRefusedError, FileNotFoundError):
         s.close()
         path.unlink(missing_ok=True)
@@ -237,8 +303,41 @@ def _ask(path: Path) -> socket.socket | None:
         s.close()
         raise UserError(f"cannot read {path}: permission denied (run as root)") from exc
     except BlockingIOError:
-        pass  # backlog full: it is not accepting, _collect times it out
+        s.close()
+        _unanswered(path, timeout)
+        return None
+    uid = _peer_uid(s)
+    if not _trusted_uid(uid):
+        s.close()
+        print(
+            f"geneve-dp: {path} is served by uid {uid}, neither root nor you; skipped",
+            file=sys.stderr,
+        )
+        return None
+    s.send(STATUS_REQUEST)  # far less than a socket buffer: never partial
     return s
+
+
+def _unanswered(path: Path, timeout: float) -> None:
+    print(
+        f"geneve-dp: the dataplane of {path} (pid {_pid_of(path)}) did not answer "
+        f"within {timeout:g} s (stopped or stuck?); skipped",
+        file=sys.stderr,
+    )
+
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def _peer_uid(s: socket.socket) -> int:
+    """The uid of the process listening on the other end (-1 if unknown)."""
+    try:
+        _pid, uid, _gid = _UCRED.unpack(
+            s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except OSError:
+        return -1
+    return int(uid)
 
 
 def _collect(

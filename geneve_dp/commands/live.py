@@ -141,11 +141,10 @@ def lock_run_dir() -> int:
     """An exclusive lock on the run directory (flock), held by an `up` from looking
     for an endpoint to join until the one it starts is ready, so two `up`s at once
     do not both start one. Returns the fd to close."""
-    from ..control import run_dir
+    from ..control import prepare_run_dir
 
-    directory = run_dir()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    directory = prepare_run_dir()
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         try:
@@ -347,7 +346,10 @@ def cmd_set(args: argparse.Namespace) -> int:
     except UserError as exc:
         raise _flag_error(exc) from None
     row = reply.get("changed", {})
-    what = ", ".join(f"{k} {v}" for k, v in changes.items())
+    what = ", ".join(
+        f"{k} {' '.join(map(str, v)) or 'none'}" if isinstance(v, list) else f"{k} {v}"
+        for k, v in changes.items()
+    )
     print(
         f"geneve-dp: {args.name} changed ({what}): VNI {row.get('vni')} to {row.get('remote')}, "
         f"MTU {row.get('mtu')}",
