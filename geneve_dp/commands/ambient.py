@@ -239,6 +239,9 @@ def register(sub: Any) -> None:
         ),
     )
     demo.add_argument("--keep", action="store_true", help="leave the namespaces up at the end")
+    demo.add_argument(
+        "--json", action="store_true", help="end with a JSON summary line instead of a sentence"
+    )
     _redirect_mode_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -514,4 +517,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..ambient import checks, demo
 
     checks.require_tools("demo")
-    return demo.run(keep=args.keep, mode=args.redirect_mode)
+    return demo.run(keep=args.keep, as_json=args.json, mode=args.redirect_mode)

@@ -24,6 +24,25 @@ if TYPE_CHECKING:
     from ..demo import Scenario, Step
 
 Counters = dict[str, int]
+
+TITLES = {
+    1: "ambient pod -> server, TCP: captured outbound (eBPF)",
+    2: "plain pod -> server, TCP: not captured",
+    3: "DNS and the node's own address: not captured; other UDP not proxied",
+    4: "server -> ambient pod, TCP: captured inbound (eBPF)",
+    5: "original-source return path and the ztunnel-to-pod bypass",
+    6: "pod del for an ambient pod: its next connection is not captured",
+    7: "node down + ztunnel down: nothing left",
+}
+
+# What the evidence in the steps means, printed once before the first step.
+LEGEND = (
+    "node.*: verdicts of the node programs (app_outbound out_*, app_inbound in_*, "
+    "ztunnel_host_ingress zt_*), from node_stats; zt.*: ztunnel_tproxy (tp_*) or, with the "
+    "iptables TPROXY fallback, ztunnel_mark (mk_*), from ztunnel_stats",
+    "cb OUTBOUND/INBOUND: skb->cb[4] set by the node for the ztunnel side; BYPASS: frames "
+    "ztunnel_host_ingress sends straight to a pod's veth",
+)
 RELEASE_WAIT = 5.0
 
 
@@ -118,7 +137,7 @@ class EbpfSteps:
         sc, a = self.sc, t.PODS[0]
         s = Step(
             1,
-            "ambient pod -> server, TCP: captured outbound (eBPF)",
+            TITLES[1],
             "app_outbound on the pod veth's ingress: eth dst = ztunnel MAC, cb OUTBOUND, "
             "redirect into the ztunnel veth; ztunnel_tproxy assigns the 15001 listener "
             f"(mark 0x400 -> rule 20000 -> local); original destination {t.SERVER_IP}:"
@@ -162,7 +181,7 @@ class EbpfSteps:
         p = t.PODS[2]
         s = Step(
             2,
-            "plain pod -> server, TCP: not captured",
+            TITLES[2],
             "no program on its veth: no verdict counted, no proxy log",
         )
         self._not_captured(s, p.role, "tcp", t.SERVER_IP, t.TCP_PORT, p.ip, [])
@@ -174,7 +193,7 @@ class EbpfSteps:
         sc, a, b = self.sc, t.PODS[0], t.PODS[1]
         s = Step(
             3,
-            "DNS and the node's own address: not captured; other UDP not proxied",
+            TITLES[3],
             "app_outbound/app_inbound pass UDP to/from port 53 (no DNS capture) and "
             "traffic to/from the host IP; other UDP is redirected into the ztunnel "
             "namespace, which routes it on (not TCP: no socket assigned)",
@@ -204,7 +223,7 @@ class EbpfSteps:
         sc, b = self.sc, t.PODS[1]
         s = Step(
             4,
-            "server -> ambient pod, TCP: captured inbound (eBPF)",
+            TITLES[4],
             "app_inbound on the pod veth's egress redirects to the ztunnel veth (cb "
             "INBOUND); ztunnel_tproxy assigns 15006, or 15008 for destination port 15008",
         )
@@ -235,7 +254,7 @@ class EbpfSteps:
         sc, a, b = self.sc, t.PODS[0], t.PODS[1]
         s = Step(
             5,
-            "original-source return path and the ztunnel-to-pod bypass",
+            TITLES[5],
             "ztunnel_host_ingress sends ztunnel's frames for a pod straight to its veth "
             "(cb BYPASS, app_inbound lets them pass); the server's replies to the spoofed "
             "upstream legs reach the pod veth, are redirected to ztunnel and assigned to "
@@ -266,7 +285,7 @@ class EbpfSteps:
         a = t.PODS[0]
         s = Step(
             6,
-            "pod del for an ambient pod: its next connection is not captured",
+            TITLES[6],
             "app_info entry gone, no filter of ours on its veth; no verdict, no proxy log",
         )
         st = self.node_state()
@@ -288,7 +307,7 @@ class EbpfSteps:
 
         s = Step(
             7,
-            "node down + ztunnel down: nothing left",
+            TITLES[7],
             "no qdisc, filter, map, program or mount of ours; iptables, rules, routes and "
             "links as before node up, in the node and in the ztunnel namespace",
         )
