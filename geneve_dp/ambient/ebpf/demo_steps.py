@@ -53,12 +53,12 @@ def setup(sc: Scenario) -> None:
     w.run(w.zt, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     sc.before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
     sc.say(f"node up --redirect-mode ebpf (ztunnel {t.ZTUNNEL_IP} via {t.ZTUNNEL_VETH})")
-    w.gdp(
+    sc.relay(
         w.node, "node", "up", "--redirect-mode", "ebpf",
         "--ztunnel-ip", t.ZTUNNEL_IP, "--ztunnel-veth", t.ZTUNNEL_VETH,
     )  # fmt: skip
     sc.say(f"ztunnel up --redirect-mode ebpf --ebpf-tproxy {sc.ebpf_tproxy}")
-    w.gdp(
+    sc.relay(
         w.zt, "ztunnel", "up", "--redirect-mode", "ebpf", "--host-ip", t.GATEWAY_IP,
         "--ebpf-tproxy", sc.ebpf_tproxy,
     )  # fmt: skip
