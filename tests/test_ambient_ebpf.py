@@ -12,6 +12,7 @@ proxy's accept log and the kernel's tc/map state, never on timing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -396,3 +397,22 @@ def test_down_after_a_crash_that_lost_the_record_leaves_nothing(bare_world: t.Wo
         return not any(libbpf.prog_exists(i) for i in prog_ids)
 
     wait_for(gone, "the programs' release")
+
+
+@pytest.mark.root
+def test_demo_command_in_ebpf_mode_passes_every_step(tmp_path: Path) -> None:
+    _root()
+    env = {**os.environ, "GENEVE_DP_RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "geneve_dp", "demo", "--redirect-mode", "ebpf", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"passed": 7, "total": 7, "failed": []}
+    for n, title in demo_steps.TITLES.items():
+        assert f"step {n}: {title} ..." in proc.stdout
+    assert "node.*: verdicts of the node programs" in proc.stdout
+    assert "node up: BPF: ambient_node.bpf.o" in proc.stdout  # relayed progress
