@@ -346,3 +346,82 @@ def test_the_detached_log_does_not_follow_a_planted_symlink(
     fd = open_log(4243)  # a fresh one: created 0600
     os.close(fd)
     assert (run_dir / "gdp-4243.log").stat().st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------- bad input: one line, exit 2
+
+
+def test_bad_names_netns_and_too_many_tunnels_are_one_line_errors(
+    pair: tuple[Netns, Netns], tmp_path: Path
+) -> None:
+    a, _b = pair
+    remote = ["--vni", "7", "--remote", B_UL]
+    many = tmp_path / "many.toml"
+    many.write_text(
+        "".join(
+            f'[[tunnel]]\nname = "gm{i}"\nvni = {i + 1}\nremote = "{B_UL}"\nmode = "tun"\n'
+            for i in range(256)
+        )
+    )
+    nul_name = tmp_path / "nul_name.toml"
+    nul_name.write_text(f'[[tunnel]]\nname = "gt\\u0000x"\nvni = 7\nremote = "{B_UL}"\n')
+    nul_netns = tmp_path / "nul_netns.toml"
+    nul_netns.write_text(
+        f'netns = "a\\u0000b"\n[[tunnel]]\nname = "gt0"\nvni = 7\nremote = "{B_UL}"\n'
+    )
+    ns = ["--netns", a.name]
+    cases = [
+        ([*ns, "gt%d", *remote], "NAME", "'%'"),
+        ([*ns, "é" * 8, *remote], "NAME", "16 bytes"),
+        ([*ns, "--config", str(nul_name)], "tunnel[0].name", "NUL"),
+        (["--config", str(nul_netns)], "netns", "not a namespace name"),
+        ([*ns, "--config", str(many)], "tunnel", "at most 255 per port"),
+    ]
+    before = a.run("ip", "-o", "link").stdout
+    for argv, field, why in cases:
+        proc = gdp("up", *argv)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (argv[:4], proc.stderr[-2000:])
+        assert f" {field}: " in lines[0] and why in lines[0], lines
+        assert a.run("ip", "-o", "link").stdout == before  # nothing half-applied
+    for cmd in (["up", "gt0", *remote], ["show"], ["stats", "--json"]):
+        proc = gdp(*cmd, "--netns", "n" * 300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (cmd, proc.stderr[-2000:])
+        assert "--netns: " in lines[0] and "not a namespace name" in lines[0], lines
+
+
+def test_deeply_nested_json_on_the_control_socket_gets_an_error_reply(
+    pair: tuple[Netns, Netns],
+) -> None:
+    a, _b = pair
+    with up(a, "gt0", "--vni", "77", "--remote", B_UL) as d:
+        for opener in (b"[", b'{"a":'):
+            reply = json.loads(d.request(opener * 10000 + b"\n"))  # < REQUEST_LIMIT
+            assert "nested too deeply" in reply["error"], reply
+        assert d.status()["tunnels"][0]["name"] == "gt0"  # still serving
+        rc, _secs, err = d.stop()
+    assert rc == 0
+    assert "RecursionError" not in err and "Traceback" not in err
+
+
+def test_a_directory_at_the_socket_path_is_one_line_and_leaves_nothing(
+    pair: tuple[Netns, Netns], run_dir: Path
+) -> None:
+    a, _b = pair
+    run_dir.mkdir(mode=0o700)
+    # In a PID namespace of its own the daemon is pid 1, so its socket path is known.
+    (run_dir / "gdp-1.sock").mkdir()
+    before = a.run("ip", "-o", "link").stdout
+    proc = subprocess.run(
+        ["unshare", "--pid", "--fork", *GDP, "up", "--netns", a.name, "gt0", "--vni", "7",
+         "--remote", B_UL],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    # One error line (`up` looking for an endpoint to join also notes the odd entry).
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "error:" in ln]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "gdp-1.sock exists and is not a socket" in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert a.run("ip", "-o", "link").stdout == before
+    assert (run_dir / "gdp-1.sock").is_dir()  # not ours to remove
