@@ -102,3 +102,20 @@ def current_netns_name() -> str:
             if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
                 return entry.name
     return f"netns-{me.st_ino}"
+
+
+def netns_names() -> dict[int, str]:
+    """Names of network namespaces by nsfs inode (what a daemon's status reports as
+    ``netns_id``): those of `ip netns`, and "host" for init's."""
+    out: dict[int, str] = {}
+    if NAMED_DIR.is_dir():
+        for entry in sorted(NAMED_DIR.iterdir()):
+            try:
+                out[entry.stat().st_ino] = entry.name
+            except OSError:
+                continue
+    try:
+        out[os.stat("/proc/1/ns/net").st_ino] = "host"
+    except OSError:
+        pass
+    return out

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -540,7 +541,7 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The running tunnels the command asks about: like `ip link`, those of the current
     network namespace unless --netns, --all or --pid say otherwise."""
     from ..control import query_all
-    from ..netns import netns_inode
+    from ..netns import netns_inode, netns_names
 
     name: str | None = args.name
     rows = []
@@ -556,9 +557,14 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     elif not args.all:
         wanted = netns_inode(args.netns)
         replies = [r for r in replies if r.get("netns_id") == wanted]
+    names = netns_names()
     for reply in replies:
+        ino = reply.get("netns_id")
+        netns = names.get(ino, f"net:[{ino}]") if isinstance(ino, int) else "?"
         for tunnel in reply.get("tunnels", []):
-            rows.append({"pid": reply.get("pid"), "engine": reply.get("engine"), **tunnel})
+            rows.append(
+                {"pid": reply.get("pid"), "engine": reply.get("engine"), "netns": netns, **tunnel}
+            )
     if name is not None:
         rows = [t for t in rows if t.get("name") == name]
         if not rows:
@@ -577,16 +583,51 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not rows:
         print("no tunnels running")
         return 0
+    ns_col = bool(args.all)
+    head = f"{'netns':<20} " if ns_col else ""
     print(
-        f"{'device':<15} {'vni':>8} {'remote':<26} {'port':>5} {'mode':<4} {'mtu':>5} "
-        f"{'engine':<6} pid"
+        f"{head}{'device':<15} {'vni':>8} {'remote':<26} {'port':>5} {'mode':<4} {'mtu':>5} "
+        f"{'engine':<6} {'tx via':<8} pid"
     )
     for t in rows:
+        ns = f"{t.get('netns', '')!s:<20} " if ns_col else ""
         print(
-            f"{t['name']:<15} {t['vni']:>8} {t['remote']!s:<26} {t['port']:>5} {t['mode']:<4} "
-            f"{t['mtu']!s:>5} {t.get('engine', '')!s:<6} {t['pid']}"
+            f"{ns}{t['name']:<15} {t['vni']:>8} {t['remote']!s:<26} {t['port']:>5} "
+            f"{t['mode']:<4} {t['mtu']!s:>5} {t.get('engine', '')!s:<6} {_via(t):<8} {t['pid']}"
+        )
+    print("\ntransmit paths:")
+    for t in rows:
+        path = t.get("tx_path") or {}
+        where = f"{t.get('netns')}/" if ns_col else ""
+        line = f"{where}{t['name']}: {_via(t)}: {path.get('why', 'unknown')}"
+        print(
+            textwrap.fill(
+                line, 88, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False
+            )
+        )
+    injects = sorted({str(t["inject_device"]) for t in rows if t.get("inject_device")})
+    for dev in injects:
+        print()
+        print(
+            textwrap.fill(
+                f"{dev} (in `ip link`) is the endpoint's inject device, not a tunnel: a TAP "
+                "with no address to which the tunnels marked with it write whole TCP "
+                "super-frames and UDP runs behind their outer headers; the kernel forwards "
+                "them to the underlay, cutting them into segments only where a device "
+                "must. It goes when the endpoint process ends.",
+                88,
+                break_on_hyphens=False,
+            )
         )
     return 0
+
+
+def _via(t: dict[str, Any]) -> str:
+    """The transmit path column: the inject device's name, or "sockets"."""
+    path = t.get("tx_path") or {}
+    if path.get("via") == "inject":
+        return str(path.get("device") or "inject")
+    return "sockets"
 
 
 STATS_DESCRIPTION = """\
@@ -612,7 +653,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return _watch(args)
     rows = tunnels_of(args)
     if args.json:
-        print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
+        if args.all:
+            # Device names repeat across namespaces: keyed by namespace, then device.
+            nested: dict[str, dict[str, Any]] = {}
+            for t in rows:
+                nested.setdefault(str(t["netns"]), {})[t["name"]] = t["counters"]
+            print(json.dumps(nested, indent=2))
+        else:
+            print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
         return 0
     if not rows:
         print("no tunnels running")
@@ -628,6 +676,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
         seen = c.get("options_seen", {})
         if seen:
             print("  options seen: " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
+    # Drops no tunnel can be named for (unknown VNI, wrong peer, bad header) are the
+    # receive socket's: once per process and port.
+    done: set[tuple[Any, Any, Any]] = set()
+    for t in rows:
+        sock = t.get("socket") or {}
+        key = (t.get("pid"), sock.get("family"), sock.get("port"))
+        if not sock or key in done:
+            continue
+        done.add(key)
+        drops = {k: v for k, v in sock.get("drops", {}).items() if v}
+        where = f"IPv{sock['family']} port {sock['port']}"
+        if args.all:
+            where += f" in {t.get('netns')}"
+        print(
+            f"socket {where} (pid {t.get('pid')}): rx {sock.get('rx_packets', 0)} pkts, "
+            f"queue overflow {sock.get('rx_queue_overflow', 0)}"
+        )
+        print("  drops: " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
     return 0
 
 
