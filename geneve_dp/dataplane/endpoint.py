@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -298,9 +299,17 @@ def _udp_socket(
         try:
             udp.bind(("::" if family == 6 else "0.0.0.0", port))
         except OSError as exc:
+            # A geneve-dp endpoint of this netns on the port would have taken the
+            # tunnel (commands/live.py): whoever holds it is something else.
+            hint = (
+                f" by another program (`ss -ulpn 'sport = :{port}'` names it); accepted: "
+                "a free --port"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
             raise UserError(
                 f"cannot bind UDP port {port} ({'IPv6' if family == 6 else 'IPv4'}): "
-                f"{exc.strerror}",
+                f"{exc.strerror}{hint}",
                 field="port",
             ) from exc
         udp.setblocking(False)
