@@ -13,6 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geneve_dp.control import query_all
+from geneve_dp.errors import UserError
 from tests.daemon_helpers import GDP, ROOT, up
 from tests.endpoint_helpers import geneve, wait_for
 from tests.netns import Netns
@@ -241,9 +245,8 @@ def test_a_stopped_daemon_is_reported_and_the_others_still_shown(
         for pid in (db.pid, dc.pid):
             assert any(f"pid {pid})" in ln and "did not answer" in ln for ln in lines), lines
     assert f" {da.pid}" in show.stdout and f" {db.pid}" not in show.stdout
-    assert json.loads(stats.stdout).keys() == {a.name} and set(
-        json.loads(stats.stdout)[a.name]
-    ) == {"gt0"}
+    by_netns = json.loads(stats.stdout)
+    assert by_netns.keys() == {a.name} and set(by_netns[a.name]) == {"gt0"}
 
 
 # ----------------------------------------------------------- the run directory's trust
@@ -329,16 +332,14 @@ def test_a_socket_served_by_another_user_is_not_believed(
         assert "fake0" not in proc.stdout
         assert f"{fake} is served by uid 65534" in proc.stderr
     assert f" {d.pid}" in show.stdout
-    assert json.loads(stats.stdout).keys() == {a.name} and set(
-        json.loads(stats.stdout)[a.name]
-    ) == {"gt0"}
+    by_netns = json.loads(stats.stdout)
+    assert by_netns.keys() == {a.name} and set(by_netns[a.name]) == {"gt0"}
 
 
 def test_the_detached_log_does_not_follow_a_planted_symlink(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from geneve_dp.control import open_log, prepare_run_dir
-    from geneve_dp.errors import UserError
 
     prepare_run_dir()
     victim = tmp_path / "victim"
@@ -429,3 +430,70 @@ def test_a_directory_at_the_socket_path_is_one_line_and_leaves_nothing(
     assert "Traceback" not in proc.stderr
     assert a.run("ip", "-o", "link").stdout == before
     assert (run_dir / "gdp-1.sock").is_dir()  # not ours to remove
+
+
+# Values for up's flags that its checks accept but the kernel or the engine may not.
+REAL_RUN_VALUES = {
+    "--mtu": ["68", "1280", "1450", "9000", "65535"],
+    "--ttl": ["0", "1", "255"],
+    "--tos": ["0", "255", "inherit"],
+    "--df": ["set", "unset", "inherit"],
+    "--mode": ["tap", "tun"],
+    "--mac": ["02:00:00:00:00:01", "00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"],
+    "--address": ["172.16.9.1/32", "172.16.9.1/0", "fd00::1/128", "224.0.0.1/24"],
+    "--local": [A_UL, "10.98.0.77", "127.0.0.1"],
+    "--port": ["1", "6081", "65535"],
+    "--option": ["0x0102:0x80:deadbeef", "0xffff:0x7f:" + "00" * 124],
+    "--engine": ["c", "py"],
+    "--workers": ["1", "2"],
+}
+
+
+@settings(max_examples=8, deadline=None, database=None)
+@given(
+    flags=st.dictionaries(
+        st.sampled_from(sorted(REAL_RUN_VALUES)), st.integers(0, 4), min_size=1, max_size=3
+    )
+)
+def test_up_with_odd_but_accepted_values_starts_or_says_why(flags: dict[str, int]) -> None:
+    """What `up`'s checks let through reaches the kernel and the engine for real: it
+    runs, or it ends in one line and exit 2, never a traceback, and leaves nothing."""
+    from geneve_dp.cli import build_parser
+    from geneve_dp.commands.tunnel import plan_up
+    from tests.netns import veth
+
+    argv = ["gtf0", "--vni", "7", "--remote", B_UL]
+    for flag, i in flags.items():
+        values = REAL_RUN_VALUES[flag]
+        argv += [flag, values[i % len(values)]]
+    try:
+        plan_up(build_parser("up").parse_args(["up", *argv]))
+    except (UserError, SystemExit):
+        return  # refused before anything: test_input_fuzz covers those
+    a, b = Netns("fz"), Netns("fz")
+    run = tempfile.TemporaryDirectory(prefix="gdp-fz-")
+    env = {**os.environ, "GENEVE_DP_RUN_DIR": run.name}
+    try:
+        veth(a, "ul0", b, "ul0")
+        a.run("ip", "addr", "add", f"{A_UL}/24", "dev", "ul0")
+        before = a.run("ip", "-o", "link").stdout
+        proc = subprocess.Popen(
+            [*GDP, "up", "--netns", a.name, *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        ready = "ready" in proc.stdout.readline()
+        if ready:
+            proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, (argv, err[-3000:])
+        if ready:
+            assert proc.returncode == 0, (argv, err[-2000:])
+        else:
+            errors = [ln for ln in err.splitlines() if "error:" in ln]
+            assert proc.returncode == 2 and len(errors) == 1, (argv, err[-2000:])
+        assert a.run("ip", "-o", "link").stdout == before, argv
+    finally:
+        a.delete()
+        b.delete()
+        run.cleanup()
