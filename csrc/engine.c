@@ -264,6 +264,8 @@ struct inner {
     size_t ip_off; /* where the IP header starts in the frame */
     size_t ip_len; /* bytes from ip_off to the end of the frame */
     uint8_t ecn;
+    uint8_t dsfield; /* the whole TOS / traffic class byte */
+    uint8_t ttl;     /* TTL / hop limit */
     int df;
     uint8_t proto;
     int ports;
@@ -312,6 +314,8 @@ static int parse_inner(const uint8_t *f, size_t len, int mode, struct inner *in)
             return mode == GDP_MODE_TAP ? 0 : -1;
         uint16_t frag = gdp_load16(ip + 6);
         in->ecn = ip[1] & ECN_MASK;
+        in->dsfield = ip[1];
+        in->ttl = ip[8];
         in->df = (frag & IP_DF) != 0;
         in->proto = ip[9];
         if ((frag & (IP_MF | IP_OFFMASK)) == 0)
@@ -319,7 +323,9 @@ static int parse_inner(const uint8_t *f, size_t len, int mode, struct inner *in)
     } else {
         if (left < 40)
             return mode == GDP_MODE_TAP ? 0 : -1;
-        in->ecn = (uint8_t)((gdp_load16(ip) >> 4) & ECN_MASK);
+        in->dsfield = (uint8_t)(gdp_load16(ip) >> 4);
+        in->ecn = in->dsfield & ECN_MASK;
+        in->ttl = ip[7];
         in->proto = ip[6];
         l4 = 40;
     }
@@ -1196,13 +1202,24 @@ static void add_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx, ui
 
 /* The outer TOS without ECN bits: what the tunnel's UDP sockets are set to. */
 static uint8_t socket_tos(const struct gdp_tunnel *t) {
-    return (uint8_t)(t->tos_set ? t->tos & ~ECN_MASK : 0);
+    return (uint8_t)(t->tos_set == GDP_TOS_FIXED ? t->tos & ~ECN_MASK : 0);
 }
 
-/* The outer TOS of a packet: RFC 6040 normal mode copies the inner ECN, except that CE
- * goes out as ECT(0). */
-static uint8_t tx_tos(const struct gdp_tunnel *t, uint8_t inner_ecn) {
-    return (uint8_t)(socket_tos(t) | (inner_ecn == ECN_CE ? ECN_ECT0 : inner_ecn));
+/* The outer TOS of a packet: the configured DSCP, or with tos inherit the inner one
+ * (0 for a frame that is not IP, as the kernel's ip_tunnel_get_dsfield); RFC 6040
+ * normal mode copies the inner ECN, except that CE goes out as ECT(0). */
+static uint8_t tx_tos(const struct gdp_tunnel *t, const struct inner *in) {
+    uint8_t dscp = t->tos_set == GDP_TOS_INHERIT ? (uint8_t)(in->dsfield & ~ECN_MASK)
+                                                 : socket_tos(t);
+    return (uint8_t)(dscp | (in->ecn == ECN_CE ? ECN_ECT0 : in->ecn));
+}
+
+/* The outer TTL of a packet: the configured one, or with ttl inherit (t->ttl 0) the
+ * inner TTL / hop limit, and the default for a frame that is not IP. */
+static uint8_t tx_ttl(const struct gdp_tunnel *t, const struct inner *in) {
+    if (t->ttl)
+        return t->ttl;
+    return in->ipver ? in->ttl : GDP_DEFAULT_TTL;
 }
 
 /* A whole GENEVE packet (g, glen) for the tunnel's connected UDP socket of this flow:
@@ -1321,7 +1338,7 @@ static int outer_df(const struct gdp_tunnel *t, const struct inner *in) {
  * g[0 .. glen) followed by rest[0 .. rest_len) (sent as a second iovec); an even glen
  * lets the checksum run over the two parts in turn. Returns the outer IP header. */
 static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash,
-                           uint8_t inner_ecn, int df, uint8_t *g, size_t glen,
+                           const struct inner *in, int df, uint8_t *g, size_t glen,
                            const uint8_t *rest, size_t rest_len) {
     size_t iplen = t->family == 4 ? 20 : 40;
     size_t udplen = 8 + glen + rest_len;
@@ -1347,7 +1364,8 @@ static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t 
         uint16_t cs = csum_fold(sum);
         gdp_store16(u + 6, cs ? cs : 0xFFFF);
     }
-    uint8_t tos = tx_tos(t, inner_ecn);
+    uint8_t tos = tx_tos(t, in);
+    uint8_t ttl = tx_ttl(t, in);
     uint8_t *ip = u - iplen;
     if (t->family == 4) {
         ip[0] = 0x45;
@@ -1359,7 +1377,7 @@ static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t 
             e->ip_id++;
         gdp_store16(ip + 4, (uint16_t)e->ip_id);
         gdp_store16(ip + 6, df ? IP_DF : 0);
-        ip[8] = t->ttl;
+        ip[8] = ttl;
         ip[9] = 17;
         gdp_store16(ip + 10, 0);
         memcpy(ip + 12, t->local, 4);
@@ -1368,7 +1386,7 @@ static uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t 
         gdp_store32(ip, 0x60000000u | (uint32_t)tos << 20);
         gdp_store16(ip + 4, (uint16_t)udplen);
         ip[6] = 17;
-        ip[7] = t->ttl;
+        ip[7] = ttl;
         memcpy(ip + 8, t->local, 16);
         memcpy(ip + 24, t->remote, 16);
     }
@@ -1426,10 +1444,10 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
     }
     uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
     if (!frags && t->gso_nocsum && t->n_gso) {
-        add_udp_slot(e, st, idx, hash, tx_tos(t, in.ecn), g, hlen + flen, (uint32_t)flen);
+        add_udp_slot(e, st, idx, hash, tx_tos(t, &in), g, hlen + flen, (uint32_t)flen);
         return;
     }
-    uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + flen, NULL, 0);
+    uint8_t *ip = put_udp_ip(e, t, hash, &in, df, g, hlen + flen, NULL, 0);
     uint8_t *u = g - 8;
     if (!frags) {
         add_slot(e, st, idx, ip, total, NULL, 0, (uint32_t)flen, 1);
@@ -1584,7 +1602,7 @@ static void inj_outer(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t 
     uint8_t *g = e->inj_hdr + INJ_VNET_LEN + INJ_OUTER;
     memcpy(g, hdr, hlen);
     gdp_store16(g + 2, geneve_proto(t, in->ipver));
-    uint8_t *ip = put_udp_ip(e, t, hash, in->ecn, df, g, hlen, NULL, ilen);
+    uint8_t *ip = put_udp_ip(e, t, hash, in, df, g, hlen, NULL, ilen);
     ip[8] = (uint8_t)(t->ttl + 1); /* forwarding takes one off (the caller keeps ttl < 255) */
     gdp_store16(ip + 10, gdp_inet_csum(ip, 20));
     uint8_t *eth = ip - 14;
@@ -1878,7 +1896,7 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
     size_t outer_room = (t->family == 4 ? 20 : 40) + 8 + hlen;
     int udp_gso = t->n_gso > 0;
     size_t nseg = 0; /* segments waiting in e->gso_iov (UDP GSO path) */
-    uint8_t tos = tx_tos(t, in.ecn);
+    uint8_t tos = tx_tos(t, &in);
     if (udp_gso)
         tx_send(e, st); /* the scratch headers below are reused from slot 0 */
     size_t per_send = t->gso_nocsum ? GSO_MAX_SEGS : 60000 / (hlen + hdrs + gso_size);
@@ -1930,7 +1948,7 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
             }
             continue;
         }
-        uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + hdrs, f + off, n);
+        uint8_t *ip = put_udp_ip(e, t, hash, &in, df, g, hlen + hdrs, f + off, n);
         add_slot(e, st, idx, ip, outer_room + hdrs, f + off, n, (uint32_t)(hdrs + n), 1);
     }
 }
