@@ -242,3 +242,107 @@ def test_a_stopped_daemon_is_reported_and_the_others_still_shown(
             assert any(f"pid {pid})" in ln and "did not answer" in ln for ln in lines), lines
     assert f" {da.pid}" in show.stdout and f" {db.pid}" not in show.stdout
     assert set(json.loads(stats.stdout)) == {"gt0"}
+
+
+# ----------------------------------------------------------- the run directory's trust
+
+
+def test_untrusted_run_directories_are_refused_in_one_line(
+    pair: tuple[Netns, Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _b = pair
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    world = tmp_path / "world"
+    world.mkdir()
+    world.chmod(0o777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    before = a.run("ip", "-o", "link").stdout
+    for path, why in (
+        (world, "writable by others"),
+        (link, "symbolic link"),
+        (theirs, "owned by uid 65534"),
+    ):
+        monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(path))
+        for argv in (
+            ["up", "--netns", a.name, "gt0", "--vni", "7", "--remote", B_UL],
+            ["up", "--netns", a.name, "gt0", "--vni", "7", "--remote", B_UL, "--detach"],
+            ["show", "--all"],
+            ["stats", "--all", "--json"],
+        ):
+            proc = gdp(*argv)
+            assert proc.returncode == 2, (argv, proc.stderr)
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and "GENEVE_DP_RUN_DIR" in lines[0] and why in lines[0], (
+                argv,
+                lines,
+            )
+        assert a.run("ip", "-o", "link").stdout == before  # nothing was created
+    assert list(real.iterdir()) == []  # not even through the link
+
+
+def test_a_socket_served_by_another_user_is_not_believed(
+    pair: tuple[Netns, Netns], run_dir: Path
+) -> None:
+    a, _b = pair
+    fake = run_dir / "gdp-999997.sock"
+    # An unprivileged user's stand-in: bound, handed to uid 65534, listening as it.
+    script = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        f"s.bind({str(fake)!r})\n"
+        f"os.chown({str(fake)!r}, 65534, 65534)\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s.listen(8)\n"
+        "print('listening', flush=True)\n"
+        "while True:\n"
+        "    c, _ = s.accept()\n"
+        "    try:\n"
+        "        c.recv(100)\n"
+        '        c.sendall(b\'{"pid": 999997, "tunnels": [{"name": "fake0", "vni": 1, '
+        '"remote": "6.6.6.6", "port": 6081, "mode": "tap", "mtu": 1450, '
+        '"counters": {}}]}\\n\')\n'
+        "    except OSError:\n"
+        "        pass\n"
+        "    c.close()\n"
+    )
+    with up(a, "gt0", "--vni", "77", "--remote", B_UL) as d:
+        fake_server = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert fake_server.stdout is not None
+            assert fake_server.stdout.readline().strip() == "listening"
+            show = gdp("show", "--all")
+            stats = gdp("stats", "--all", "--json")
+        finally:
+            fake_server.kill()
+            fake_server.wait()
+    for proc in (show, stats):
+        assert proc.returncode == 0, proc.stderr
+        assert "fake0" not in proc.stdout
+        assert f"{fake} is served by uid 65534" in proc.stderr
+    assert f" {d.pid}" in show.stdout
+    assert set(json.loads(stats.stdout)) == {"gt0"}
+
+
+def test_the_detached_log_does_not_follow_a_planted_symlink(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geneve_dp.control import open_log, prepare_run_dir
+    from geneve_dp.errors import UserError
+
+    prepare_run_dir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    (run_dir / "gdp-4242.log").symlink_to(victim)
+    with pytest.raises(UserError, match=r"^GENEVE_DP_RUN_DIR: cannot open .*gdp-4242\.log"):
+        open_log(4242)
+    assert victim.read_text() == "root's file\n"
+    fd = open_log(4243)  # a fresh one: created 0600
+    os.close(fd)
+    assert (run_dir / "gdp-4243.log").stat().st_mode & 0o777 == 0o600

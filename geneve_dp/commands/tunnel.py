@@ -27,9 +27,10 @@ from ..dataplane.spec import (
 from ..errors import UserError
 
 UP_DESCRIPTION = """\
-Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM, then
-remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
-VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
+Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM (or until
+`geneve-dp down` removes the last), then remove them and exit 0. One tunnel from
+flags (like `ip link add NAME type geneve id VNI remote IP dstport 6081`), or many
+from --config FILE (TOML: optional top-level
 `engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
@@ -40,6 +41,14 @@ moves to another IP, `up` stops cleanly to be started again). Tunnels on the sam
 share one UDP socket and are told apart by VNI and outer source address. The device is
 set up (and given --address) once it exists; a line with "ready" is printed when
 forwarding.
+
+One endpoint process serves a network namespace and port: `up` of a tunnel on a port
+an endpoint of this namespace already serves adds the tunnel to it (its other tunnels
+forward on untouched) and returns; `geneve-dp set NAME` changes one in place, `geneve-dp
+down NAME` removes one (the last one ends the process), `--config` of the file the
+endpoint was started from applies the file's difference (as SIGHUP does). A device
+deleted with `ip link del` while its tunnel is configured is opened again (same name
+and MAC: the tunnel's intent wins); `geneve-dp down NAME` is how it goes for good.
 
 Logs go to stderr, one line per event (tunnel up/down, repairs, drop-rate alarms; never
 per packet), as text or, with --log-format json, one JSON object per line.
@@ -69,7 +78,8 @@ Where: VNI  := 0..{wire.MAX_VNI} (decimal or 0x hex)
 def register(sub: Any) -> None:
     up = sub.add_parser(
         "up",
-        help="create tunnel devices and forward until SIGTERM",
+        help="add tunnel devices: to the endpoint serving this netns and port, else a new "
+        "one that forwards until SIGTERM",
         description=UP_DESCRIPTION,
         epilog=UP_WHERE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -319,19 +329,44 @@ def cmd_up(args: argparse.Namespace) -> int:
     fmt = logs.resolve(args.log_format)
     if os.geteuid() != 0:
         raise UserError("is run without root; accepted: root (CAP_NET_ADMIN)", "up")
+    from ..control import prepare_run_dir
+
+    prepare_run_dir()  # an untrusted run directory is refused before anything exists
     logs.setup(fmt, args.verbose)
     if netns:
         from ..netns import enter_netns
 
         enter_netns(str(netns))
+    from . import live
+
+    explicit = {k for k in daemon_args if k not in ("engine", "offload")}
+    if args.engine or "engine" in settings:
+        explicit.add("engine")
+    if offload is not None:
+        explicit.add("offload")
+    lock = live.lock_run_dir()
+    try:
+        rc = live.join(specs, daemon_args, explicit, args.config, args.pidfile)
+    except BaseException:
+        live.unlock(lock)
+        raise
+    if rc is not None:
+        live.unlock(lock)
+        return rc
+    # None runs here for these ports: start one, holding the lock until it is ready.
+    daemon_args["config"] = args.config
     remotes = settings.get("remotes")
     if args.detach:
-        return _up_detached(specs, daemon_args, args.pidfile, remotes)
+        return _up_detached(specs, daemon_args, args.pidfile, remotes, lock)
 
     def announce(message: str) -> None:
         print(f"geneve-dp: {message}", flush=True)
+        live.unlock(lock)
 
-    return _run_daemon(specs, daemon_args, args.pidfile, announce, remotes)
+    try:
+        return _run_daemon(specs, daemon_args, args.pidfile, announce, remotes)
+    finally:
+        live.unlock(lock)
 
 
 def _daemon_args(
@@ -397,10 +432,12 @@ def _up_detached(
     daemon_args: dict[str, Any],
     pidfile: Path | None,
     remotes: dict[str, Any] | None = None,
+    lock: int = -1,
 ) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
-    pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
-    from ..control import run_dir
+    pipe, so the parent exits 0 only once the devices exist, or 2 with the message.
+    The parent holds ``lock`` (live.lock_run_dir) until then."""
+    from ..control import open_log, prepare_run_dir
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -408,6 +445,8 @@ def _up_detached(
         os.close(write_fd)
         with os.fdopen(read_fd) as pipe:
             report = pipe.read()
+        if lock >= 0:
+            os.close(lock)
         if report.startswith("ready"):
             print(f"geneve-dp: {report.strip()}", flush=True)
             return 0
@@ -416,15 +455,16 @@ def _up_detached(
         return 2
     # Child: a session of its own, stdio to a log file, report through the pipe.
     os.close(read_fd)
+    if lock >= 0:
+        os.close(lock)  # the parent's to release
     os.setsid()
     rc = 1
     log_path: Path | None = None
     try:
-        directory = run_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = prepare_run_dir()
         _sweep_empty_logs(directory)
+        log_fd = open_log(os.getpid())
         log_path = directory / f"gdp-{os.getpid()}.log"
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)

@@ -1,14 +1,16 @@
 """Kernel resources of tunnel endpoints, shared by both engines.
 
-``open_resources`` turns validated TunnelSpecs into open TAP/TUN devices (named, MTU
-set, up), receive sockets (one per family and port) and raw transmit sockets. Any
-failure undoes what was already created and raises UserError naming the field.
+``open_group`` opens a port's receive sockets (one per worker) and raw transmit
+socket, ``open_tunnel`` a tunnel's TAP/TUN device (named, MTU set, up) once the route
+to its remote is resolved. A failure undoes what that call created and raises
+UserError naming the field; the caller (dataplane.py) undoes the rest.
 Netlink goes through pyroute2's sync API (ARCHITECTURE rule 5).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import ipaddress
 import logging
@@ -60,7 +62,7 @@ class Device:
     mac: bytes  # 6 bytes for TAP, empty for TUN
     mtu: int
     vnet_hdr: bool = False
-    rx_uso: bool = False  # takes UDP_L4 super-frames on write (engine.c gro_add_udp)
+    rx_uso: bool = False  # takes UDP_L4 super-frames on write (csrc/gro.c offer_udp)
     queue_fds: list[int] = field(default_factory=list)  # IFF_MULTI_QUEUE queues 2..n
 
     @property
@@ -207,7 +209,7 @@ def _open_device(
             ) from exc
         if offload:
             # The kernel may then hand over TCP super-frames with partial checksums;
-            # the C engine segments them and completes the checksums (engine.c tx_vnet).
+            # the C engine segments them and completes the checksums (csrc/encap.c tx_vnet).
             try:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
@@ -286,7 +288,7 @@ def _udp_socket(
         else:
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
         # Reassembled datagrams are then marked: only a datagram that is none, and not
-        # a UDP GRO batch, can be a super-packet of this host (engine.c rx_super).
+        # a UDP GRO batch, can be a super-packet of this host (csrc/seg.c super_plan).
         if family == 6:
             udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVFRAGSIZE, 1)
         else:
@@ -359,82 +361,85 @@ def _open_group(
         raise
 
 
+def close_tunnel(tunnel: Tunnel) -> None:
+    """Close the tunnel's device fds: a non-persistent device vanishes with them.
+    Idempotent."""
+    if tunnel.device.fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(tunnel.device.fd)
+        tunnel.device.fd = -1
+    for qfd in tunnel.device.queue_fds:
+        with contextlib.suppress(OSError):
+            os.close(qfd)
+    tunnel.device.queue_fds = []
+
+
 def close_resources(groups: list[Group]) -> None:
-    """Close every fd; non-persistent devices vanish with theirs. Idempotent."""
+    """Close every fd of ``groups`` and their tunnels. Idempotent."""
     for group in groups:
         for tunnel in group.tunnels:
-            if tunnel.device.fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(tunnel.device.fd)
-                tunnel.device.fd = -1
-            for qfd in tunnel.device.queue_fds:
-                with contextlib.suppress(OSError):
-                    os.close(qfd)
-            tunnel.device.queue_fds = []
+            close_tunnel(tunnel)
         for sock in group.udps:
             sock.close()
         group.raw.close()
 
 
-def open_resources(specs: list[TunnelSpec], offload: bool = False, workers: int = 1) -> list[Group]:
-    """Devices and sockets for ``specs``, grouped by receive socket. ``offload`` opens
-    the devices with IFF_VNET_HDR and TSO/checksum offloads (C engine only); with
-    ``workers`` > 1 every device gets that many queues (IFF_MULTI_QUEUE) and every
-    port that many SO_REUSEPORT receive sockets, one of each per worker."""
-    groups: dict[tuple[int, int], Group] = {}
+def open_tunnel(
+    ipr: IPRoute, spec: TunnelSpec, offload: bool, workers: int, device: Device | None = None
+) -> Tunnel:
+    """``spec``'s tunnel: the route to its remote resolved now, and a new device (with
+    ``workers`` queues), or ``device`` kept, its MTU set to what ``spec`` asks."""
+    underlay_mtu, local, underlay_dev = _route(ipr, spec)
+    mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead
+    if mtu < 68:
+        raise UserError(
+            f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
+            field="mtu",
+        )
+    fits = underlay_mtu - spec.overhead
+    if mtu > fits:
+        # Allowed, as the kernel allows it: the outer packets are fragmented (DF
+        # unset) or refused with "packet too big" (DF set).
+        log.warning(
+            "%s: mtu %d is above what the underlay %s (MTU %d) carries whole; the "
+            "largest that fits is %d (--mtu %d), larger packets are fragmented "
+            "or dropped",
+            spec.name,
+            mtu,
+            underlay_dev,
+            underlay_mtu,
+            fits,
+            fits,
+            extra={"event": "mtu_above_underlay", "device": spec.name, "fits": fits},
+        )
+    if device is None:
+        device = _open_device(ipr, spec, mtu, offload, workers)
+    elif device.mtu != mtu:
+        try:
+            ipr.link("set", index=device.ifindex, mtu=mtu)
+        except NetlinkError as exc:
+            raise UserError(
+                f"cannot set MTU {mtu} on {spec.name}: {os.strerror(exc.code)}", field="mtu"
+            ) from exc
+        device = dataclasses.replace(device, mtu=mtu)
+    return Tunnel(
+        spec,
+        device,
+        local,
+        underlay_mtu,
+        underlay_dev,
+        default_hop_limit(spec.family, underlay_dev),
+    )
+
+
+def open_group(
+    family: int, port: int, specs: list[TunnelSpec], offload: bool, workers: int = 1
+) -> Group:
+    """The receive sockets (one per worker) and raw transmit socket of a port."""
     try:
-        with IPRoute() as ipr:
-            for spec in specs:
-                key = (spec.family, spec.port)
-                if key not in groups:
-                    groups[key] = _open_group(
-                        spec.family,
-                        spec.port,
-                        [s for s in specs if (s.family, s.port) == key],
-                        offload,
-                        workers,
-                    )
-                underlay_mtu, local, underlay_dev = _route(ipr, spec)
-                mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead
-                if mtu < 68:
-                    raise UserError(
-                        f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
-                        field="mtu",
-                    )
-                fits = underlay_mtu - spec.overhead
-                if mtu > fits:
-                    # Allowed, as the kernel allows it: the outer packets are fragmented
-                    # (DF unset) or refused with "packet too big" (DF set).
-                    log.warning(
-                        "%s: mtu %d is above what the underlay %s (MTU %d) carries whole; the "
-                        "largest that fits is %d (--mtu %d), larger packets are fragmented "
-                        "or dropped",
-                        spec.name,
-                        mtu,
-                        underlay_dev,
-                        underlay_mtu,
-                        fits,
-                        fits,
-                        extra={"event": "mtu_above_underlay", "device": spec.name, "fits": fits},
-                    )
-                device = _open_device(ipr, spec, mtu, offload, workers)
-                groups[key].tunnels.append(
-                    Tunnel(
-                        spec,
-                        device,
-                        local,
-                        underlay_mtu,
-                        underlay_dev,
-                        default_hop_limit(spec.family, underlay_dev),
-                    )
-                )
+        return _open_group(family, port, specs, offload, workers)
     except NetlinkError as exc:
-        close_resources(list(groups.values()))
         raise UserError(f"netlink: {os.strerror(exc.code)}", field="name") from exc
-    except BaseException:
-        close_resources(list(groups.values()))
-        raise
-    return list(groups.values())
 
 
 def ephemeral_ports() -> tuple[int, int]:

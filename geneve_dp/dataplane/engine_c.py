@@ -15,7 +15,7 @@ from ..codec import encode_options
 from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports
 from .inject import Injector, injectable
-from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
+from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
 
 REFLECT_SLOTS = 1024
 GSO_SOCKETS = 8  # struct gdp_tunnel.gso_fds
@@ -34,8 +34,6 @@ _SETUP_RC = {
     lib.GDP_E_ENGINE_HEADER: "GENEVE header template could not be encoded",
 }
 
-assert len(DROP_REASONS) == lib.GDP_DROP_COUNT
-
 
 class EngineSetupError(RuntimeError):
     """A negative return code of gdp_tunnel_prepare or gdp_engine_init."""
@@ -51,19 +49,6 @@ def _check(rc: int) -> None:
 
 
 _DF = {"unset": lib.GDP_DF_UNSET, "set": lib.GDP_DF_SET, "inherit": lib.GDP_DF_INHERIT}
-
-
-_TUNNEL_COUNTERS = (
-    "rx_packets",
-    "rx_bytes",
-    "tx_packets",
-    "tx_bytes",
-    "control",
-    "tx_fragmented",
-    "tx_gso_frames",
-    "rx_gro_frames",
-    "tx_injected",
-)
 
 
 _PR_SET_NAME = 15
@@ -122,6 +107,7 @@ class CGroupEngine:
         group_index: int,
         nice: int = 0,
         injector: Injector | None = None,
+        seed: int | None = None,
     ) -> None:
         self.group = group
         self.nice = nice
@@ -193,7 +179,7 @@ class CGroupEngine:
         # seed (a flow's source port must not depend on the worker) and the same
         # reflection tables and transmit sockets.
         sport_min, sport_max = ephemeral_ports()
-        hash_seed = random.getrandbits(32)
+        hash_seed = random.getrandbits(32) if seed is None else seed
         ip_id = random.getrandbits(16)
         self.workers: list[_Worker] = []
         nworkers = len(group.udps)
@@ -243,7 +229,7 @@ class CGroupEngine:
                     return []
             self.sockets.append(s)
             # The TOS without ECN bits: sends whose TOS is this one carry no IP cmsg
-            # and so keep the socket's cached route (engine.c gso_send).
+            # and so keep the socket's cached route (csrc/txq.c gso_send).
             tos = spec.dscp
             if spec.family == 4:
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
@@ -302,7 +288,7 @@ class CGroupEngine:
         """Tunnel i's counters, summed over the workers."""
         seen: dict[str, int] = {}
         drops = dict.fromkeys(DROP_REASONS, 0)
-        totals = dict.fromkeys(_TUNNEL_COUNTERS, 0)
+        totals = dict.fromkeys(TUNNEL_COUNTERS, 0)
         other = 0
         for w in self.workers:
             c = w.tunnels[i].counters
@@ -314,8 +300,8 @@ class CGroupEngine:
                 seen[key] = seen.get(key, 0) + int(q.count)
             for k, name in enumerate(DROP_REASONS):
                 drops[name] += int(c.drops[k])
-            for name in _TUNNEL_COUNTERS:
-                totals[name] += int(getattr(c, name))
+            for k, name in enumerate(TUNNEL_COUNTERS):
+                totals[name] += int(lib.gdp_counter_get(ffi.addressof(c), k))
             other += int(c.options_other)
         return {**totals, "drops": drops, "options_seen": seen, "options_other": other}
 
@@ -336,7 +322,7 @@ class CGroupEngine:
         return i in self._inject_ok
 
     def set_injecting(self, on: bool) -> None:
-        """Inject (or segment here) from the next frame on; engine.c reads the flag
+        """Inject (or segment here) from the next frame on; the engine reads the flag
         per frame."""
         for w in self.workers:
             for i in self._inject_ok:
@@ -351,6 +337,7 @@ class CGroupEngine:
             "rx_queue_overflow": sum(int(s.rx_queue_overflow) for s in stats),
             "drops": {
                 name: sum(int(s.drops[k]) for s in stats)
-                for k, name in enumerate(SOCKET_DROP_REASONS)
+                for k, name in enumerate(DROP_REASONS)
+                if name in SOCKET_DROP_REASONS
             },
         }

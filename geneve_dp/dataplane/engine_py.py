@@ -1,4 +1,4 @@
-"""The pure-Python engine: the same endpoint semantics as csrc/engine.c with the
+"""The pure-Python engine: the same endpoint semantics as the C engine (csrc/) with the
 per-packet loop in Python (geneve_dp.codec). The baseline in benchmarks and the oracle
 in tests; never the default (ARCHITECTURE rule 1)."""
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .. import codec
 from .endpoint import IP_RECVFRAGSIZE, IPV6_RECVFRAGSIZE, Group, Tunnel, ephemeral_ports
-from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
+from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
 
 ETH_P_IPV4, ETH_P_IPV6, ETH_P_VLAN, ETH_P_TEB = 0x0800, 0x86DD, 0x8100, 0x6558
 ECN_CE, ECN_ECT0 = 3, 2
@@ -56,7 +56,7 @@ class Inner:
 
 
 def parse_inner(f: bytes | bytearray, mode: str) -> Inner | None:
-    """Mirror of parse_inner in engine.c: None when not a frame of this mode."""
+    """Mirror of parse_inner in csrc/inner.c: None when not a frame of this mode."""
     lenient = mode == "tap"
     off = 0
     if mode == "tap":
@@ -105,7 +105,7 @@ def parse_inner(f: bytes | bytearray, mode: str) -> Inner | None:
 
 
 def complete_super_checksum(f: bytearray, inn: Inner) -> None:
-    """engine.c rx_super for a device without a virtio header: a TCP super-frame from
+    """csrc/rx.c rx_super for a device without a virtio header: a TCP super-frame from
     a super-packet of this host's stack (a peer's inject device, through a veth) holds
     only the pseudo-header sum in its checksum; completed here, the frame goes as one
     large packet, which the kernel's TCP takes. Anything else is left as it is."""
@@ -192,14 +192,21 @@ class PyGroupEngine:
 
     name = "python"
 
-    def __init__(self, group: Group, stop_fd: int, control_fd: int, group_index: int) -> None:
+    def __init__(
+        self,
+        group: Group,
+        stop_fd: int,
+        control_fd: int,
+        group_index: int,
+        seed: int | None = None,
+    ) -> None:
         self.group = group
         self.stop_fd = stop_fd
         self.control_fd = control_fd
         self.tag = group_index << 24
         self.tunnels = [PyTunnel(t) for t in group.tunnels]
         self.sport_min, self.sport_max = ephemeral_ports()
-        self.seed = random.getrandbits(32)
+        self.seed = random.getrandbits(32) if seed is None else seed
         self.ip_id = self.seed & 0xFFFF
         self.sock_drops = dict.fromkeys(SOCKET_DROP_REASONS, 0)
         self.sock_rx = 0
@@ -529,15 +536,13 @@ class PyGroupEngine:
     def counters(self, i: int) -> dict[str, object]:
         c = self.tunnels[i].c
         return {
+            **dict.fromkeys(TUNNEL_COUNTERS, 0),  # the offload counters stay 0 here
             "rx_packets": c.rx_packets,
             "rx_bytes": c.rx_bytes,
             "tx_packets": c.tx_packets,
             "tx_bytes": c.tx_bytes,
             "control": c.control,
             "tx_fragmented": c.tx_fragmented,
-            "tx_gso_frames": 0,
-            "rx_gro_frames": 0,
-            "tx_injected": 0,
             "drops": dict(c.drops),
             "options_seen": {
                 f"0x{k[0]:04x}:0x{k[1]:02x}": n for k, n in list(c.options_seen.items())

@@ -284,6 +284,30 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
     )
 
 
+def spec_to_raw(spec: TunnelSpec) -> dict[str, Any]:
+    """The loosely typed form of ``spec`` (JSON-safe) that build_spec turns back into it:
+    what the control socket carries, and what `set` applies its changes to."""
+    return {
+        "name": spec.name,
+        "vni": spec.vni,
+        "remote": str(spec.remote),
+        "local": str(spec.local) if spec.local is not None else None,
+        "port": spec.port,
+        "mode": spec.mode,
+        "mtu": spec.mtu,
+        "ttl": spec.ttl,
+        "tos": spec.tos,
+        "df": spec.df,
+        "udp_csum": spec.udp_csum,
+        "udp6_zero_csum_rx": spec.udp6_zero_csum_rx,
+        "options": [f"0x{o.opt_class:04x}:0x{o.type:02x}:{o.data.hex()}" for o in spec.options],
+        "reflect_options": spec.reflect_options,
+        "mac": spec.mac,
+        "addresses": [str(a) for a in spec.addresses],
+        "wire_sized": spec.wire_sized,
+    }
+
+
 def check_together(specs: list[TunnelSpec]) -> None:
     """Refuse sets of tunnels the kernel would refuse: duplicate names, or two tunnels
     that a receiver could not tell apart (same port, VNI and remote)."""
