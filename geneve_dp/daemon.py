@@ -159,9 +159,10 @@ class Daemon:
             await loop.run_in_executor(None, self._close_netlink)
             if self._prober is not None:
                 self._prober.close()
-            for path in (self.sock_path, self.pidfile):
-                if path is not None:
-                    path.unlink(missing_ok=True)
+            if server is not None:  # ours: whatever else was at its path stays
+                self.sock_path.unlink(missing_ok=True)
+            if self.pidfile is not None:
+                self.pidfile.unlink(missing_ok=True)
         for t in self._dataplane.final_status:
             log.info(
                 "tunnel %s down",

@@ -219,13 +219,13 @@ def test_config_reload_applies_the_difference(
     config = tmp_path / "tunnels.toml"
 
     def write(*tunnels: str) -> None:
-        config.write_text(
-            "".join(
-                f'[[tunnel]]\nname = "{t.split(":")[0]}"\nvni = {t.split(":")[1]}\n'
-                f'remote = "{B_UL}"\nttl = {t.split(":")[2]}\n'
-                for t in tunnels
-            )
-        )
+        """Each tunnel as NAME:VNI:TTL[:MODE]."""
+        out = ""
+        for t in tunnels:
+            name, vni, ttl, mode = [*t.split(":"), "tap"][:4]
+            out += f'[[tunnel]]\nname = "{name}"\nvni = {vni}\nremote = "{B_UL}"\n'
+            out += f'ttl = {ttl}\nmode = "{mode}"\n'
+        config.write_text(out)
 
     write("gr0:100:64", "gr1:101:64")
     out = ok(gdp("up", "--netns", a.name, "--config", str(config), "--detach"))
@@ -248,6 +248,12 @@ def test_config_reload_applies_the_difference(
         subprocess.run(["kill", f"-{signal.SIGHUP.value}", str(pid)], check=True)
         assert wait_for(lambda: sorted(show(a)) == ["gr2"])
         assert "gr0" not in links(a)
+        # A TAP that becomes a TUN is a new device: taken down, then made anew.
+        write("gr2:102:64:tun")
+        out = ok(gdp("up", "--netns", a.name, "--config", str(config)))
+        assert "changed gr2" in out, out
+        assert show(a)["gr2"]["mode"] == "tun" and show(a)["gr2"]["pid"] == pid
+        assert "link/none" in a.run("ip", "link", "show", "gr2").stdout
     finally:
         gdp("down", "--all", "--netns", a.name)
     assert wait_for(lambda: not Path(f"/proc/{pid}").exists())

@@ -346,7 +346,10 @@ def cmd_set(args: argparse.Namespace) -> int:
     except UserError as exc:
         raise _flag_error(exc) from None
     row = reply.get("changed", {})
-    what = ", ".join(f"{k} {v}" for k, v in changes.items())
+    what = ", ".join(
+        f"{k} {' '.join(map(str, v)) or 'none'}" if isinstance(v, list) else f"{k} {v}"
+        for k, v in changes.items()
+    )
     print(
         f"geneve-dp: {args.name} changed ({what}): VNI {row.get('vni')} to {row.get('remote')}, "
         f"MTU {row.get('mtu')}",

@@ -286,7 +286,8 @@ class Dataplane:
         return self._apply(specs, renew)
 
     def _apply(self, specs: list[TunnelSpec], renew: tuple[str, ...]) -> dict[str, object]:
-        check_together(specs)
+        if specs:  # none: a reload's moment between removing and adding (live.py)
+            check_together(specs)
         old = {s.name: s for s in self.specs}
         for spec in specs:
             was = old.get(spec.name)

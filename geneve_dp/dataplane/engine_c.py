@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from ..codec import encode_options
+from ..errors import UserError
 from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports
 from .inject import Injector, injectable
@@ -35,12 +36,13 @@ _SETUP_RC = {
 }
 
 
-class EngineSetupError(RuntimeError):
-    """A negative return code of gdp_tunnel_prepare or gdp_engine_init."""
+class EngineSetupError(UserError):
+    """A negative return code of gdp_tunnel_prepare or gdp_engine_init: a set of
+    tunnels the engine cannot take, said in one line like any bad input."""
 
     def __init__(self, rc: int) -> None:
         self.rc = rc
-        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"))
+        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"), "tunnel")
 
 
 def _check(rc: int) -> None:

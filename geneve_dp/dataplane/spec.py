@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +50,13 @@ TOP_LEVEL_KEYS = (
 )
 
 # The kernel's rule for a device name (dev_valid_name): 1..IFNAMSIZ-1 bytes, counted in
-# UTF-8 since that is what reaches the kernel, not "." or "..", no whitespace, '/' or ':'.
+# UTF-8 since that is what reaches the kernel, not "." or "..", no whitespace, '/' or ':';
+# and no '%', which TUNSETIFF takes as a template to fill in ("gt%d" becomes gt0).
 IFNAMSIZ = 16
-_IFNAME_FORBIDDEN = re.compile(r"[\s/:\x00]")
-NAME_ACCEPTED = f"1..{IFNAMSIZ - 1} bytes (UTF-8), no whitespace, '/', ':' or NUL, not '.' or '..'"
+_IFNAME_FORBIDDEN = re.compile(r"[\s/:%\x00]")
+NAME_ACCEPTED = (
+    f"1..{IFNAMSIZ - 1} bytes (UTF-8), no whitespace, '/', ':', '%' or NUL, not '.' or '..'"
+)
 
 
 def check_ifname(value: object, field_name: str) -> str:
@@ -327,6 +331,23 @@ def check_together(specs: list[TunnelSpec]) -> None:
                 field="vni",
             )
         keys[key] = spec.name
+    per_socket = Counter((spec.port, spec.remote.version) for spec in specs)
+    limit = max_tunnels_per_port()
+    for (port, version), n in per_socket.items():
+        if n > limit:
+            raise UserError(
+                f"{n} IPv{version} tunnels on port {port}; accepted: at most {limit} per port "
+                "and family (spread them over ports)",
+                "tunnel",
+            )
+
+
+def max_tunnels_per_port() -> int:
+    """How many tunnels one receive socket (port and family) serves: the C engine's
+    limit, read from the compiled module."""
+    from ..fastpath import lib
+
+    return int(lib.GDP_MAX_TUNNELS)
 
 
 def load_config(
