@@ -69,8 +69,8 @@ Where: VNI  := 0..{wire.MAX_VNI} (decimal or 0x hex)
        PORT := 1..65535
        MODE := {{ tap | tun }}
        MTU  := 68..65535
-       TTL  := 1..255
-       TOS  := 0..255
+       TTL  := {{ 1..255 | auto | inherit }}
+       TOS  := {{ 0..255 | inherit }}
        DF   := {{ unset | set | inherit }}
        N    := workers {MIN_WORKERS}..{MAX_WORKERS}; nice {MIN_NICE}..{MAX_NICE}
        NAME := 1..15 bytes (UTF-8), no whitespace, '/' or ':'
@@ -102,9 +102,18 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--mtu", metavar="MTU", help="device MTU (default: underlay MTU minus overhead)"
     )
-    up.add_argument("--ttl", metavar="TTL", default=64, help="outer TTL (default 64)")
     up.add_argument(
-        "--tos", metavar="TOS", help="outer DSCP/TOS byte (default: 0, ECN copied from inner)"
+        "--ttl",
+        metavar="TTL",
+        default=64,
+        help="outer TTL (default 64; auto: the route's default hop limit; inherit: the "
+        "inner packet's)",
+    )
+    up.add_argument(
+        "--tos",
+        metavar="TOS",
+        help="outer DSCP/TOS byte (default 0; inherit: the inner packet's); ECN is always "
+        "copied from the inner header",
     )
     up.add_argument("--df", metavar="DF", default="unset", help="outer DF bit (default unset)")
     csum = up.add_mutually_exclusive_group()
