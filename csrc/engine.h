@@ -41,6 +41,11 @@
 #define GDP_DF_UNSET 0
 #define GDP_DF_SET 1
 #define GDP_DF_INHERIT 2
+#define GDP_TOS_UNSET 0
+#define GDP_TOS_FIXED 1
+#define GDP_TOS_INHERIT 2
+/* The TTL a frame that is not IP gets under ttl inherit (the kernel's IPDEFTTL). */
+#define GDP_DEFAULT_TTL 64
 
 /* What one gdp_engine_run call forwards: one thread per direction. */
 #define GDP_DIR_RX 1
@@ -82,9 +87,9 @@ struct gdp_tunnel {
     uint8_t remote[16];
     uint8_t local[16];
     uint8_t mac[6];
-    uint8_t ttl;
+    uint8_t ttl; /* 0: inherit the inner TTL / hop limit */
     uint8_t tos;
-    int tos_set;
+    int tos_set; /* GDP_TOS_UNSET (DSCP 0), GDP_TOS_FIXED (tos), GDP_TOS_INHERIT */
     int df;
     int udp_csum;
     uint32_t underlay_mtu;

@@ -58,6 +58,9 @@ const char *gdp_build_id(void);
 #define GDP_DF_UNSET 0
 #define GDP_DF_SET 1
 #define GDP_DF_INHERIT 2
+#define GDP_TOS_UNSET 0
+#define GDP_TOS_FIXED 1
+#define GDP_TOS_INHERIT 2
 #define GDP_DIR_RX 1
 #define GDP_DIR_TX 2
 #define GDP_DROP_COUNT ...

@@ -52,6 +52,7 @@ ALARM_INTERVAL = 1.0
 # enough to do often, so a deleted device is back well within 2 seconds.
 DEVICE_CHECK_INTERVAL = 0.2
 REPAIR_LOG = 16  # repairs kept for `show`
+CHANGE_WAIT = 10.0  # seconds a stop waits for a live change in progress
 
 
 def check_names_free(specs: list[TunnelSpec]) -> None:
@@ -156,14 +157,19 @@ class Daemon:
                 server.close()
             if metrics is not None:
                 metrics.close()
+            # A change in progress (its netlink calls in the executor) finishes first:
+            # the dataplane is never stopped under it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changing.acquire(), CHANGE_WAIT)
             await loop.run_in_executor(None, self._dataplane.stop)
             self._control_log.close()
             await loop.run_in_executor(None, self._close_netlink)
             if self._prober is not None:
                 self._prober.close()
-            for path in (self.sock_path, self.pidfile):
-                if path is not None:
-                    path.unlink(missing_ok=True)
+            if server is not None:  # ours: whatever else was at its path stays
+                self.sock_path.unlink(missing_ok=True)
+            if self.pidfile is not None:
+                self.pidfile.unlink(missing_ok=True)
         for t in self._dataplane.final_status:
             log.info(
                 "tunnel %s down",

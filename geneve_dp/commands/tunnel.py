@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,8 @@ Where: VNI  := 0..{wire.MAX_VNI} (decimal or 0x hex)
        PORT := 1..65535
        MODE := {{ tap | tun }}
        MTU  := 68..65535
-       TTL  := 1..255
-       TOS  := 0..255
+       TTL  := {{ 1..255 | auto | inherit }}
+       TOS  := {{ 0..255 | inherit }}
        DF   := {{ unset | set | inherit }}
        N    := workers {MIN_WORKERS}..{MAX_WORKERS}; nice {MIN_NICE}..{MAX_NICE}
        NAME := 1..15 bytes (UTF-8), no whitespace, '/' or ':'
@@ -104,9 +105,18 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--mtu", metavar="MTU", help="device MTU (default: underlay MTU minus overhead)"
     )
-    up.add_argument("--ttl", metavar="TTL", default=64, help="outer TTL (default 64)")
     up.add_argument(
-        "--tos", metavar="TOS", help="outer DSCP/TOS byte (default: 0, ECN copied from inner)"
+        "--ttl",
+        metavar="TTL",
+        default=64,
+        help="outer TTL (default 64; auto: the route's default hop limit; inherit: the "
+        "inner packet's)",
+    )
+    up.add_argument(
+        "--tos",
+        metavar="TOS",
+        help="outer DSCP/TOS byte (default 0; inherit: the inner packet's); ECN is always "
+        "copied from the inner header",
     )
     up.add_argument("--df", metavar="DF", default="unset", help="outer DF bit (default unset)")
     csum = up.add_mutually_exclusive_group()
@@ -320,28 +330,62 @@ def _int_setting(
     return value
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+@dataclass
+class UpPlan:
+    """What `up` was asked for, every input checked, nothing changed yet."""
+
+    specs: list[TunnelSpec]
+    settings: dict[str, Any]
+    engine: str
+    netns: str | None
+    netns_field: str
+    offload: bool | None
+    daemon_args: dict[str, Any]
+    log_format: str
+
+
+def plan_up(args: argparse.Namespace) -> UpPlan:
+    """Check everything `up` takes (flags, the config file, the environment) before
+    anything is created: a bad input is a one-line UserError from here."""
+    from ..netns import named_path
+
     specs, settings = specs_from_args(args)
     check_together(specs)
     engine = args.engine or settings.get("engine", "c")
     if engine not in ENGINES:
         raise UserError(f"{engine!r} is not an engine; accepted: {', '.join(ENGINES)}", "--engine")
     netns = args.netns or settings.get("netns")
+    netns_field = "--netns" if args.netns else "netns"
+    if netns is not None:
+        if not isinstance(netns, str):
+            raise UserError(f"{netns!r} is not a string; accepted: a name", netns_field)
+        named_path(netns, netns_field)
     offload = args.offload if args.offload is not None else settings.get("offload")
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not a boolean; accepted: true, false", "offload")
     daemon_args = _daemon_args(args, settings, engine, offload)
     fmt = logs.resolve(args.log_format)
+    return UpPlan(specs, settings, engine, netns, netns_field, offload, daemon_args, fmt)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    plan = plan_up(args)
+    specs, settings, offload, daemon_args = (
+        plan.specs,
+        plan.settings,
+        plan.offload,
+        plan.daemon_args,
+    )
     if os.geteuid() != 0:
         raise UserError("is run without root; accepted: root (CAP_NET_ADMIN)", "up")
     from ..control import prepare_run_dir
 
     prepare_run_dir()  # an untrusted run directory is refused before anything exists
-    logs.setup(fmt, args.verbose)
-    if netns:
+    logs.setup(plan.log_format, args.verbose)
+    if plan.netns:
         from ..netns import enter_netns
 
-        enter_netns(str(netns))
+        enter_netns(plan.netns, plan.netns_field)
     from . import live
 
     explicit = {k for k in daemon_args if k not in ("engine", "offload")}

@@ -622,7 +622,9 @@ class Dataplane:
             why = "IPv6 underlay: UDP checksums are on, and the sockets' UDP GSO serves"
         elif spec.tx_udp_csum:
             why = "--udp-csum: the sockets' UDP GSO serves"
-        elif spec.ttl >= 255:
+        elif spec.ttl == "inherit":
+            why = "--ttl inherit: each packet's TTL is its own, written by the raw socket"
+        elif isinstance(spec.ttl, int) and spec.ttl >= 255:
             why = "TTL 255: forwarding through the inject device would take one off"
         elif inj is None:
             why = f"no inject device: {inject_refusal() or 'not made'}"

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from ..codec import encode_options
+from ..errors import UserError
 from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports
 from .inject import Injector, injectable
@@ -35,12 +36,13 @@ _SETUP_RC = {
 }
 
 
-class EngineSetupError(RuntimeError):
-    """A negative return code of gdp_tunnel_prepare or gdp_engine_init."""
+class EngineSetupError(UserError):
+    """A negative return code of gdp_tunnel_prepare or gdp_engine_init: a set of
+    tunnels the engine cannot take, said in one line like any bad input."""
 
     def __init__(self, rc: int) -> None:
         self.rc = rc
-        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"))
+        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"), "tunnel")
 
 
 def _check(rc: int) -> None:
@@ -129,9 +131,15 @@ class CGroupEngine:
             ffi.memmove(t.local, tun.local.packed, len(tun.local.packed))
             if tun.device.mac:
                 ffi.memmove(t.mac, tun.device.mac, 6)
-            t.ttl = spec.ttl
-            t.tos = spec.tos or 0
-            t.tos_set = spec.tos is not None
+            t.ttl = 0 if spec.ttl == "inherit" else tun.ttl  # engine.h: 0 is inherit
+            t.tos = spec.dscp
+            t.tos_set = (
+                lib.GDP_TOS_INHERIT
+                if spec.tos == "inherit"
+                else lib.GDP_TOS_FIXED
+                if spec.tos is not None
+                else lib.GDP_TOS_UNSET
+            )
             t.df = _DF[spec.df]
             t.udp_csum = spec.tx_udp_csum
             t.underlay_mtu = tun.underlay_mtu
@@ -140,18 +148,19 @@ class CGroupEngine:
             t.dev_mtu = tun.device.mtu
             name = tun.underlay_dev.encode()[:15]
             ffi.memmove(t.underlay_ifname, name, len(name))
-            if injector and tun.device.vnet_hdr and injectable(spec):
+            if injector and tun.device.vnet_hdr and injectable(spec) and 0 < t.ttl < 255:
                 self._inject_ok.add(i)
                 t.inject = 1
                 t.inj_fd = injector.fd
                 ffi.memmove(t.inj_mac, injector.mac, 6)
-            if tun.device.vnet_hdr and spec.df != "inherit":
+            if tun.device.vnet_hdr and spec.df != "inherit" and spec.ttl != "inherit":
                 # TSO segments leave through UDP sockets with UDP GSO (one send per
-                # super-frame). Per-packet DF cannot be set there, so df=inherit keeps
-                # the raw socket. The kernel refuses UDP GSO without a checksum (EINVAL
-                # with SO_NO_CHECK): with the IPv4 default of checksum 0 the segments
-                # go one datagram each by sendmmsg on these connected sockets (their
-                # cached route saves the raw socket's route lookup per packet).
+                # super-frame). Per-packet DF and TTL cannot be set there, so df and
+                # ttl inherit keep the raw socket. The kernel refuses UDP GSO without a
+                # checksum (EINVAL with SO_NO_CHECK): with the IPv4 default of checksum 0
+                # the segments go one datagram each by sendmmsg on these connected
+                # sockets (their cached route saves the raw socket's route lookup per
+                # packet).
                 # wire_sized: one datagram per segment even with checksums, so no
                 # UDP GSO super-packet crosses the underlay whole.
                 gso = spec.tx_udp_csum and not spec.wire_sized
@@ -230,15 +239,15 @@ class CGroupEngine:
             self.sockets.append(s)
             # The TOS without ECN bits: sends whose TOS is this one carry no IP cmsg
             # and so keep the socket's cached route (csrc/txq.c gso_send).
-            tos = (spec.tos or 0) & ~3
+            tos = spec.dscp
             if spec.family == 4:
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
-                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, spec.ttl)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, tun.ttl)
                 pmtu = IP_PMTUDISC_DO if spec.df == "set" else IP_PMTUDISC_DONT
                 s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
             else:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, spec.ttl)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, tun.ttl)
             if not spec.tx_udp_csum:
                 s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
