@@ -80,6 +80,7 @@ class Daemon:
         offload: bool | None = None,
         workers: int | None = None,
         nice: int = DEFAULT_NICE,
+        busy_poll_us: int = 0,
         metrics_addr: tuple[str, int] | None = None,
         drop_alarm: float = alarms.DEFAULT_THRESHOLD,
         config: Path | None = None,
@@ -90,6 +91,7 @@ class Daemon:
         self.config = config.resolve() if config is not None else None
         self.drop_alarm = drop_alarm
         self.nice = nice
+        self.busy_poll_us = busy_poll_us
         self.engine = engine
         self.offload = offload
         self.workers = workers
@@ -203,6 +205,7 @@ class Daemon:
             "workers": self._dataplane.workers,
             "worker_threads": self._dataplane.worker_threads(),
             "nice": self.nice,
+            "busy_poll_us": self.busy_poll_us,
             "metrics_addr": list(self.metrics_addr) if self.metrics_addr else None,
             "drop_alarm": self.drop_alarm,
             "config": str(self.config) if self.config is not None else None,
@@ -429,6 +432,7 @@ class Daemon:
             offload=self.offload,
             workers=self.workers,
             nice=self.nice,
+            busy_poll_us=self.busy_poll_us,
         )
 
     def _repaired(self, message: str, device: str, **extra: str) -> None:

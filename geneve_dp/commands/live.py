@@ -172,6 +172,7 @@ _SETTINGS = (
     ("offload", "--offload/--no-offload"),
     ("workers", "--workers"),
     ("nice", "--nice"),
+    ("busy_poll_us", "--busy-poll"),
     ("metrics_addr", "--metrics-addr"),
     ("drop_alarm", "--drop-alarm"),
 )
