@@ -43,8 +43,9 @@ int gdp_tunnel_prepare(struct gdp_tunnel *t) {
     return 0;
 }
 
-uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, uint8_t inner_ecn,
-                    int df, uint8_t *g, size_t glen, const uint8_t *rest, size_t rest_len) {
+uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash,
+                    const struct inner *in, int df, uint8_t *g, size_t glen, const uint8_t *rest,
+                    size_t rest_len) {
     size_t iplen = ip_base_hlen(t->family);
     size_t udplen = UDP_HLEN + glen + rest_len;
     uint8_t *u = g - UDP_HLEN;
@@ -64,7 +65,9 @@ uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, u
             sum = csum_partial(rest, rest_len, sum);
         gdp_store16(u + UDP_CSUM_OFF, udp_csum_wire(csum_fold(sum)));
     }
-    uint8_t tos = tx_tos(t, inner_ecn);
+    uint8_t tos = tx_tos(t, in);
+    if (!t->ttl) /* ttl inherit: the template has none */
+        ip[t->family == 4 ? IP4_TTL_OFF : IP6_HOP_OFF] = tx_ttl(t, in);
     if (t->family == 4) {
         ip[IP4_TOS_OFF] = tos;
         ip4_set_tot_len(ip, iplen + udplen);
@@ -150,11 +153,11 @@ void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *bu
     }
     uint32_t hash = hash_inner(f, flen, &in, e->cfg.hash_seed);
     if (!frags && t->gso_nocsum && t->n_gso) {
-        add_udp_slot(e, st, idx, hash, tx_tos(t, in.ecn), g, hlen + flen, NULL, 0,
+        add_udp_slot(e, st, idx, hash, tx_tos(t, &in), g, hlen + flen, NULL, 0,
                      (uint32_t)flen);
         return;
     }
-    uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + flen, NULL, 0);
+    uint8_t *ip = put_udp_ip(e, t, hash, &in, df, g, hlen + flen, NULL, 0);
     uint8_t *u = g - UDP_HLEN;
     if (!frags) {
         add_slot(e, st, idx, ip, total, NULL, 0, (uint32_t)flen, 1);
@@ -255,7 +258,7 @@ void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *b
     size_t outer_room = ip_base_hlen(t->family) + UDP_HLEN + hlen;
     int udp_gso = t->n_gso > 0 && !t->gso_nocsum;
     size_t nseg = 0; /* segments waiting in e->gso_iov (UDP GSO path) */
-    uint8_t tos = tx_tos(t, in.ecn);
+    uint8_t tos = tx_tos(t, &in);
     if (udp_gso)
         tx_send(e, st); /* the scratch headers below are reused from slot 0 */
     size_t per_send = 60000 / (hlen + hdrs + mss);
@@ -287,7 +290,7 @@ void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *b
             /* No UDP checksum: one datagram per segment on the flow's socket. */
             add_udp_slot(e, st, idx, hash, tos, g, hlen + hdrs, f + off, n, (uint32_t)(hdrs + n));
         } else {
-            uint8_t *ip = put_udp_ip(e, t, hash, in.ecn, df, g, hlen + hdrs, f + off, n);
+            uint8_t *ip = put_udp_ip(e, t, hash, &in, df, g, hlen + hdrs, f + off, n);
             add_slot(e, st, idx, ip, outer_room + hdrs, f + off, n, (uint32_t)(hdrs + n), 1);
         }
     }

@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "engine.h"
 #include "gro.h"
@@ -95,10 +96,21 @@ struct gdp_engine {
     uint32_t uso_rr; /* the run to give up next when all are taken */
     uint8_t uso_hdr[SEG_INNER_MAX];
     struct iovec uso_iov[USO_RUN_MAX + 2];
-    struct pollfd pfds[GDP_MAX_TUNNELS + 1];
+    struct pollfd pfds[GDP_MAX_TUNNELS + 2]; /* stop_fd, the devices, kick_tx_fd */
+    /* When each direction last kicked the other into busy polling (CLOCK_MONOTONIC
+     * ns; each written by its own thread only). */
+    uint64_t rx_kicked_at;
+    uint64_t tx_kicked_at;
     /* When each tunnel's underlay device was last found up (CLOCK_MONOTONIC ns). */
     uint64_t underlay_seen_up[GDP_MAX_TUNNELS];
 };
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 /* ---- rx.c */
 int rx_batch(struct gdp_engine *e);
@@ -142,17 +154,28 @@ void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *b
 /* UDP and outer IP headers in front of g (the GENEVE header), from the tunnel's
  * template; the datagram is g[0 .. glen) then rest[0 .. rest_len). Returns the outer
  * IP header. */
-uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, uint8_t inner_ecn,
-                    int df, uint8_t *g, size_t glen, const uint8_t *rest, size_t rest_len);
+uint8_t *put_udp_ip(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash,
+                    const struct inner *in, int df, uint8_t *g, size_t glen, const uint8_t *rest,
+                    size_t rest_len);
 
 /* The outer TOS without ECN bits: what the tunnel's UDP sockets are set to. */
 static inline uint8_t socket_tos(const struct gdp_tunnel *t) {
-    return (uint8_t)(t->tos_set ? t->tos & ~ECN_MASK : 0);
+    return (uint8_t)(t->tos_set == GDP_TOS_FIXED ? t->tos & ~ECN_MASK : 0);
 }
-/* The outer TOS of a packet: RFC 6040 normal mode copies the inner ECN, except that CE
- * goes out as ECT(0). */
-static inline uint8_t tx_tos(const struct gdp_tunnel *t, uint8_t inner_ecn) {
-    return (uint8_t)(socket_tos(t) | (inner_ecn == ECN_CE ? ECN_ECT0 : inner_ecn));
+/* The outer TOS of a packet: the configured DSCP, or with tos inherit the inner one (0
+ * for a frame that is not IP, as the kernel's ip_tunnel_get_dsfield); RFC 6040 normal
+ * mode copies the inner ECN, except that CE goes out as ECT(0). */
+static inline uint8_t tx_tos(const struct gdp_tunnel *t, const struct inner *in) {
+    uint8_t dscp = t->tos_set == GDP_TOS_INHERIT ? (uint8_t)(in->dsfield & ~ECN_MASK)
+                                                 : socket_tos(t);
+    return (uint8_t)(dscp | (in->ecn == ECN_CE ? ECN_ECT0 : in->ecn));
+}
+/* The outer TTL of a packet: the configured one, or with ttl inherit (t->ttl 0) the
+ * inner TTL / hop limit, and the default for a frame that is not IP. */
+static inline uint8_t tx_ttl(const struct gdp_tunnel *t, const struct inner *in) {
+    if (t->ttl)
+        return t->ttl;
+    return in->ipver ? in->ttl : GDP_DEFAULT_TTL;
 }
 /* The GENEVE protocol type of an inner frame: Ethernet in TAP mode, else its IP. */
 static inline uint16_t geneve_proto(const struct gdp_tunnel *t, int ipver) {

@@ -58,6 +58,9 @@ const char *gdp_build_id(void);
 #define GDP_DF_UNSET 0
 #define GDP_DF_SET 1
 #define GDP_DF_INHERIT 2
+#define GDP_TOS_UNSET 0
+#define GDP_TOS_FIXED 1
+#define GDP_TOS_INHERIT 2
 #define GDP_DIR_RX 1
 #define GDP_DIR_TX 2
 #define GDP_DROP_COUNT ...
@@ -125,6 +128,8 @@ struct gdp_sock_stats {
     uint64_t drops[...];
     uint64_t rx_queue_overflow;
     uint64_t rx_packets;
+    uint64_t busy_poll_hits_rx;
+    uint64_t busy_poll_hits_tx;
     ...;
 };
 
@@ -139,6 +144,9 @@ struct gdp_engine_config {
     uint32_t hash_seed;
     uint32_t ip_id_start;
     uint32_t control_tag;
+    uint32_t busy_poll_ns;
+    int kick_rx_fd;
+    int kick_tx_fd;
     ...;
 };
 
@@ -157,3 +165,20 @@ const char *gdp_counter_name(unsigned i);
 uint64_t gdp_counter_get(const struct gdp_counters *c, unsigned i);
 uint16_t gdp_inet_csum(const uint8_t *buf, size_t len);
 uint32_t gdp_flow_hash(const uint8_t *frame, size_t len, int mode, uint32_t seed);
+
+/* ---- test entry points into the pure parts (testpoints.h) ---- */
+#define GDP_TEST_ICMP_BUF 1294
+int gdp_test_parse_inner(const uint8_t *f, size_t len, int mode, uint32_t out[9]);
+uint16_t gdp_test_l4_csum(const uint8_t *ip, int ipver, uint8_t proto, const uint8_t *msg,
+                          size_t len);
+uint16_t gdp_test_partial_field(const uint8_t *ip, int ipver, uint8_t proto, size_t len);
+uint16_t gdp_test_csum_update16(uint16_t check, uint16_t old, uint16_t new_);
+int gdp_test_gro(const uint8_t *frames, const uint32_t *lens, uint32_t n, int mode, int uso,
+                 const uint16_t *osports, uint32_t hold_every, uint8_t *out, size_t cap,
+                 uint32_t *out_lens, uint32_t max_out);
+int gdp_test_seg(const uint8_t *f, size_t flen, int mode, const uint8_t vnet[12],
+                 uint8_t *out, size_t cap, uint32_t *out_lens, uint32_t max_out);
+int gdp_test_super_plan(uint8_t *f, size_t flen, int mode, int uso, uint32_t max_inner,
+                        uint32_t dev_mtu, uint32_t gso_size, uint32_t out[4], uint8_t vnet[12]);
+size_t gdp_test_icmp_too_big(const uint8_t *f, size_t flen, int mode, uint32_t mtu,
+                             uint8_t out[1294]);

@@ -19,12 +19,6 @@
  * it. */
 #define UNDERLAY_RECHECK_NS 1000000
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Whether the underlay device is up and running. While it is down nothing is
  * injected: the sockets then fail, and count, what the kernel would drop unseen
  * behind the inject device. */
@@ -55,7 +49,7 @@ static void inj_outer(struct gdp_engine *e, struct gdp_tunnel *t, const uint8_t 
     uint8_t *g = e->inj_hdr + VNET_TUNNEL_LEN + INJ_OUTER;
     memcpy(g, hdr, hlen);
     gdp_store16(g + 2, geneve_proto(t, in->ipver));
-    uint8_t *ip = put_udp_ip(e, t, hash, in->ecn, df, g, hlen, NULL, ilen);
+    uint8_t *ip = put_udp_ip(e, t, hash, in, df, g, hlen, NULL, ilen);
     ip[IP4_TTL_OFF] = (uint8_t)(t->ttl + 1); /* forwarding takes one off (ttl < 255) */
     ip4_set_csum(ip, inet_csum(ip, IP4_HLEN));
     uint8_t *eth = ip - ETH_HLEN;

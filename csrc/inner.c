@@ -43,7 +43,9 @@ int parse_inner(const uint8_t *f, size_t len, int mode, struct inner *in) {
         if (ihl < IP4_HLEN || ihl > left)
             return mode == GDP_MODE_TAP ? 0 : -1;
         uint16_t frag = ip4_frag(ip);
-        in->ecn = ip[IP4_TOS_OFF] & ECN_MASK;
+        in->dsfield = ip[IP4_TOS_OFF];
+        in->ecn = in->dsfield & ECN_MASK;
+        in->ttl = ip[IP4_TTL_OFF];
         in->df = (frag & IP_DF) != 0;
         in->proto = ip[IP4_PROTO_OFF];
         if ((frag & (IP_MF | IP_OFFMASK)) == 0)
@@ -51,7 +53,9 @@ int parse_inner(const uint8_t *f, size_t len, int mode, struct inner *in) {
     } else {
         if (left < IP6_HLEN)
             return mode == GDP_MODE_TAP ? 0 : -1;
-        in->ecn = ip6_tclass(ip) & ECN_MASK;
+        in->dsfield = ip6_tclass(ip);
+        in->ecn = in->dsfield & ECN_MASK;
+        in->ttl = ip[IP6_HOP_OFF];
         in->proto = ip[IP6_NEXT_OFF];
         l4 = IP6_HLEN;
     }

@@ -14,6 +14,8 @@ struct inner {
     size_t ip_off; /* where the IP header starts in the frame */
     size_t ip_len; /* bytes from ip_off to the end of the frame */
     uint8_t ecn;
+    uint8_t dsfield; /* the whole TOS / traffic class byte */
+    uint8_t ttl;     /* TTL / hop limit */
     int df;
     uint8_t proto;
     int ports;

@@ -109,9 +109,9 @@ static void gro_flush(struct gdp_engine *e) {
  * here (the kernel's TCP takes that as well). Returns 0, touching nothing, when the
  * frame is not one. */
 static int rx_super(struct gdp_engine *e, struct gdp_tunnel *t, uint8_t *f, size_t flen,
-                    const struct inner *in) {
+                    const struct inner *in, size_t gso_size) {
     struct super_plan p;
-    if (!super_plan(f, flen, in, t->rx_uso, t->max_inner, t->dev_mtu, &p))
+    if (!super_plan(f, flen, in, t->rx_uso, t->max_inner, t->dev_mtu, gso_size, &p))
         return 0;
     gro_flush(e); /* what came before it goes first */
     struct gdp_counters *c = &t->counters;
@@ -208,7 +208,8 @@ static int rx_tunnel_checks(struct gdp_engine *e, uint32_t idx, const uint8_t *p
 /* Delivery: the inner frame's own checks, then to the device (whole, as a super-packet,
  * or into the coalescing buffer). */
 static void rx_deliver(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t hlen, size_t len,
-                       const struct sockaddr_in6 *from, uint8_t outer_tos, int whole) {
+                       const struct sockaddr_in6 *from, uint8_t outer_tos, int whole,
+                       size_t gso_size) {
     const struct gdp_header *h = &e->rx_hdr;
     struct gdp_tunnel *t = &e->tunnels[idx];
     struct gdp_counters *c = &t->counters;
@@ -235,7 +236,7 @@ static void rx_deliver(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t 
         reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
     c->rx_packets++;
     c->rx_bytes += flen;
-    if (whole && rx_super(e, t, f, flen, &in))
+    if (whole && rx_super(e, t, f, flen, &in, gso_size))
         return;
     if (t->vnet_hdr) {
         struct outer_id o = {pkt, hlen, from->sin6_port}; /* sin_port: same place */
@@ -258,14 +259,16 @@ static void rx_deliver(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t 
 }
 
 /* One GENEVE datagram. ``whole``: not reassembled from fragments nor cut from a UDP
- * GRO batch, so it may be a super-packet. */
+ * GRO batch, so it may be a super-packet; ``gso_size``: the segment size the kernel
+ * reported for it (0: none). */
 static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
-                   const struct sockaddr_in6 *from, uint8_t outer_tos, int whole) {
+                   const struct sockaddr_in6 *from, uint8_t outer_tos, int whole,
+                   size_t gso_size) {
     int hlen = 0;
     uint32_t idx = rx_socket_checks(e, pkt, len, from, &hlen);
     if (idx == e->n || !rx_tunnel_checks(e, idx, pkt, len))
         return;
-    rx_deliver(e, idx, pkt, (size_t)hlen, len, from, outer_tos, whole);
+    rx_deliver(e, idx, pkt, (size_t)hlen, len, from, outer_tos, whole, gso_size);
 }
 
 /* The outer TOS of a received datagram; also its UDP GRO segment size (0: none) and
@@ -358,14 +361,14 @@ int rx_batch(struct gdp_engine *e) {
             uint8_t *p = e->rx_iov[i].iov_base;
             if (gro_size == 0 || gro_size >= len || one_packet(p, len)) {
                 e->stats->rx_packets++;
-                rx_one(e, p, len, &e->rx_addr[i], tos, !reassembled);
+                rx_one(e, p, len, &e->rx_addr[i], tos, !reassembled, gro_size);
                 continue;
             }
             /* UDP_GRO: the kernel handed over several same-sized datagrams at once. */
             for (size_t off = 0; off < len; off += gro_size) {
                 e->stats->rx_packets++;
                 rx_one(e, p + off, len - off < gro_size ? len - off : gro_size, &e->rx_addr[i],
-                       tos, 0);
+                       tos, 0, 0);
             }
         }
         if (n < GDP_BATCH)

@@ -13,6 +13,8 @@ int seg_tcp_plan(const uint8_t *f, size_t flen, int mode, const struct vnet_hdr 
         in->proto != IPPROTO_TCP_ || (size_t)v->csum_start + TCP_HLEN > flen)
         return -1;
     size_t l4 = v->csum_start; /* the TCP header: where its checksum starts */
+    if (l4 < l4_off(f, in))
+        return -1; /* inside the IP header: its fields would be both IP and TCP */
     size_t hdrs = l4 + tcp_doff(f + l4);
     if (hdrs > flen || hdrs > SEG_INNER_MAX || hdrs < l4 + TCP_HLEN)
         return -1;
@@ -65,7 +67,7 @@ void seg_uso_headers(const uint8_t *f0, size_t ip_off, size_t l4, size_t slen, u
 }
 
 int super_plan(const uint8_t *f, size_t flen, const struct inner *in, int uso,
-               uint32_t max_inner, uint32_t dev_mtu, struct super_plan *p) {
+               uint32_t max_inner, uint32_t dev_mtu, size_t gso_size, struct super_plan *p) {
     if (!in->ipver || (in->proto != IPPROTO_TCP_ && in->proto != IPPROTO_UDP_) || !in->ports)
         return 0;
     const uint8_t *ip = f + in->ip_off;
@@ -76,13 +78,14 @@ int super_plan(const uint8_t *f, size_t flen, const struct inner *in, int uso,
     size_t hdrs, seg;
     if (udp) {
         /* The UDP length is one datagram's (8 + segment size) while the IP packet
-         * holds several: the segment size is carried, as datagram boundaries must be
-         * kept. */
+         * holds several, and the kernel reported that segment size for the datagram
+         * (UDP_GRO): cut where the sender's stack would, never into more datagrams
+         * than the kernel says arrived. */
         if (!uso || l4 + UDP_HLEN > flen)
             return 0;
         size_t ulen = udp_len(f + l4);
         hdrs = l4 + UDP_HLEN;
-        if (ulen <= UDP_HLEN || l4 + ulen >= flen ||
+        if (ulen <= UDP_HLEN || l4 + ulen >= flen || gso_size != ulen - UDP_HLEN ||
             !is_partial_field(ip, in->ipver, IPPROTO_UDP_, ulen, udp_csum(f + l4)))
             return 0;
         seg = ulen - UDP_HLEN;

@@ -46,11 +46,13 @@ struct super_plan {
 
 /* Whether a received inner frame is a super-packet of a peer's inject device: one
  * underlay datagram carrying an inner super-frame whose checksum field holds only the
- * pseudo-header sum. ``max_inner`` is the largest inner frame one underlay packet
- * carries, ``dev_mtu`` the device's MTU (TCP's segment size), ``uso`` whether the
- * device takes UDP_L4 super-frames. Returns 0 when it is not one. */
+ * pseudo-header sum. TCP: longer than one underlay packet could carry (``max_inner``),
+ * cut at the device's MTU (``dev_mtu``). UDP (``uso``: the device takes UDP_L4
+ * super-frames): the kernel reported the datagram's segment size (``gso_size``, from
+ * UDP_GRO; 0 for none) and it is the inner datagrams' size, so it never becomes more
+ * datagrams than the kernel received. Returns 0 when it is not one. */
 int super_plan(const uint8_t *f, size_t flen, const struct inner *in, int uso,
-               uint32_t max_inner, uint32_t dev_mtu, struct super_plan *p);
+               uint32_t max_inner, uint32_t dev_mtu, size_t gso_size, struct super_plan *p);
 
 /* Prepare a super-packet for a device with a virtio header: vh gets the GSO header;
  * a UDP super-frame's length and partial checksum become the whole frame's. */

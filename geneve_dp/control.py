@@ -148,15 +148,21 @@ async def _handle(
         except ValueError:  # asyncio's limit: the line is longer than REQUEST_LIMIT
             reply: Any = {"error": f"request longer than {REQUEST_LIMIT} bytes; refused"}
         else:
-            reply = answer(line, status)
-            request = reply.pop("_request", None)
-            if request is not None:
-                reply = await command(request) if command is not None else {"error": "refused"}
+            try:
+                reply = answer(line, status)
+                request = reply.pop("_request", None)
+                if request is not None:
+                    reply = await command(request) if command is not None else {"error": "refused"}
+            except (TimeoutError, ConnectionError):
+                raise
+            except Exception as exc:  # one bad request must never take the daemon down
+                log.exception("control request failed")
+                reply = {"error": f"request failed: {type(exc).__name__}: {exc}"}
         writer.write(json.dumps(reply, default=str).encode() + b"\n")
         await writer.drain()
     except (TimeoutError, ConnectionError):
         pass
-    except Exception:  # one bad client must never take the daemon down
+    except Exception:  # nor one bad client
         log.exception("control request failed")
     finally:
         writer.close()
@@ -169,6 +175,8 @@ def answer(line: bytes, status: Status) -> dict[str, Any]:
         request = json.loads(line or b"{}")
     except ValueError:
         return {"error": f"request is not a JSON object; {ACCEPTED}"}
+    except RecursionError:
+        return {"error": f"request is nested too deeply to read; {ACCEPTED}"}
     if not isinstance(request, dict):
         return {"error": f"request is not a JSON object; {ACCEPTED}"}
     cmd = request.get("cmd")
@@ -297,7 +305,7 @@ def _ask(path: Path, timeout: float) -> socket.socket | None:
         s.connect(str(path))
     except (ConnectionRefusedError, FileNotFoundError):
         s.close()
-        path.unlink(missing_ok=True)
+        _remove_stale(path)
         return None
     except PermissionError as exc:
         s.close()
@@ -316,6 +324,17 @@ def _ask(path: Path, timeout: float) -> socket.socket | None:
         return None
     s.send(STATUS_REQUEST)  # far less than a socket buffer: never partial
     return s
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the socket of a dataplane that was killed; name anything else there."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+            return
+    except FileNotFoundError:
+        return
+    print(f"geneve-dp: {path} is not a socket; skipped", file=sys.stderr)
 
 
 def _unanswered(path: Path, timeout: float) -> None:

@@ -92,7 +92,8 @@ def reload_steps(
 
     One step when every kept tunnel can change in place; a tunnel whose mode or MAC
     changes needs a new device, so a first step removes it (and the second adds it
-    anew). A change of the receive socket's zero-checksum setting is refused.
+    anew; if every tunnel is so replaced, the first leaves none for a moment). A
+    change of the receive socket's zero-checksum setting is refused.
     """
     check_together(list(wanted))
     old = {s.name: s for s in running}
@@ -109,13 +110,10 @@ def reload_steps(
             )
         if was.mode != spec.mode or (spec.mac is not None and was.mac != spec.mac):
             renewed.add(spec.name)
-    steps: list[list[TunnelSpec]] = []
-    if renewed:
-        first = [s for s in running if s.name not in renewed and s.name in {w.name for w in wanted}]
-        if first:
-            steps.append(first)
-    steps.append(list(wanted))
-    return steps
+    if not renewed:
+        return [list(wanted)]
+    # First without them (possibly no tunnel at all for a moment), then as wanted.
+    return [[s for s in running if s.name not in renewed], list(wanted)]
 
 
 def difference(running: Sequence[TunnelSpec], wanted: Sequence[TunnelSpec]) -> dict[str, list[str]]:

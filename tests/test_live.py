@@ -128,6 +128,39 @@ def test_tunnels_added_and_removed_under_traffic_lose_nothing_on_the_others(
                 stop(p)
 
 
+def test_a_deleted_device_comes_back_while_the_others_lose_nothing(
+    netns_factory: Callable[[str], Netns], run_dir: Path
+) -> None:
+    """`ip link del` of a configured tunnel's device: opened again (the tunnel's intent
+    wins), on its own; gt0 beside it on the same port forwards on without a loss."""
+    a, b = make_pair(netns_factory)
+    pa = start(a, "gt0", "--vni", "77", "--remote", B_UL, "--address", f"{A_IN}/24")
+    pb = start(b, "gt0", "--vni", "77", "--remote", A_UL, "--address", f"{B_IN}/24")
+    try:
+        for ns, remote, mine in ((a, B_UL, A_IN1), (b, A_UL, B_IN1)):
+            ok(gdp("up", "--netns", ns.name, "gt1", "--vni", "78", "--remote", remote,
+                   "--address", f"{mine}/24"))  # fmt: skip
+        mac = show(a)["gt1"]["mac"]
+        count = 1500
+        flood = a.popen(
+            ["ping", "-q", "-n", "-i", "0.002", "-W", "3", "-c", str(count), B_IN],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(0.5)
+        a.run("ip", "link", "del", "gt1")
+        assert wait_for(lambda: f"inet {A_IN1}/24" in a.run("ip", "addr", "show").stdout, 5)
+        ping(a, B_IN1, 2, interval=0.05)
+        out, _ = flood.communicate(timeout=60)
+        assert f"{count} packets transmitted, {count} received" in out, out
+        assert show(a)["gt1"]["mac"] == mac
+        status = json.loads(gdp("show", "--json", "--netns", a.name).stdout)
+        assert {t["pid"] for t in status} == {pa.pid}
+    finally:
+        stop(pa)
+        stop(pb)
+
+
 def test_up_again_refuses_what_the_running_endpoint_cannot_take(
     netns_factory: Callable[[str], Netns], run_dir: Path
 ) -> None:
@@ -219,13 +252,13 @@ def test_config_reload_applies_the_difference(
     config = tmp_path / "tunnels.toml"
 
     def write(*tunnels: str) -> None:
-        config.write_text(
-            "".join(
-                f'[[tunnel]]\nname = "{t.split(":")[0]}"\nvni = {t.split(":")[1]}\n'
-                f'remote = "{B_UL}"\nttl = {t.split(":")[2]}\n'
-                for t in tunnels
-            )
-        )
+        """Each tunnel as NAME:VNI:TTL[:MODE]."""
+        out = ""
+        for t in tunnels:
+            name, vni, ttl, mode = [*t.split(":"), "tap"][:4]
+            out += f'[[tunnel]]\nname = "{name}"\nvni = {vni}\nremote = "{B_UL}"\n'
+            out += f'ttl = {ttl}\nmode = "{mode}"\n'
+        config.write_text(out)
 
     write("gr0:100:64", "gr1:101:64")
     out = ok(gdp("up", "--netns", a.name, "--config", str(config), "--detach"))
@@ -248,6 +281,12 @@ def test_config_reload_applies_the_difference(
         subprocess.run(["kill", f"-{signal.SIGHUP.value}", str(pid)], check=True)
         assert wait_for(lambda: sorted(show(a)) == ["gr2"])
         assert "gr0" not in links(a)
+        # A TAP that becomes a TUN is a new device: taken down, then made anew.
+        write("gr2:102:64:tun")
+        out = ok(gdp("up", "--netns", a.name, "--config", str(config)))
+        assert "changed gr2" in out, out
+        assert show(a)["gr2"]["mode"] == "tun" and show(a)["gr2"]["pid"] == pid
+        assert "link/none" in a.run("ip", "link", "show", "gr2").stdout
     finally:
         gdp("down", "--all", "--netns", a.name)
     assert wait_for(lambda: not Path(f"/proc/{pid}").exists())

@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..netconf import ipset, iptables, links
 from . import checks, endpoints, pods, profile, reconcile, rules, state, watch
 from . import constants as k
+from .ebpf import node as _ebpf
 from .state import StateFile, state_dir
 
 STATE_NAME = state.NODE_STATE_NAME
@@ -126,11 +127,17 @@ def node_sysctls(cfg: NodeConfig) -> list[tuple[str, str]]:
 
 state_path = state.node_state_path
 _state = state.load_node_state
-load_config = state.node_config
+
+
+def load_config(st: StateFile) -> NodeConfig | None:
+    """The iptables mode's settings (None: not set up, or set up in eBPF mode)."""
+    return None if _ebpf.is_ebpf(st) else state.node_config(st)
 
 
 def intent(st: StateFile) -> reconcile.Intent:
     """What the record says must exist while the node is up (for the watcher)."""
+    if _ebpf.is_ebpf(st):
+        return _ebpf.intent(st)
     cfg = load_config(st)
     assert cfg is not None
     recs = state.load_pods_cached(st.path.parent)
@@ -249,6 +256,8 @@ def down() -> list[str]:
 
     Returns what was removed, for people.
     """
+    if _ebpf.is_ebpf(_state()):
+        return _ebpf.down()
     done: list[str] = []
     # The watcher first, so that it does not put back what we are taking away.
     watch.stop(state_dir(), ROLE)
@@ -267,6 +276,7 @@ def down() -> list[str]:
         # No record (lost with /run, or never written): do as Istio's cleanupNode and
         # flush our three tables, which nothing else is meant to use.
         done += profile.flush_tables(k.NODE_TABLES)
+        done += _ebpf.remove_by_name()  # and the eBPF mode's filters
     done += profile.delete_rules(node_rules())
     done += profile.stop_endpoints(st, ROLE, [k.INBOUND_TUN, k.OUTBOUND_TUN])
 

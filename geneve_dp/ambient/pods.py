@@ -22,7 +22,9 @@ from ..errors import UserError
 from ..netconf import ipset, links
 from . import checks, profile, state
 from . import constants as k
+from .ebpf import node as _ebpf
 from .rules import NodeRulesConfig
+from .state import StateFile
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,14 @@ def pod_device(ip: str) -> str | None:
     return r.oif
 
 
-def _node() -> tuple[Path, NodeRulesConfig]:
+def _node() -> tuple[StateFile, NodeRulesConfig | None]:
+    """The node's record and, in iptables mode, its settings (None in eBPF mode)."""
     st = state.load_node_state()
-    cfg = state.node_config(st)
-    if cfg is None:
+    if not st.data.get("config"):
         raise UserError("the node is not set up here: run `geneve-dp node up` first", "pod")
-    return st.path.parent, cfg
+    if _ebpf.is_ebpf(st):
+        return st, None
+    return st, state.node_config(st)
 
 
 def add(ip_text: str, uid: str) -> PodResult:
@@ -70,14 +74,18 @@ def add_many(pods: Iterable[tuple[str, str]]) -> list[PodResult]:
         if not uid:
             raise UserError("is required (the pod's UID, kept as the ipset comment)", "--uid")
         wanted.append((ip, uid))
-    directory, cfg = _node()
+    st, cfg = _node()
+    directory = st.path.parent
     out = []
     with links.session(), ipset.session():
         for ip, uid in wanted:
             # Under the state lock, one pod at a time: the watcher must see the record
             # and the kernel agree, and must not wait long for its turn.
             with state.locked(directory):
-                out.append(_add(directory, cfg, ip, uid))
+                if cfg is None:  # eBPF mode keeps its pods in the node's record
+                    out.append(PodResult(ip, *_ebpf.pod_add(state.load_node_state(), ip, uid)))
+                else:
+                    out.append(_add(directory, cfg, ip, uid))
     return out
 
 
@@ -146,12 +154,16 @@ def delete(ip_text: str) -> PodResult:
 
 def delete_many(ips: Iterable[str]) -> list[PodResult]:
     wanted = [str(checks.ipv4(ip_text, "IP")) for ip_text in ips]
-    directory, cfg = _node()
+    st, cfg = _node()
+    directory = st.path.parent
     out = []
     with links.session(), ipset.session():
         for ip in wanted:
             with state.locked(directory):
-                removed = _remove(directory, ip, str(cfg.host_ip))
+                if cfg is None:
+                    removed = _ebpf.pod_remove(state.load_node_state(), ip)
+                else:
+                    removed = _remove(directory, ip, str(cfg.host_ip))
             if removed:
                 out.append(PodResult(ip, True, f"pod {ip} removed from the mesh"))
             else:
@@ -172,5 +184,8 @@ def remove_all(directory: Path) -> list[str]:
 
 
 def listing() -> dict[str, str]:
-    """Enrolled pod IP -> UID, from the ipset (the kernel's view)."""
+    """Enrolled pod IP -> UID, from the ipset or app_info map (the kernel's view)."""
+    st = state.load_node_state()
+    if _ebpf.is_ebpf(st):
+        return _ebpf.listing(st)
     return ipset.entries(k.IPSET_NAME)

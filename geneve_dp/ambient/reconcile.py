@@ -79,6 +79,9 @@ class Intent:
     # Per enrolled pod; as many as there are pods, so looked at on routing passes only.
     pod_routes: tuple[links.Route, ...] = ()
     pod_sysctls: tuple[tuple[str, str], ...] = ()
+    # Repairs of a profile's own kind (the eBPF mode's maps and tc filters): each is
+    # called with (say, routing) on every pass and returns the repairs it made.
+    extra: tuple[Callable[[Say, bool], list[str]], ...] = ()
 
 
 def expected_chains(ruleset: iptables.Ruleset, saved: iptables.Saved) -> list[ChainIntent]:
@@ -248,6 +251,8 @@ def repair(
         if cur is not None and cur != value:
             links.sysctl_set(key, value)
             fixed(f"sysctl {key} was {cur}; set to {value} again")
+    for fix in intent.extra:
+        done += fix(say, routing)
     if not routing:
         return done
     rules_now = view.rules if view is not None else tuple(links.list_rules())

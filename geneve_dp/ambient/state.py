@@ -122,7 +122,7 @@ def load_node_state() -> StateFile:
 def node_config(st: StateFile) -> NodeRulesConfig | None:
     """The node profile's settings as `node up` recorded them (None: not set up)."""
     c = st.data.get("config")
-    if not c:
+    if not c or "port" not in c:  # none, or another mode's (eBPF: no tunnels, no port)
         return None
     return NodeRulesConfig(
         ipaddress.IPv4Address(c["ztunnel_ip"]),

@@ -81,6 +81,12 @@ def register(sub: Any) -> None:
         default=k.DEFAULT_ISTIO_VERSION,
         help="which release's rules to reproduce (default %(default)s)",
     )
+    _redirect_mode_arg(up)
+    up.add_argument(
+        "--ztunnel-mac",
+        metavar="MAC",
+        help="eBPF mode: the ztunnel pod's eth0 MAC (default: learnt by ARP on --ztunnel-veth)",
+    )
     up.add_argument(
         "--foreground",
         action="store_true",
@@ -145,6 +151,15 @@ def register(sub: Any) -> None:
         type=int,
         help="GENEVE UDP port (default: the one `node up` chose for this ztunnel, found in "
         "its record; 6081 without one)",
+    )
+    _redirect_mode_arg(zup)
+    zup.add_argument(
+        "--ebpf-tproxy",
+        choices=("auto", "sk-assign", "iptables"),
+        default="auto",
+        help="eBPF mode: hand redirected TCP to the proxy with bpf_sk_assign, or mark it "
+        "for iptables TPROXY as Istio does where the kernel lacks bpf_sk_assign "
+        "(default auto: sk-assign when the kernel has it)",
     )
     _netns_arg(zup)
     logs.add_argument(zup)
@@ -245,6 +260,7 @@ def register(sub: Any) -> None:
     demo.add_argument(
         "--json", action="store_true", help="end with a JSON summary line instead of a sentence"
     )
+    _redirect_mode_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
 
@@ -312,6 +328,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _redirect_mode_arg(p: argparse.ArgumentParser) -> None:
+    from ..ambient.ebpf import DEFAULT_REDIRECT_MODE, REDIRECT_MODES
+
+    p.add_argument(
+        "--redirect-mode",
+        choices=REDIRECT_MODES,
+        default=DEFAULT_REDIRECT_MODE,
+        help="iptables + GENEVE tunnels, or Istio 1.20's eBPF programs on the veths "
+        "(default %(default)s)",
+    )
+
+
 def _netns_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--netns",
@@ -339,6 +367,8 @@ def cmd_node_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, node
     from ..netconf import iptables
 
+    if args.redirect_mode == "ebpf":
+        return _node_up_ebpf(args)
     checks.require_tools("node up")
     say = _progress(args, "node")
     _enter(args)
@@ -354,6 +384,35 @@ def cmd_node_up(args: argparse.Namespace) -> int:
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
         f"GENEVE port {cfg.port}, Istio {cfg.version} rules, iptables {iptables.selected()}",
+        flush=True,
+    )
+    if args.foreground:
+        _become_watcher("node", args)
+    return 0
+
+
+def _node_up_ebpf(args: argparse.Namespace) -> int:
+    from ..ambient import checks
+    from ..ambient.ebpf import node
+    from ..errors import UserError
+
+    checks.require_root("node up")
+    if args.port is not None:
+        raise UserError("has no meaning with --redirect-mode ebpf (no tunnels)", "--port")
+    say = _progress(args, "node")
+    _enter(args)
+    cfg = node.resolve(
+        args.ztunnel_ip,
+        args.ztunnel_veth,
+        args.host_ip,
+        args.dns_capture,
+        args.ztunnel_mac,
+        _version(args.istio_version),
+    )
+    cfg = node.up(cfg, log=say, start_watch=not args.foreground)
+    print(
+        f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth} ({cfg.ztunnel_mac}), "
+        f"host IP {cfg.host_ip}, eBPF redirect mode (Istio 1.20)",
         flush=True,
     )
     if args.foreground:
@@ -439,6 +498,8 @@ def cmd_node_render(args: argparse.Namespace) -> int:
 def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, ztunnel
 
+    if args.redirect_mode == "ebpf":
+        return _ztunnel_up_ebpf(args)
     checks.require_tools("ztunnel up")
     say = _progress(args, "ztunnel")
     _enter(args)
@@ -484,6 +545,25 @@ def _pods_to_add(args: argparse.Namespace) -> list[tuple[str, str]]:
             raise UserError(f"line {n}: expected 'IP UID', got {' '.join(words)!r}", "--batch")
         out.append((words[0], words[1]))
     return out
+
+
+def _ztunnel_up_ebpf(args: argparse.Namespace) -> int:
+    from ..ambient import checks
+    from ..ambient.ebpf import ztunnel
+
+    checks.require_root("ztunnel up")
+    say = _progress(args, "ztunnel")
+    _enter(args)
+    cfg = ztunnel.resolve(args.host_ip, args.ebpf_tproxy)
+    if cfg.tproxy == "iptables":
+        checks.require_tools("ztunnel up")
+    ztunnel.up(cfg, log=say)
+    how = "bpf_sk_assign" if cfg.tproxy == "sk-assign" else "marks + iptables TPROXY"
+    print(
+        f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, eBPF redirect mode: {cfg.program} "
+        f"({how}) to 15008/15001/15006"
+    )
+    return 0
 
 
 def cmd_pod_add(args: argparse.Namespace) -> int:
@@ -548,4 +628,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..ambient import checks, demo
 
     checks.require_tools("demo")
-    return demo.run(keep=args.keep, as_json=args.json)
+    return demo.run(keep=args.keep, as_json=args.json, mode=args.redirect_mode)

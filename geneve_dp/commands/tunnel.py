@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,10 @@ from .. import alarms, logs, wire
 from ..dataplane.spec import (
     DEFAULT_NICE,
     ENGINES,
+    MAX_BUSY_POLL_US,
     MAX_NICE,
     MAX_WORKERS,
+    MIN_BUSY_POLL_US,
     MIN_NICE,
     MIN_WORKERS,
     REQUIRED,
@@ -31,7 +35,8 @@ Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM (or u
 `geneve-dp down` removes the last), then remove them and exit 0. One tunnel from
 flags (like `ip link add NAME type geneve id VNI remote IP dstport 6081`), or many
 from --config FILE (TOML: optional top-level
-`engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
+`engine`, `netns`, `offload`, `workers`, `nice`, `busy_poll_us`, `metrics_addr` and
+`drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
 reflect_options, mac, addresses, wire_sized; `remote` may name a [remotes.NAME] table
@@ -67,8 +72,8 @@ Where: VNI  := 0..{wire.MAX_VNI} (decimal or 0x hex)
        PORT := 1..65535
        MODE := {{ tap | tun }}
        MTU  := 68..65535
-       TTL  := 1..255
-       TOS  := 0..255
+       TTL  := {{ 1..255 | auto | inherit }}
+       TOS  := {{ 0..255 | inherit }}
        DF   := {{ unset | set | inherit }}
        N    := workers {MIN_WORKERS}..{MAX_WORKERS}; nice {MIN_NICE}..{MAX_NICE}
        NAME := 1..15 bytes (UTF-8), no whitespace, '/' or ':'
@@ -100,9 +105,18 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--mtu", metavar="MTU", help="device MTU (default: underlay MTU minus overhead)"
     )
-    up.add_argument("--ttl", metavar="TTL", default=64, help="outer TTL (default 64)")
     up.add_argument(
-        "--tos", metavar="TOS", help="outer DSCP/TOS byte (default: 0, ECN copied from inner)"
+        "--ttl",
+        metavar="TTL",
+        default=64,
+        help="outer TTL (default 64; auto: the route's default hop limit; inherit: the "
+        "inner packet's)",
+    )
+    up.add_argument(
+        "--tos",
+        metavar="TOS",
+        help="outer DSCP/TOS byte (default 0; inherit: the inner packet's); ECN is always "
+        "copied from the inner header",
     )
     up.add_argument("--df", metavar="DF", default="unset", help="outer DF bit (default unset)")
     csum = up.add_mutually_exclusive_group()
@@ -174,6 +188,13 @@ def register(sub: Any) -> None:
         help=f"scheduling priority of the workers, {MIN_NICE}..{MAX_NICE} (default "
         f"{DEFAULT_NICE}: ahead of the programs whose packets they carry, as the kernel's "
         "softirq forwarding is; 0 leaves it alone)",
+    )
+    up.add_argument(
+        "--busy-poll",
+        metavar="US",
+        help=f"after forwarding a packet, keep polling for its answer this many µs "
+        f"({MIN_BUSY_POLL_US}..{MAX_BUSY_POLL_US}; default 0: off): lower latency for "
+        "request/response traffic, paid in CPU after each packet (C engine)",
     )
     up.add_argument(
         "--detach", action="store_true", help="go to the background once ready (print the pid)"
@@ -286,9 +307,12 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
     return [spec], {}
 
 
-def _int_setting(flag: str | None, configured: object, key: str, lo: int, hi: int) -> int | None:
-    """A whole-number setting from --KEY (a string) or the config key, in lo..hi."""
-    field = f"--{key}" if flag is not None else key
+def _int_setting(
+    flag: str | None, configured: object, key: str, lo: int, hi: int, flag_name: str = ""
+) -> int | None:
+    """A whole-number setting from --KEY (``flag_name`` if it is named otherwise; a
+    string) or the config key, in lo..hi."""
+    field = (flag_name or f"--{key}") if flag is not None else key
     value: object = configured
     if flag is not None:
         try:
@@ -306,28 +330,62 @@ def _int_setting(flag: str | None, configured: object, key: str, lo: int, hi: in
     return value
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+@dataclass
+class UpPlan:
+    """What `up` was asked for, every input checked, nothing changed yet."""
+
+    specs: list[TunnelSpec]
+    settings: dict[str, Any]
+    engine: str
+    netns: str | None
+    netns_field: str
+    offload: bool | None
+    daemon_args: dict[str, Any]
+    log_format: str
+
+
+def plan_up(args: argparse.Namespace) -> UpPlan:
+    """Check everything `up` takes (flags, the config file, the environment) before
+    anything is created: a bad input is a one-line UserError from here."""
+    from ..netns import named_path
+
     specs, settings = specs_from_args(args)
     check_together(specs)
     engine = args.engine or settings.get("engine", "c")
     if engine not in ENGINES:
         raise UserError(f"{engine!r} is not an engine; accepted: {', '.join(ENGINES)}", "--engine")
     netns = args.netns or settings.get("netns")
+    netns_field = "--netns" if args.netns else "netns"
+    if netns is not None:
+        if not isinstance(netns, str):
+            raise UserError(f"{netns!r} is not a string; accepted: a name", netns_field)
+        named_path(netns, netns_field)
     offload = args.offload if args.offload is not None else settings.get("offload")
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not a boolean; accepted: true, false", "offload")
     daemon_args = _daemon_args(args, settings, engine, offload)
     fmt = logs.resolve(args.log_format)
+    return UpPlan(specs, settings, engine, netns, netns_field, offload, daemon_args, fmt)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    plan = plan_up(args)
+    specs, settings, offload, daemon_args = (
+        plan.specs,
+        plan.settings,
+        plan.offload,
+        plan.daemon_args,
+    )
     if os.geteuid() != 0:
         raise UserError("is run without root; accepted: root (CAP_NET_ADMIN)", "up")
     from ..control import prepare_run_dir
 
     prepare_run_dir()  # an untrusted run directory is refused before anything exists
-    logs.setup(fmt, args.verbose)
-    if netns:
+    logs.setup(plan.log_format, args.verbose)
+    if plan.netns:
         from ..netns import enter_netns
 
-        enter_netns(str(netns))
+        enter_netns(plan.netns, plan.netns_field)
     from . import live
 
     explicit = {k for k in daemon_args if k not in ("engine", "offload")}
@@ -390,6 +448,12 @@ def _daemon_args(
     nice = _int_setting(args.nice, settings.get("nice"), "nice", MIN_NICE, MAX_NICE)
     if nice is not None:
         out["nice"] = nice
+    busy = _int_setting(
+        args.busy_poll, settings.get("busy_poll_us"), "busy_poll_us", MIN_BUSY_POLL_US,
+        MAX_BUSY_POLL_US, "--busy-poll",
+    )  # fmt: skip
+    if busy is not None:
+        out["busy_poll_us"] = busy
     return out
 
 
@@ -505,7 +569,7 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The running tunnels the command asks about: like `ip link`, those of the current
     network namespace unless --netns, --all or --pid say otherwise."""
     from ..control import query_all
-    from ..netns import netns_inode
+    from ..netns import netns_inode, netns_names
 
     name: str | None = args.name
     rows = []
@@ -521,9 +585,14 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     elif not args.all:
         wanted = netns_inode(args.netns)
         replies = [r for r in replies if r.get("netns_id") == wanted]
+    names = netns_names()
     for reply in replies:
+        ino = reply.get("netns_id")
+        netns = names.get(ino, f"net:[{ino}]") if isinstance(ino, int) else "?"
         for tunnel in reply.get("tunnels", []):
-            rows.append({"pid": reply.get("pid"), "engine": reply.get("engine"), **tunnel})
+            rows.append(
+                {"pid": reply.get("pid"), "engine": reply.get("engine"), "netns": netns, **tunnel}
+            )
     if name is not None:
         rows = [t for t in rows if t.get("name") == name]
         if not rows:
@@ -542,16 +611,51 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not rows:
         print("no tunnels running")
         return 0
+    ns_col = bool(args.all)
+    head = f"{'netns':<20} " if ns_col else ""
     print(
-        f"{'device':<15} {'vni':>8} {'remote':<26} {'port':>5} {'mode':<4} {'mtu':>5} "
-        f"{'engine':<6} pid"
+        f"{head}{'device':<15} {'vni':>8} {'remote':<26} {'port':>5} {'mode':<4} {'mtu':>5} "
+        f"{'engine':<6} {'tx via':<8} pid"
     )
     for t in rows:
+        ns = f"{t.get('netns', '')!s:<20} " if ns_col else ""
         print(
-            f"{t['name']:<15} {t['vni']:>8} {t['remote']!s:<26} {t['port']:>5} {t['mode']:<4} "
-            f"{t['mtu']!s:>5} {t.get('engine', '')!s:<6} {t['pid']}"
+            f"{ns}{t['name']:<15} {t['vni']:>8} {t['remote']!s:<26} {t['port']:>5} "
+            f"{t['mode']:<4} {t['mtu']!s:>5} {t.get('engine', '')!s:<6} {_via(t):<8} {t['pid']}"
+        )
+    print("\ntransmit paths:")
+    for t in rows:
+        path = t.get("tx_path") or {}
+        where = f"{t.get('netns')}/" if ns_col else ""
+        line = f"{where}{t['name']}: {_via(t)}: {path.get('why', 'unknown')}"
+        print(
+            textwrap.fill(
+                line, 88, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False
+            )
+        )
+    injects = sorted({str(t["inject_device"]) for t in rows if t.get("inject_device")})
+    for dev in injects:
+        print()
+        print(
+            textwrap.fill(
+                f"{dev} (in `ip link`) is the endpoint's inject device, not a tunnel: a TAP "
+                "with no address to which the tunnels marked with it write whole TCP "
+                "super-frames and UDP runs behind their outer headers; the kernel forwards "
+                "them to the underlay, cutting them into segments only where a device "
+                "must. It goes when the endpoint process ends.",
+                88,
+                break_on_hyphens=False,
+            )
         )
     return 0
+
+
+def _via(t: dict[str, Any]) -> str:
+    """The transmit path column: the inject device's name, or "sockets"."""
+    path = t.get("tx_path") or {}
+    if path.get("via") == "inject":
+        return str(path.get("device") or "inject")
+    return "sockets"
 
 
 STATS_DESCRIPTION = """\
@@ -577,7 +681,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return _watch(args)
     rows = tunnels_of(args)
     if args.json:
-        print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
+        if args.all:
+            # Device names repeat across namespaces: keyed by namespace, then device.
+            nested: dict[str, dict[str, Any]] = {}
+            for t in rows:
+                nested.setdefault(str(t["netns"]), {})[t["name"]] = t["counters"]
+            print(json.dumps(nested, indent=2))
+        else:
+            print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
         return 0
     if not rows:
         print("no tunnels running")
@@ -593,6 +704,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
         seen = c.get("options_seen", {})
         if seen:
             print("  options seen: " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
+    # Drops no tunnel can be named for (unknown VNI, wrong peer, bad header) are the
+    # receive socket's: once per process and port.
+    done: set[tuple[Any, Any, Any]] = set()
+    for t in rows:
+        sock = t.get("socket") or {}
+        key = (t.get("pid"), sock.get("family"), sock.get("port"))
+        if not sock or key in done:
+            continue
+        done.add(key)
+        drops = {k: v for k, v in sock.get("drops", {}).items() if v}
+        where = f"IPv{sock['family']} port {sock['port']}"
+        if args.all:
+            where += f" in {t.get('netns')}"
+        print(
+            f"socket {where} (pid {t.get('pid')}): rx {sock.get('rx_packets', 0)} pkts, "
+            f"queue overflow {sock.get('rx_queue_overflow', 0)}"
+        )
+        print("  drops: " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
     return 0
 
 

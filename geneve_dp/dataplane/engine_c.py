@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from ..codec import encode_options
+from ..errors import UserError
 from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports, set_mark
 from .inject import Injector, injectable
@@ -35,12 +36,13 @@ _SETUP_RC = {
 }
 
 
-class EngineSetupError(RuntimeError):
-    """A negative return code of gdp_tunnel_prepare or gdp_engine_init."""
+class EngineSetupError(UserError):
+    """A negative return code of gdp_tunnel_prepare or gdp_engine_init: a set of
+    tunnels the engine cannot take, said in one line like any bad input."""
 
     def __init__(self, rc: int) -> None:
         self.rc = rc
-        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"))
+        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"), "tunnel")
 
 
 def _check(rc: int) -> None:
@@ -108,12 +110,14 @@ class CGroupEngine:
         nice: int = 0,
         injector: Injector | None = None,
         seed: int | None = None,
+        busy_poll_us: int = 0,
     ) -> None:
         self.group = group
         self.nice = nice
         n = len(group.tunnels)
         self._keep: list[Any] = []
         self._inject_ok: set[int] = set()  # tunnels given the inject device
+        self._fds: list[int] = []  # busy polling's eventfds
         self.sockets: list[socket.socket] = []
         self.tunnels = ffi.new("struct gdp_tunnel[]", n)
         for i, tun in enumerate(group.tunnels):
@@ -128,9 +132,15 @@ class CGroupEngine:
             ffi.memmove(t.local, tun.local.packed, len(tun.local.packed))
             if tun.device.mac:
                 ffi.memmove(t.mac, tun.device.mac, 6)
-            t.ttl = spec.ttl
-            t.tos = spec.tos or 0
-            t.tos_set = spec.tos is not None
+            t.ttl = 0 if spec.ttl == "inherit" else tun.ttl  # engine.h: 0 is inherit
+            t.tos = spec.dscp
+            t.tos_set = (
+                lib.GDP_TOS_INHERIT
+                if spec.tos == "inherit"
+                else lib.GDP_TOS_FIXED
+                if spec.tos is not None
+                else lib.GDP_TOS_UNSET
+            )
             t.df = _DF[spec.df]
             t.udp_csum = spec.tx_udp_csum
             t.underlay_mtu = tun.underlay_mtu
@@ -139,18 +149,19 @@ class CGroupEngine:
             t.dev_mtu = tun.device.mtu
             name = tun.underlay_dev.encode()[:15]
             ffi.memmove(t.underlay_ifname, name, len(name))
-            if injector and tun.device.vnet_hdr and injectable(spec):
+            if injector and tun.device.vnet_hdr and injectable(spec) and 0 < t.ttl < 255:
                 self._inject_ok.add(i)
                 t.inject = 1
                 t.inj_fd = injector.fd
                 ffi.memmove(t.inj_mac, injector.mac, 6)
-            if tun.device.vnet_hdr and spec.df != "inherit":
+            if tun.device.vnet_hdr and spec.df != "inherit" and spec.ttl != "inherit":
                 # TSO segments leave through UDP sockets with UDP GSO (one send per
-                # super-frame). Per-packet DF cannot be set there, so df=inherit keeps
-                # the raw socket. The kernel refuses UDP GSO without a checksum (EINVAL
-                # with SO_NO_CHECK): with the IPv4 default of checksum 0 the segments
-                # go one datagram each by sendmmsg on these connected sockets (their
-                # cached route saves the raw socket's route lookup per packet).
+                # super-frame). Per-packet DF and TTL cannot be set there, so df and
+                # ttl inherit keep the raw socket. The kernel refuses UDP GSO without a
+                # checksum (EINVAL with SO_NO_CHECK): with the IPv4 default of checksum 0
+                # the segments go one datagram each by sendmmsg on these connected
+                # sockets (their cached route saves the raw socket's route lookup per
+                # packet).
                 # wire_sized: one datagram per segment even with checksums, so no
                 # UDP GSO super-packet crosses the underlay whole.
                 gso = spec.tx_udp_csum and not spec.wire_sized
@@ -195,6 +206,11 @@ class CGroupEngine:
             cfg.hash_seed = hash_seed
             cfg.ip_id_start = (ip_id + k * (65536 // nworkers)) & 0xFFFF
             cfg.control_tag = group_index << 24
+            cfg.kick_rx_fd = cfg.kick_tx_fd = -1
+            if busy_poll_us:
+                # One eventfd per direction: the other side kicks it (engine.h).
+                cfg.busy_poll_ns = busy_poll_us * 1000
+                cfg.kick_rx_fd, cfg.kick_tx_fd = self._kick_fds()
             w = _Worker(tunnels, ffi.new("struct gdp_sock_stats *"))
             _check(lib.gdp_engine_init(w.engine, cfg, tunnels, n, w.bufs, len(w.bufs), w.stats))
             self.workers.append(w)
@@ -224,15 +240,15 @@ class CGroupEngine:
             self.sockets.append(s)
             # The TOS without ECN bits: sends whose TOS is this one carry no IP cmsg
             # and so keep the socket's cached route (csrc/txq.c gso_send).
-            tos = (spec.tos or 0) & ~3
+            tos = spec.dscp
             if spec.family == 4:
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
-                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, spec.ttl)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, tun.ttl)
                 pmtu = IP_PMTUDISC_DO if spec.df == "set" else IP_PMTUDISC_DONT
                 s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
             else:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, spec.ttl)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, tun.ttl)
             if not spec.tx_udp_csum:
                 s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
@@ -244,10 +260,18 @@ class CGroupEngine:
             out.append(s)
         return out
 
+    def _kick_fds(self) -> tuple[int, int]:
+        fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+        self._fds.extend(fds)
+        return fds[0], fds[1]
+
     def close(self) -> None:
         for s in self.sockets:
             s.close()
         self.sockets = []
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def start(self) -> None:
         for k, w in enumerate(self.workers):
@@ -331,6 +355,8 @@ class CGroupEngine:
             "rx_packets": sum(int(s.rx_packets) for s in stats),
             "rx_packets_per_worker": [int(s.rx_packets) for s in stats],
             "rx_queue_overflow": sum(int(s.rx_queue_overflow) for s in stats),
+            # Rounds of busy polling that found packets (engine.h; 0 while it is off).
+            "busy_poll_hits": sum(int(s.busy_poll_hits_rx + s.busy_poll_hits_tx) for s in stats),
             "drops": {
                 name: sum(int(s.drops[k]) for s in stats)
                 for k, name in enumerate(DROP_REASONS)

@@ -48,6 +48,8 @@ class Inner:
     ip_off: int = 0
     ip_len: int = 0
     ecn: int = 0
+    dsfield: int = 0  # the whole TOS / traffic class byte
+    ttl: int = 0  # TTL / hop limit
     df: bool = False
     proto: int = 0
     ports: tuple[int, int] | None = None
@@ -85,13 +87,15 @@ def parse_inner(f: bytes | bytearray, mode: str) -> Inner | None:
             return Inner() if lenient else None
         frag = int.from_bytes(f[ip + 6 : ip + 8], "big")
         inn.ecn, inn.df, inn.proto = f[ip + 1] & 3, bool(frag & 0x4000), f[ip + 9]
+        inn.dsfield, inn.ttl = f[ip + 1], f[ip + 8]
         if not frag & 0x3FFF:
             l4 = ihl
     else:
         if left < 40:
             return Inner() if lenient else None
-        inn.ecn = (int.from_bytes(f[ip : ip + 2], "big") >> 4) & 3
-        inn.proto = f[ip + 6]
+        inn.dsfield = (int.from_bytes(f[ip : ip + 2], "big") >> 4) & 0xFF
+        inn.ecn = inn.dsfield & 3
+        inn.proto, inn.ttl = f[ip + 6], f[ip + 7]
         l4 = 40
     inn.ipver, inn.ip_off, inn.ip_len = ver, off, left
     if l4 and inn.proto in _PORT_PROTOS and left >= l4 + 4:
@@ -434,7 +438,9 @@ class PyGroupEngine:
             cs = l4_csum(t.local, t.remote, 17, udp)
             udp[6:8] = (cs or 0xFFFF).to_bytes(2, "big")
         ecn = ECN_ECT0 if inn.ecn == ECN_CE else inn.ecn
-        tos = ((t.spec.tos or 0) & 0xFC) | ecn
+        dscp = (inn.dsfield & 0xFC if inn.ipver else 0) if t.spec.tos == "inherit" else t.spec.dscp
+        tos = dscp | ecn
+        ttl = inn.ttl if t.spec.ttl == "inherit" and inn.ipver else t.t.ttl
         self.ip_id = (self.ip_id + 1) & 0xFFFF or 1
         if fam == 4:
             ip = struct.pack(
@@ -444,7 +450,7 @@ class PyGroupEngine:
                 total,
                 self.ip_id,
                 0x4000 if df else 0,
-                t.spec.ttl,
+                ttl,
                 17,
                 0,
                 t.local,
@@ -452,7 +458,7 @@ class PyGroupEngine:
             )
         else:
             ip = struct.pack(
-                "!IHBB16s16s", 0x60000000 | tos << 20, udplen, 17, t.spec.ttl, t.local, t.remote
+                "!IHBB16s16s", 0x60000000 | tos << 20, udplen, 17, ttl, t.local, t.remote
             )
         if not frags:
             ok = self._send(t, ip + udp)
@@ -567,6 +573,7 @@ class PyGroupEngine:
             "rx_packets": self.sock_rx,
             "rx_packets_per_worker": [self.sock_rx],
             "rx_queue_overflow": self.rx_ovfl,
+            "busy_poll_hits": 0,
             "drops": dict(self.sock_drops),
         }
 

@@ -245,12 +245,13 @@ refusal = ""  # why the last open_injector() made no device (for status)
 def injectable(spec: TunnelSpec) -> bool:
     """Whether a tunnel may send through the inject device: IPv4 without checksums
     (elsewhere the sockets' UDP GSO serves), a TTL that forwarding can take one off
-    of, super-packets allowed on the underlay (not ``wire_sized``), and no mark (what
-    is written to a device starts with mark 0)."""
+    of (not "inherit": each packet's own), super-packets allowed on the underlay (not
+    ``wire_sized``), and no mark (what is written to a device starts with mark 0)."""
+    ttl_ok = spec.ttl == "auto" or (isinstance(spec.ttl, int) and spec.ttl < 255)
     return (
         spec.family == 4
         and not spec.tx_udp_csum
-        and spec.ttl < 255
+        and ttl_ok
         and not spec.wire_sized
         and not spec.mark
     )
