@@ -77,15 +77,17 @@ def add_many(pods: Iterable[tuple[str, str]]) -> list[PodResult]:
     st, cfg = _node()
     directory = st.path.parent
     out = []
+    if cfg is None:  # eBPF mode keeps its pods in the node's record
+        for ip, uid in wanted:
+            with state.locked(directory):
+                out.append(PodResult(ip, *_ebpf.pod_add(state.load_node_state(), ip, uid)))
+        return out
     with links.session(), ipset.session():
         for ip, uid in wanted:
             # Under the state lock, one pod at a time: the watcher must see the record
             # and the kernel agree, and must not wait long for its turn.
             with state.locked(directory):
-                if cfg is None:  # eBPF mode keeps its pods in the node's record
-                    out.append(PodResult(ip, *_ebpf.pod_add(state.load_node_state(), ip, uid)))
-                else:
-                    out.append(_add(directory, cfg, ip, uid))
+                out.append(_add(directory, cfg, ip, uid))
     return out
 
 
@@ -157,7 +159,10 @@ def delete_many(ips: Iterable[str]) -> list[PodResult]:
     st, cfg = _node()
     directory = st.path.parent
     out = []
-    with links.session(), ipset.session():
+    with contextlib.ExitStack() as sessions:
+        if cfg is not None:  # (the eBPF mode's requests are its own)
+            sessions.enter_context(links.session())
+            sessions.enter_context(ipset.session())
         for ip in wanted:
             with state.locked(directory):
                 if cfg is None:

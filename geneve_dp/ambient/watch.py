@@ -37,7 +37,7 @@ SETTLE = 0.02  # after a change, a moment for the rest of a burst (a flush, a re
 ROUTING_INTERVAL = 30.0  # rules and routes are read at least this often without a change
 # Passes started by changes are at least this far apart (and twice the last pass's
 # length): a burst of changes (hundreds of pods enrolled) costs a few passes a second,
-# not one pass per change.
+# not one pass per change. A change after a quiet spell is looked at at once.
 BURST_GAP = 0.3
 
 # What a profile's state file asks to exist (node.intent, ztunnel.intent).
@@ -96,24 +96,25 @@ def run(
     try:
         next_pass = time.monotonic() + interval
         next_routing = 0.0  # the first pass reads everything
-        last_pass = 0.0
+        last_change_pass = 0.0  # when a pass last ran because of a change
         gap = BURST_GAP
         pending = False  # a change seen and not yet looked at
         while not stop_event.is_set():
-            due = min(next_pass, last_pass + gap) if pending else next_pass
+            due = min(next_pass, last_change_pass + gap) if pending else next_pass
             woke = changes.wait(max(0.0, min(TICK, due - time.monotonic())))
             if stop_event.is_set():
                 break
             pending = pending or woke
             now = time.monotonic()
-            if now < next_pass and (not pending or now < last_pass + gap):
+            if now < next_pass and (not pending or now < last_change_pass + gap):
                 continue
             if woke:
                 time.sleep(SETTLE)
                 while changes.wait(0):
                     pass
             now = time.monotonic()
-            last_pass = now
+            if pending:
+                last_change_pass = now
             next_pass = now + interval
             routing = pending or now >= next_routing
             pending = False
