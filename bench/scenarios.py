@@ -30,6 +30,9 @@ INNER_SUBNET = "10.202.0"
 TUNNEL_MTU = 1500
 TUNNEL_UNDERLAY_MTU = 1600
 VNI = 42
+# The busy-polling scenario's window: a remote's answer through two userspace hops each
+# way takes 100-200 µs here.
+BUSY_POLL_US = 200
 
 
 @dataclass
@@ -217,21 +220,32 @@ class GeneveDp(Scenario):
     kernel_path = False
     ready_timeout = 30.0
 
-    def __init__(self, mode: str, engine: str, udp_csum: bool = False, inject: bool = True) -> None:
+    def __init__(
+        self,
+        mode: str,
+        engine: str,
+        udp_csum: bool = False,
+        inject: bool = True,
+        busy_poll_us: int = 0,
+    ) -> None:
         super().__init__()
         self.mode, self.engine, self.udp_csum = mode, engine, udp_csum
         self.extra = ["--udp-csum"] if udp_csum else []
+        if busy_poll_us:
+            self.extra += ["--busy-poll", str(busy_poll_us)]
         # GDP_INJECT=0: without the inject device (dataplane/inject.py), for comparison.
         self.env = None if inject else {**os.environ, "GDP_INJECT": "0"}
         self.id = (
             f"geneve-dp-{engine}-{mode}"
             + ("-csum" if udp_csum else "")
             + ("" if inject else "-noinject")
+            + ("-busypoll" if busy_poll_us else "")
         )
         self.label = (
             f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}"
             + (", --udp-csum" if udp_csum else "")
             + ("" if inject else ", GDP_INJECT=0")
+            + (f", --busy-poll {busy_poll_us}" if busy_poll_us else "")
         )
         self.description = (
             f"two `geneve-dp up --mode {mode} --engine {engine}{' '.join(['', *self.extra])}` "
@@ -246,6 +260,12 @@ class GeneveDp(Scenario):
                 "; the inject device off (GDP_INJECT=0): TSO segments and UDP datagrams "
                 "leave one by one through sockets, as before it"
                 if not inject
+                else ""
+            )
+            + (
+                f"; busy polling: after one direction forwards, the other polls for the "
+                f"answer for up to {busy_poll_us} µs before it sleeps"
+                if busy_poll_us
                 else ""
             )
         )
@@ -424,6 +444,7 @@ def all_scenarios() -> list[Scenario]:
         TapWire(),
         GeneveDp("tap", "c"),
         GeneveDp("tap", "c", inject=False),
+        GeneveDp("tap", "c", busy_poll_us=BUSY_POLL_US),
         GeneveDp("tap", "c", udp_csum=True),
         GeneveDp("tun", "c"),
         GeneveDp("tap", "python"),

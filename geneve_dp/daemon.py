@@ -52,6 +52,7 @@ ALARM_INTERVAL = 1.0
 # enough to do often, so a deleted device is back well within 2 seconds.
 DEVICE_CHECK_INTERVAL = 0.2
 REPAIR_LOG = 16  # repairs kept for `show`
+CHANGE_WAIT = 10.0  # seconds a stop waits for a live change in progress
 
 
 def check_names_free(specs: list[TunnelSpec]) -> None:
@@ -79,6 +80,7 @@ class Daemon:
         offload: bool | None = None,
         workers: int | None = None,
         nice: int = DEFAULT_NICE,
+        busy_poll_us: int = 0,
         metrics_addr: tuple[str, int] | None = None,
         drop_alarm: float = alarms.DEFAULT_THRESHOLD,
         config: Path | None = None,
@@ -89,6 +91,7 @@ class Daemon:
         self.config = config.resolve() if config is not None else None
         self.drop_alarm = drop_alarm
         self.nice = nice
+        self.busy_poll_us = busy_poll_us
         self.engine = engine
         self.offload = offload
         self.workers = workers
@@ -154,6 +157,10 @@ class Daemon:
                 server.close()
             if metrics is not None:
                 metrics.close()
+            # A change in progress (its netlink calls in the executor) finishes first:
+            # the dataplane is never stopped under it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changing.acquire(), CHANGE_WAIT)
             await loop.run_in_executor(None, self._dataplane.stop)
             self._control_log.close()
             await loop.run_in_executor(None, self._close_netlink)
@@ -198,6 +205,7 @@ class Daemon:
             "workers": self._dataplane.workers,
             "worker_threads": self._dataplane.worker_threads(),
             "nice": self.nice,
+            "busy_poll_us": self.busy_poll_us,
             "metrics_addr": list(self.metrics_addr) if self.metrics_addr else None,
             "drop_alarm": self.drop_alarm,
             "config": str(self.config) if self.config is not None else None,
@@ -424,6 +432,7 @@ class Daemon:
             offload=self.offload,
             workers=self.workers,
             nice=self.nice,
+            busy_poll_us=self.busy_poll_us,
         )
 
     def _repaired(self, message: str, device: str, **extra: str) -> None:

@@ -128,6 +128,39 @@ def test_tunnels_added_and_removed_under_traffic_lose_nothing_on_the_others(
                 stop(p)
 
 
+def test_a_deleted_device_comes_back_while_the_others_lose_nothing(
+    netns_factory: Callable[[str], Netns], run_dir: Path
+) -> None:
+    """`ip link del` of a configured tunnel's device: opened again (the tunnel's intent
+    wins), on its own; gt0 beside it on the same port forwards on without a loss."""
+    a, b = make_pair(netns_factory)
+    pa = start(a, "gt0", "--vni", "77", "--remote", B_UL, "--address", f"{A_IN}/24")
+    pb = start(b, "gt0", "--vni", "77", "--remote", A_UL, "--address", f"{B_IN}/24")
+    try:
+        for ns, remote, mine in ((a, B_UL, A_IN1), (b, A_UL, B_IN1)):
+            ok(gdp("up", "--netns", ns.name, "gt1", "--vni", "78", "--remote", remote,
+                   "--address", f"{mine}/24"))  # fmt: skip
+        mac = show(a)["gt1"]["mac"]
+        count = 1500
+        flood = a.popen(
+            ["ping", "-q", "-n", "-i", "0.002", "-W", "3", "-c", str(count), B_IN],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(0.5)
+        a.run("ip", "link", "del", "gt1")
+        assert wait_for(lambda: f"inet {A_IN1}/24" in a.run("ip", "addr", "show").stdout, 5)
+        ping(a, B_IN1, 2, interval=0.05)
+        out, _ = flood.communicate(timeout=60)
+        assert f"{count} packets transmitted, {count} received" in out, out
+        assert show(a)["gt1"]["mac"] == mac
+        status = json.loads(gdp("show", "--json", "--netns", a.name).stdout)
+        assert {t["pid"] for t in status} == {pa.pid}
+    finally:
+        stop(pa)
+        stop(pb)
+
+
 def test_up_again_refuses_what_the_running_endpoint_cannot_take(
     netns_factory: Callable[[str], Netns], run_dir: Path
 ) -> None:

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..netconf import ipset, iptables, links
 from . import checks, endpoints, profile, reconcile, rules, watch
 from . import constants as k
+from .ebpf import node as _ebpf
 from .state import StateFile, state_dir
 
 STATE_NAME = "node.json"
@@ -148,7 +149,7 @@ def _state() -> StateFile:
 
 def load_config(st: StateFile) -> NodeConfig | None:
     c = st.data.get("config")
-    if not c:
+    if not c or _ebpf.is_ebpf(st):
         return None
     return NodeConfig(
         ipaddress.IPv4Address(c["ztunnel_ip"]),
@@ -162,6 +163,8 @@ def load_config(st: StateFile) -> NodeConfig | None:
 
 def intent(st: StateFile) -> reconcile.Intent:
     """What the record says must exist while the node is up (for the watcher)."""
+    if _ebpf.is_ebpf(st):
+        return _ebpf.intent(st)
     cfg = load_config(st)
     assert cfg is not None
     pods: dict[str, Any] = st.data.get("pods", {})
@@ -264,6 +267,8 @@ def down() -> list[str]:
 
     Returns what was removed, for people.
     """
+    if _ebpf.is_ebpf(_state()):
+        return _ebpf.down()
     done: list[str] = []
     # The watcher first, so that it does not put back what we are taking away.
     watch.stop(state_dir(), ROLE)
@@ -290,6 +295,7 @@ def down() -> list[str]:
         # No record (lost with /run, or never written): do as Istio's cleanupNode and
         # flush our three tables, which nothing else is meant to use.
         done += profile.flush_tables(k.NODE_TABLES)
+        done += _ebpf.remove_by_name()  # and the eBPF mode's filters
     done += profile.delete_rules(node_rules())
     done += profile.stop_endpoints(st, ROLE, [k.INBOUND_TUN, k.OUTBOUND_TUN])
 
