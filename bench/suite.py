@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="fewer sizes and shorter steps: the whole suite in under 90 s (full: under 10 min)",
+        help="fewer sizes and shorter steps: the whole suite in about 3 minutes (full: about "
+        "11 minutes)",
     )
     p.add_argument(
         "--scenarios",
@@ -92,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--interactive-seconds",
         type=float,
         metavar="S",
-        help="each paced request/response rate, the 20 ms ping and the idle CPU (5; quick 1)",
+        help="each paced request/response rate, the 20 ms ping and the idle CPU (3; quick 1)",
     )
     p.add_argument("--flows", type=int, default=4, help="UDP flows (source ports), 1..4096 (4)")
     p.add_argument("--burst", type=int, default=32, help="packets per sendmmsg, 1..1024 (32)")
@@ -221,7 +222,7 @@ def settings(args: argparse.Namespace) -> Json:
         "rr_seconds": positive("rr-seconds", args.rr_seconds, 1 if quick else 3),
         "rr_payload": 64,
         "interactive_seconds": positive(
-            "interactive-seconds", args.interactive_seconds, 1 if quick else 5
+            "interactive-seconds", args.interactive_seconds, 1 if quick else 3
         ),
         "interactive_rates": list(INTERACTIVE_RATES),
         "ping_interval_ms": PING_INTERVAL_MS,

@@ -381,6 +381,8 @@ def repair(st: StateFile, say: Say, routing: bool = True) -> list[str]:
         say(msg)
 
     cfg = Config.from_dict(st.data["config"])
+    if tc.ifindex(cfg.ztunnel_veth) is None:
+        return done  # the ztunnel pod is gone: nothing to attach to until `node up` again
     maps, reloaded = node_maps(st)
     try:
         if reloaded:
