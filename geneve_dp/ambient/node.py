@@ -42,29 +42,42 @@ def resolve(
     zt = checks.ipv4(ztunnel_ip, "--ztunnel-ip")
     checks.port(port)
     if not ztunnel_veth:
-        raise UserError("is required (the host-side veth of the ztunnel pod)", "--ztunnel-veth")
+        raise UserError(
+            "is required; accepted: the host-side veth of the ztunnel pod", "--ztunnel-veth"
+        )
     dev = links.link(ztunnel_veth)
     if dev is None:
-        raise UserError(f"no device named {ztunnel_veth!r} in this namespace", "--ztunnel-veth")
+        raise UserError(
+            f"{ztunnel_veth!r} is not a device here; accepted: a veth `ip link` lists",
+            "--ztunnel-veth",
+        )
     if dev.kind != "veth":
         raise UserError(
-            f"{ztunnel_veth} is a {dev.kind or 'non-virtual'} device, not a veth "
-            "(the ztunnel pod must hang off a veth, as with a veth-based CNI)",
+            f"{ztunnel_veth} is a {dev.kind or 'non-virtual'} device; accepted: a veth (the "
+            "ztunnel pod hangs off one, as with a veth-based CNI)",
             "--ztunnel-veth",
         )
     route = checks.route_or_fail(zt, "--ztunnel-ip")
     if route.oif != ztunnel_veth:
         raise UserError(
-            f"the route to {zt} leaves via {route.oif}, not {ztunnel_veth}", "--ztunnel-veth"
+            f"{ztunnel_veth} is not where the route to {zt} leaves ({route.oif}); accepted: "
+            f"{route.oif}",
+            "--ztunnel-veth",
         )
     if host_ip is not None:
         host = checks.ipv4(host_ip, "--host-ip")
     elif route.src is not None:
         host = route.src  # what the kernel will put as the outer source towards ztunnel
     else:
-        raise UserError(f"no local address routes to {zt}; give one", "--host-ip")
+        raise UserError(
+            f"is missing and no local address routes to {zt}; accepted: this node's address",
+            "--host-ip",
+        )
     if not checks.is_local_address(host):
-        raise UserError(f"{host} is not an address of this namespace", "--host-ip")
+        raise UserError(
+            f"{host} is not an address of this namespace; accepted: one `ip addr` lists",
+            "--host-ip",
+        )
     return NodeConfig(zt, ztunnel_veth, host, port, dns_capture, version)
 
 

@@ -42,7 +42,7 @@ def _node_state() -> StateFile:
 def add(ip_text: str, uid: str) -> PodResult:
     ip = str(checks.ipv4(ip_text, "IP"))
     if not uid:
-        raise UserError("is required (the pod's UID, kept as the ipset comment)", "--uid")
+        raise UserError("is empty; accepted: the pod's UID (kept as the ipset comment)", "--uid")
     # Under the state lock: the watcher must see the record and the kernel agree.
     with locked(node.state_path().parent):
         return _add(ip, uid)

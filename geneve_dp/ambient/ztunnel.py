@@ -39,7 +39,11 @@ def resolve(host_ip: str | None, port: int = 6081) -> ZtunnelConfig:
     checks.port(port)
     route = checks.route_or_fail(host, "--host-ip")
     if route.src is None:
-        raise UserError(f"no local address routes to {host}", "--host-ip")
+        raise UserError(
+            f"{host} is not reachable from a local address; accepted: the node's address on "
+            "the ztunnel pod's link",
+            "--host-ip",
+        )
     if route.gateway is not None:
         raise UserError(
             f"{host} is behind gateway {route.gateway}; give the node's address on the "

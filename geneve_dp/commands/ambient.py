@@ -394,7 +394,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     checks.require_tools(f"{args.role} watch")
     if not 0.05 <= args.interval <= 3600:
-        raise UserError(f"{args.interval} is out of range 0.05..3600", "--interval")
+        raise UserError(f"{args.interval} is out of range; accepted: 0.05..3600", "--interval")
     logs.setup_from_args(args)
     _enter(args)
     mod = _profile(args.role)
