@@ -48,7 +48,7 @@ def make_builder(absolute_sources: bool = False) -> FFI:
         sources=[str(p if absolute_sources else p.relative_to(CSRC.parent)) for p in c_sources()],
         include_dirs=[str(CSRC)],
         extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        libraries=["pthread"],
+        libraries=["pthread", "sodium"],
     )
     return builder
 

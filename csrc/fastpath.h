@@ -4,5 +4,6 @@
 
 #include "geneve.h"
 #include "engine.h"
+#include "auth.h"
 
 #endif
