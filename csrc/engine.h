@@ -53,7 +53,11 @@
 #define GDP_DROP_TOO_BIG 14            /* inner packet over the path MTU (ICMP sent if IP) */
 #define GDP_DROP_TX_BAD_FRAME 15       /* frame read from the device is not encapsulable */
 #define GDP_DROP_TX_ERROR 16           /* the underlay send failed */
-#define GDP_DROP_COUNT 17
+#define GDP_DROP_AUTH_MISSING 17       /* no integrity option (auth.h, checked in this order) */
+#define GDP_DROP_AUTH_UNKNOWN_KEY 18   /* its key ID is not in the key ring */
+#define GDP_DROP_AUTH_BAD_MAC 19       /* the MAC does not verify */
+#define GDP_DROP_AUTH_REPLAYED 20      /* sequence number seen or older than the window */
+#define GDP_DROP_COUNT 21
 
 /* Counted in gdp_counters.tx_segments: transmit packets cut from TSO super-frames. */
 

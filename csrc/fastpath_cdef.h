@@ -58,7 +58,7 @@ const char *gdp_build_id(void);
 #define GDP_DF_INHERIT 2
 #define GDP_DIR_RX 1
 #define GDP_DIR_TX 2
-#define GDP_DROP_COUNT 17
+#define GDP_DROP_COUNT 21
 #define GDP_E_ENGINE_TOO_MANY -20
 #define GDP_E_ENGINE_BUFFER -21
 #define GDP_E_ENGINE_CONFIG -22
@@ -81,7 +81,7 @@ struct gdp_counters {
     uint64_t tx_gso_frames;
     uint64_t rx_gro_frames;
     uint64_t tx_injected;
-    uint64_t drops[17];
+    uint64_t drops[21];
     uint64_t options_other;
     struct gdp_optseen options_seen[32];
 };
@@ -140,7 +140,7 @@ struct gdp_tunnel {
 };
 
 struct gdp_sock_stats {
-    uint64_t drops[17];
+    uint64_t drops[21];
     uint64_t rx_queue_overflow;
     uint64_t rx_packets;
 };

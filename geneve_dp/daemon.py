@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import alarms
+from .auth.keys import load_key_file
+from .auth.settings import AuthSettings
 from .dataplane.spec import DEFAULT_NICE, TunnelSpec
 from .errors import UserError
 
@@ -128,8 +130,13 @@ class Daemon:
         nice: int = DEFAULT_NICE,
         metrics_addr: tuple[str, int] | None = None,
         drop_alarm: float = alarms.DEFAULT_THRESHOLD,
+        auth: AuthSettings | None = None,
     ) -> None:
         self.specs = specs
+        self.auth = auth
+        # Per authenticated tunnel: sequence counter, keys and replay windows, kept
+        # over dataplane restarts (Dataplane auth_states).
+        self._auth_states: dict[str, Any] = {}
         self.nice = nice
         self.engine = engine
         self.offload = offload
@@ -171,6 +178,7 @@ class Daemon:
             server = await self._serve()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
             if self.pidfile is not None:
                 self.pidfile.write_text(f"{os.getpid()}\n")
             names = ", ".join(s.name for s in self.specs)
@@ -320,7 +328,36 @@ class Daemon:
             offload=self.offload,
             workers=self.workers,
             nice=self.nice,
+            auth_keys=self.auth.keys if self.auth is not None else None,
+            auth_states=self._auth_states,
         )
+
+    def reload_keys(self) -> bool:
+        """Read the auth key file again and put it in force (SIGHUP). A file that does
+        not pass the checks changes nothing: the keys in force stay, with a log line."""
+        if self.auth is None:
+            log.warning("SIGHUP: no auth key file to reload", extra={"event": "auth_reload"})
+            return False
+        try:
+            keys = load_key_file(self.auth.key_file, "auth_key_file")
+        except UserError as exc:
+            log.error(
+                "auth keys not reloaded, the ones in force stay: %s",
+                exc,
+                extra={"event": "auth_reload_failed"},
+            )
+            return False
+        self.auth = dataclasses.replace(self.auth, keys=keys)
+        self._dataplane.set_auth_keys(keys)
+        ids = [i for i, _ in keys.keys]
+        log.info(
+            "auth keys reloaded from %s: key IDs %s, signing with %d",
+            self.auth.key_file,
+            ids,
+            keys.send_id,
+            extra={"event": "auth_reload", "key_ids": ids, "send_key_id": keys.send_id},
+        )
+        return True
 
     def _repaired(self, message: str, device: str, **extra: str) -> None:
         log.warning("%s", message, extra={"event": "repair", "device": device, **extra})

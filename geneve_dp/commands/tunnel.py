@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import alarms, logs, wire
+from ..auth import option as auth_option
+from ..auth import settings as auth_settings
 from ..dataplane.spec import (
     DEFAULT_NICE,
     ENGINES,
@@ -141,6 +144,7 @@ def register(sub: Any) -> None:
         help=f"log a warning when a tunnel drops N packets/s or more (default "
         f"{alarms.DEFAULT_THRESHOLD:g}; 0: never)",
     )
+    auth_settings.add_arguments(up)
     logs.add_argument(up)
     up.add_argument("-v", "--verbose", action="store_true", help="log more")
     up.set_defaults(func=cmd_up)
@@ -266,6 +270,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not true or false", "offload")
     daemon_args = _daemon_args(args, settings, engine, offload)
+    auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class, settings)
+    if auth is not None:
+        specs = with_auth(specs, auth.option_class)
+        daemon_args["auth"] = auth
     fmt = logs.resolve(args.log_format)
     if os.geteuid() != 0:
         raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
@@ -281,6 +289,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"geneve-dp: {message}", flush=True)
 
     return _run_daemon(specs, daemon_args, args.pidfile, announce)
+
+
+def with_auth(specs: list[TunnelSpec], option_class: int) -> list[TunnelSpec]:
+    """The specs with the integrity option on, if it fits in their option area."""
+    room = wire.MAX_OPTIONS_LEN - auth_option.OPT_LEN
+    for spec in specs:
+        if sum(o.wire_len for o in spec.options) > room:
+            raise UserError(
+                f"{spec.name}: its options leave no room for the {auth_option.OPT_LEN}-byte "
+                f"integrity option (at most {room} bytes of options with authentication)",
+                "--auth-key-file",
+            )
+    return [dataclasses.replace(s, auth_class=option_class) for s in specs]
 
 
 def _daemon_args(

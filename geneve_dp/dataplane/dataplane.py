@@ -77,8 +77,9 @@ import select
 import socket
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+from ..auth.keys import KeyRing
 from ..errors import UserError
 from .endpoint import Group, close_resources, open_resources
 from .inject import PROBE_TRIES, Injector, injectable, open_injector
@@ -139,6 +140,8 @@ class Dataplane:
         offload: bool | None = None,
         workers: int | None = None,
         nice: int = DEFAULT_NICE,
+        auth_keys: KeyRing | None = None,
+        auth_states: dict[str, Any] | None = None,
     ) -> None:
         if engine not in ("c", "python"):
             raise UserError(f"{engine!r} is not one of c, python", field="engine")
@@ -166,6 +169,15 @@ class Dataplane:
                 f"nice {nice} is out of range; accepted: {MIN_NICE}..{MAX_NICE}", field="nice"
             )
         self.nice = nice
+        # Authentication (geneve_dp/auth): one state per authenticated tunnel, by
+        # name: sequence counter, key ring, replay windows. A supervisor that
+        # replaces this dataplane hands them on (auth_states), so the windows and the
+        # sequence numbers carry on over the restart.
+        authed = [s.name for s in specs if s.auth_class is not None]
+        if authed and auth_keys is None:
+            raise UserError(f"{authed[0]} authenticates but no key was given", "auth_key_file")
+        self.auth_keys = auth_keys
+        self.auth_states: dict[str, Any] = auth_states if auth_states is not None else {}
         # TCP super-frames sent whole through the inject device (inject.py): with the
         # offloads, unless GDP_INJECT=0.
         self.inject = self.offload and os.environ.get("GDP_INJECT", "1") != "0"
@@ -184,6 +196,7 @@ class Dataplane:
         if self._started:
             return
         try:
+            self._make_auth_states()
             self._groups = open_resources(self.specs, offload=self.offload, workers=self.workers)
             if self.inject and any(injectable(s) for s in self.specs):
                 self._injector = open_injector()
@@ -210,16 +223,42 @@ class Dataplane:
             self._ctl_thread.start()
         self._started = True
 
+    def _make_auth_states(self) -> None:
+        for spec in self.specs:
+            if spec.auth_class is None or spec.name in self.auth_states:
+                continue
+            assert self.auth_keys is not None
+            if self.engine == "c":
+                from ..auth.cauth import CAuth
+
+                self.auth_states[spec.name] = CAuth(self.auth_keys, spec.auth_class)
+            else:
+                from ..auth.mac import PyAuth
+
+                self.auth_states[spec.name] = PyAuth(self.auth_keys, spec.auth_class)
+
+    def set_auth_keys(self, ring: KeyRing) -> None:
+        """Put a new key ring in force on every authenticated tunnel, without a stop."""
+        self.auth_keys = ring
+        for state in self.auth_states.values():
+            state.set_keys(ring)
+
     def _make_engine(self, group: Group, control_fd: int, gi: int) -> GroupEngine:
         if self.engine == "c":
             from .engine_c import CGroupEngine
 
             return CGroupEngine(
-                group, self._stop_fd, control_fd, gi, nice=self.nice, injector=self._injector
+                group,
+                self._stop_fd,
+                control_fd,
+                gi,
+                nice=self.nice,
+                injector=self._injector,
+                auth=self.auth_states,
             )
         from .engine_py import PyGroupEngine
 
-        return PyGroupEngine(group, self._stop_fd, control_fd, gi)
+        return PyGroupEngine(group, self._stop_fd, control_fd, gi, auth=self.auth_states)
 
     def stop(self) -> None:
         if self._stop_fd >= 0:
@@ -338,10 +377,20 @@ class Dataplane:
                         "offloads": offloads,
                         "inject_device": inject if offloads["tx_inject"] else None,
                         "counters": eng.counters(i),
+                        "auth": self._auth_status(spec),
                         "socket": sock,
                     }
                 )
         return out
+
+    def _auth_status(self, spec: TunnelSpec) -> dict[str, object] | None:
+        if spec.auth_class is None or self.auth_keys is None:
+            return None
+        return {
+            "option_class": f"0x{spec.auth_class:04x}",
+            "key_ids": [i for i, _ in self.auth_keys.keys],
+            "send_key_id": self.auth_keys.send_id,
+        }
 
     def worker_threads(self) -> int:
         """Forwarding threads alive (a receive and a transmit thread per worker and

@@ -176,8 +176,9 @@ _open: dict[int, Injector] = {}  # this process's inject devices, by netns inode
 def injectable(spec: TunnelSpec) -> bool:
     """Whether a tunnel may send through the inject device: IPv4 without checksums
     (elsewhere the sockets' UDP GSO serves) and a TTL that forwarding can take one
-    off of."""
-    return spec.family == 4 and not spec.tx_udp_csum and spec.ttl < 255
+    off of. Not with authentication: each segment must carry its own MAC, and the
+    kernel would copy one MAC to every segment it cuts."""
+    return spec.family == 4 and not spec.tx_udp_csum and spec.ttl < 255 and spec.auth_class is None
 
 
 NAMES = [f"gdpx{i}" for i in range(16)]  # names are per netns; the first free one

@@ -26,6 +26,11 @@ TUNNEL_DROP_REASONS: Final = (
     "too_big",  # inner packet over the path MTU; ICMP too-big sent back when IP
     "tx_bad_frame",  # frame read from the device cannot be encapsulated
     "tx_error",  # the underlay send failed
+    # Authenticated tunnels (geneve_dp/auth), checked first, in this order:
+    "auth_missing",  # no integrity option
+    "auth_unknown_key",  # its key ID is not in the key ring
+    "auth_bad_mac",  # the MAC does not verify
+    "auth_replayed",  # sequence number seen already or older than the window
 )
 """Counted per tunnel."""
 

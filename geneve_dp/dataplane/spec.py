@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import codec, wire
+from ..auth import option as auth_option
 from ..errors import UserError
 from ..options import parse_option
 
@@ -31,7 +32,17 @@ DfPolicy = Literal["unset", "set", "inherit"]
 MODES: tuple[Mode, ...] = ("tap", "tun")
 DF_POLICIES: tuple[DfPolicy, ...] = ("unset", "set", "inherit")
 ENGINES = ("c", "python")
-TOP_LEVEL_KEYS = ("engine", "netns", "offload", "workers", "nice", "metrics_addr", "drop_alarm")
+TOP_LEVEL_KEYS = (
+    "engine",
+    "netns",
+    "offload",
+    "workers",
+    "nice",
+    "metrics_addr",
+    "drop_alarm",
+    "auth_key_file",
+    "auth_option_class",
+)
 
 _IFNAME = re.compile(r"^[^\s/:]{1,15}$")  # IFNAMSIZ - 1, no whitespace, '/' or ':'
 
@@ -56,6 +67,8 @@ class TunnelSpec:
     reflect_options: bool = False
     mac: str | None = None  # TAP only; None lets the kernel pick a random one
     addresses: tuple[IPInterface, ...] = ()  # put on the device once it is up
+    # Integrity option class (geneve_dp/auth) when the tunnel authenticates, else None.
+    auth_class: int | None = None
 
     @property
     def family(self) -> int:
@@ -76,6 +89,8 @@ class TunnelSpec:
         """Bytes the underlay carries on top of the device MTU."""
         base = wire.OVERHEAD_IPV4 if self.family == 4 else wire.OVERHEAD_IPV6
         opts = sum(o.wire_len for o in self.options)
+        if self.auth_class is not None:
+            opts += auth_option.OPT_LEN
         return base + opts + (wire.ETH_HEADER_LEN if self.mode == "tap" else 0)
 
 
