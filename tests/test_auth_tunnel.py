@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from geneve_dp.auth import option as auth_option
-from tests.endpoint_helpers import Sniffer, geneve, option, send_udp, wait_for
-from tests.netns import Netns
-from tests.ops_helpers import A_IN, A_UL, B_IN, B_UL, gdp, ping, start, stop
 from tests.daemon_helpers import Up
+from tests.endpoint_helpers import Sniffer, geneve, send_udp, wait_for
+from tests.netns import Netns
+from tests.ops_helpers import A_IN, A_UL, B_IN, B_UL, gdp, ping
 
 pytestmark = pytest.mark.root
 
@@ -39,11 +39,31 @@ def authed_pair(
     a: Netns, b: Netns, key_a: Path, key_b: Path, engine_a: str, engine_b: str
 ) -> Iterator[tuple[Up, Up]]:
     common = ["gt0", "--vni", str(VNI), "--auth-option-class", "0xfff7"]
-    ua = Up(a, *common, "--remote", B_UL, "--address", f"{A_IN}/24", "--auth-key-file",
-            str(key_a), "--engine", engine_a)
+    ua = Up(
+        a,
+        *common,
+        "--remote",
+        B_UL,
+        "--address",
+        f"{A_IN}/24",
+        "--auth-key-file",
+        str(key_a),
+        "--engine",
+        engine_a,
+    )
     try:
-        ub = Up(b, *common, "--remote", A_UL, "--address", f"{B_IN}/24", "--auth-key-file",
-                str(key_b), "--engine", engine_b)
+        ub = Up(
+            b,
+            *common,
+            "--remote",
+            A_UL,
+            "--address",
+            f"{B_IN}/24",
+            "--auth-key-file",
+            str(key_b),
+            "--engine",
+            engine_b,
+        )
     except BaseException:
         ua.kill()
         raise
@@ -123,8 +143,9 @@ def test_rotation_under_traffic_drops_nothing(
     ka = key_file(tmp_path / "ka", f"1 {old} send\n".encode())
     kb = key_file(tmp_path / "kb", f"1 {old} send\n".encode())
     with authed_pair(a, b, ka, kb, engine, engine) as (ua, ub):
-        flood = a.popen(["ping", "-q", "-i", "0.005", "-c", "700", "-W", "2", B_IN],
-                        stdout=subprocess.PIPE)
+        flood = a.popen(
+            ["ping", "-q", "-i", "0.005", "-c", "700", "-W", "2", B_IN], stdout=subprocess.PIPE
+        )
         steps = [
             f"1 {old} send\n2 {new}\n",  # both accept the new key
             f"1 {old}\n2 {new} send\n",  # both sign with it
@@ -164,8 +185,15 @@ def test_bad_key_files_are_one_line_and_exit_2(pair: tuple[Netns, Netns], tmp_pa
         (["--auth-key-file", str(other)], "uid 1000"),
         (["--auth-key-file", str(short)], "64 hex digits"),
         (["--auth-key-file", str(tmp_path / "none")], "cannot open"),
-        (["--auth-key-file", str(short).replace("short", "world"), "--auth-option-class", "0x10"],
-         "mode 0600"),
+        (
+            [
+                "--auth-key-file",
+                str(short).replace("short", "world"),
+                "--auth-option-class",
+                "0x10",
+            ],
+            "mode 0600",
+        ),
         (["--auth-option-class", "0xfff1"], "needs an auth key file"),
     ]
     for extra, says in cases:
@@ -174,10 +202,22 @@ def test_bad_key_files_are_one_line_and_exit_2(pair: tuple[Netns, Netns], tmp_pa
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and says in lines[0] and "auth" in lines[0], proc.stderr
     ok = key_file(tmp_path / "ok", os.urandom(32))
-    proc = gdp("up", "--netns", a.name, "gt0", "--vni", "77", "--remote", B_UL,
-               "--auth-key-file", str(ok), "--auth-option-class", "0x0102")
+    proc = gdp(
+        "up",
+        "--netns",
+        a.name,
+        "gt0",
+        "--vni",
+        "77",
+        "--remote",
+        B_UL,
+        "--auth-key-file",
+        str(ok),
+        "--auth-option-class",
+        "0x0102",
+    )
     assert proc.returncode == 2 and "0xFFF0..0xFFFF" in proc.stderr
     proc = gdp("up", "--netns", a.name, "--config", str(config))
-    assert proc.returncode == 2 and proc.stderr.startswith("geneve-dp") or "auth_key_file" in proc.stderr
+    assert proc.returncode == 2
     assert "auth_key_file" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "gt0" not in a.run("ip", "-o", "link").stdout  # nothing half-applied
