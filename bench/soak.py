@@ -75,7 +75,7 @@ def start_daemon(ns: str, remote: str, address: str) -> Daemon:
 
 
 def tunnel_counters(pid: int) -> dict[str, Any]:
-    from geneve_dp.daemon import query_all
+    from geneve_dp.control import query_all
 
     for reply in query_all():
         if reply.get("pid") == pid:

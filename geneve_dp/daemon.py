@@ -2,8 +2,8 @@
 
 It owns everything that is not per-packet: starting the engines, putting addresses on
 the devices (and back, if someone deletes them), opening a device again when someone
-deletes it, serving `show`/`stats` over a unix socket, watching the worker threads and
-tearing down on SIGINT/SIGTERM.
+deletes it, serving `show`/`stats` on its control socket (control.py), watching the
+worker threads and tearing down on SIGINT/SIGTERM.
 
 A deleted TAP/TUN device cannot be given back to the engine that had it (its fd is dead
 for good), so the whole dataplane is started again; counters carry on from where the old
@@ -21,86 +21,35 @@ in threads, so the loop comes from ``asyncio.Runner(loop_factory=...)`` instead
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import errno
-import json
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import alarms
+from . import alarms, control
 from .auth.keys import load_key_file
 from .auth.settings import AuthSettings
 from .dataplane.spec import DEFAULT_NICE, TunnelSpec
 from .errors import UserError
+from .netns import netns_inode
 
 if TYPE_CHECKING:  # imported when used: prometheus_client only for --metrics-addr
     from .metrics import MetricsServer
 
 log = logging.getLogger("geneve_dp.daemon")
 
-RUN_DIR_ENV = "GENEVE_DP_RUN_DIR"
-DEFAULT_RUN_DIR = Path("/run/geneve-dp")
 RECONCILE_INTERVAL = 1.0
 ALARM_INTERVAL = 1.0
 # How often the devices' presence is checked: an ioctl per device (no netlink), cheap
 # enough to do often, so a deleted device is back well within 2 seconds.
 DEVICE_CHECK_INTERVAL = 0.2
-CLIENT_TIMEOUT = 5.0
-REQUEST_LIMIT = 64 * 1024  # bytes of one control request line
 REPAIR_LOG = 16  # repairs kept for `show`
-
-_CLONE_NEWNET = 0x40000000
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get(RUN_DIR_ENV, str(DEFAULT_RUN_DIR)))
-
-
-def socket_path(pid: int) -> Path:
-    return run_dir() / f"gdp-{pid}.sock"
-
-
-def enter_netns(name: str) -> None:
-    """Move this process into the named network namespace (`ip netns` naming).
-
-    setns() changes only the calling thread, and threads inherit it when created, so
-    this must run before any thread (executor, engine worker) exists.
-    """
-    path = Path("/run/netns") / name
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError as exc:
-        raise UserError(
-            f"no network namespace named {name!r} (see `ip netns list`)", "--netns"
-        ) from exc
-    except PermissionError as exc:
-        raise UserError(f"cannot open {path}: permission denied (run as root)", "--netns") from exc
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise UserError(f"cannot enter {name!r}: {os.strerror(err)}", "--netns")
-    finally:
-        os.close(fd)
-
-
-def netns_id(name: str | None = None) -> int:
-    """Inode of a network namespace: ours, or the one `ip netns` calls ``name``."""
-    path = Path("/run/netns") / name if name else Path("/proc/self/ns/net")
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError as exc:
-        raise UserError(
-            f"no network namespace named {name!r} (see `ip netns list`)", "--netns"
-        ) from exc
 
 
 def check_names_free(specs: list[TunnelSpec]) -> None:
@@ -144,7 +93,7 @@ class Daemon:
         self.metrics_addr = metrics_addr
         self.alarm = alarms.DropAlarm(log, drop_alarm)
         self.pidfile = pidfile
-        self.sock_path = socket_path(os.getpid())
+        self.sock_path = control.socket_path(os.getpid())
         self.control_messages: list[dict[str, Any]] = []
         self.repairs: list[str] = []
         self.restarts = 0
@@ -175,7 +124,7 @@ class Daemon:
             await loop.run_in_executor(None, self._dataplane.start)
             await loop.run_in_executor(None, self._apply_addresses, False)
             await loop.run_in_executor(None, self._announce)
-            server = await self._serve()
+            server = await control.serve(self.sock_path, self.status)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
@@ -240,7 +189,7 @@ class Daemon:
             "pid": os.getpid(),
             "engine": self.engine,
             "offload": self._dataplane.offload,
-            "netns_id": netns_id(),
+            "netns_id": netns_inode(),
             "workers": self._dataplane.workers,
             "worker_threads": self._dataplane.worker_threads(),
             "tunnels": self._status(),
@@ -490,50 +439,6 @@ class Daemon:
             if spec.mode == "tap" and mac and ips:
                 announce(spec.name, bytes.fromhex(str(mac).replace(":", "")), ips)
 
-    # -- control socket --------------------------------------------------------------------
-
-    async def _serve(self) -> asyncio.base_events.Server:
-        self.sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.sock_path.unlink(missing_ok=True)
-        old = os.umask(0o177)  # the socket is born 0600: counters and config are root's
-        try:
-            server = await asyncio.start_unix_server(
-                self._handle, path=str(self.sock_path), limit=REQUEST_LIMIT
-            )
-        finally:
-            os.umask(old)
-        os.chmod(self.sock_path, 0o600)
-        return server
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                line = await asyncio.wait_for(reader.readline(), CLIENT_TIMEOUT)
-            except ValueError:  # asyncio's limit: the line is longer than REQUEST_LIMIT
-                reply: Any = {"error": f"request longer than {REQUEST_LIMIT} bytes; refused"}
-            else:
-                reply = self._answer(line)
-            writer.write(json.dumps(reply, default=str).encode() + b"\n")
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        except Exception:  # one bad client must never take the daemon down
-            log.exception("control request failed")
-        finally:
-            writer.close()
-
-    def _answer(self, line: bytes) -> dict[str, Any]:
-        accepted = 'accepted: {"cmd": "status"}'
-        try:
-            request = json.loads(line or b"{}")
-        except ValueError:
-            return {"error": f"request is not a JSON object; {accepted}"}
-        if not isinstance(request, dict):
-            return {"error": f"request is not a JSON object; {accepted}"}
-        if request.get("cmd") != "status":
-            return {"error": f"unknown request; {accepted}"}
-        return self.status()
-
 
 def add_counters(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """``a`` + ``b`` key by key, into nested dicts; keys of either are kept."""
@@ -558,46 +463,3 @@ def _sockets(status: list[dict[str, Any]]) -> dict[tuple[Any, Any], dict[str, An
             k: v for k, v in sock.items() if k not in ("family", "port")
         }
     return out
-
-
-def query_all(timeout: float = CLIENT_TIMEOUT) -> list[dict[str, Any]]:
-    """Status of every running dataplane, found by its socket in the run directory.
-
-    Sockets left by a dataplane that was killed are removed on the way.
-    """
-    replies = []
-    directory = run_dir()
-    if not directory.is_dir():
-        return []
-    for path in sorted(directory.glob("gdp-*.sock")):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            try:
-                s.connect(str(path))
-            except (ConnectionRefusedError, FileNotFoundError):
-                path.unlink(missing_ok=True)
-                continue
-            except PermissionError as exc:
-                raise UserError(f"cannot read {path}: permission denied (run as root)") from exc
-            s.sendall(b'{"cmd": "status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        if not data:
-            continue
-        try:
-            reply = json.loads(data)
-        except ValueError:
-            reply = None
-        if not isinstance(reply, dict):
-            # Not one of ours (or a broken one): name it and go on with the others.
-            print(
-                f"geneve-dp: {path} answered something that is not a status; skipped",
-                file=sys.stderr,
-            )
-            continue
-        replies.append(reply)
-    return replies

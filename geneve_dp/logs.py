@@ -81,10 +81,12 @@ def resolve(value: str | None) -> str:
         if env is None:
             return "text"
         if env not in FORMATS:
-            raise UserError(f"{env!r} is not one of {', '.join(FORMATS)}", ENV)
+            raise UserError(f"{env!r} is not a log format; accepted: {', '.join(FORMATS)}", ENV)
         return env
     if value not in FORMATS:
-        raise UserError(f"{value!r} is not one of {', '.join(FORMATS)}", "--log-format")
+        raise UserError(
+            f"{value!r} is not a log format; accepted: {', '.join(FORMATS)}", "--log-format"
+        )
     return value
 
 

@@ -13,6 +13,7 @@ Names follow the Prometheus conventions: ``geneve_dp_`` prefix, base units (byte
     geneve_dp_tx_gso_frames_total, geneve_dp_rx_gro_frames_total,
     geneve_dp_drops_total{reason}, geneve_dp_options_total{class,type},
     geneve_dp_options_other_total, geneve_dp_offload_enabled,
+    geneve_dp_tx_inject, geneve_dp_inject_probes_total{outcome},
     geneve_dp_tunnel_info{remote,local,port,mode,mtu}
 
 Per receive socket (labels ``family``, ``port``): the packets no tunnel could be named
@@ -64,6 +65,12 @@ _TUNNEL_COUNTERS = (
 )
 
 
+ADDR_ACCEPTED = (
+    "accepted: PORT, IPV4:PORT, [IPV4]:PORT or [IPV6]:PORT with PORT 1..65535, e.g. "
+    "127.0.0.1:9464 or [fd00::1]:9464"
+)
+
+
 def parse_addr(value: str, field: str = "--metrics-addr") -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1) -> (host, port)."""
     text = str(value).strip()
@@ -71,21 +78,22 @@ def parse_addr(value: str, field: str = "--metrics-addr") -> tuple[str, int]:
     if not sep:
         host, port_text = DEFAULT_HOST, text
     elif host.startswith("[") and host.endswith("]"):
+        # Brackets around either family, so one template, `[$(NODE_IP)]:PORT`, fits
+        # IPv4 and IPv6 nodes alike.
         host = host[1:-1]
     elif ":" in host:
-        raise UserError(f"{value!r}: write an IPv6 address as [ADDR]:PORT", field)
+        raise UserError(f"{value!r} has an IPv6 host without brackets; {ADDR_ACCEPTED}", field)
     try:
         port = int(port_text)
     except ValueError:
         port = -1
     if not 1 <= port <= 65535:
-        raise UserError(f"{value!r}: the port must be 1..65535 (HOST:PORT or PORT)", field)
+        raise UserError(f"{value!r} has no port in 1..65535; {ADDR_ACCEPTED}", field)
     try:
         ipaddress.ip_address(host)
     except ValueError as exc:
         raise UserError(
-            f"{value!r}: the host must be an IPv4 or [IPv6] address, e.g. 127.0.0.1:9464",
-            field,
+            f"{value!r} has a host that is not an IP address; {ADDR_ACCEPTED}", field
         ) from exc
     return host, port
 
@@ -122,6 +130,18 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
         "1 if the device runs with TAP/TUN offloads (IFF_VNET_HDR), else 0.",
         labels=dev,
     )
+    inject = GaugeMetricFamily(
+        "geneve_dp_tx_inject",
+        "1 while the tunnel sends TCP super-frames and UDP runs whole through the inject "
+        "device, else 0 (segmented here).",
+        labels=dev,
+    )
+    probes = CounterMetricFamily(
+        "geneve_dp_inject_probes",
+        "Probes of the inject device's way to the underlay, by outcome (left, late: "
+        "found after the wait; stopped: entered, did not leave; unseen: not taken in).",
+        labels=[*dev, "outcome"],
+    )
     info = InfoMetricFamily(
         "geneve_dp_tunnel", "Configuration of a tunnel device.", labels=[*dev, "remote"]
     )
@@ -135,6 +155,9 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
             opts.add_metric([*labels, opt_class, opt_type], int(n))
         other.add_metric(labels, int(c.get("options_other", 0)))
         offload.add_metric(labels, 1 if t.get("offloads", {}).get("tso") else 0)
+        inject.add_metric(labels, 1 if t.get("offloads", {}).get("tx_inject") else 0)
+        for outcome, n in sorted((t.get("inject_probes") or {}).items()):
+            probes.add_metric([*labels, outcome], int(n))
         info.add_metric(
             [*labels, str(t["remote"])],
             {
@@ -144,7 +167,7 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
                 "mtu": str(t["mtu"]),
             },
         )
-    yield from (drops, opts, other, offload, info)
+    yield from (drops, opts, other, offload, inject, probes, info)
 
     sockets: dict[tuple[str, str], Mapping[str, Any]] = {}
     for t in tunnels:

@@ -1,11 +1,14 @@
-"""Classic libpcap files: a reader that finds GENEVE inside, and a writer (tests, `capture`).
+"""Capture files: a reader that finds GENEVE inside, and a classic pcap writer (`capture`).
 
-Only what `geneve-dp decode --pcap` and the interop tests need: link types Ethernet,
-raw IP and Linux cooked capture (v1 and v2), outer IPv4/IPv6 and UDP.
+Reads classic pcap (a 24-byte header and 16-byte records) and pcapng, what tshark,
+text2pcap and editcap write by default, through python-pcapng. Only what `geneve-dp
+decode --pcap` and the interop tests need: link types Ethernet, raw IP and Linux cooked
+capture (v1 and v2), outer IPv4/IPv6 and UDP.
 """
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import struct
 from collections.abc import Iterator
@@ -46,26 +49,47 @@ class UdpDatagram:
     payload: bytes
 
 
-def read_frames(path: Path) -> tuple[int, Iterator[bytes]]:
-    """Link type and the frames of a classic pcap file."""
+PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"  # a Section Header Block: what tshark writes by default
+
+
+def read_frames(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(link type, frame) for each frame of a classic pcap or a pcapng file."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise PcapError(f"cannot read {path}: {exc.strerror}") from exc
+    if data[:4] == PCAPNG_MAGIC:
+        return _pcapng_frames(path, data)
     if len(data) < 24 or data[:4] not in _MAGIC:
-        raise PcapError(f"{path} is not a classic pcap file (pcapng is not supported)")
+        raise PcapError(f"{path} is not a pcap or pcapng file")
     endian = _MAGIC[data[:4]]
     linktype = struct.unpack_from(endian + "I", data, 20)[0]
 
-    def frames() -> Iterator[bytes]:
+    def frames() -> Iterator[tuple[int, bytes]]:
         pos = 24
         while pos + 16 <= len(data):
             incl = struct.unpack_from(endian + "I", data, pos + 8)[0]
             pos += 16
-            yield data[pos : pos + incl]
+            yield linktype, data[pos : pos + incl]
             pos += incl
 
-    return linktype, frames()
+    return frames()
+
+
+def _pcapng_frames(path: Path, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """pcapng through python-pcapng: every section, every interface's link type."""
+    from pcapng import FileScanner, blocks
+
+    frames: list[tuple[int, bytes]] = []
+    try:
+        for block in FileScanner(io.BytesIO(data)):
+            if isinstance(block, blocks.EnhancedPacket | blocks.SimplePacket):
+                frames.append((int(block.interface.link_type), bytes(block.packet_data)))
+    except Exception as exc:  # the library's errors for a damaged file vary by block
+        raise PcapError(
+            f"{path} is a damaged pcapng file ({type(exc).__name__}: {exc})"[:300]
+        ) from exc
+    return iter(frames)
 
 
 def _l3_offset(linktype: int, frame: bytes) -> tuple[int, int] | None:
@@ -92,8 +116,7 @@ def _l3_offset(linktype: int, frame: bytes) -> tuple[int, int] | None:
 
 def udp_datagrams(path: Path) -> Iterator[UdpDatagram]:
     """Every UDP datagram in the file (IPv4 without fragments, IPv6 without extension headers)."""
-    linktype, frames = read_frames(path)
-    for index, frame in enumerate(frames, start=1):
+    for index, (linktype, frame) in enumerate(read_frames(path), start=1):
         found = _l3_offset(linktype, frame)
         if found is None:
             continue

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from geneve_dp.daemon import socket_path
+from geneve_dp.control import socket_path
 from tests.netns import Netns
 
 GDP = [sys.executable, "-m", "geneve_dp"]

@@ -24,10 +24,14 @@ ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 def _main(engine: str, specs_json: str) -> int:
+    import logging
+
     from geneve_dp.dataplane import Dataplane
     from geneve_dp.dataplane.spec import build_spec
     from geneve_dp.errors import UserError
 
+    # The dataplane's log lines on stderr (Endpoint's ``stderr``).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     raw_specs = json.loads(specs_json)
     specs = [build_spec(r) for r in raw_specs]
     control: list[list[str]] = []
@@ -82,12 +86,15 @@ def _main(engine: str, specs_json: str) -> int:
 class Endpoint:
     """A Dataplane running in a helper process inside ``ns``."""
 
-    def __init__(self, ns: Netns, engine: str, specs: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, ns: Netns, engine: str, specs: list[dict[str, Any]], stderr: Any = None
+    ) -> None:
         self.ns = ns
         self.proc = ns.popen(
             [sys.executable, "-m", "tests.endpoint_helpers", engine, json.dumps(specs)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             cwd=ROOT,
         )
         first = self._line(timeout=20)
@@ -132,8 +139,11 @@ class Endpoint:
 
 
 @contextmanager
-def endpoint(ns: Netns, engine: str, specs: list[dict[str, Any]]) -> Iterator[Endpoint]:
-    ep = Endpoint(ns, engine, specs)
+def endpoint(
+    ns: Netns, engine: str, specs: list[dict[str, Any]], stderr: Any = None
+) -> Iterator[Endpoint]:
+    """``stderr``: where the helper's log lines go (a file; default: inherited)."""
+    ep = Endpoint(ns, engine, specs, stderr)
     try:
         yield ep
     finally:

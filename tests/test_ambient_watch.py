@@ -22,7 +22,7 @@ import pytest
 from geneve_dp.ambient import constants as k
 from geneve_dp.ambient import endpoints
 from geneve_dp.ambient import topology as t
-from geneve_dp.daemon import query_all
+from geneve_dp.control import query_all
 from tests.test_ambient_node import NODE_UP, ZT_UP, one_line_error, stable
 from tests.test_ambient_node import world as world  # the fixture
 

@@ -109,6 +109,29 @@ H2 = Header(
 H3 = Header(vni=7, protocol=wire.Protocol.IPV6, options=(Option(0x0104, 3, bytes(124)),))
 
 
+def expected(header: Header) -> dict[str, Any]:
+    """What `decode` prints for ``header``: classes and types in hex as `up --option`
+    takes them, lengths with their unit in the key."""
+    return {
+        "vni": header.vni,
+        "protocol": header.protocol_name,
+        "oam": header.oam,
+        "critical": header.critical,
+        "opt_len_words": sum(4 + len(o.data) for o in header.options) // 4,
+        "options": [
+            {
+                "class": f"0x{o.opt_class:04x}",
+                "type": f"0x{o.type:02x}",
+                "critical": bool(o.type & 0x80),
+                "data_bytes": len(o.data),
+                "data": o.data.hex(),
+            }
+            for o in header.options
+        ],
+        "payload_offset_bytes": 8 + sum(4 + len(o.data) for o in header.options),
+    }
+
+
 @pytest.mark.parametrize("engine", ["c", "python"])
 def test_decode_pcap_ipv4_ipv6_vlan(tmp_path: Path, engine: str) -> None:
     frames = [
@@ -127,7 +150,7 @@ def test_decode_pcap_ipv4_ipv6_vlan(tmp_path: Path, engine: str) -> None:
         (4, "198.51.100.1", "198.51.100.2", 40003, 6081),
     ]
     for record, header in zip(records, (H1, H2, H3), strict=True):
-        expect = codec.header_to_json(header, header.header_len)
+        expect = expected(header)
         assert {k: record[k] for k in expect} == expect
 
 
@@ -183,7 +206,7 @@ def test_raw_ip_linktype_and_ip_options(tmp_path: Path) -> None:
     pcap.write(path, [bytes(v4), v6, bytes(fragment)], linktype=pcap.LINKTYPE_RAW)
     rc, records, _ = run_decode("--pcap", str(path))
     assert rc == 0
-    assert [(r["sport"], r["vni"], r["opt_len"]) for r in records] == [
+    assert [(r["sport"], r["vni"], r["opt_len_words"]) for r in records] == [
         (3000, H2.vni, H2.opt_len),
         (3001, H3.vni, H3.opt_len),
     ]
@@ -195,21 +218,58 @@ def test_unreadable_pcap_is_one_line_exit_2(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pcap"
     junk.write_bytes(b"not a pcap file at all, just text")
     rc, _, stderr = run_decode("--pcap", str(junk))
-    assert rc == 2 and "not a classic pcap" in stderr and len(stderr.strip().splitlines()) == 1
+    assert rc == 2 and "not a pcap or pcapng" in stderr and len(stderr.strip().splitlines()) == 1
 
 
-def test_pcapng_written_by_tshark_is_refused_clearly(tmp_path: Path) -> None:
-    assert shutil.which("tshark"), "tshark is required (apt install tshark)"
+@pytest.mark.parametrize(
+    "convert",
+    [
+        ["tshark", "-r", "{src}", "-w", "{dst}", "-F", "pcapng"],
+        ["editcap", "-F", "pcapng", "{src}", "{dst}"],
+    ],
+    ids=["tshark", "editcap"],
+)
+def test_pcapng_as_tshark_and_editcap_write_it(tmp_path: Path, convert: list[str]) -> None:
+    assert shutil.which(convert[0]), f"{convert[0]} is required (apt install tshark)"
     ours, ng = tmp_path / "ours.pcap", tmp_path / "x.pcapng"
-    pcap.write(ours, [geneve_frame(codec.encode(H1), "192.0.2.1", "192.0.2.2")])
-    subprocess.run(
-        ["tshark", "-r", str(ours), "-w", str(ng), "-F", "pcapng"],
-        check=True,
-        capture_output=True,
-        timeout=60,
+    frames = [
+        geneve_frame(codec.encode(H1), "192.0.2.1", "192.0.2.2", 40001, H1.protocol),
+        ethernet(udp_ip("192.0.2.1", "192.0.2.9", 5353, 53, b"not geneve")),
+        geneve_frame(codec.encode(H2), "2001:db8::1", "2001:db8::2", 40002, H2.protocol),
+    ]
+    pcap.write(ours, frames)
+    argv = [a.format(src=ours, dst=ng) for a in convert]
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    assert ng.read_bytes()[:4] == pcap.PCAPNG_MAGIC  # really pcapng, not a copy
+    rc, records, stderr = run_decode("--pcap", str(ng))
+    assert rc == 0, stderr
+    assert [(r["frame"], r["src"], r["sport"]) for r in records] == [
+        (1, "192.0.2.1", 40001),
+        (3, "2001:db8::1", 40002),
+    ]
+    for record, header in zip(records, (H1, H2), strict=True):
+        assert {k: record[k] for k in expected(header)} == expected(header)
+    # A pcapng cut short is one line and exit 2, not a traceback.
+    cut = tmp_path / "cut.pcapng"
+    cut.write_bytes(ng.read_bytes()[:-7])
+    rc, _, stderr = run_decode("--pcap", str(cut))
+    assert rc in (1, 2) and "Traceback" not in stderr, stderr
+
+
+def test_text2pcap_default_output_is_pcapng(tmp_path: Path) -> None:
+    assert shutil.which("text2pcap"), "text2pcap is required (apt install tshark)"
+    frame = geneve_frame(codec.encode(H2), "192.0.2.1", "192.0.2.2", 40001, H2.protocol)
+    dump = tmp_path / "frame.txt"
+    dump.write_text(
+        "".join(f"{i:06x} " + frame[i : i + 16].hex(" ") + "\n" for i in range(0, len(frame), 16))
     )
-    rc, _, stderr = run_decode("--pcap", str(ng))
-    assert rc == 2 and "pcapng is not supported" in stderr
+    out = tmp_path / "t.pcapng"
+    subprocess.run(["text2pcap", str(dump), str(out)], check=True, capture_output=True, timeout=60)
+    assert out.read_bytes()[:4] == pcap.PCAPNG_MAGIC
+    rc, records, stderr = run_decode("--pcap", str(out))
+    assert rc == 0, stderr
+    assert [r["vni"] for r in records] == [H2.vni]
+    assert records[0]["options"][0]["class"] == f"0x{H2.options[0].opt_class:04x}"
 
 
 # ---- real captures on loopback ---------------------------------------------------------------
@@ -285,7 +345,7 @@ def test_decode_real_capture(tmp_path: Path, name: str, family: int) -> None:
     for record, header in zip(records, headers, strict=True):
         assert (record["src"], record["dst"]) == (addr, addr)
         assert (record["sport"], record["dport"]) == (sport, wire.GENEVE_PORT)
-        expect = codec.header_to_json(header, header.header_len)
+        expect = expected(header)
         assert {k: record[k] for k in expect} == expect
     linktype = struct.unpack_from("<I", out.read_bytes(), 20)[0]
     if "sll2" in name:

@@ -23,7 +23,7 @@ import pytest
 from bench import pktgen
 from geneve_dp.ambient import constants as k
 from geneve_dp.ambient import topology as t
-from geneve_dp.daemon import query_all
+from geneve_dp.control import query_all
 from tests.daemon_helpers import Up, cpu_over, up
 from tests.endpoint_helpers import endpoint, underlay
 from tests.netns import Netns, sh

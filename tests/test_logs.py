@@ -57,7 +57,9 @@ def test_format_choice_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(logs.ENV, "json")
     assert logs.resolve(None) == "json" and logs.resolve("text") == "text"
     monkeypatch.setenv(logs.ENV, "yaml")
-    with pytest.raises(UserError, match=f"^{logs.ENV}: 'yaml' is not one of text, json"):
+    with pytest.raises(
+        UserError, match=f"^{logs.ENV}: 'yaml' is not a log format; accepted: text, json"
+    ):
         logs.resolve(None)
     with pytest.raises(UserError, match=r"^--log-format: 'xml'"):
         logs.resolve("xml")

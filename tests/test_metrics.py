@@ -88,11 +88,17 @@ def _status(rx: int) -> dict[str, Any]:
         "port": 6081,
         "mode": "tap",
         "mtu": 1450,
-        "offloads": {"tso": True},
+        "offloads": {"tso": True, "tx_inject": True},
+        "inject_probes": {"left": 7, "late": 2, "stopped": 0, "unseen": 1},
         "counters": counters,
         "socket": sock,
     }
-    return {"engine": "c", "workers": 2, "tunnels": [tun, {**tun, "name": "gt1", "vni": 78}]}
+    off = {"offloads": {"tso": True, "tx_inject": False}, "inject_probes": None}
+    return {
+        "engine": "c",
+        "workers": 2,
+        "tunnels": [tun, {**tun, "name": "gt1", "vni": 78, **off}],
+    }
 
 
 def test_collector_reads_at_scrape_time_and_follows_conventions() -> None:
@@ -119,6 +125,15 @@ def test_collector_reads_at_scrape_time_and_follows_conventions() -> None:
     )
     assert value(second, "geneve_dp_workers") == 2
     assert value(second, "geneve_dp_offload_enabled", device="gt1", vni="78") == 1
+    # Whether each tunnel injects, and its probes by outcome (none for one that never
+    # injects).
+    assert value(second, "geneve_dp_tx_inject", device="gt0", vni="77") == 1
+    assert value(second, "geneve_dp_tx_inject", device="gt1", vni="78") == 0
+    probe = {"device": "gt0", "vni": "77"}
+    assert value(second, "geneve_dp_inject_probes_total", **probe, outcome="late") == 2
+    assert not [k for k in second if k[0] == "geneve_dp_inject_probes_total" and
+                ("device", "gt1") in k[1]]  # fmt: skip
+    assert types["geneve_dp_tx_inject"] == "gauge"
     build = [k for k in second if k[0] == "geneve_dp_build_info"]
     assert len(build) == 1 and ("engine", "c") in build[0][1]
     # Counters are counters (exposed with _total), gauges gauges.

@@ -46,7 +46,7 @@ def test_options_count_in_the_overhead() -> None:
         ({"mtu": 20}, "mtu", "68..65535"),
         ({"ttl": 0}, "ttl", "1..255"),
         ({"df": "maybe"}, "df", "unset, set, inherit"),
-        ({"name": "a-very-long-device-name"}, "name", "1-15"),
+        ({"name": "a-very-long-device-name"}, "name", "1..15 bytes"),
         ({"name": "a/b"}, "name", "device name"),
         ({"options": ["1:2:abc"]}, "options", "not hex"),
         ({"options": ["1:2:aabbcc"]}, "options", "multiple of 4"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from geneve_dp.daemon import query_all
+from geneve_dp.control import query_all
 from tests.netns import Netns, veth
 from tests.ops_helpers import gdp, start
 

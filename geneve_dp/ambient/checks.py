@@ -24,11 +24,13 @@ def require_tools(what: str) -> None:
 
 def ipv4(value: str | None, field: str) -> ipaddress.IPv4Address:
     if value is None or value == "":
-        raise UserError("is required (an IPv4 address)", field=field)
+        raise UserError("is required; accepted: an IPv4 address", field=field)
     try:
         return ipaddress.IPv4Address(value)
     except ValueError as exc:
-        raise UserError(f"{value!r} is not an IPv4 address", field=field) from exc
+        raise UserError(
+            f"{value!r} is not an IPv4 address; accepted: an IPv4 address", field
+        ) from exc
 
 
 def is_local_address(ip: ipaddress.IPv4Address) -> bool:
@@ -37,7 +39,7 @@ def is_local_address(ip: ipaddress.IPv4Address) -> bool:
 
 def port(value: int, field: str = "--port") -> int:
     if not 1 <= value <= 65535:
-        raise UserError(f"{value} is out of range 1..65535", field=field)
+        raise UserError(f"{value} is out of range; accepted: 1..65535", field=field)
     return value
 
 

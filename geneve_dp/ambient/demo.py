@@ -107,7 +107,7 @@ class Scenario:
 
     # --- observation helpers --------------------------------------------------------------
     def geneve(self) -> Geneve:
-        from ..daemon import query_all
+        from ..control import query_all
 
         by_pid: dict[int, dict[str, dict[str, Any]]] = {}
         for reply in query_all():

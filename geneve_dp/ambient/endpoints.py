@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import wire
 from ..errors import UserError
 from ..netconf import links
+from ..netns import netns_id
 from . import procs
 
 START_TIMEOUT = 30.0
@@ -143,9 +144,9 @@ def port_taken(port: int, remote: str, vnis: Iterable[int]) -> str | None:
 
 def _geneve_dp_tunnels(port: int) -> list[tuple[int, str, int, str]]:
     """(pid, device, VNI, remote) of running geneve-dp tunnels on ``port`` in this netns."""
-    from ..daemon import query_all
+    from ..control import query_all
 
-    here = links.netns_id()
+    here = netns_id()
     try:
         replies = query_all(timeout=2.0)
     except Exception:  # only used to word a message; the bind test decided already
@@ -153,7 +154,7 @@ def _geneve_dp_tunnels(port: int) -> list[tuple[int, str, int, str]]:
     out = []
     for reply in replies:
         pid = int(reply.get("pid", 0))
-        if links.netns_id(pid) != here:
+        if netns_id(pid) != here:
             continue
         for t in reply.get("tunnels", []):
             if int(t.get("port", 0)) == port:

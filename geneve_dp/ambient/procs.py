@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..netconf import links
+from ..netns import netns_id
 
 STOP_TIMEOUT = 5.0
 
@@ -32,7 +32,7 @@ def matches(pid: int, words: Sequence[str]) -> bool:
     args, want = _argv(pid), [w.encode() for w in words]
     n = len(want)
     found = any(args[i : i + n] == want for i in range(len(args) - n + 1))
-    return found and links.netns_id(pid) == links.netns_id()
+    return found and netns_id(pid) == netns_id()
 
 
 def find(words: Sequence[str], pidfile: Path | None = None) -> list[int]:

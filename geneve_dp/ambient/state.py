@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..netconf import links
+from ..netns import current_netns_name
 from . import constants as k
 
 STATE_ROOT_ENV = "GENEVE_DP_AMBIENT_STATE"
@@ -24,7 +24,7 @@ STATE_ROOT_ENV = "GENEVE_DP_AMBIENT_STATE"
 
 def state_dir(netns: str | None = None) -> Path:
     root = Path(os.environ.get(STATE_ROOT_ENV, k.STATE_ROOT))
-    return root / (netns or links.current_netns_name())
+    return root / (netns or current_netns_name())
 
 
 @contextlib.contextmanager

@@ -26,6 +26,10 @@ def _progress(args: argparse.Namespace, role: str) -> Callable[[str], None]:
     return lambda msg: log.info("%s up: %s", role, msg, extra={"event": "setup_step"})
 
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("node", "ztunnel", "pod", "proxy", "demo")
+
+
 def register(sub: Any) -> None:
     node = sub.add_parser(
         "node",
@@ -39,7 +43,17 @@ def register(sub: Any) -> None:
         ),
     )
     nsub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = nsub.add_parser("up", help="install (idempotent; re-enrols known pods)")
+    up = nsub.add_parser(
+        "up",
+        help="install (idempotent; re-enrols known pods)",
+        description=(
+            "Install the node side in this network namespace: endpoints istioin and istioout "
+            f"towards --ztunnel-ip, the {k.IPSET_NAME} ipset, the ztunnel-* iptables chains, "
+            "ip rules 100-103 and tables 100-102, then start the endpoint daemon and the "
+            "`node watch` reconciler in the background and exit. Running it again changes "
+            "nothing that is already right and re-enrols the pods it knew. Needs root."
+        ),
+    )
     up.add_argument("--ztunnel-ip", metavar="IP", help="the ztunnel pod's IPv4 address")
     up.add_argument(
         "--ztunnel-veth", metavar="DEV", help="host-side veth of the ztunnel pod (must be a veth)"
@@ -68,12 +82,25 @@ def register(sub: Any) -> None:
     _netns_arg(up)
     logs.add_argument(up)
     up.set_defaults(func=cmd_node_up)
-    down = nsub.add_parser("down", help="remove everything `node up` installed")
+    down = nsub.add_parser(
+        "down",
+        help="remove everything `node up` installed",
+        description=(
+            "Stop the endpoint daemon and the watcher `node up` started and remove exactly "
+            "what it added (devices, ipset, chains, rules, routes, sysctls), also after a "
+            "crash. Nothing to remove is not an error. Needs root."
+        ),
+    )
     _netns_arg(down)
     down.set_defaults(func=cmd_down, role="node")
     _watch_parser(nsub, "node")
     rend = nsub.add_parser(
-        "render", help="print the iptables-restore input `node up` would apply (no root)"
+        "render",
+        help="print the iptables-restore input `node up` would apply (no root)",
+        description=(
+            "Print, without changing anything, the iptables-restore text (--noflush, own "
+            "chains only) that `node up` applies in one call for these values."
+        ),
     )
     rend.add_argument("--ztunnel-ip", metavar="IP", required=True)
     rend.add_argument("--ztunnel-veth", metavar="DEV", required=True)
@@ -93,13 +120,29 @@ def register(sub: Any) -> None:
         ),
     )
     zsub = zt.add_subparsers(dest="action", required=True, metavar="ACTION")
-    zup = zsub.add_parser("up", help="install (idempotent)")
+    zup = zsub.add_parser(
+        "up",
+        help="install (idempotent)",
+        description=(
+            "Install the ztunnel pod's side in this network namespace: endpoints pistioin and "
+            "pistioout towards the node (--host-ip), ip rules 20000/20003, table 100's local "
+            "default and the mangle PREROUTING TPROXY rules; start the endpoint daemon and "
+            "the `ztunnel watch` reconciler in the background. Idempotent. Needs root."
+        ),
+    )
     zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
     zup.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
     _netns_arg(zup)
     logs.add_argument(zup)
     zup.set_defaults(func=cmd_ztunnel_up)
-    zdown = zsub.add_parser("down", help="remove everything `ztunnel up` installed")
+    zdown = zsub.add_parser(
+        "down",
+        help="remove everything `ztunnel up` installed",
+        description=(
+            "Stop what `ztunnel up` started and remove exactly what it added, also after a "
+            "crash. Needs root."
+        ),
+    )
     _netns_arg(zdown)
     zdown.set_defaults(func=cmd_down, role="ztunnel")
     _watch_parser(zsub, "ztunnel")
@@ -110,16 +153,35 @@ def register(sub: Any) -> None:
         description="Enrol a pod IP in ambient redirection on this node, or remove it.",
     )
     psub = pod.add_subparsers(dest="action", required=True, metavar="ACTION")
-    padd = psub.add_parser("add", help="enrol a pod (adding twice is a no-op)")
+    padd = psub.add_parser(
+        "add",
+        help="enrol a pod (adding twice is a no-op)",
+        description=(
+            f"Enrol pod IP in ambient redirection: an entry in the {k.IPSET_NAME} ipset "
+            "(commented with --uid) and its route in table 100, so its traffic enters "
+            "istioout. Adding a pod twice changes nothing. Needs root."
+        ),
+    )
     padd.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
     padd.add_argument("--uid", required=True, help="the pod's UID (ipset comment)")
     _netns_arg(padd)
     padd.set_defaults(func=cmd_pod_add)
-    pdel = psub.add_parser("del", help="remove a pod (an unknown pod is not an error)")
+    pdel = psub.add_parser(
+        "del",
+        help="remove a pod (an unknown pod is not an error)",
+        description=(
+            "Remove pod IP from ambient redirection (ipset entry and table-100 route). "
+            "A pod that is not enrolled is not an error. Needs root."
+        ),
+    )
     pdel.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
     _netns_arg(pdel)
     pdel.set_defaults(func=cmd_pod_del)
-    plist = psub.add_parser("list", help="enrolled pods, one 'IP UID' per line")
+    plist = psub.add_parser(
+        "list",
+        help="enrolled pods, one 'IP UID' per line",
+        description="Print the enrolled pods, one 'IP UID' per line, sorted by IP.",
+    )
     _netns_arg(plist)
     plist.set_defaults(func=cmd_pod_list)
 
@@ -188,7 +250,7 @@ def _netns_arg(p: argparse.ArgumentParser) -> None:
 def _enter(args: argparse.Namespace) -> None:
     """Switch to --netns before any socket, thread or child process exists."""
     if getattr(args, "netns", None):
-        from ..daemon import enter_netns
+        from ..netns import enter_netns
 
         enter_netns(args.netns)
 
@@ -325,6 +387,9 @@ def cmd_pod_list(args: argparse.Namespace) -> int:
     return 0
 
 
+PORTS_ACCEPTED = "comma-separated ports 1..65535, e.g. 15001,15006,15008"
+
+
 def cmd_proxy(args: argparse.Namespace) -> int:
     from ..ambient import proxy
     from ..errors import UserError
@@ -333,9 +398,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     try:
         ports = [int(p) for p in str(args.ports).split(",") if p]
     except ValueError as exc:
-        raise UserError(f"{args.ports!r} is not a comma-separated port list", "--ports") from exc
+        raise UserError(
+            f"{args.ports!r} is not a port list; accepted: {PORTS_ACCEPTED}", "--ports"
+        ) from exc
     if not ports or any(not 1 <= p <= 65535 for p in ports):
-        raise UserError(f"{args.ports!r}: each port must be in 1..65535", "--ports")
+        raise UserError(f"{args.ports!r} is out of range; accepted: {PORTS_ACCEPTED}", "--ports")
     return proxy.main(ports, args.log, spoof=not args.no_spoof)
 
 

@@ -1,23 +1,57 @@
 """`geneve-dp bench`: the benchmark suite, and `geneve-dp bench codec`.
 
-The suite lives in the top-level ``bench`` package (also `python -m bench`); this
-module only parses the command line and hands over, so `geneve-dp --help` never pays
-for importing it.
+The suite is the source tree's ``bench/`` folder (also `python -m bench` from the
+tree). It is not installed: a top-level package named ``bench`` would collide with
+others in site-packages. It is found beside the ``geneve_dp`` package, which a checkout
+and an editable install (`pip install -e .`) have; a built wheel has no benchmark.
+This module only parses the command line and hands over.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from ..errors import UserError
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("bench",)
+
+# The source tree's bench/ folder: beside the geneve_dp package.
+BENCH_DIR = Path(__file__).resolve().parent.parent.parent / "bench"
+
+
+def _bench_module(name: str) -> ModuleType:
+    """``bench.<name>`` of the source tree, loaded from BENCH_DIR whatever sys.path holds."""
+    package = sys.modules.get("bench")
+    if package is None or Path(str(package.__file__)).resolve().parent != BENCH_DIR:
+        init = BENCH_DIR / "__init__.py"
+        if not init.is_file():
+            raise UserError(
+                f"the benchmark suite comes with the source tree ({BENCH_DIR} is missing); "
+                "run it from a checkout or an editable install (pip install -e .)"
+            )
+        spec = importlib.util.spec_from_file_location(
+            "bench", init, submodule_search_locations=[str(BENCH_DIR)]
+        )
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"bench.{name}")
+
+
+def _suite() -> Any:
+    return _bench_module("suite")
+
 
 def register(sub: Any) -> None:
-    from bench.suite import add_arguments
-
     p = sub.add_parser(
         "bench",
         help="benchmark geneve-dp against the bare veth and kernel VXLAN (root)",
@@ -31,7 +65,8 @@ def register(sub: Any) -> None:
             "the header codec micro-benchmark."
         ),
     )
-    add_arguments(p)
+    if (BENCH_DIR / "suite.py").is_file():  # else cmd_bench says where the suite is
+        _suite().add_arguments(p)
     p.set_defaults(func=cmd_bench)
     # `bench codec ARGS...` hands every following argument, --help included, to
     # bench.codec.main, which owns its own options. A prefix character no option uses
@@ -48,18 +83,17 @@ def register(sub: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.suite import BenchError, run
-
+    suite = _suite()
     try:
-        return run(args)
-    except BenchError as exc:
+        return int(suite.run(args))
+    except suite.BenchError as exc:
         raise UserError(str(exc)) from None
 
 
 def cmd_codec(args: argparse.Namespace) -> int:
     # Imported by name: bench/codec.py is written separately and may be absent.
     try:
-        codec = importlib.import_module("bench.codec")
+        codec = _bench_module("codec")
     except ImportError as exc:
         raise UserError(f"the codec benchmark is not available: {exc}") from None
     main: Callable[[list[str] | None], int] = codec.main

@@ -26,6 +26,9 @@ is opened on the dataplane's side: when no capture runs, capturing costs nothing
 Needs root (CAP_NET_RAW).
 """
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("capture",)
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -65,19 +68,22 @@ def _bound(value: str, field: str, whole: bool) -> float:
         n = -1.0
     if not 0 <= n <= 1e9 or (whole and n != int(n)):
         kind = "a whole number" if whole else "a number of seconds"
-        raise UserError(f"{value!r} is not {kind} in 0..1e9 (0: no limit)", field)
+        raise UserError(f"{value!r} is not {kind}; accepted: 0..1e9 (0: no limit)", field)
     return n
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
     from .. import capture, pcap
-    from ..daemon import enter_netns
+    from ..netns import enter_netns
     from .tunnel import tunnels_of
 
     count = int(_bound(args.count, "--count", whole=True))
     duration = _bound(args.duration, "--duration", whole=False)
     if args.interface and not args.outer:
-        raise UserError("goes with --outer (the inner side is the tunnel device)", "--interface")
+        raise UserError(
+            "is given without --outer; accepted: with --outer (the inner side is the device)",
+            "--interface",
+        )
     query = argparse.Namespace(name=args.name, netns=args.netns, all=False, pid=None)
     tunnel = tunnels_of(query)[0]
     if args.netns:

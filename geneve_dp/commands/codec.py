@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import codec, pcap, wire
+from ..dataplane.spec import whole_number
 from ..errors import UserError
+from ..options import ACCEPTED as OPTIONS_ACCEPTED
 from ..options import parse_option
 
 # Built-in sample for `geneve-dp decode --sample`: a plain Ethernet-carrying header
@@ -22,6 +24,9 @@ SAMPLES = (
     "008008000007d100",
 )
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("decode", "encode")
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -30,12 +35,16 @@ def register(sub: Any) -> None:
         description=(
             "Decode GENEVE headers. Input: hex strings as arguments, or one per line on "
             "stdin, or --pcap FILE (outer IPv4/IPv6 + UDP to the GENEVE port are skipped). "
-            "Prints one JSON object per packet. Exit code 1 if some packet did not decode, "
-            "2 on unreadable input."
+            "Prints one JSON object per packet: option class and type in hex as `up "
+            "--option` takes them, opt_len_words in 4-byte words, payload_offset_bytes in "
+            "bytes. --pcap reads classic pcap and pcapng (tshark's default). Exit code 1 if "
+            "some packet did not decode, 2 on unreadable input."
         ),
     )
     p.add_argument("hex", nargs="*", help="a packet starting at the GENEVE header, as hex")
-    p.add_argument("--pcap", type=Path, metavar="FILE", help="read packets from a pcap file")
+    p.add_argument(
+        "--pcap", type=Path, metavar="FILE", help="read packets from a pcap or pcapng file"
+    )
     p.add_argument(
         "--port", type=int, default=wire.GENEVE_PORT, help="UDP port in pcap input (6081)"
     )
@@ -48,7 +57,11 @@ def register(sub: Any) -> None:
         help="print a GENEVE header as hex",
         description="Build a GENEVE header and print it as hex (the C bit follows the options).",
     )
-    e.add_argument("--vni", type=int, required=True, help="virtual network identifier, 0..16777215")
+    e.add_argument(
+        "--vni",
+        required=True,
+        help="virtual network identifier, 0..16777215 (decimal or 0x hex, as `up --vni`)",
+    )
     e.add_argument(
         "--protocol",
         default="ethernet",
@@ -65,6 +78,29 @@ def register(sub: Any) -> None:
     e.set_defaults(func=cmd_encode)
 
 
+def printed(header: codec.Header, payload_offset: int) -> dict[str, Any]:
+    """What `decode` prints for a header: numbers as `up`, `stats` and the metrics show
+    them (option class and type in hex), lengths with their unit in the key."""
+    return {
+        "vni": header.vni,
+        "protocol": header.protocol_name,
+        "oam": header.oam,
+        "critical": header.critical,
+        "opt_len_words": header.opt_len,  # Opt Len counts 4-byte words (RFC 8926 3.4)
+        "options": [
+            {
+                "class": f"0x{o.opt_class:04x}",
+                "type": f"0x{o.type:02x}",
+                "critical": o.critical,
+                "data_bytes": len(o.data),
+                "data": o.data.hex(),
+            }
+            for o in header.options
+        ],
+        "payload_offset_bytes": payload_offset,
+    }
+
+
 def parse_protocol(text: str) -> int:
     """A protocol name or number, as `--protocol` accepts it."""
     try:
@@ -77,7 +113,8 @@ def parse_protocol(text: str) -> int:
         value = -1
     if not 0 <= value <= 0xFFFF:
         raise UserError(
-            f"{text!r} is not ethernet, ipv4, ipv6 or a number 0..0xffff", field="--protocol"
+            f"{text!r} is not a protocol; accepted: ethernet, ipv4, ipv6 or a number 0..0xffff",
+            "--protocol",
         )
     return value
 
@@ -90,7 +127,10 @@ def _hex_inputs(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]:
         try:
             yield text, bytes.fromhex(text.replace(":", ""))
         except ValueError as exc:
-            raise UserError(f"input {n} is not hex ({text[:40]!r})", field="hex") from exc
+            raise UserError(
+                f"input {n} ({text[:40]!r}) is not hex; accepted: hex digits, ':' allowed",
+                "hex",
+            ) from exc
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
@@ -106,7 +146,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         nonlocal failed
         try:
             header, offset = decode(pkt)
-            record: dict[str, Any] = codec.header_to_json(header, offset)
+            record: dict[str, Any] = printed(header, offset)
         except codec.DecodeError as exc:
             failed = True
             record = {"error": exc.reason, "length": len(pkt)}
@@ -133,13 +173,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     options = tuple(parse_option(text) for text in args.option)
-    if not 0 <= args.vni <= wire.MAX_VNI:
-        raise UserError(f"{args.vni} is out of range 0..{wire.MAX_VNI}", field="--vni")
+    vni = whole_number(args.vni, "--vni", 0, wire.MAX_VNI)
     header = codec.Header(
-        vni=args.vni, protocol=parse_protocol(args.protocol), options=options, oam=args.oam
+        vni=vni, protocol=parse_protocol(args.protocol), options=options, oam=args.oam
     )
     try:
         print(codec.encode(header).hex())
     except codec.EncodeError as exc:
-        raise UserError(str(exc), field="--option") from exc
+        raise UserError(f"{exc}; accepted: {OPTIONS_ACCEPTED}", field="--option") from exc
     return 0

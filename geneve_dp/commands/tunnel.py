@@ -21,6 +21,7 @@ from ..dataplane.spec import (
     MAX_WORKERS,
     MIN_NICE,
     MIN_WORKERS,
+    REQUIRED,
     TunnelSpec,
     build_spec,
     check_together,
@@ -35,7 +36,7 @@ VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-lev
 `engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
-reflect_options, mac, addresses). Tunnels on the same port share one UDP socket and
+reflect_options, mac, addresses, wire_sized). Tunnels on the same port share one UDP socket and
 are told apart by VNI and outer source address. The device is set up (and given
 --address) once it exists; a line with "ready" is printed when forwarding.
 
@@ -45,25 +46,54 @@ per packet), as text or, with --log-format json, one JSON object per line.
 only, and a non-loopback address exposes the counters to anyone who can reach it.
 """
 
+# The subcommands register() adds (cli builds only the module a command line names).
+COMMANDS = ("up", "show", "stats")
+
+
+# Accepted values, laid out as `ip link help geneve` does.
+UP_WHERE = f"""\
+Where: VNI  := 0..{wire.MAX_VNI} (decimal or 0x hex)
+       ADDR := an IPv4 or IPv6 address (local and remote of one family)
+       PORT := 1..65535
+       MODE := {{ tap | tun }}
+       MTU  := 68..65535
+       TTL  := 1..255
+       TOS  := 0..255
+       DF   := {{ unset | set | inherit }}
+       N    := workers {MIN_WORKERS}..{MAX_WORKERS}; nice {MIN_NICE}..{MAX_NICE}
+       NAME := 1..15 bytes (UTF-8), no whitespace, '/' or ':'
+"""
+
 
 def register(sub: Any) -> None:
     up = sub.add_parser(
         "up",
         help="create tunnel devices and forward until SIGTERM",
         description=UP_DESCRIPTION,
+        epilog=UP_WHERE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     up.add_argument("name", nargs="?", help="device name (1-15 characters)")
     up.add_argument("--config", type=Path, metavar="FILE", help="TOML file with [[tunnel]] tables")
-    up.add_argument("--vni", help="virtual network identifier, 0..16777215")
-    up.add_argument("--remote", help="peer's underlay IPv4 or IPv6 address")
-    up.add_argument("--local", help="our underlay address (default: the route's source)")
-    up.add_argument("--port", default=wire.GENEVE_PORT, help="UDP port (default 6081)")
-    up.add_argument("--mode", default="tap", help="tap: Ethernet, 0x6558 (default); tun: IP")
-    up.add_argument("--mtu", help="device MTU (default: underlay MTU minus overhead)")
-    up.add_argument("--ttl", default=64, help="outer TTL, 1..255 (default 64)")
-    up.add_argument("--tos", help="outer DSCP/TOS byte (default: 0, ECN copied from inner)")
-    up.add_argument("--df", default="unset", help="outer DF bit: unset (default), set, inherit")
+    up.add_argument("--vni", metavar="VNI", help="virtual network identifier")
+    up.add_argument("--remote", metavar="ADDR", help="peer's underlay address")
+    up.add_argument(
+        "--local", metavar="ADDR", help="our underlay address (default: the route's source)"
+    )
+    up.add_argument(
+        "--port", metavar="PORT", default=wire.GENEVE_PORT, help="UDP port (default 6081)"
+    )
+    up.add_argument(
+        "--mode", metavar="MODE", default="tap", help="tap: Ethernet, 0x6558 (default); tun: IP"
+    )
+    up.add_argument(
+        "--mtu", metavar="MTU", help="device MTU (default: underlay MTU minus overhead)"
+    )
+    up.add_argument("--ttl", metavar="TTL", default=64, help="outer TTL (default 64)")
+    up.add_argument(
+        "--tos", metavar="TOS", help="outer DSCP/TOS byte (default: 0, ECN copied from inner)"
+    )
+    up.add_argument("--df", metavar="DF", default="unset", help="outer DF bit (default unset)")
     csum = up.add_mutually_exclusive_group()
     csum.add_argument(
         "--udp-csum",
@@ -91,6 +121,12 @@ def register(sub: Any) -> None:
         "--reflect-options",
         action="store_true",
         help="return the options seen on a flow on the packets of its reverse direction",
+    )
+    up.add_argument(
+        "--wire-sized",
+        action="store_true",
+        help="send no packet bigger than the underlay MTU (no super-packets on the underlay), "
+        "for a peer that reads the underlay raw, e.g. Open vSwitch's userspace datapath",
     )
     up.add_argument("--mac", help="TAP device MAC address (default: random)")
     up.add_argument(
@@ -203,14 +239,14 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
     if args.config is not None:
         if args.name or args.vni is not None or args.remote is not None:
             raise UserError(
-                "give either --config FILE or NAME --vni --remote, not both", "--config"
+                "is given with NAME --vni --remote; accepted: one of the two", "--config"
             )
         return load_config(args.config)
     if not args.name:
-        raise UserError("a device NAME (or --config FILE) is required", "NAME")
+        raise UserError("is missing; accepted: a device NAME, or --config FILE", "NAME")
     for flag in ("vni", "remote"):
         if getattr(args, flag) is None:
-            raise UserError("is required", f"--{flag}")
+            raise UserError(f"is required; accepted: {REQUIRED[flag]}", f"--{flag}")
     raw: dict[str, Any] = {
         "name": args.name,
         "vni": args.vni,
@@ -228,6 +264,7 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
         "reflect_options": args.reflect_options,
         "mac": args.mac,
         "addresses": args.address,
+        "wire_sized": args.wire_sized,
     }
     try:
         spec = build_spec(raw)
@@ -264,11 +301,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     check_together(specs)
     engine = args.engine or settings.get("engine", "c")
     if engine not in ENGINES:
-        raise UserError(f"{engine!r} is not one of {', '.join(ENGINES)}", "--engine")
+        raise UserError(f"{engine!r} is not an engine; accepted: {', '.join(ENGINES)}", "--engine")
     netns = args.netns or settings.get("netns")
     offload = args.offload if args.offload is not None else settings.get("offload")
     if offload is not None and not isinstance(offload, bool):
-        raise UserError(f"{offload!r} is not true or false", "offload")
+        raise UserError(f"{offload!r} is not a boolean; accepted: true, false", "offload")
     daemon_args = _daemon_args(args, settings, engine, offload)
     auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class, settings)
     if auth is not None:
@@ -276,10 +313,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         daemon_args["auth"] = auth
     fmt = logs.resolve(args.log_format)
     if os.geteuid() != 0:
-        raise UserError("creating devices needs root (CAP_NET_ADMIN)", "up")
+        raise UserError("is run without root; accepted: root (CAP_NET_ADMIN)", "up")
     logs.setup(fmt, args.verbose)
     if netns:
-        from ..daemon import enter_netns
+        from ..netns import enter_netns
 
         enter_netns(str(netns))
     if args.detach:
@@ -324,7 +361,7 @@ def _daemon_args(
         except (TypeError, ValueError):
             threshold = -1.0
         if isinstance(raw, bool) or not 0 <= threshold <= 1e9:
-            raise UserError(f"{raw!r} is not a number of drops/s in 0..1e9 (0: off)", field)
+            raise UserError(f"{raw!r} is not a number; accepted: drops/s in 0..1e9 (0: off)", field)
         out["drop_alarm"] = threshold
     workers = _int_setting(
         args.workers, settings.get("workers"), "workers", MIN_WORKERS, MAX_WORKERS
@@ -352,7 +389,7 @@ def _run_daemon(
 def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
-    from ..daemon import run_dir
+    from ..control import run_dir
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -406,7 +443,8 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
 def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The running tunnels the command asks about: like `ip link`, those of the current
     network namespace unless --netns, --all or --pid say otherwise."""
-    from ..daemon import netns_id, query_all
+    from ..control import query_all
+    from ..netns import netns_inode
 
     name: str | None = args.name
     rows = []
@@ -414,9 +452,13 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.pid is not None:
         replies = [r for r in replies if r.get("pid") == args.pid]
         if not replies:
-            raise UserError(f"no running dataplane with pid {args.pid}", "--pid")
+            raise UserError(
+                f"{args.pid} is not running a dataplane; accepted: a pid from `geneve-dp show "
+                "--all --json`",
+                "--pid",
+            )
     elif not args.all:
-        wanted = netns_id(args.netns)
+        wanted = netns_inode(args.netns)
         replies = [r for r in replies if r.get("netns_id") == wanted]
     for reply in replies:
         for tunnel in reply.get("tunnels", []):
@@ -424,7 +466,10 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     if name is not None:
         rows = [t for t in rows if t.get("name") == name]
         if not rows:
-            raise UserError(f"no running tunnel named {name!r}", "NAME")
+            raise UserError(
+                f"{name!r} is not a running tunnel here; accepted: a device `geneve-dp show` lists",
+                "NAME",
+            )
     return rows
 
 
@@ -462,7 +507,7 @@ def _number(value: str, field: str, low: float, high: float) -> float:
     except ValueError:
         n = float("nan")
     if not low <= n <= high:
-        raise UserError(f"{value!r} is not a number in {low:g}..{high:g}", field)
+        raise UserError(f"{value!r} is not a number in range; accepted: {low:g}..{high:g}", field)
     return n
 
 
@@ -496,7 +541,7 @@ def _watch(args: argparse.Namespace) -> int:
     interval = _number(args.interval, "--interval", 0.1, 3600)
     count = _number(args.count, "--count", 0, 1e9)
     if count != int(count):
-        raise UserError(f"{args.count!r} is not a whole number", "--count")
+        raise UserError(f"{args.count!r} is not a whole number; accepted: 0..1e9", "--count")
     tunnels_of(args)  # a wrong NAME, --pid or --netns is an error now, not an empty view
 
     def fetch() -> list[dict[str, Any]]:

@@ -3,11 +3,14 @@
 Status layout (one dict per tunnel)::
 
     name, ifindex, vni, remote, local, port, mode, mtu, mac (TAP; else None), engine,
+    wire_sized (no packet leaves bigger than the underlay MTU; spec.py),
     offloads: {tso, rx_coalesce_tcp, rx_coalesce_udp, udp_gso, udp_gro, tx_inject}
               (what the kernel accepted; tso: the device runs with IFF_VNET_HDR;
               tx_inject: TCP super-frames and UDP runs leave whole through the
               inject device),
     inject_device (its name while tx_inject, else None),
+    inject_probes ({left, late, stopped, unseen}: the inject device's probes by outcome,
+                   inject.py; None for a tunnel that never injects),
     counters: {rx_packets, rx_bytes, tx_packets, tx_bytes, control, tx_fragmented,
                tx_gso_frames (TSO super-frames segmented; offload only),
                rx_gro_frames (super-frames written to the device; offload only),
@@ -54,7 +57,9 @@ Design notes (the kernel geneve contract, and where this differs):
   underlay and segments only where a device must; through a veth the peer receives
   the super-packet itself and writes it to its device as one GSO frame. Runs of one
   UDP flow go the same way (UDP_L4 super-frames). A probe every 5 s turns it off (log
-  line) once what is written there no longer leaves (inject.py).
+  line) once what is written there enters and no longer leaves, and on again (log
+  line) once a probe leaves; a supervisor scheduled late counts for nothing
+  (inject.py).
 - Workers (C engine; default one per two cores): every device gets one queue per worker
   (IFF_MULTI_QUEUE) and every port one SO_REUSEPORT receive socket per worker. The
   kernel keeps a flow on one queue and one socket, so a flow's packets stay in order;
@@ -125,7 +130,8 @@ class GroupEngine(Protocol):
     def counters(self, i: int) -> dict[str, object]: ...
     def offloads(self, i: int) -> dict[str, bool]: ...
     def socket_counters(self) -> dict[str, object]: ...
-    def stop_injecting(self) -> None: ...
+    def injectable(self, i: int) -> bool: ...
+    def set_injecting(self, on: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -182,6 +188,7 @@ class Dataplane:
         # offloads, unless GDP_INJECT=0.
         self.inject = self.offload and os.environ.get("GDP_INJECT", "1") != "0"
         self._injector: Injector | None = None
+        self._injecting = False  # what the engines were last told (inject.py)
         self._groups: list[Group] = []
         self._engines: list[GroupEngine] = []
         self._stop_fd = -1
@@ -214,6 +221,9 @@ class Dataplane:
         except BaseException:
             self._teardown()
             raise
+        if self._injector is not None:
+            # A shared device keeps its state: the engines start as it says.
+            self._set_injecting(self._injector.on)
         for eng in self._engines:
             eng.start()
         if self._ctl is not None:
@@ -305,22 +315,43 @@ class Dataplane:
         self._check_inject()
 
     def _check_inject(self) -> None:
-        """Probe the inject device's way out now and then (inject.py); stop injecting
-        once a probe did not leave (the engines then segment, as without it)."""
+        """Probe the inject device's way out now and then (inject.py) and have the
+        engines inject or segment as the probes say, with one log line per change."""
         inj = self._injector
-        if inj is None or inj.failed:
+        if inj is None:
             return
-        tun = next((t for g in self._groups for t in g.tunnels if injectable(t.spec)), None)
-        if tun is None or inj.check(str(tun.local), str(tun.spec.remote)):
+        tuns = [t for g in self._groups for t in g.tunnels if injectable(t.spec)]
+        if not tuns:
             return
-        log.warning(
-            "%d probes in a row written to %s did not leave by the underlay (a FORWARD "
-            "rule or policy?): TCP super-frames are segmented here from now on",
-            PROBE_TRIES,
-            inj.name,
-        )
+        on = inj.check(str(tuns[0].local), str(tuns[0].spec.remote))
+        if on == self._injecting:
+            return
+        self._set_injecting(on)
+        names = ", ".join(t.spec.name for t in tuns)
+        if on:
+            log.info(
+                "%s: a probe written to %s left by the underlay again: TCP super-frames "
+                "and UDP runs leave whole again",
+                names,
+                inj.name,
+                extra={"event": "inject_on", "device": inj.name},
+            )
+        else:
+            log.warning(
+                "%s: %d probes in a row entered %s and did not leave by the underlay (a "
+                "FORWARD rule or policy, no route, no neighbour?): TCP super-frames are "
+                "segmented here until a probe leaves again (next in %.0f s, then less often)",
+                names,
+                PROBE_TRIES,
+                inj.name,
+                inj.retry,
+                extra={"event": "inject_off", "device": inj.name},
+            )
+
+    def _set_injecting(self, on: bool) -> None:
+        self._injecting = on
         for eng in self._engines:
-            eng.stop_injecting()
+            eng.set_injecting(on)
 
     # ------------------------------------------------------------- control messages
 
@@ -356,7 +387,8 @@ class Dataplane:
 
     def status(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
-        inject = self._injector.name if self._injector is not None else None
+        inj = self._injector
+        inject = inj.name if inj is not None else None
         for group, eng in zip(self._groups, self._engines, strict=False):
             sock = {"family": group.family, "port": group.port, **eng.socket_counters()}
             for i, tun in enumerate(group.tunnels):
@@ -374,8 +406,12 @@ class Dataplane:
                         "mtu": tun.device.mtu,
                         "mac": ":".join(f"{b:02x}" for b in tun.device.mac) or None,
                         "engine": eng.name,
+                        "wire_sized": spec.wire_sized,
                         "offloads": offloads,
                         "inject_device": inject if offloads["tx_inject"] else None,
+                        "inject_probes": (
+                            dict(inj.probes) if inj is not None and eng.injectable(i) else None
+                        ),
                         "counters": eng.counters(i),
                         "auth": self._auth_status(spec),
                         "socket": sock,

@@ -129,6 +129,7 @@ class CGroupEngine:
         self.nice = nice
         n = len(group.tunnels)
         self._keep: list[Any] = []
+        self._inject_ok: set[int] = set()  # tunnels given the inject device
         self.sockets: list[socket.socket] = []
         self.tunnels = ffi.new("struct gdp_tunnel[]", n)
         for i, tun in enumerate(group.tunnels):
@@ -154,6 +155,7 @@ class CGroupEngine:
             name = tun.underlay_dev.encode()[:15]
             ffi.memmove(t.underlay_ifname, name, len(name))
             if injector and tun.device.vnet_hdr and injectable(spec):
+                self._inject_ok.add(i)
                 t.inject = 1
                 t.inj_fd = injector.fd
                 ffi.memmove(t.inj_mac, injector.mac, 6)
@@ -164,8 +166,11 @@ class CGroupEngine:
                 # with SO_NO_CHECK): with the IPv4 default of checksum 0 the segments
                 # go one datagram each by sendmmsg on these connected sockets (their
                 # cached route saves the raw socket's route lookup per packet).
-                t.gso_nocsum = not spec.tx_udp_csum
-                for k, sock in enumerate(self._gso_sockets(tun, spec.tx_udp_csum)):
+                # wire_sized: one datagram per segment even with checksums, so no
+                # UDP GSO super-packet crosses the underlay whole.
+                gso = spec.tx_udp_csum and not spec.wire_sized
+                t.gso_nocsum = not gso
+                for k, sock in enumerate(self._gso_sockets(tun, gso)):
                     t.gso_fds[k] = sock.fileno()
                     t.gso_ports[k] = sock.getsockname()[1]
                     t.n_gso = k + 1
@@ -327,10 +332,16 @@ class CGroupEngine:
             "tx_inject": bool(t.inject),  # super-frames whole through the inject device
         }
 
-    def stop_injecting(self) -> None:
+    def injectable(self, i: int) -> bool:
+        """Whether tunnel i was given the inject device (it injects while that is on)."""
+        return i in self._inject_ok
+
+    def set_injecting(self, on: bool) -> None:
+        """Inject (or segment here) from the next frame on; engine.c reads the flag
+        per frame."""
         for w in self.workers:
-            for i in range(len(self.group.tunnels)):
-                w.tunnels[i].inject = 0
+            for i in self._inject_ok:
+                w.tunnels[i].inject = int(on)
 
     def socket_counters(self) -> dict[str, object]:
         """The port's receive counters, summed over the workers' sockets."""

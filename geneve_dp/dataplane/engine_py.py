@@ -589,7 +589,11 @@ class PyGroupEngine:
             False,
         )
 
-    def stop_injecting(self) -> None:
+    def injectable(self, i: int) -> bool:
+        """Never injects."""
+        return False
+
+    def set_injecting(self, on: bool) -> None:
         """Never injects."""
 
     def close(self) -> None:

@@ -14,23 +14,38 @@ The frames enter the stack as if received on this device, so the device forwards
 the device is not made and the engine segments as before, with a log line saying why.
 
 Forwarded packets pass the FORWARD hook, which the netns' firewall may close (a
-policy of DROP, as Docker sets). So a probe goes the same way every PROBE_INTERVAL
-seconds: an ICMP echo reply (which nobody answers) from the tunnel's local address to
-its remote, written to the device and looked for leaving by an AF_PACKET socket whose
-BPF filter passes only it. The socket is open only for the probe's few milliseconds:
-while any packet socket is open, the kernel clones every outgoing packet for it. If
-PROBE_TRIES probes in a row do not leave, the supervisor stops injecting (engine.c
-then segments).
+policy of DROP, as Docker sets). So a probe goes the same way now and then: an ICMP
+echo reply (which nobody answers) from the tunnel's local address to its remote,
+written to the device and looked for by an AF_PACKET socket whose BPF filter passes
+only it. The socket is open only for the probe's few milliseconds: while any packet
+socket is open, the kernel clones every packet for it.
+
+The socket sees the probe twice: entering the inject device (the kernel took the
+write in) and leaving by the underlay. A probe is judged on that evidence, never on
+how soon the supervisor got to look:
+
+- left: it left by the underlay within PROBE_WAIT, or ``late``: after it (the
+  supervisor was not scheduled in time and found it queued, or the underlay's queue
+  held it);
+- stopped: it entered and did not leave within PROBE_QUEUED_WAIT (or the write
+  failed): a FORWARD rule, no route, no neighbour;
+- unseen: the kernel had not even taken it in when the wait was over (softirq
+  backlog): no evidence either way, so it counts for nothing.
+
+PROBE_TRIES stopped probes in a row turn injection off (engine.c then segments);
+probing goes on, backing off, and the first probe that leaves turns it on again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import ipaddress
 import logging
 import os
 import random
+import select
 import socket
 import struct
 import time
@@ -61,10 +76,15 @@ INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (engine.c INJ_V
 CONF = Path("/proc/sys/net/ipv4/conf")
 
 
-PROBE_INTERVAL = 5.0  # seconds between probes
-PROBE_WAIT = 0.05  # how long a probe may take to leave (it leaves within the write)
-PROBE_TRIES = 3  # probes in a row that must fail, PROBE_RETRY apart
-PROBE_RETRY = 0.2
+PROBE_INTERVAL = 5.0  # seconds between probes while they leave
+PROBE_WAIT = 0.05  # how long a probe takes to leave, write included (else: late)
+PROBE_QUEUED_WAIT = 0.2  # how long one seen entering may sit in the underlay's queue
+PROBE_TRIES = 3  # stopped probes in a row that turn injection off
+PROBE_RETRY = 0.2  # the first retry after a probe that did not leave, while on
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0  # retries while off: doubling, within these
+# What became of a probe (module doc); the status counts each.
+LEFT, LATE, STOPPED, UNSEEN = "left", "late", "stopped", "unseen"
+PROBE_OUTCOMES = (LEFT, LATE, STOPPED, UNSEEN)
 ICMP_ECHO_REPLY = 0
 PROBE_TOKEN = b"geneve-dp inject probe"
 
@@ -89,6 +109,27 @@ def _probe_filter(ident: int) -> bytes:
     return assemble(prog)
 
 
+def _watch_socket(ident: int) -> socket.socket:
+    """A packet socket on every device that receives only the probes: opened with
+    protocol 0 (nothing arrives), filtered, then bound to all protocols, so nothing
+    unfiltered can fill its buffer in between."""
+    watch = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        attach_filter(watch, _probe_filter(ident))
+        # struct sockaddr_ll with ifindex 0 (every device), which Python's bind
+        # cannot name.
+        addr = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(ETH_P_ALL), 0, 0, 0, 0, b"")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.bind(watch.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        watch.setblocking(False)
+    except BaseException:
+        watch.close()
+        raise
+    return watch
+
+
 @dataclass
 class Injector:
     fd: int
@@ -96,11 +137,15 @@ class Injector:
     mac: bytes
     ident: int
     seq: int = 0
-    misses: int = 0  # probes in a row that did not leave
+    misses: int = 0  # stopped probes in a row
     next_probe: float = 0.0  # monotonic time of the next probe
-    failed: bool = False
+    retry: float = 0.0  # the last delay after a probe that did not leave
+    on: bool = True  # whether injecting is wanted (module doc)
     users: int = 1
     netns: int = 0  # inode of the network namespace it lives in
+
+    def __post_init__(self) -> None:
+        self.probes = dict.fromkeys(PROBE_OUTCOMES, 0)
 
     def close(self) -> None:
         """Let go of it; the device goes with the last user (a supervisor that replaces
@@ -114,48 +159,71 @@ class Injector:
                 os.close(self.fd)  # the device goes with its fd
             self.fd = -1
 
-    def check(self, local: str, remote: str) -> bool:
-        """Probe when one is due; False once PROBE_TRIES in a row failed (for good)."""
-        if self.failed:
-            return False
-        now = time.monotonic()
+    def check(self, local: str, remote: str, now: float | None = None) -> bool:
+        """Probe when one is due; whether to inject (module doc)."""
+        now = time.monotonic() if now is None else now
         if now < self.next_probe:
-            return True
-        if self._probe(local, remote):
-            self.misses = 0
+            return self.on
+        outcome = self._probe(local, remote)
+        self.probes[outcome] += 1
+        if outcome in (LEFT, LATE):
+            self.misses, self.retry, self.on = 0, 0.0, True
             self.next_probe = now + PROBE_INTERVAL
             return True
-        self.misses += 1
-        self.next_probe = now + PROBE_RETRY
-        self.failed = self.misses >= PROBE_TRIES
-        return not self.failed
+        if outcome == STOPPED:
+            self.misses += 1
+            if self.misses >= PROBE_TRIES:
+                self.on = False
+        # Again soon, then less and less often while nothing is learnt.
+        low, high = (PROBE_RETRY, PROBE_INTERVAL) if self.on else (BACKOFF_MIN, BACKOFF_MAX)
+        self.retry = min(high, max(low, 2 * self.retry))
+        self.next_probe = now + self.retry
+        return self.on
 
-    def _probe(self, local: str, remote: str) -> bool:
-        """Write one probe; whether it left by a device within PROBE_WAIT."""
+    def _probe(self, local: str, remote: str) -> str:
+        """Write one probe and judge it by what the packet socket saw (module doc)."""
         self.seq = (self.seq + 1) & 0xFFFF
         try:
-            # Unbound, on every device: the probe leaves by whichever the route picks.
-            # What arrives before the filter is attached is read past below.
-            watch = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            watch = _watch_socket(self.ident)
         except OSError:
-            return True  # cannot look: no evidence against the device
+            return UNSEEN  # cannot look: no evidence against the device
         with watch:
-            attach_filter(watch, _probe_filter(self.ident))
+            # The wait counts from before the write: a supervisor descheduled on
+            # the way back from it has let the wait run out.
+            waited = time.monotonic() + PROBE_WAIT
             try:
                 os.write(self.fd, bytes(INJECT_VNET_HDR_LEN) + self._frame(local, remote))
             except OSError:
-                return False
-            deadline = time.monotonic() + PROBE_WAIT
-            while (left := deadline - time.monotonic()) > 0:
-                watch.settimeout(left)
-                try:
-                    data, addr = watch.recvfrom(256)
-                except TimeoutError:
-                    break
-                seq = struct.unpack_from("!H", data, 14 + 20 + 6)[0] if len(data) >= 42 else -1
-                if addr[2] == PACKET_OUTGOING and seq == self.seq and PROBE_TOKEN in data:
-                    return True
-        return False
+                return STOPPED
+            entered = False
+            deadline = waited
+            while True:
+                # Everything queued is read before the clock is looked at: a
+                # supervisor scheduled late finds the probe there.
+                for ifname, pkttype in self._drain(watch):
+                    if pkttype == PACKET_OUTGOING:
+                        return LATE if time.monotonic() > waited else LEFT
+                    if ifname == self.name and not entered:
+                        # In: it leaves within the same softirq pass, or once the
+                        # underlay's queue lets it.
+                        entered = True
+                        deadline = max(deadline, time.monotonic() + PROBE_QUEUED_WAIT)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return STOPPED if entered else UNSEEN
+                select.select([watch], [], [], left)
+
+    def _drain(self, watch: socket.socket) -> list[tuple[str, int]]:
+        """(device, packet type) of this probe's copies queued on ``watch``."""
+        out: list[tuple[str, int]] = []
+        while True:
+            try:
+                data, addr = watch.recvfrom(256)
+            except BlockingIOError:
+                return out
+            seq = struct.unpack_from("!H", data, 14 + 20 + 6)[0] if len(data) >= 42 else -1
+            if seq == self.seq and PROBE_TOKEN in data:
+                out.append((addr[0], addr[2]))
 
     def _frame(self, local: str, remote: str) -> bytes:
         icmp = struct.pack("!BBHHH", ICMP_ECHO_REPLY, 0, 0, self.ident, self.seq) + PROBE_TOKEN
@@ -175,10 +243,17 @@ _open: dict[int, Injector] = {}  # this process's inject devices, by netns inode
 
 def injectable(spec: TunnelSpec) -> bool:
     """Whether a tunnel may send through the inject device: IPv4 without checksums
-    (elsewhere the sockets' UDP GSO serves) and a TTL that forwarding can take one
-    off of. Not with authentication: each segment must carry its own MAC, and the
-    kernel would copy one MAC to every segment it cuts."""
-    return spec.family == 4 and not spec.tx_udp_csum and spec.ttl < 255 and spec.auth_class is None
+    (elsewhere the sockets' UDP GSO serves), a TTL that forwarding can take one off
+    of, and super-packets allowed on the underlay (not ``wire_sized``). Not with
+    authentication: each segment must carry its own MAC, and the kernel would copy
+    one MAC to every segment it cuts."""
+    return (
+        spec.family == 4
+        and not spec.tx_udp_csum
+        and spec.ttl < 255
+        and not spec.wire_sized
+        and spec.auth_class is None
+    )
 
 
 NAMES = [f"gdpx{i}" for i in range(16)]  # names are per netns; the first free one
@@ -196,7 +271,7 @@ def open_injector() -> Injector | None:
     not allow it. Within one process and netns, every caller shares one."""
     netns = os.stat("/proc/self/ns/net").st_ino
     shared = _open.get(netns)
-    if shared is not None and not shared.failed:
+    if shared is not None:
         shared.users += 1
         return shared
     made = _make_injector()

@@ -44,7 +44,26 @@ TOP_LEVEL_KEYS = (
     "auth_option_class",
 )
 
-_IFNAME = re.compile(r"^[^\s/:]{1,15}$")  # IFNAMSIZ - 1, no whitespace, '/' or ':'
+# The kernel's rule for a device name (dev_valid_name): 1..IFNAMSIZ-1 bytes, counted in
+# UTF-8 since that is what reaches the kernel, not "." or "..", no whitespace, '/' or ':'.
+IFNAMSIZ = 16
+_IFNAME_FORBIDDEN = re.compile(r"[\s/:\x00]")
+NAME_ACCEPTED = f"1..{IFNAMSIZ - 1} bytes (UTF-8), no whitespace, '/', ':' or NUL, not '.' or '..'"
+
+
+def check_ifname(value: object, field_name: str) -> str:
+    """A device name the kernel will take, or a UserError saying why not."""
+    if not isinstance(value, str):
+        raise UserError(f"{value!r} is not a string; accepted: {NAME_ACCEPTED}", field_name)
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        size = -1
+    if size < 0 or not value or value in (".", "..") or _IFNAME_FORBIDDEN.search(value):
+        raise UserError(f"{value!r} is not a device name; accepted: {NAME_ACCEPTED}", field_name)
+    if size >= IFNAMSIZ:
+        raise UserError(f"{value!r} is {size} bytes long; accepted: {NAME_ACCEPTED}", field_name)
+    return value
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,11 @@ class TunnelSpec:
     addresses: tuple[IPInterface, ...] = ()  # put on the device once it is up
     # Integrity option class (geneve_dp/auth) when the tunnel authenticates, else None.
     auth_class: int | None = None
+    # Every packet leaves this process no bigger than the underlay MTU: no TCP
+    # super-frame or UDP run through the inject device, no UDP GSO send. For a peer
+    # that reads the underlay raw (an AF_PACKET reader such as Open vSwitch's
+    # userspace datapath), which would otherwise get super-packets whole off a veth.
+    wire_sized: bool = False
 
     @property
     def family(self) -> int:
@@ -98,45 +122,58 @@ def parse_address(value: object, field_name: str) -> IPAddress:
     try:
         return ipaddress.ip_address(str(value))
     except ValueError as exc:
-        raise UserError(f"{value!r} is not an IPv4 or IPv6 address", field=field_name) from exc
+        raise UserError(
+            f"{value!r} is not an IPv4 or IPv6 address; accepted: e.g. 10.0.0.2 or fd00::2",
+            field_name,
+        ) from exc
 
 
-def _int(value: object, field_name: str, lo: int, hi: int) -> int:
+def whole_number(value: object, field_name: str, lo: int, hi: int) -> int:
+    """An integer in lo..hi from an int or a string in decimal or 0x hex."""
     # A float would be cut to an integer without a word (vni = 1.5 is VNI 1): refused.
     if isinstance(value, bool | float):
-        raise UserError(f"{value!r} is not a whole number in {lo}..{hi}", field=field_name)
+        raise UserError(f"{value!r} is not a whole number; accepted: {lo}..{hi}", field_name)
     try:
         number = int(value, 0) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError) as exc:
-        raise UserError(f"{value!r} is not a number in {lo}..{hi}", field=field_name) from exc
+        raise UserError(
+            f"{value!r} is not a number; accepted: {lo}..{hi} (decimal or 0x hex)", field_name
+        ) from exc
     if not lo <= number <= hi:
-        raise UserError(f"{number} is out of range {lo}..{hi}", field=field_name)
+        raise UserError(f"{number} is out of range; accepted: {lo}..{hi}", field=field_name)
     return number
 
 
 def _choice(value: object, field_name: str, choices: tuple[str, ...]) -> Any:
     if value not in choices:
-        raise UserError(f"{value!r} is not one of {', '.join(choices)}", field=field_name)
+        raise UserError(f"{value!r} is not accepted; accepted: {', '.join(choices)}", field_name)
     return value
 
 
 def _bool(value: object, field_name: str) -> bool:
     if not isinstance(value, bool):
-        raise UserError(f"{value!r} is not true or false", field=field_name)
+        raise UserError(f"{value!r} is not true or false; accepted: true, false", field=field_name)
     return value
 
 
 def _list(value: object, field_name: str, what: str) -> list[Any] | tuple[Any, ...]:
     if not isinstance(value, list | tuple):
-        raise UserError(f"{value!r} is not a list of {what}", field=field_name)
+        raise UserError(f"{value!r} is not a list; accepted: a list of {what}", field_name)
     return value
 
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
+# What a missing required key accepts, for its error message.
+REQUIRED = {
+    "name": "a device name, " + NAME_ACCEPTED,
+    "vni": f"0..{wire.MAX_VNI} (decimal or 0x hex)",
+    "remote": "the peer's IPv4 or IPv6 address",
+}
+
 KEYS = (
     "name vni remote local port mode mtu ttl tos df udp_csum udp6_zero_csum_rx "
-    "options reflect_options mac addresses"
+    "options reflect_options mac addresses wire_sized"
 ).split()
 
 
@@ -147,29 +184,31 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
     """
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
-        raise UserError(f"unknown key; accepted keys: {', '.join(KEYS)}", field=where + unknown[0])
+        raise UserError(f"unknown key; accepted: {', '.join(KEYS)}", field=where + unknown[0])
 
     def f(key: str) -> str:
         return where + key
 
     if "name" not in raw or "vni" not in raw or "remote" not in raw:
         missing = next(k for k in ("name", "vni", "remote") if k not in raw)
-        raise UserError("is required", field=f(missing))
-    name = str(raw["name"])
-    if not _IFNAME.match(name):
-        raise UserError(
-            f"{name!r} is not a device name (1-15 characters, no spaces, '/' or ':')",
-            field=f("name"),
-        )
-    vni = _int(raw["vni"], f("vni"), 0, wire.MAX_VNI)
+        raise UserError(f"is required; accepted: {REQUIRED[missing]}", field=f(missing))
+    name = check_ifname(raw["name"], f("name"))
+    vni = whole_number(raw["vni"], f("vni"), 0, wire.MAX_VNI)
     remote = parse_address(raw["remote"], f("remote"))
     if remote.is_unspecified or remote.is_multicast:
-        raise UserError(f"{remote} is not a unicast address", field=f("remote"))
+        raise UserError(
+            f"{remote} is not a unicast address; accepted: a unicast IPv4 or IPv6 address",
+            f("remote"),
+        )
     local = parse_address(raw["local"], f("local")) if raw.get("local") is not None else None
     if local is not None and local.version != remote.version:
-        raise UserError(f"{local} is not of the same family as remote {remote}", field=f("local"))
+        raise UserError(
+            f"{local} is not of the same family as remote {remote}; accepted: an "
+            f"IPv{remote.version} address",
+            f("local"),
+        )
     mode: Mode = _choice(raw.get("mode", "tap"), f("mode"), MODES)
-    mtu = _int(raw["mtu"], f("mtu"), 68, 65535) if raw.get("mtu") is not None else None
+    mtu = whole_number(raw["mtu"], f("mtu"), 68, 65535) if raw.get("mtu") is not None else None
     options = tuple(
         parse_option(str(o), field=f("options")) if not isinstance(o, codec.Option) else o
         for o in _list(raw.get("options", ()), f("options"), "CLASS:TYPE:HEX strings")
@@ -181,25 +220,32 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
     mac = raw.get("mac")
     if mac is not None:
         if mode != "tap":
-            raise UserError("only a TAP device has a MAC address", field=f("mac"))
+            raise UserError(
+                "a TUN device has no MAC; accepted: mac only on a TAP device (mode tap)", f("mac")
+            )
         if not _MAC.match(str(mac)) or int(str(mac)[:2], 16) & 1:
-            raise UserError(f"{mac!r} is not a unicast MAC like 02:00:00:00:00:01", field=f("mac"))
+            raise UserError(
+                f"{mac!r} is not a unicast MAC; accepted: e.g. 02:00:00:00:00:01", f("mac")
+            )
     addresses = []
     for text in _list(raw.get("addresses", ()), f("addresses"), "address/prefix strings"):
         try:
             addresses.append(ipaddress.ip_interface(str(text)))
         except ValueError as exc:
-            raise UserError(f"{text!r} is not an address/prefix", field=f("addresses")) from exc
-    tos = _int(raw["tos"], f("tos"), 0, 255) if raw.get("tos") is not None else None
+            raise UserError(
+                f"{text!r} is not an address/prefix; accepted: e.g. 192.168.126.1/30",
+                f("addresses"),
+            ) from exc
+    tos = whole_number(raw["tos"], f("tos"), 0, 255) if raw.get("tos") is not None else None
     return TunnelSpec(
         name=name,
         vni=vni,
         remote=remote,
         local=local,
-        port=_int(raw.get("port", wire.GENEVE_PORT), f("port"), 1, 65535),
+        port=whole_number(raw.get("port", wire.GENEVE_PORT), f("port"), 1, 65535),
         mode=mode,
         mtu=mtu,
-        ttl=_int(raw.get("ttl", 64), f("ttl"), 1, 255),
+        ttl=whole_number(raw.get("ttl", 64), f("ttl"), 1, 255),
         tos=tos,
         df=_choice(raw.get("df", "unset"), f("df"), DF_POLICIES),
         udp_csum=_bool(raw["udp_csum"], f("udp_csum")) if raw.get("udp_csum") is not None else None,
@@ -208,6 +254,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         reflect_options=_bool(raw.get("reflect_options", False), f("reflect_options")),
         mac=str(mac).lower() if mac is not None else None,
         addresses=tuple(addresses),
+        wire_sized=_bool(raw.get("wire_sized", False), f("wire_sized")),
     )
 
 
@@ -215,17 +262,18 @@ def check_together(specs: list[TunnelSpec]) -> None:
     """Refuse sets of tunnels the kernel would refuse: duplicate names, or two tunnels
     that a receiver could not tell apart (same port, VNI and remote)."""
     if not specs:
-        raise UserError("no tunnel given", field="tunnel")
+        raise UserError("no tunnel given; accepted: one or more [[tunnel]] tables", "tunnel")
     names: set[str] = set()
     keys: dict[tuple[int, int, IPAddress], str] = {}
     for spec in specs:
         if spec.name in names:
-            raise UserError(f"{spec.name!r} appears twice", field="name")
+            raise UserError(f"{spec.name!r} appears twice; accepted: distinct names", "name")
         names.add(spec.name)
         key = (spec.port, spec.vni, spec.remote)
         if key in keys:
             raise UserError(
-                f"{spec.name!r} and {keys[key]!r} have the same port, VNI and remote",
+                f"{spec.name!r} and {keys[key]!r} have the same port, VNI and remote; accepted: "
+                "tunnels that differ in one of them",
                 field="vni",
             )
         keys[key] = spec.name
@@ -240,16 +288,22 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror}", field="--config") from exc
+        raise UserError(
+            f"cannot read {path}: {exc.strerror}; accepted: a readable TOML file", "--config"
+        ) from exc
     except UnicodeDecodeError as exc:
         raise UserError(
-            f"{path} is not UTF-8 text (TOML must be): byte {exc.start}", field="--config"
+            f"{path} is not UTF-8 text at byte {exc.start}; accepted: TOML, which is UTF-8",
+            "--config",
         ) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path} is not valid TOML: {exc}", field="--config") from exc
+        raise UserError(f"{path} is not valid TOML ({exc}); accepted: TOML", "--config") from exc
     tables = data.pop("tunnel", None)
     if not isinstance(tables, list) or not tables:
-        raise UserError(f"{path} has no [[tunnel]] tables", field="--config")
+        raise UserError(
+            f"{path} has no [[tunnel]] tables; accepted: one or more [[tunnel]] tables",
+            "--config",
+        )
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise UserError(
@@ -258,7 +312,7 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
         )
     for i, t in enumerate(tables):
         if not isinstance(t, dict):
-            raise UserError(f"{t!r} is not a table (write [[tunnel]] sections)", f"tunnel[{i}]")
+            raise UserError(f"{t!r} is not a table; accepted: [[tunnel]] tables", f"tunnel[{i}]")
     specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]
     check_together(specs)
     return specs, data

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import os
 import select
 import socket
 from collections.abc import Iterator
@@ -363,39 +362,3 @@ class Changes:
 
     def close(self) -> None:
         self._ipr.close()
-
-
-# --- namespaces ------------------------------------------------------------------------
-
-
-def netns_id(pid: int | str = "self") -> tuple[int, int] | None:
-    """Identity of a process's network namespace (None if the process is gone)."""
-    try:
-        st = os.stat(f"/proc/{pid}/ns/net")
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def current_netns_name() -> str:
-    """The name under /run/netns of this process's network namespace, or "host"."""
-    try:
-        me = os.stat("/proc/self/ns/net")
-    except OSError:
-        return "host"
-    try:
-        init = os.stat("/proc/1/ns/net")
-        if (init.st_dev, init.st_ino) == (me.st_dev, me.st_ino):
-            return "host"
-    except OSError:
-        pass
-    run = Path("/run/netns")
-    if run.is_dir():
-        for entry in sorted(run.iterdir()):
-            try:
-                st = entry.stat()
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
-                return entry.name
-    return f"netns-{me.st_ino}"
