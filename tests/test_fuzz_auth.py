@@ -28,9 +28,7 @@ def test_planted_acceptance_of_a_flipped_packet_is_caught(harness: Path, tmp_pat
     assert run([str(target), str(planted)], timeout=60).returncode == 0
 
 
-def test_bounded_fuzz_run_of_the_receive_check_finds_nothing(
-    harness: Path, tmp_path: Path
-) -> None:
+def test_bounded_fuzz_run_of_the_receive_check_finds_nothing(harness: Path, tmp_path: Path) -> None:
     seeds = tmp_path / "seeds"
     seeds.mkdir()
     for i, s in enumerate([seed(b"x" * 60), seed(b"", 7), seed(b"y" * 4, 3), HEADER[:8]]):
