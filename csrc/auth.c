@@ -65,6 +65,8 @@ struct gdp_auth_cache {
     uint32_t next;
 };
 
+_Static_assert(sizeof(struct gdp_auth_cache) <= GDP_AUTH_CACHE_BYTES, "engine room");
+
 static _Atomic uint64_t ring_gen;
 
 size_t gdp_auth_size(void) { return sizeof(struct gdp_auth); }

@@ -65,6 +65,9 @@ struct gdp_auth;       /* per tunnel: current ring, sequence counter, windows */
 struct gdp_auth_ring;  /* immutable key set, sender state */
 struct gdp_auth_cache; /* per receiving thread: derived keys of recent senders */
 
+/* Room an engine reserves for its receive thread's cache (auth.c checks it fits). */
+#define GDP_AUTH_CACHE_BYTES 2304
+
 size_t gdp_auth_size(void);
 size_t gdp_auth_ring_size(void);
 size_t gdp_auth_cache_size(void);

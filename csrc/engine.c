@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "auth.h"
 #include "bytes.h"
 
 #define TX_SLOTS (GDP_BATCH * 4)
@@ -170,6 +171,10 @@ struct gdp_engine {
     uint8_t tx_last[TX_SLOTS];
     uint8_t icmp[ICMP_BUF];
     uint8_t hdr_scratch[GDP_MAX_HEADER_LEN];
+    /* authenticated tunnels: the receive thread's derived keys, and where the
+     * transmit thread lays out a segment whole to MAC it */
+    uint8_t auth_cache[GDP_AUTH_CACHE_BYTES] __attribute__((aligned(16)));
+    uint8_t auth_seg[SEG_HDR_MAX + GDP_FRAME_MAX] __attribute__((aligned(16)));
     uint8_t inj_hdr[24 + 14 + 20 + 8 + GDP_MAX_HEADER_LEN] __attribute__((aligned(8)));
     struct uso_run uso[USO_RUNS];
     uint32_t uso_rr; /* the run to give up next when all are taken */
@@ -939,14 +944,28 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
     struct gdp_counters *c = &t->counters;
     if (h->n_options)
         count_options(t, h);
-    int critical = 0;
-    for (uint32_t i = 0; i < h->n_options; i++)
-        critical |= (h->options[i].type & 0x80) != 0;
+    /* The integrity check comes first: nothing acts on a packet not known to come
+     * from the peer. Its option is the one critical option we know. */
+    size_t auth_off = 0;
+    if (t->auth) {
+        int arc = gdp_auth_verify(t->auth, (struct gdp_auth_cache *)e->auth_cache, pkt, len,
+                                  &auth_off);
+        if (arc != GDP_AUTH_OK) {
+            c->drops[GDP_DROP_AUTH_MISSING + arc - GDP_AUTH_MISSING]++;
+            return;
+        }
+    }
+    int critical = 0, unknown = 0;
+    for (uint32_t i = 0; i < h->n_options; i++) {
+        int crit = (h->options[i].type & 0x80) != 0;
+        critical |= crit;
+        unknown |= crit && !(t->auth && h->options[i].data_offset == auth_off + 4);
+    }
     if (critical != h->critical) {
         c->drops[GDP_DROP_C_BIT_MISMATCH]++;
         return;
     }
-    if (critical) {
+    if (unknown) {
         c->drops[GDP_DROP_CRITICAL_OPTION]++;
         return;
     }
@@ -978,8 +997,20 @@ static void rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len,
         c->drops[GDP_DROP_ECN_NOT_ECT]++;
         return;
     }
-    if (t->reflect && h->opt_len && in.ipver)
-        reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
+    if (t->reflect && h->opt_len && in.ipver) {
+        const uint8_t *opts = pkt + GDP_BASE_HEADER_LEN;
+        size_t olen = (size_t)h->opt_len * 4;
+        uint8_t kept[GDP_MAX_OPTIONS_LEN];
+        if (t->auth) { /* the peer's integrity option is not reflected */
+            size_t at = auth_off - GDP_BASE_HEADER_LEN;
+            memcpy(kept, opts, at);
+            memcpy(kept + at, opts + at + GDP_AUTH_OPT_LEN, olen - at - GDP_AUTH_OPT_LEN);
+            opts = kept;
+            olen -= GDP_AUTH_OPT_LEN;
+        }
+        if (olen)
+            reflect_store(t, f, &in, opts, olen);
+    }
     c->rx_packets++;
     c->rx_bytes += flen;
     if (whole && rx_super(e, t, f, flen, &in))
@@ -1408,6 +1439,10 @@ static void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint
     uint8_t *g = f - hlen;
     memcpy(g, hdr, hlen);
     gdp_store16(g + 2, geneve_proto(t, in.ipver));
+    if (t->auth && gdp_auth_sign(t->auth, g, hlen + flen, t->hdr_len - GDP_AUTH_OPT_LEN) < 0) {
+        c->drops[GDP_DROP_TX_ERROR]++;
+        return;
+    }
 
     size_t iplen = t->family == 4 ? 20 : 40;
     size_t udplen = 8 + hlen + flen;
@@ -1917,6 +1952,12 @@ static void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uin
         uint8_t *g = ih - hlen;
         memcpy(g, hdr, hlen);
         gdp_store16(g + 2, proto);
+        if (t->auth && gdp_auth_sign2(t->auth, g, hlen + hdrs, f + off, n,
+                                      t->hdr_len - GDP_AUTH_OPT_LEN, e->auth_seg,
+                                      sizeof(e->auth_seg)) < 0) {
+            c->drops[GDP_DROP_TX_ERROR]++;
+            continue;
+        }
         if (udp_gso) {
             e->gso_iov[2 * nseg].iov_base = g;
             e->gso_iov[2 * nseg].iov_len = hlen + hdrs;

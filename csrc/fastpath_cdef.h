@@ -94,6 +94,7 @@ struct gdp_reflect_entry {
     uint8_t opts[252];
 };
 
+struct gdp_auth;
 struct gdp_tunnel {
     int dev_fd;
     int mode;
@@ -133,6 +134,7 @@ struct gdp_tunnel {
      * down nothing is injected: sockets then fail, and count, what the kernel
      * would drop unseen behind the inject device. */
     char underlay_ifname[16];
+    struct gdp_auth *auth;
     uint32_t hdr_len;
     uint32_t max_inner;
     uint8_t hdr[260];

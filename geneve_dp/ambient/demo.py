@@ -347,6 +347,8 @@ class Scenario:
         )
         row = self.zt_tunnel(k.ZT_OUTBOUND_TUN)
         d0, rx0, n = row["counters"]["drops"], row["counters"]["rx_packets"], len(self.accepts())
+        tproxy = f"--on-port {k.ZTUNNEL_OUTBOUND_PORT} "
+        tp0 = self.rule_packets(self.w.zt, tproxy)
         mac = bytes.fromhex(str(row["mac"]).replace(":", ""))
         script = forged_sender(a.ip, mac, int(row["port"]), int(row["auth"]["option_class"], 16))
         self.w.run(self.w.node, sys.executable, "-c", script)
@@ -356,6 +358,8 @@ class Scenario:
             got = d1[reason] - d0[reason]
             s.check(got == 1, f"{k.ZT_OUTBOUND_TUN} {reason}: +{got}")
         s.check(rx1 == rx0, f"{k.ZT_OUTBOUND_TUN} delivered {rx1 - rx0} packets meanwhile")
+        tp = self.rule_packets(self.w.zt, tproxy) - tp0
+        s.check(tp == 0, f"ztunnel TPROXY to {k.ZTUNNEL_OUTBOUND_PORT}: +{tp} packets")
         new = self._new_accepts(n)
         s.check(not new, f"proxy accepted {len(new)} connection(s) from the forged packets")
         g0 = self.geneve()
@@ -441,7 +445,7 @@ pseudo = src + dst + struct.pack("!HH", 6, len(tcp))
 tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
 ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, src, dst)
 ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-frame = {dst_mac!r} + bytes.fromhex("02000000f00d") + b"\x08\x00" + ip + tcp
+frame = {dst_mac!r} + bytes.fromhex("02000000f00d0800") + ip + tcp
 plain = struct.pack("!BBHI", 0, 0, 0x6558, {k.OUTBOUND_TUN_VNI} << 8) + frame
 opt = struct.pack("!HBB", {opt_class}, 0x81, 9) + bytes(20) + os.urandom(16)
 forged = struct.pack("!BBHI", len(opt) // 4, 0x40, 0x6558, {k.OUTBOUND_TUN_VNI} << 8) + opt + frame
