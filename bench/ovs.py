@@ -137,9 +137,9 @@ class OvsNode:
                     self._run("ovs-appctl", "-t", str(self.rundir / ctl), "exit", timeout=5)
         deadline = time.monotonic() + 5
         for pid in self.pids:
-            while _alive(pid) and time.monotonic() < deadline:
+            while running(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if running(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.pids.clear()
@@ -154,7 +154,7 @@ def _pid(path: Path) -> int:
     return int(path.read_text().strip())
 
 
-def _alive(pid: int) -> bool:
+def running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

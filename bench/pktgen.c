@@ -24,7 +24,9 @@
  *   sink       --bind IP --port N [--timeout S] [--idle S] [--max-samples N]
  *   rr-server  --bind IP --port N [--timeout S]
  *   rr         --dst IP --port N [--size BYTES] [--duration S | --count N]
- *              [--wait-ms MS] [--max-samples N]
+ *              [--wait-ms MS] [--max-samples N] [--rate PER_S]
+ *              (--rate: requests start PER_S times a second on a fixed schedule, still
+ *              one at a time, so the path idles between them: interactive traffic)
  * sink and rr-server write "ready" on stderr once their socket is bound, so a driver
  * knows when to start the sender. They stop on SIGTERM/SIGINT, after --timeout seconds,
  * or (sink only) after --idle seconds without a packet once the first one arrived. */
@@ -798,7 +800,17 @@ static int run_rr(const struct opts *o) {
     /* One request outstanding at a time (ping-pong), like netperf's UDP_RR: the figure is
      * the latency of an idle path, not of a queue. A lost request or reply costs one
      * --wait-ms and is counted as a timeout, never as a sample. */
+    uint64_t period = o->rate > 0 ? (uint64_t)(1e9 / o->rate) : 0;
     for (uint32_t seq = 0; !g_stop && requests < limit; seq++) {
+        if (period) {
+            /* The k-th request's slot; one missed behind a slow reply goes at once. */
+            uint64_t slot = start + (uint64_t)seq * period;
+            if (slot >= end) break;
+            struct timespec ts = {(time_t)(slot / 1000000000ull), (long)(slot % 1000000000ull)};
+            while (!g_stop && now_ns() < slot &&
+                   clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
+            }
+        }
         uint64_t t0 = now_ns();
         if (t0 >= end) break;
         fill_header(req, 0, seq, t0);

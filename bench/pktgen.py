@@ -301,8 +301,11 @@ def request_response(
     duration: float = 1.0,
     count: int | None = None,
     wait_ms: int = 200,
+    rate: float | None = None,
 ) -> Json:
-    """Ping-pong round trips from client to an echo server; latency percentiles in ns."""
+    """Ping-pong round trips from client to an echo server; latency percentiles in ns.
+    ``rate``: requests start that many times a second (still one at a time), so the
+    path idles between them; None: each starts as soon as the last was answered."""
     with Server("rr-server", server_ns, bind=dst, port=port, timeout=duration + 30) as server:
         result = run(
             "rr",
@@ -314,6 +317,7 @@ def request_response(
             duration=duration if count is None else None,
             count=count,
             wait_ms=wait_ms,
+            rate=rate,
         )
         result["server"] = server.stop()
     return result

@@ -29,6 +29,9 @@ def failures(scenario: Json) -> list[str]:
     pdr = scenario.get("pdr")
     if pdr and pdr.get("error"):
         out.append(f"paced rate search: {pdr['error']}")
+    inter = scenario.get("interactive")
+    if inter and inter.get("error"):
+        out.append(f"interactive: {inter['error']}")
     return out
 
 
@@ -143,6 +146,52 @@ def _auth_cost(scenarios: list[Json], small: int, streams: list[int]) -> list[st
     return lines
 
 
+def _interactive_table(scenarios: list[Json], base: Json | None) -> list[str]:
+    """Round trips of interactive traffic (the path idle between packets) and the
+    CPU an idle dataplane takes; ratios of p50 and p99 to kernel VXLAN."""
+    rows = [s for s in scenarios if _ok(s.get("interactive"))]
+    if not rows:
+        return []
+    rates: list[Any] = [x["rate"] for x in rows[0]["interactive"]["rr"]]
+    interval = (rows[0]["interactive"].get("ping") or {}).get("interval_ms", 20)
+    binter = base.get("interactive") if base and _ok(base.get("interactive")) else None
+
+    def cell(m: Json | None, bm: Json | None) -> str:
+        if not m:
+            return "n/a"
+        text = f"{m['p50_us']:.0f} / {m['p99_us']:.0f} / {m['p999_us']:.0f}"
+        if bm:
+            text += (
+                f" (x{m['p50_us'] / bm['p50_us']:.1f} / x{m['p99_us'] / bm['p99_us']:.1f})"
+                if bm["p50_us"] and bm["p99_us"]
+                else ""
+            )
+        return text
+
+    def by_rate(inter: Json | None, rate: Any) -> Json | None:
+        return next((x for x in (inter or {}).get("rr", []) if x["rate"] == rate), None)
+
+    lines = [
+        "",
+        "Interactive traffic, the path idle between packets: round trips p50 / p99 / "
+        "p99.9 in µs (x p50 / x p99 against kernel VXLAN), and the CPU the dataplane "
+        "takes with no traffic:",
+        "",
+        "| path | "
+        + " | ".join(f"UDP RR paced {r}/s" for r in rates)
+        + f" | ping every {interval:g} ms | idle CPU, % of a core |",
+        "|---" * (len(rates) + 3) + "|",
+    ]
+    for s in rows:
+        inter = s["interactive"]
+        cells = [cell(by_rate(inter, r), by_rate(binter, r)) for r in rates]
+        cells.append(cell(inter.get("ping"), (binter or {}).get("ping")))
+        idle = (inter.get("idle_cpu") or {}).get("core_pct")
+        cells.append("n/a" if idle is None else f"{idle:.2f}")
+        lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _copy_floor(floor: Json) -> str:
     """One paragraph: what copying costs and the TCP throughput that leaves geneve-dp
     at most (bench/copy_floor.py)."""
@@ -254,6 +303,7 @@ def markdown(results: Json) -> str:
         notes += [f"- {s['label']}: {e}" for e in failures(s)]
     lines += _cost_table(scenarios, base, small)
     lines += _auth_cost(scenarios, small, streams)
+    lines += _interactive_table(scenarios, base)
     if len(frames) > 1:
         lines += [
             "",

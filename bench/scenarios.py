@@ -24,7 +24,7 @@ from typing import Any
 
 from geneve_dp.dataplane.spec import DEFAULT_NICE
 
-from . import pktgen
+from . import ovs, pktgen
 from .netenv import Underlay, sh
 
 INNER_SUBNET = "10.202.0"
@@ -78,6 +78,10 @@ class Scenario:
 
     def build(self, u: Underlay) -> Path:
         raise NotImplementedError
+
+    def missing(self) -> str | None:
+        """What this machine lacks to run the scenario (None: nothing)."""
+        return None
 
     def alive(self) -> str | None:
         """None while the path can still forward, else why not (a crashed process)."""
@@ -385,6 +389,59 @@ class GeneveDp(Scenario):
         super().stop()
 
 
+class OvsUserspace(Scenario):
+    """Two Open vSwitch userspace (netdev datapath) bridges joined by GENEVE ports, one
+    ovs-vswitchd per namespace (bench/ovs.py): the userspace GENEVE deployed today.
+    Its bridges read and write the veth by AF_PACKET, so nothing bigger than the
+    underlay MTU crosses it; its internal ports are TAP devices without offloads."""
+
+    id = "ovs-netdev"
+    label = "Open vSwitch userspace (netdev)"
+    description = (
+        f"two Open vSwitch userspace bridges (datapath_type=netdev), GENEVE ports (VNI "
+        f"{VNI}, UDP 6081) over the veth, one ovs-vswitchd per namespace: br-phy holds the "
+        "veth and the underlay address, br-int the GENEVE port and the inner address"
+    )
+    kernel_path = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: list[ovs.OvsNode] = []
+
+    def missing(self) -> str | None:
+        return ovs.missing()
+
+    def build(self, u: Underlay) -> Path:
+        ends = ((u.a, u.va, u.a_ip, u.b_ip), (u.b, u.vb, u.b_ip, u.a_ip))
+        for n, (ns, dev, local, remote) in enumerate(ends, 1):
+            node = ovs.OvsNode(ns)
+            self.nodes.append(node)
+            node.start()
+            node.geneve(dev, f"{local}/24", remote, VNI, f"{INNER_SUBNET}.{n}/24", TUNNEL_MTU)
+        return Path(
+            u.a,
+            u.b,
+            f"{INNER_SUBNET}.1",
+            f"{INNER_SUBNET}.2",
+            dataplane_pids=[n.pids[-1] for n in self.nodes],  # the ovs-vswitchd
+            src_dev=ovs.INT,
+            dst_dev=ovs.INT,
+        )
+
+    def alive(self) -> str | None:
+        for node in self.nodes:
+            for pid in node.pids:
+                if not ovs.running(pid):
+                    return f"Open vSwitch daemon {pid} in {node.ns} exited"
+        return None
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+        super().stop()
+
+
 def _tail(log: deque[str], n: int = 3) -> str:
     """The last lines a failed daemon printed (a traceback's last line names the error)."""
     return " | ".join(list(log)[-n:]) or "(no output)"
@@ -401,6 +458,7 @@ def all_scenarios() -> list[Scenario]:
         GeneveDp("tun", "c"),
         GeneveDp("tap", "c", auth=True),
         GeneveDp("tap", "python"),
+        OvsUserspace(),
     ]
 
 

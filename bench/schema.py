@@ -162,6 +162,56 @@ COPY_FLOOR = {
     },
 }
 
+_RTT = {k: NUM for k in ("p50_us", "p99_us", "p999_us", "max_us")}
+
+INTERACTIVE = {
+    "type": "object",
+    "required": ["seconds", "rr", "ping", "idle_cpu", "error"],
+    "properties": {
+        "seconds": NUM,
+        "rr": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["rate", "requests", "responses", "p50_us", "p99_us", "p999_us"],
+                "properties": {
+                    "rate": NUM,
+                    "requests": INT,
+                    "responses": INT,
+                    "timeouts": INT,
+                    **_RTT,
+                    "error": ERROR,
+                },
+            },
+        },
+        "ping": {
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["interval_ms", "sent", "received", "p50_us", "p99_us"],
+                    "properties": {"interval_ms": NUM, "sent": INT, "received": INT, **_RTT},
+                },
+            ]
+        },
+        "idle_cpu": {
+            "oneOf": [
+                {"type": "null"},
+                {
+                    "type": "object",
+                    "required": ["wall_s", "dataplane_s", "core_pct"],
+                    "properties": {
+                        "wall_s": NUM,
+                        "dataplane_s": NUM_OR_NULL,
+                        "core_pct": NUM_OR_NULL,
+                    },
+                },
+            ]
+        },
+        "error": ERROR,
+    },
+}
+
 SCENARIO = {
     "type": "object",
     "required": [
@@ -188,6 +238,8 @@ SCENARIO = {
         "tcp": {"type": "array", "items": TCP_STEP},
         "rr": {"oneOf": [{"type": "null"}, RR_STEP]},
         "pdr": {"oneOf": [{"type": "null"}, PDR_STEP]},
+        # Not in "required": results from before it was measured have none.
+        "interactive": {"oneOf": [{"type": "null"}, INTERACTIVE]},
         "dataplane_counters": {"type": ["object", "null"]},
         "cpu": {"oneOf": [{"type": "null"}, CPU]},
     },
@@ -235,6 +287,9 @@ SCHEMA: dict[str, Any] = {
                 "tcp_seconds": NUM,
                 "rr_seconds": NUM,
                 "rr_payload": INT,
+                "interactive_seconds": NUM,
+                "interactive_rates": {"type": "array", "items": NUM},
+                "ping_interval_ms": NUM,
                 "flows": {"type": "integer", "minimum": 1},
                 "burst": {"type": "integer", "minimum": 1},
                 "rate": NUM,

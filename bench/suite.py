@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FULL_FRAMES = [64, 128, 256, 512, 1024, 1280, 1518]
 QUICK_FRAMES = [64, 1518]
 IPERF_PORT = 5201
+# Interactive traffic: paced request/response rates (one request at a time, the path
+# idle in between) and the ping interval.
+INTERACTIVE_RATES = (50, 1000)
+PING_INTERVAL_MS = 20
 # Partial drop rate search: loss allowed, number of bisection probes.
 PDR_LOSS = 0.001
 PDR_PROBES = 7
@@ -78,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--tcp-seconds", type=int, metavar="S", help="per iperf3 run, whole seconds (5; quick 2)"
     )
     p.add_argument("--rr-seconds", type=float, metavar="S", help="request/response (3; quick 1)")
+    p.add_argument(
+        "--interactive-seconds",
+        type=float,
+        metavar="S",
+        help="each paced request/response rate, the 20 ms ping and the idle CPU (5; quick 1)",
+    )
     p.add_argument("--flows", type=int, default=4, help="UDP flows (source ports), 1..4096 (4)")
     p.add_argument("--burst", type=int, default=32, help="packets per sendmmsg, 1..1024 (32)")
     p.add_argument("--rate", type=float, default=0, help="offered UDP packets/s, 0 = unlimited (0)")
@@ -145,10 +156,19 @@ def parse_sizes(text: str) -> list[int]:
     return frames
 
 
-def parse_scenarios(text: str | None) -> list[Scenario]:
+def parse_scenarios(text: str | None, log: Callable[[str], None] | None = None) -> list[Scenario]:
+    """The scenarios asked for; by default every one this machine can run (the others
+    are named through ``log``), and one asked for by name that cannot run is an error."""
     every = all_scenarios()
     if not text:
-        return every
+        runnable = []
+        for s in every:
+            why = s.missing()
+            if why is None:
+                runnable.append(s)
+            elif log is not None:
+                log(f"{s.id}: left out, {why}")
+        return runnable
     wanted = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in SCENARIO_IDS]
     if unknown or not wanted:
@@ -156,7 +176,12 @@ def parse_scenarios(text: str | None) -> list[Scenario]:
             f"--scenarios: unknown {', '.join(unknown) or '(empty)'}; "
             f"choose from {', '.join(SCENARIO_IDS)}"
         )
-    return [s for s in every if s.id in wanted]
+    chosen = [s for s in every if s.id in wanted]
+    for s in chosen:
+        why = s.missing()
+        if why is not None:
+            raise BenchError(f"--scenarios: {s.id} cannot run here: {why}")
+    return chosen
 
 
 def settings(args: argparse.Namespace) -> Json:
@@ -190,6 +215,11 @@ def settings(args: argparse.Namespace) -> Json:
         "tcp_seconds": int(positive("tcp-seconds", args.tcp_seconds, 2 if quick else 5)),
         "rr_seconds": positive("rr-seconds", args.rr_seconds, 1 if quick else 3),
         "rr_payload": 64,
+        "interactive_seconds": positive(
+            "interactive-seconds", args.interactive_seconds, 1 if quick else 5
+        ),
+        "interactive_rates": list(INTERACTIVE_RATES),
+        "ping_interval_ms": PING_INTERVAL_MS,
         "flows": args.flows,
         "burst": args.burst,
         "rate": args.rate,
@@ -483,6 +513,76 @@ def _rr_step(path: NetPath, cfg: Json) -> Json:
     }
 
 
+def _percentiles_us(samples_us: list[float]) -> Json:
+    """p50/p99/p99.9/max of round-trip samples (nearest rank), in µs."""
+    xs = sorted(samples_us)
+
+    def rank(q: float) -> float:
+        return round(xs[min(len(xs) - 1, max(0, int(q * len(xs) + 0.5) - 1))], 1)
+
+    return {"p50_us": rank(0.5), "p99_us": rank(0.99), "p999_us": rank(0.999),
+            "max_us": round(xs[-1], 1)}  # fmt: skip
+
+
+def _ping(path: NetPath, seconds: float) -> Json:
+    """ICMP echo every PING_INTERVAL_MS (answered by the peer's kernel, no process
+    woken there), round trips from ping's own per-reply times."""
+    count = max(2, int(seconds * 1000 / PING_INTERVAL_MS))
+    r = sh(
+        "ip", "netns", "exec", path.src_ns, "ping", "-n", "-i", f"{PING_INTERVAL_MS / 1000:g}",
+        "-c", str(count), "-W", "1", "-s", "56", path.dst_ip,
+        check=False, timeout=seconds * 3 + 20,
+    )  # fmt: skip
+    times = [float(m) * 1000 for m in re.findall(r"time=([0-9.]+) ms", r.stdout)]
+    if not times:
+        raise RuntimeError(f"no ping replies: {(r.stderr or r.stdout).strip()[-200:]!r}")
+    return {"interval_ms": PING_INTERVAL_MS, "sent": count, "received": len(times),
+            **_percentiles_us(times), "error": None}  # fmt: skip
+
+
+def _interactive_step(path: NetPath, cfg: Json) -> Json:
+    """Interactive traffic, the path idle between packets: paced request/response at
+    each rate and a ping every PING_INTERVAL_MS (round-trip percentiles), then the CPU
+    the dataplane takes with no traffic at all."""
+    seconds = cfg["interactive_seconds"]
+    out: Json = {"seconds": seconds, "rr": [], "ping": None, "idle_cpu": None, "error": None}
+    for rate in cfg["interactive_rates"]:
+        r = pktgen.request_response(
+            path.src_ns, path.dst_ns, path.dst_ip, payload=cfg["rr_payload"],
+            duration=seconds, rate=rate,
+        )  # fmt: skip
+        if not r["responses"]:
+            raise RuntimeError(f"no responses to {r['requests']} requests at {rate}/s")
+        lat = r["latency_ns"]
+        out["rr"].append(
+            {
+                "rate": rate,
+                "requests": r["requests"],
+                "responses": r["responses"],
+                "timeouts": r["timeouts"],
+                "p50_us": round(lat["p50"] / 1000, 1),
+                "p99_us": round(lat["p99"] / 1000, 1),
+                "p999_us": round(lat["p999"] / 1000, 1),
+                "max_us": round(lat["max"] / 1000, 1),
+                "error": None,
+            }
+        )
+    out["ping"] = _ping(path, seconds)
+    # Idle: after the last packet, nothing at all for a while (a busy-poll window
+    # after traffic ends within it), then the CPU of the same span without traffic.
+    time.sleep(min(1.0, seconds))
+    meter = CpuMeter(path)
+    time.sleep(seconds)
+    cpu = meter.read()
+    dp = cpu["dataplane_s"]
+    out["idle_cpu"] = {
+        "wall_s": cpu["wall_s"],
+        "dataplane_s": dp,
+        "core_pct": round(100 * dp / cpu["wall_s"], 3) if dp is not None else None,
+    }
+    return out
+
+
 def generator_ceiling(cfg: Json, log: Progress) -> Json:
     """Packets per second the generator alone sustains at each size (see
     BlackholeNetns): if every path delivers well below this, the generator was not
@@ -608,6 +708,7 @@ def run_scenario(scenario: Scenario, cfg: Json, log: Progress, index: str) -> Js
         "tcp": [],
         "rr": None,
         "pdr": None,
+        "interactive": None,
         "cpu": None,
     }
     t0 = time.monotonic()
@@ -675,6 +776,24 @@ def run_scenario(scenario: Scenario, cfg: Json, log: Progress, index: str) -> Js
                 f"{rr['p99_us']:.1f} us, p99.9 {rr['p999_us']:.1f} us, "
                 f"{rr['transactions_per_s']:.0f} transactions/s"
             )
+        inter = _guard(
+            scenario,
+            "interactive",
+            lambda: _interactive_step(path, cfg),
+            {"seconds": cfg["interactive_seconds"], "rr": [], "ping": None, "idle_cpu": None},
+            log,
+        )
+        entry["interactive"] = inter
+        if inter["error"] is None:
+            cells = [
+                f"{x['rate']}/s {x['p50_us']:.0f}/{x['p99_us']:.0f}/{x['p999_us']:.0f}"
+                for x in inter["rr"]
+            ]
+            ping, idle = inter["ping"], inter["idle_cpu"]
+            cells.append(f"ping {ping['p50_us']:.0f}/{ping['p99_us']:.0f}/{ping['p999_us']:.0f}")
+            if idle["core_pct"] is not None:
+                cells.append(f"idle {idle['core_pct']:.2f}% of a core")
+            log(f"{index} {scenario.id:<22} interactive p50/p99/p99.9 us: " + ", ".join(cells))
         # The scenario's CPU is the sum over the steps every scenario runs alike (UDP
         # sizes, TCP, request/response), so the totals compare; the paced-rate search
         # runs longer on some paths than others and is left out.
@@ -708,12 +827,12 @@ def run(args: argparse.Namespace, log: Progress | None = None) -> int:
     """The suite from parsed arguments; returns the exit code (1 if a scenario failed)."""
     # Options first, so a typo is reported the same way with or without root.
     cfg = settings(args)
-    scenarios = parse_scenarios(args.scenarios)
+    log = log or Progress()
+    scenarios = parse_scenarios(args.scenarios, log)
     if os.geteuid() != 0:
         raise BenchError("needs root (it creates network namespaces, veths and tunnels)")
     if shutil.which("iperf3") is None:
         raise BenchError("iperf3 is not installed (apt-get install iperf3)")
-    log = log or Progress()
     for name in remove_stale():
         log(f"removed namespace {name} left by an earlier run")
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, through every finally that

@@ -11,8 +11,10 @@ import asyncio
 import json
 import logging
 import os
+import selectors
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,13 @@ log = logging.getLogger("geneve_dp.daemon")
 
 RUN_DIR_ENV = "GENEVE_DP_RUN_DIR"
 DEFAULT_RUN_DIR = Path("/run/geneve-dp")
-CLIENT_TIMEOUT = 5.0
+CLIENT_TIMEOUT = 5.0  # the server's: seconds a client has to send its request
 REQUEST_LIMIT = 64 * 1024  # bytes of one control request line
+# The clients': seconds a dataplane has to answer (all are asked at once), and the
+# bytes of a reply at most.
+QUERY_TIMEOUT = 2.0
+REPLY_LIMIT = 16 * 1024 * 1024
+STATUS_REQUEST = b'{"cmd": "status"}\n'
 
 Status = Callable[[], dict[str, Any]]
 
@@ -94,32 +101,35 @@ def answer(line: bytes, status: Status) -> dict[str, Any]:
 # -- client (show, stats, ambient) ---------------------------------------------------------
 
 
-def query_all(timeout: float = CLIENT_TIMEOUT) -> list[dict[str, Any]]:
+def query_all(timeout: float = QUERY_TIMEOUT) -> list[dict[str, Any]]:
     """Status of every running dataplane, found by its socket in the run directory.
 
+    All are asked at once, and one that has not answered within ``timeout`` seconds
+    (stopped, or stuck) is named on stderr and left out: the others are still shown.
     Sockets left by a dataplane that was killed are removed on the way.
     """
-    replies = []
     directory = run_dir()
     if not directory.is_dir():
         return []
-    for path in sorted(directory.glob("gdp-*.sock")):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            try:
-                s.connect(str(path))
-            except (ConnectionRefusedError, FileNotFoundError):
-                path.unlink(missing_ok=True)
-                continue
-            except PermissionError as exc:
-                raise UserError(f"cannot read {path}: permission denied (run as root)") from exc
-            s.sendall(b'{"cmd": "status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+    pending: dict[socket.socket, tuple[Path, bytearray]] = {}
+    try:
+        for path in sorted(directory.glob("gdp-*.sock")):
+            s = _ask(path)
+            if s is not None:
+                pending[s] = (path, bytearray())
+        done = _collect(pending, timeout)
+    finally:
+        for s in pending:
+            s.close()
+    replies = []
+    for path, data in done:
+        if data is None:
+            print(
+                f"geneve-dp: the dataplane of {path} (pid {_pid_of(path)}) did not answer "
+                f"within {timeout:g} s (stopped or stuck?); skipped",
+                file=sys.stderr,
+            )
+            continue
         if not data:
             continue
         try:
@@ -135,3 +145,59 @@ def query_all(timeout: float = CLIENT_TIMEOUT) -> list[dict[str, Any]]:
             continue
         replies.append(reply)
     return replies
+
+
+def _pid_of(path: Path) -> str:
+    return path.name.removeprefix("gdp-").removesuffix(".sock")
+
+
+def _ask(path: Path) -> socket.socket | None:
+    """A socket connected to ``path`` with the status request sent, or None for a
+    stale socket (removed). A listener that cannot take the connection (its backlog
+    is full: it has not been accepting) gets a socket that will never answer."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(str(path))
+        s.send(STATUS_REQUEST)  # far less than a socket buffer: never partial
+    except (ConnectionRefusedError, FileNotFoundError):
+        s.close()
+        path.unlink(missing_ok=True)
+        return None
+    except PermissionError as exc:
+        s.close()
+        raise UserError(f"cannot read {path}: permission denied (run as root)") from exc
+    except BlockingIOError:
+        pass  # backlog full: it is not accepting, _collect times it out
+    return s
+
+
+def _collect(
+    pending: dict[socket.socket, tuple[Path, bytearray]], timeout: float
+) -> list[tuple[Path, bytes | None]]:
+    """Read every reply line until it ends, the peer closes, or ``timeout`` passes;
+    in the order of ``pending``, None for those that did not finish in time."""
+    results: dict[socket.socket, bytes | None] = {}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for s in pending:
+            sel.register(s, selectors.EVENT_READ, s)
+        while len(results) < len(pending):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for key, _ in sel.select(left):
+                s = key.data
+                buf = pending[s][1]
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                buf += chunk
+                if not chunk or buf.endswith(b"\n") or len(buf) > REPLY_LIMIT:
+                    # An oversized reply is cut short: no status, so it is named and skipped.
+                    results[s] = bytes(buf[:REPLY_LIMIT])
+                    sel.unregister(s)
+    return [(path, results.get(s)) for s, (path, _) in pending.items()]

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import alarms, control
+from . import alarms, control, logs
 from .auth.keys import load_key_file
 from .auth.settings import AuthSettings
 from .dataplane.spec import DEFAULT_NICE, TunnelSpec
@@ -95,6 +95,7 @@ class Daemon:
         self.pidfile = pidfile
         self.sock_path = control.socket_path(os.getpid())
         self.control_messages: list[dict[str, Any]] = []
+        self._control_log = logs.Throttle(log, "control_message", "control messages")
         self.repairs: list[str] = []
         self.restarts = 0
         self._stop: asyncio.Event | None = None
@@ -118,7 +119,7 @@ class Daemon:
         self._dataplane = self._new_dataplane()
         server: asyncio.base_events.Server | None = None
         # Listening first: a taken metrics port is refused before any device exists.
-        metrics = self._start_metrics()
+        metrics = await self._start_metrics()
         started: list[dict[str, Any]] = []
         try:
             await loop.run_in_executor(None, self._dataplane.start)
@@ -152,6 +153,7 @@ class Daemon:
             if metrics is not None:
                 metrics.close()
             await loop.run_in_executor(None, self._dataplane.stop)
+            self._control_log.close()
             await loop.run_in_executor(None, self._close_netlink)
             if self._prober is not None:
                 self._prober.close()
@@ -167,13 +169,13 @@ class Daemon:
         log.info("stopped; devices removed")
         return rc
 
-    def _start_metrics(self) -> MetricsServer | None:
+    async def _start_metrics(self) -> MetricsServer | None:
         if self.metrics_addr is None:
             return None
         from . import metrics
 
         host, port = self.metrics_addr
-        server = metrics.MetricsServer(host, port, self.status)
+        server = await metrics.MetricsServer.start(host, port, self.status)
         if not metrics.is_loopback(host):
             log.warning(
                 "metrics on %s are reachable from other hosts: counters and tunnel "
@@ -209,6 +211,7 @@ class Daemon:
                 pass
             if self._stop.is_set():
                 break
+            self._control_log.flush()
             try:
                 self._dataplane.check()
             except RuntimeError as exc:
@@ -335,8 +338,9 @@ class Daemon:
 
     def _on_control(self, name: str, packet: bytes) -> None:
         # O-bit packets are control messages (RFC 8926 §3.4): never data. Keep the last
-        # few for `show` and log them; there is no control protocol to speak yet.
-        log.info("control message on %s: %d bytes", name, len(packet))
+        # few for `show` and log them, rate-limited (a flood is counted, not logged one
+        # by one); there is no control protocol to speak yet.
+        self._control_log.info("control message on %s: %d bytes", name, len(packet), device=name)
         self.control_messages.append(
             {"tunnel": name, "length": len(packet), "hex": packet[:64].hex()}
         )

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any, Final, TextIO
 
 from .errors import UserError
@@ -108,3 +110,68 @@ def setup_from_args(args: argparse.Namespace) -> str:
     fmt = resolve(getattr(args, "log_format", None))
     setup(fmt, bool(getattr(args, "verbose", False)))
     return fmt
+
+
+class Throttle:
+    """The log lines of one kind of per-packet event: the first ``burst`` of each
+    ``interval`` seconds, then one summary line saying how many were left out.
+
+    The events themselves are counted elsewhere (the dataplane's counters); this only
+    bounds what reaches the log. ``flush`` writes the summary of an interval that has
+    ended (the daemon calls it every pass, so a summary comes even when the events
+    stop); ``close`` writes what is pending. Safe to call from any thread.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        event: str,
+        what: str,
+        burst: int = 10,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._event = event
+        self._what = what
+        self._burst = burst
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._since: float | None = None  # start of the current interval
+        self._logged = 0
+        self._skipped = 0
+
+    def info(self, msg: str, *args: object, **extra: object) -> None:
+        with self._lock:
+            self._roll(self._clock(), force=False)
+            if self._since is None:
+                self._since = self._clock()
+            if self._logged >= self._burst:
+                self._skipped += 1
+                return
+            self._logged += 1
+        self._log.info(msg, *args, extra={"event": self._event, **extra})
+
+    def flush(self) -> None:
+        with self._lock:
+            self._roll(self._clock(), force=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self._roll(self._clock(), force=True)
+
+    def _roll(self, now: float, force: bool) -> None:
+        """End the current interval if it is over (or ``force``): summary, then reset."""
+        if self._since is None or (not force and now - self._since < self._interval):
+            return
+        if self._skipped:
+            self._log.info(
+                "%d more %s in the last %.0f s not logged (all are counted)",
+                self._skipped,
+                self._what,
+                max(now - self._since, 1.0),
+                extra={"event": f"{self._event}_not_logged", "count": self._skipped},
+            )
+        self._since = None
+        self._logged = self._skipped = 0

@@ -26,16 +26,26 @@ And once per process: ``geneve_dp_workers`` (forwarding workers),
 ``geneve_dp_worker_threads`` (forwarding threads alive),
 ``geneve_dp_tunnels``, ``geneve_dp_build_info{version,engine,python}``, plus the
 client library's process_* metrics.
+
+The HTTP side runs on the daemon's event loop, not in threads: one request and one
+response per connection (``Connection: close``), at most ``max_clients`` connections
+at once (an eighth of the fd limit, at most 64, so fds stay in reserve for repairs),
+``CLIENT_TIMEOUT`` seconds for a client to send its request and take the answer. A new
+connection beyond the bound closes the one that has waited longest without sending a
+request, so idle clients cannot keep a scrape out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import os
 import platform
+import resource
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import ProcessCollector, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -49,6 +59,9 @@ from .dataplane.reasons import SOCKET_DROP_REASONS, TUNNEL_DROP_REASONS
 from .errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"
+CLIENT_TIMEOUT = 5.0  # seconds to send the request head, and again to read the reply
+HEAD_LIMIT = 8192  # bytes of a request head (request line and headers)
+MAX_CLIENTS = 64
 
 Snapshot = Callable[[], Mapping[str, Any]]
 
@@ -228,25 +241,115 @@ class DataplaneCollector(Collector):
         return families(self._snapshot())
 
 
-class MetricsServer:
-    """``/metrics`` over HTTP on one address, in a thread of its own."""
+def client_bound(nofile: int | None = None) -> int:
+    """Connections served at once: an eighth of the fd limit, 4..MAX_CLIENTS."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            return MAX_CLIENTS
+    return max(4, min(MAX_CLIENTS, nofile // 8))
 
-    def __init__(self, host: str, port: int, snapshot: Snapshot) -> None:
+
+def respond(head: bytes, registry: CollectorRegistry) -> bytes:
+    """The whole HTTP response to one request head (pure but for the scrape itself)."""
+    line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return _response(400, "Bad Request", b"bad request line\n")
+    method, target, _version = parts
+    if method not in ("GET", "HEAD"):
+        return _response(405, "Method Not Allowed", b"GET /metrics\n", allow="GET, HEAD")
+    if target.split("?", 1)[0] not in ("/metrics", "/"):
+        return _response(404, "Not Found", b"GET /metrics\n")
+    body = generate_latest(registry)
+    return _response(200, "OK", body, content_type=CONTENT_TYPE_LATEST, head=method == "HEAD")
+
+
+def _response(
+    code: int,
+    reason: str,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    head: bool = False,
+    allow: str | None = None,
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {code} {reason}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    if allow is not None:
+        lines.append(f"Allow: {allow}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head else body)
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP on one address, served on the running event loop."""
+
+    def __init__(self, registry: CollectorRegistry, max_clients: int) -> None:
+        self._registry = registry
+        self.max_clients = max_clients
+        self._server: asyncio.base_events.Server | None = None
+        # Connections by state; dicts keep arrival order, so the first one waiting is
+        # the one that has waited longest.
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
+        self._answering: set[asyncio.StreamWriter] = set()
+        self.url = ""
+
+    @classmethod
+    async def start(cls, host: str, port: int, snapshot: Snapshot) -> MetricsServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(DataplaneCollector(snapshot))
         ProcessCollector(registry=registry)
+        self = cls(registry, client_bound())
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            self._server = await asyncio.start_server(
+                self._client, host, port, limit=HEAD_LIMIT, reuse_address=True
+            )
         except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise UserError(
-                f"cannot listen on {where_of(host, port)}: {exc.strerror}", "--metrics-addr"
+                f"cannot listen on {where_of(host, port)}: {why}", "--metrics-addr"
             ) from exc
-        self.url = f"http://{where_of(host, self._server.server_port)}/metrics"
+        bound = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://{where_of(host, bound)}/metrics"
+        return self
+
+    @property
+    def clients(self) -> int:
+        return len(self._waiting) + len(self._answering)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= self.max_clients:
+            if not self._waiting:  # all busy taking their answers: this one waits outside
+                writer.close()
+                return
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.close()
+        self._waiting[writer] = None
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CLIENT_TIMEOUT)
+            finally:
+                self._waiting.pop(writer, None)
+            self._answering.add(writer)
+            writer.write(respond(head, self._registry))
+            await asyncio.wait_for(writer.drain(), CLIENT_TIMEOUT)
+        except asyncio.LimitOverrunError:
+            writer.write(_response(431, "Request Header Fields Too Large", b""))
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # gone, closed to make room, or too slow: nothing to answer
+        finally:
+            self._answering.discard(writer)
+            writer.close()
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5.0)
+        if self._server is not None:
+            self._server.close()
+        for writer in [*self._waiting, *self._answering]:
+            writer.close()
 
 
 def where_of(host: str, port: int) -> str:

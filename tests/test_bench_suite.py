@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import schema
+from bench import ovs, schema
 from bench.scenarios import SCENARIO_IDS
 
 pytestmark = pytest.mark.root
@@ -26,16 +26,20 @@ def leftover_namespaces() -> set[str]:
 def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test needs root (network namespaces and real devices)")
+    why = ovs.missing()
+    if why is not None:  # the run would leave its scenario out
+        pytest.fail(f"Open vSwitch is needed (.ci/setup installs it): {why}")
     before = leftover_namespaces()
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench", "--quick", "--sizes", "64",
             "--udp-seconds", "0.5", "--tcp-seconds", "1", "--rr-seconds", "0.5",
+            "--interactive-seconds", "0.5",
             "--out", str(tmp_path),
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=300,
     )  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     assert schema.validate(results) == []
@@ -50,6 +54,15 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
         assert all(t["gbps"] > 0 for t in s["tcp"])
         assert s["rr"]["responses"] > 0 and s["rr"]["p99_us"] >= s["rr"]["p50_us"] > 0
         assert isinstance(s["udp"][0]["kernel_drops"], dict)
+        # Interactive traffic: each paced rate and the ping answered, in order; the idle
+        # CPU is the dataplane's (none for kernel paths).
+        inter = s["interactive"]
+        assert inter["error"] is None, (s["id"], inter)
+        assert [x["rate"] for x in inter["rr"]] == [50, 1000]
+        for m in [*inter["rr"], inter["ping"]]:
+            assert m["p999_us"] >= m["p99_us"] >= m["p50_us"] > 0, (s["id"], m)
+        assert inter["rr"][0]["responses"] <= inter["rr"][1]["responses"]
+        assert (inter["idle_cpu"]["core_pct"] is None) == s["kernel_path"], inter["idle_cpu"]
         if s["kernel_path"]:
             assert s["cpu"]["dataplane_s"] is None
             assert s["dataplane_counters"] is None
@@ -64,6 +77,7 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
     # One progress line per step, the table on stdout, the files beside the JSON.
     assert proc.stderr.count("udp   64 B frame") == len(SCENARIO_IDS)
     assert "| kernel VXLAN |" in proc.stdout
+    assert "Interactive traffic" in proc.stdout
     for name in ("results.md", "pps_vs_size.png", "latency_cdf.png"):
         assert (tmp_path / name).stat().st_size > 0
     # Everything the suite created is gone again.

@@ -102,6 +102,41 @@ def test_alarm_fires_once_per_crossing_and_clears() -> None:
     assert records == []
 
 
+def test_throttle_logs_the_first_few_then_one_summary_per_interval() -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("geneve_dp.test_throttle")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(Keep())
+    now = [0.0]
+    throttle = logs.Throttle(log, "ping", "pings", burst=3, interval=5.0, clock=lambda: now[0])
+    for i in range(1000):  # 1000 events in the first second
+        now[0] = i / 1000
+        throttle.info("ping %d", i, device="gt0")
+        throttle.flush()
+    assert [r.getMessage() for r in records] == ["ping 0", "ping 1", "ping 2"]
+    assert records[0].event == "ping" and records[0].device == "gt0"  # type: ignore[attr-defined]
+    now[0] = 5.5  # the interval is over: its summary, even with no new event
+    throttle.flush()
+    assert len(records) == 4
+    assert records[3].event == "ping_not_logged"  # type: ignore[attr-defined]
+    assert records[3].count == 997  # type: ignore[attr-defined]
+    assert "997 more pings" in records[3].getMessage()
+    throttle.flush()
+    assert len(records) == 4  # nothing new: no second summary
+    for i in range(5):  # a new interval starts with a burst again
+        now[0] = 6.0 + i
+        throttle.info("ping %d", i)
+    assert len(records) == 4 + 3
+    throttle.close()  # pending at stop: summarised at once
+    assert len(records) == 8 and records[7].count == 2  # type: ignore[attr-defined]
+
+
 def test_daemon_json_log_has_one_line_per_event(pair: tuple[Netns, Netns]) -> None:
     a, b = pair
     common = ["gt0", "--vni", "77", "--log-format", "json"]

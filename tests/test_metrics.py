@@ -225,3 +225,22 @@ def test_metrics_port_in_use_is_one_line_and_creates_nothing(
         "localhost:9464",
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--metrics-addr" in bad.stderr
+
+
+def test_http_responses_and_client_bound() -> None:
+    from geneve_dp.metrics import MAX_CLIENTS, client_bound, respond
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DataplaneCollector(lambda: {"tunnels": [], "workers": 1}))
+    ok = respond(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", registry)
+    head, _, body = ok.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert b"geneve_dp_tunnels 0.0" in body
+    only_head = respond(b"HEAD /metrics HTTP/1.0\r\n\r\n", registry)
+    assert only_head.endswith(b"\r\n\r\n") and b"200 OK" in only_head
+    assert respond(b"POST /metrics HTTP/1.1\r\n\r\n", registry).startswith(b"HTTP/1.1 405")
+    assert respond(b"GET /other HTTP/1.1\r\n\r\n", registry).startswith(b"HTTP/1.1 404")
+    assert respond(b"\x00\xff garbage\r\n\r\n", registry).startswith(b"HTTP/1.1 400")
+    assert client_bound(1024) == MAX_CLIENTS and client_bound(256) == 32
+    assert client_bound(16) == 4

@@ -5,15 +5,20 @@ neither the bench suite nor pyroute2."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from geneve_dp.dataplane.spec import IFNAMSIZ, build_spec
 from geneve_dp.errors import UserError
+from tests.daemon_helpers import Up
+from tests.netns import Netns
+from tests.ops_helpers import B_UL
 
 GDP = [sys.executable, "-m", "geneve_dp"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,3 +184,51 @@ def test_show_and_stats_import_neither_bench_nor_pyroute2(command: list[str]) ->
         cwd=ROOT,
     )
     assert full.stdout.strip() == "True", full.stderr
+
+
+@pytest.mark.root
+def test_failed_detach_leaves_no_empty_log(
+    netns_factory: Callable[[str], Netns], run_dir: Path
+) -> None:
+    ns = netns_factory("det")  # no underlay: the child fails with "no route" after the fork
+    # A log left empty by a daemon killed with SIGKILL (pid 1 is never one of ours and
+    # a pid beyond pid_max never runs) is swept by the next detached `up`.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stale = run_dir / f"gdp-{2**22 + 1}.log"
+    stale.touch()
+    kept = run_dir / f"gdp-{2**22 + 2}.log"
+    kept.write_text("a crash's last words\n")
+    proc = subprocess.run(
+        [*GDP, "up", "--netns", ns.name, "gt0", "--vni", "1", "--remote", "10.77.0.2", "--detach"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    line = error_line(proc)
+    assert "remote: " in line and "10.77.0.2" in line, line
+    assert sorted(p.name for p in run_dir.iterdir()) == [kept.name], list(run_dir.iterdir())
+    assert "gt0" not in ns.run("ip", "-o", "link").stdout
+
+
+@pytest.mark.root
+def test_mtu_above_the_underlay_is_a_warning_naming_the_largest_that_fits(
+    pair: tuple[Netns, Netns],
+) -> None:
+    a, _b = pair
+    # TAP over IPv4: 20 (IP) + 8 (UDP) + 8 (GENEVE) + 14 (inner Ethernet) = 50 bytes.
+    for mtu, warned in (("1500", True), ("1450", False)):
+        d = Up(a, "gt0", "--vni", "5", "--remote", B_UL, "--mtu", mtu, "--log-format", "json")
+        try:
+            assert f"mtu {mtu}" in a.run("ip", "-o", "link", "show", "gt0").stdout
+        finally:
+            rc, _took, err = d.stop()
+        assert rc == 0, err
+        events = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+        found = [e for e in events if e.get("event") == "mtu_above_underlay"]
+        if warned:
+            (e,) = found
+            assert e["level"] == "warning" and e["fits"] == 1450 and e["device"] == "gt0", e
+            assert "largest that fits is 1450" in e["msg"] and "ul0" in e["msg"], e
+        else:
+            assert found == [], found

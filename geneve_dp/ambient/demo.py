@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,29 @@ NODE_P10 = f"-i {t.ZTUNNEL_VETH} -j MARK --set-xmark 0x210/0x210"  # spoofed sou
 NODE_P8 = "-m connmark --mark 0x210/0x210 -j MARK --set-xmark 0x40/0x40"  # proxy return
 NODE_F2 = "-A ztunnel-FORWARD -m mark --mark 0x210/0x210 -j CONNMARK"  # remember on the conn
 ZT_Z4 = "-j MARK --set-xmark 0x4d3/0xfff"  # original-source return, ztunnel side
+
+# What the labels in the steps mean, printed once before the first step. Rule names
+# are the reference's numbering of Istio's chains (P: the node's ztunnel-PREROUTING,
+# F: ztunnel-FORWARD, Z: the ztunnel pod's PREROUTING).
+LEGEND = (
+    "labels: P8, P10 = rules 8 and 10 of the node's ztunnel-PREROUTING chain, F2 = rule 2 "
+    "of ztunnel-FORWARD, Z4 = rule 4 of the ztunnel pod's PREROUTING (Istio's order)",
+    "marks: 0x100 outbound (ambient pod's TCP -> table 101 -> istioout), 0x210 sent by "
+    "ztunnel with the pod's address, 0x040 its replies (-> table 102 -> ztunnel veth), "
+    "0x4d3 original-source return inside the ztunnel pod (-> rule 20003, local)",
+    "VNI 1001 = istioout -> pistioout (outbound), VNI 1000 = istioin -> pistioin (inbound)",
+)
+
+TITLES = {
+    1: "ambient pod -> server, TCP: captured outbound",
+    2: "plain pod -> server, TCP: not captured",
+    3: "ambient pod -> server, UDP: not captured",
+    4: "server -> ambient pod, TCP: captured inbound",
+    5: "ztunnel's spoofed-source legs and their return paths",
+    6: "forged GENEVE packets to ztunnel: dropped and counted",
+    7: "pod del for an ambient pod: its next connection is not captured",
+    8: "node down + ztunnel down: nothing left",
+}
 
 
 @dataclass
@@ -80,7 +104,7 @@ class Scenario:
         self.before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
         key = write_key(w.workdir / "tunnel.key")
         self.say(f"node up (ztunnel {t.ZTUNNEL_IP} via {t.ZTUNNEL_VETH}), key {key}")
-        w.gdp(
+        self.relay(
             w.node,
             "node",
             "up",
@@ -92,7 +116,7 @@ class Scenario:
             str(key),
         )
         self.say(f"ztunnel up (host IP {t.GATEWAY_IP}), same key")
-        w.gdp(w.zt, "ztunnel", "up", "--host-ip", t.GATEWAY_IP, "--auth-key-file", str(key))
+        self.relay(w.zt, "ztunnel", "up", "--host-ip", t.GATEWAY_IP, "--auth-key-file", str(key))
         w.hold_neighbours(w.node, [k.INBOUND_TUN, k.OUTBOUND_TUN])
         w.hold_neighbours(w.zt, [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN])
         for pod in t.PODS:
@@ -107,9 +131,29 @@ class Scenario:
             "ztunnel": _pid(w.state_root / w.zt / "ztunnel-endpoints.pid"),
         }
 
+    def relay(self, ns: str, *args: str) -> None:
+        """`geneve-dp ARGS` in ``ns``, its progress lines passed on to ``say`` as they
+        come (a setup of several seconds is a list of steps, not a silence)."""
+        w = self.w
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "geneve_dp", *args]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=w.env()
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            text, prefix = line.strip(), f"{args[0]} {args[1]}:"
+            if text:
+                self.say(f"  {text if text.startswith(prefix) else f'{prefix} {text}'}")
+        _out, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            last = err.strip().splitlines()[-1:] or [""]
+            raise t.CommandError(f"geneve-dp {' '.join(args)} in {ns}: {last[0]}")
+
     def teardown_profiles(self) -> tuple[str, str]:
         w = self.w
+        self.say("  node down")
         node = w.gdp(w.node, "node", "down", check=False)
+        self.say("  ztunnel down")
         zt = w.gdp(w.zt, "ztunnel", "down", check=False)
         return node.stdout.strip() + node.stderr.strip(), zt.stdout.strip() + zt.stderr.strip()
 
@@ -117,6 +161,7 @@ class Scenario:
         try:
             self.teardown_profiles()
         finally:
+            self.say(f"  deleting namespaces {', '.join(self.w.namespaces)}")
             self.w.destroy()
 
     # --- observation helpers --------------------------------------------------------------
@@ -187,7 +232,7 @@ class Scenario:
         a = t.PODS[0]
         s = Step(
             1,
-            "ambient pod -> server, TCP: captured outbound",
+            TITLES[1],
             "mark 0x100 -> table 101 -> istioout, VNI 1001 -> pistioout -> TPROXY :15001; "
             f"proxy sees original destination {t.SERVER_IP}:{t.TCP_PORT}; echo comes back",
         )
@@ -226,7 +271,7 @@ class Scenario:
         p = t.PODS[2]
         s = Step(
             2,
-            "plain pod -> server, TCP: not captured",
+            TITLES[2],
             "not in the ipset: no mark, main table; no proxy log, no GENEVE packet",
         )
         self._not_captured(s, p.role, "tcp", t.TCP_PORT, p.ip)
@@ -236,7 +281,7 @@ class Scenario:
         a = t.PODS[0]
         s = Step(
             3,
-            "ambient pod -> server, UDP: not captured",
+            TITLES[3],
             "UDP gets mark 0x220 (skip) -> main table; no proxy log, no GENEVE packet",
         )
         self._not_captured(s, a.role, "udp", t.UDP_PORT, a.ip)
@@ -246,7 +291,7 @@ class Scenario:
         b = t.PODS[1]
         s = Step(
             4,
-            "server -> ambient pod, TCP: captured inbound",
+            TITLES[4],
             "rule 103 -> table 100 -> istioin, VNI 1000 -> pistioin -> TPROXY :15006; "
             "destination port 15008 -> the 15008 listener",
         )
@@ -274,7 +319,7 @@ class Scenario:
         a, b = t.PODS[0], t.PODS[1]
         s = Step(
             5,
-            "ztunnel's spoofed-source legs and their return paths",
+            TITLES[5],
             "from ztunnel veth with foreign source: mark 0x210 (saved on the conn); replies "
             "get 0x040 -> rule 102 -> table 102 -> ztunnel veth; in ztunnel mark 0x4d3 -> "
             "rule 20003 -> local; connections of steps 1 and 4 complete both ways",
@@ -340,7 +385,7 @@ class Scenario:
         a = t.PODS[0]
         s = Step(
             6,
-            "forged GENEVE packets to ztunnel: dropped and counted",
+            TITLES[6],
             f"from the node's address {t.GATEWAY_IP}, VNI {k.OUTBOUND_TUN_VNI}, a TCP SYN "
             f"from pod {a.ip}: without the integrity option (auth_missing), with a made-up "
             "MAC (auth_bad_mac); nothing reaches the proxy; the real pod still gets through",
@@ -374,7 +419,7 @@ class Scenario:
         a = t.PODS[0]
         s = Step(
             7,
-            "pod del for an ambient pod: its next connection is not captured",
+            TITLES[7],
             "ipset entry and table-100 route gone; no proxy log, no GENEVE packet",
         )
         out = self.w.gdp(self.w.node, "pod", "del", a.ip).stdout.strip()
@@ -389,12 +434,14 @@ class Scenario:
     def step7(self) -> Step:
         s = Step(
             8,
-            "node down + ztunnel down: nothing left",
+            TITLES[8],
             "iptables-save, ip rule, ip route show table all, ipset list, ip link identical "
             "to before node up, in the node and in the ztunnel namespace",
         )
+        self.say("  stopping the proxy and the servers")
         self.w.stop_procs()
         node_out, zt_out = self.teardown_profiles()
+        self.say("  comparing the kernel's state with the one before node up")
         s.observed += [node_out.split(" (")[0], zt_out.split(" (")[0]]
         for ns, label in ((self.w.node, "node"), (self.w.zt, "ztunnel")):
             after = self.w.snapshot(ns)
@@ -470,8 +517,9 @@ def _diff(a: str, b: str) -> str:
     return "\n".join(list(lines)[:40])
 
 
-def run(keep: bool = False) -> int:
-    """The demo: build, walk the scenario, print each step, tear down. 0 iff all passed."""
+def run(keep: bool = False, as_json: bool = False) -> int:
+    """The demo: build, walk the scenario, print each step, tear down. 0 iff all passed.
+    With ``as_json`` the last line is a JSON summary, else a sentence."""
     started = time.monotonic()
 
     def say(msg: str) -> None:
@@ -485,34 +533,45 @@ def run(keep: bool = False) -> int:
         except Exception as exc:
             say(f"setup failed: {exc}")
             return 1
+        for line in LEGEND:
+            print(f"         {line}")
         for fn in sc.steps():
+            number = len(results) + 1
+            say(f"step {number}: {TITLES.get(number, fn.__name__)} ...")
             try:
                 step = fn()
             except Exception as exc:
-                step = Step(len(results) + 1, fn.__name__, "(step raised)")
+                step = Step(number, TITLES.get(number, fn.__name__), "(step raised)")
                 step.failures.append(f"{type(exc).__name__}: {exc}")
             results.append(step)
-            verdict = "PASS" if step.passed else "FAIL"
-            say(f"step {step.number}: {step.title} ... {verdict}")
-            print(f"         expected: {step.expected}")
-            for o in step.observed:
-                print(f"         observed: {o}")
-            for f in step.failures:
-                for line in f.splitlines():
-                    print(f"         FAILED:   {line}")
+            print(report_step(step), flush=True)
     finally:
         if keep:
             say(f"keeping namespaces {', '.join(sc.w.namespaces)} (delete with `ip netns del`)")
         else:
+            say("removing the profiles (a no-op after step 7) and the namespaces")
             sc.destroy()  # profiles down first (a no-op after step 7), then the namespaces
             say("namespaces removed")
-    passed = sum(s.passed for s in results)
     total = len(sc.steps())
-    say(f"{passed}/{total} steps passed")
-    summary = {
-        "passed": passed,
-        "total": total,
-        "failed": [s.number for s in results if not s.passed],
-    }
-    print(json.dumps(summary))
-    return 0 if passed == total and len(results) == total else 1
+    print(summary(results, total, as_json), flush=True)
+    return 0 if sum(s.passed for s in results) == total and len(results) == total else 1
+
+
+def report_step(step: Step) -> str:
+    """A step's verdict, expectation, observations and failures, as lines for people."""
+    lines = [f"         step {step.number}: {'PASS' if step.passed else 'FAIL'}"]
+    lines.append(f"         expected: {step.expected}")
+    lines += [f"         observed: {o}" for o in step.observed]
+    for f in step.failures:
+        lines += [f"         FAILED:   {line}" for line in f.splitlines()]
+    return "\n".join(lines)
+
+
+def summary(results: list[Step], total: int, as_json: bool) -> str:
+    """The last line: a sentence, or with ``as_json`` one JSON object."""
+    passed = sum(s.passed for s in results)
+    failed = [s.number for s in results if not s.passed]
+    if as_json:
+        return json.dumps({"passed": passed, "total": total, "failed": failed})
+    tail = f"; failed: {', '.join(map(str, failed))}" if failed else ""
+    return f"{passed}/{total} steps passed{tail}"

@@ -171,6 +171,7 @@ def up(
     cfg: NodeConfig,
     log: Any = None,
     choose_port: bool = False,
+    start_watch: bool = True,
     auth: AuthSettings | None = None,
 ) -> NodeConfig:
     """Install the node side. Idempotent: an earlier setup (or a crashed one) is removed
@@ -178,7 +179,8 @@ def up(
 
     With ``choose_port`` (no --port given) the GENEVE port is picked as Istio 1.19+
     does, once the earlier setup is gone so that its own endpoints do not count;
-    Istio 1.18 always used 6081. Returns the configuration applied.
+    Istio 1.18 always used 6081. Without ``start_watch`` the caller runs the reconcile
+    watcher itself (`node up --foreground`). Returns the configuration applied.
     """
     from . import pods  # pods needs node's state helpers; import here to avoid a cycle
 
@@ -242,8 +244,10 @@ def up(
     for ip, info in enrolled.items():
         say(f"re-enrolling pod {ip}")
         pods.add(ip, info.get("uid", ""))
-    say(f"reconcile watcher: `geneve-dp node watch`, log {watch.logfile(st.path.parent, ROLE)}")
-    watch.start(st.path.parent, ROLE)
+    if start_watch:
+        log_path = watch.logfile(st.path.parent, ROLE)
+        say(f"reconcile watcher: `geneve-dp node watch`, log {log_path}")
+        watch.start(st.path.parent, ROLE)
     return cfg
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +80,12 @@ def register(sub: Any) -> None:
         choices=k.ISTIO_VERSIONS,
         default=k.DEFAULT_ISTIO_VERSION,
         help="which release's rules to reproduce (default %(default)s)",
+    )
+    up.add_argument(
+        "--foreground",
+        action="store_true",
+        help="then stay: become the `node watch` reconciler (a service's main process; "
+        "`node down` stops it)",
     )
     _netns_arg(up)
     auth_settings.add_arguments(up)
@@ -220,6 +227,9 @@ def register(sub: Any) -> None:
         ),
     )
     demo.add_argument("--keep", action="store_true", help="leave the namespaces up at the end")
+    demo.add_argument(
+        "--json", action="store_true", help="end with a JSON summary line instead of a sentence"
+    )
     demo.set_defaults(func=cmd_demo)
 
 
@@ -280,12 +290,31 @@ def cmd_node_up(args: argparse.Namespace) -> int:
         _version(args.istio_version),
     )
     auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class)
-    cfg = node.up(cfg, log=say, choose_port=args.port is None, auth=auth)
+    cfg = node.up(
+        cfg, log=say, choose_port=args.port is None, start_watch=not args.foreground, auth=auth
+    )
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
-        f"GENEVE port {cfg.port}, Istio {cfg.version} rules"
+        f"GENEVE port {cfg.port}, Istio {cfg.version} rules",
+        flush=True,
     )
+    if args.foreground:
+        _become_watcher("node", args)
     return 0
+
+
+def _become_watcher(role: str, args: argparse.Namespace) -> None:
+    """Replace this process with `geneve-dp ROLE watch`: the same pid (a service's main
+    process) under the command line `ROLE down` looks for when it stops the watcher."""
+    from ..ambient import watch
+
+    directory = _profile(role).state_path().parent
+    watch.pidfile(directory, role).write_text(f"{os.getpid()}\n")
+    argv = [sys.executable, "-m", "geneve_dp", role, "watch"]
+    if args.log_format is not None:
+        argv += ["--log-format", args.log_format]
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def _profile(role: str) -> Any:
@@ -415,4 +444,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..ambient import checks, demo
 
     checks.require_tools("demo")
-    return demo.run(keep=args.keep)
+    return demo.run(keep=args.keep, as_json=args.json)

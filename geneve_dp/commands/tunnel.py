@@ -36,9 +36,13 @@ VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-lev
 `engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
-reflect_options, mac, addresses, wire_sized). Tunnels on the same port share one UDP socket and
-are told apart by VNI and outer source address. The device is set up (and given
---address) once it exists; a line with "ready" is printed when forwarding.
+reflect_options, mac, addresses, wire_sized; `remote` may name a [remotes.NAME] table
+with `namespace` and `selector`: the IP of the newest Ready pod on this node, $NODE_NAME,
+of the family of $NODE_IP, asked from the Kubernetes API and followed: when the pod
+moves to another IP, `up` stops cleanly to be started again). Tunnels on the same port
+share one UDP socket and are told apart by VNI and outer source address. The device is
+set up (and given --address) once it exists; a line with "ready" is printed when
+forwarding.
 
 Logs go to stderr, one line per event (tunnel up/down, repairs, drop-rate alarms; never
 per packet), as text or, with --log-format json, one JSON object per line.
@@ -319,13 +323,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         from ..netns import enter_netns
 
         enter_netns(str(netns))
+    remotes = settings.get("remotes")
     if args.detach:
-        return _up_detached(specs, daemon_args, args.pidfile)
+        return _up_detached(specs, daemon_args, args.pidfile, remotes)
 
     def announce(message: str) -> None:
         print(f"geneve-dp: {message}", flush=True)
 
-    return _run_daemon(specs, daemon_args, args.pidfile, announce)
+    return _run_daemon(specs, daemon_args, args.pidfile, announce, remotes)
 
 
 def with_auth(specs: list[TunnelSpec], option_class: int) -> list[TunnelSpec]:
@@ -375,18 +380,36 @@ def _daemon_args(
 
 
 def _run_daemon(
-    specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None, on_ready: Any
+    specs: list[TunnelSpec],
+    daemon_args: dict[str, Any],
+    pidfile: Path | None,
+    on_ready: Any,
+    remotes: dict[str, Any] | None = None,
 ) -> int:
     import uvloop
 
     from ..daemon import Daemon
+
+    if remotes:
+        from .. import kube
+
+        # A remote found in Kubernetes moves with its pod: stop cleanly when it does,
+        # and the kubelet starts this container again with the new address.
+        kube.follow(
+            {n: ip for n, (_r, ip) in remotes.items()}, {n: r for n, (r, _) in remotes.items()}
+        )
 
     daemon = Daemon(specs, pidfile=pidfile, **daemon_args)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(daemon.run(on_ready))
 
 
-def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: Path | None) -> int:
+def _up_detached(
+    specs: list[TunnelSpec],
+    daemon_args: dict[str, Any],
+    pidfile: Path | None,
+    remotes: dict[str, Any] | None = None,
+) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
     pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
     from ..control import run_dir
@@ -407,9 +430,11 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
     os.close(read_fd)
     os.setsid()
     rc = 1
+    log_path: Path | None = None
     try:
         directory = run_dir()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _sweep_empty_logs(directory)
         log_path = directory / f"gdp-{os.getpid()}.log"
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -421,10 +446,7 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
             os.write(write_fd, message.encode())
             os.close(write_fd)
 
-        rc = _run_daemon(specs, daemon_args, pidfile, ready)
-        if rc == 0:
-            # A clean stop leaves nothing to diagnose; a crash keeps its log.
-            log_path.unlink(missing_ok=True)
+        rc = _run_daemon(specs, daemon_args, pidfile, ready, remotes)
     except UserError as exc:
         try:
             os.write(write_fd, str(exc).encode())
@@ -437,7 +459,27 @@ def _up_detached(specs: list[TunnelSpec], daemon_args: dict[str, Any], pidfile: 
         except OSError:
             pass
     finally:
+        # A clean stop leaves nothing to diagnose, and an empty log nothing to read (a
+        # failure before "ready" went to the parent): only a crash's words are kept.
+        if log_path is not None and (rc == 0 or _is_empty(log_path)):
+            log_path.unlink(missing_ok=True)
         os._exit(rc)
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _sweep_empty_logs(directory: Path) -> None:
+    """Remove the empty logs of detached daemons that are gone (killed with SIGKILL, so
+    they could not clean up): an empty file has nothing to diagnose."""
+    for path in directory.glob("gdp-*.log"):
+        pid = path.stem.removeprefix("gdp-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and _is_empty(path):
+            path.unlink(missing_ok=True)
 
 
 def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:

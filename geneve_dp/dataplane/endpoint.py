@@ -379,6 +379,22 @@ def open_resources(specs: list[TunnelSpec], offload: bool = False, workers: int 
                         f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
                         field="mtu",
                     )
+                fits = underlay_mtu - spec.overhead
+                if mtu > fits:
+                    # Allowed, as the kernel allows it: the outer packets are fragmented
+                    # (DF unset) or refused with "packet too big" (DF set).
+                    log.warning(
+                        "%s: mtu %d is above what the underlay %s (MTU %d) carries whole; the "
+                        "largest that fits is %d (--mtu %d), larger packets are fragmented "
+                        "or dropped",
+                        spec.name,
+                        mtu,
+                        underlay_dev,
+                        underlay_mtu,
+                        fits,
+                        fits,
+                        extra={"event": "mtu_above_underlay", "device": spec.name, "fits": fits},
+                    )
                 device = _open_device(ipr, spec, mtu, offload, workers)
                 groups[key].tunnels.append(Tunnel(spec, device, local, underlay_mtu, underlay_dev))
     except NetlinkError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +18,8 @@ from typing import Any, Literal
 from .. import codec, wire
 from ..auth import option as auth_option
 from ..errors import UserError
+from ..kube import PodRemote, parse_remotes
+from ..kube import resolve as kube_resolve
 from ..options import parse_option
 
 # Forwarding workers of one dataplane (dataplane.Dataplane, `up --workers`).
@@ -42,6 +44,7 @@ TOP_LEVEL_KEYS = (
     "drop_alarm",
     "auth_key_file",
     "auth_option_class",
+    "remotes",
 )
 
 # The kernel's rule for a device name (dev_valid_name): 1..IFNAMSIZ-1 bytes, counted in
@@ -279,11 +282,16 @@ def check_together(specs: list[TunnelSpec]) -> None:
         keys[key] = spec.name
 
 
-def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
+def load_config(
+    path: Path, resolver: Callable[[PodRemote], str] | None = None
+) -> tuple[list[TunnelSpec], dict[str, Any]]:
     """Tunnels from a TOML file of ``[[tunnel]]`` tables, plus its top-level settings.
 
     Top-level keys other than ``tunnel`` (``TOP_LEVEL_KEYS``) are returned as is
-    for the caller to apply; each tunnel table takes the keys of ``KEYS``.
+    for the caller to apply; each tunnel table takes the keys of ``KEYS``. A tunnel
+    whose ``remote`` names a ``[remotes.NAME]`` table gets the address ``resolver``
+    (default: kube.resolve, the pod on this node) finds for it; the settings then hold
+    ``remotes`` as {NAME: (PodRemote, address)} for the caller to follow.
     """
     try:
         data = tomllib.loads(path.read_text())
@@ -313,6 +321,14 @@ def load_config(path: Path) -> tuple[list[TunnelSpec], dict[str, Any]]:
     for i, t in enumerate(tables):
         if not isinstance(t, dict):
             raise UserError(f"{t!r} is not a table; accepted: [[tunnel]] tables", f"tunnel[{i}]")
+    if "remotes" in data:
+        remotes = parse_remotes(data["remotes"])
+        resolve = resolver or kube_resolve
+        found = {name: resolve(remote) for name, remote in remotes.items()}
+        for t in tables:
+            if isinstance(t.get("remote"), str) and t["remote"] in found:
+                t["remote"] = found[t["remote"]]
+        data["remotes"] = {name: (remotes[name], ip) for name, ip in found.items()}
     specs = [build_spec(t, where=f"tunnel[{i}].") for i, t in enumerate(tables)]
     check_together(specs)
     return specs, data
