@@ -254,6 +254,10 @@ int gdp_auth_verify(struct gdp_auth *a, struct gdp_auth_cache *c, uint8_t *genev
     if (off < 0)
         return GDP_AUTH_MISSING;
     uint8_t *opt = geneve + off;
+    /* An option of another size names no key and carries no MAC: it cannot verify
+     * (and its key ID may not even be inside it). */
+    if ((opt[3] & 0x1F) * 4 != GDP_AUTH_DATA_LEN)
+        return GDP_AUTH_BAD_MAC;
     const struct gdp_auth_ring *r = atomic_load_explicit(&a->ring, memory_order_acquire);
     const struct ring_key *k = NULL;
     for (uint32_t i = 0; r && i < r->n; i++)
@@ -261,8 +265,6 @@ int gdp_auth_verify(struct gdp_auth *a, struct gdp_auth_cache *c, uint8_t *genev
             k = &r->keys[i];
     if (!k)
         return GDP_AUTH_UNKNOWN_KEY;
-    if ((opt[3] & 0x1F) * 4 != GDP_AUTH_DATA_LEN)
-        return GDP_AUTH_BAD_MAC;
     uint64_t salt = load64(opt + GDP_AUTH_OFF_SALT);
     uint64_t seq = load64(opt + GDP_AUTH_OFF_SEQ);
 

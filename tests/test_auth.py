@@ -156,6 +156,9 @@ def test_check_order_and_reasons() -> None:
     same_id_other_key = CAuth(ring(1, seed=3), CLASS)
     c_sign(same_id_other_key, pkt, off)
     assert c_verify(a, cache, pkt) == mac.BAD_MAC
+    empty = codec.encode(codec.Header(vni=77, options=(codec.Option(CLASS, 0x81, b""),)))
+    assert c_verify(a, cache, empty) == mac.BAD_MAC  # no room for a key ID or a MAC
+    assert mac.PyAuth(keys, CLASS).verify(empty)[0] == mac.BAD_MAC
     short = bytearray(pkt)
     c_sign(a, short, off)
     assert c_verify(a, cache, short) is None

@@ -4,8 +4,8 @@
  * GENEVE packet (header + inner frame) as a peer could send it. For each input:
  *   1. gdp_auth_find must agree with an independent walk of the option area;
  *   2. gdp_auth_verify on an exactly sized heap copy must return a known result in
- *      the order of the checks (no option -> MISSING, option with a key ID not in the
- *      ring -> UNKNOWN_KEY), must leave the packet's bytes as they were, and may
+ *      the order of the checks (no option -> MISSING, an option of the wrong size ->
+ *      BAD_MAC, a key ID not in the ring -> UNKNOWN_KEY), must leave the packet's bytes as they were, and may
  *      return OK only where the option is (it cannot: no input carries a valid MAC,
  *      so OK aborts);
  *   3. when the input holds an integrity option of the right size, the harness signs
@@ -97,6 +97,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(rc != GDP_AUTH_OK); /* nobody can forge a MAC, least of all a fuzzer */
     if (off < 0)
         CHECK(rc == GDP_AUTH_MISSING);
+    else if ((pkt[off + 3] & 0x1F) * 4 != GDP_AUTH_DATA_LEN)
+        CHECK(rc == GDP_AUTH_BAD_MAC); /* a malformed option: its key ID may be outside */
     else {
         uint8_t id = pkt[off + GDP_AUTH_OFF_KEY_ID];
         CHECK(rc != GDP_AUTH_MISSING);

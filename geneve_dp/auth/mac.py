@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .keys import KeyRing
 from .option import (
+    DATA_LEN,
     KDF_CTX,
     OFF_KEY_ID,
     OFF_SALT,
     OFF_SEQ,
     OFF_TAG,
-    OPT_TYPE,
     SEQ_SHIFT,
     TAG_LEN,
     WINDOW,
@@ -126,6 +126,9 @@ class PyAuth:
         off = find(geneve, self.opt_class)
         if off < 0:
             return MISSING, -1
+        # An option of another size names no key and carries no MAC: it cannot verify.
+        if (geneve[off + 3] & 0x1F) * 4 != DATA_LEN:
+            return BAD_MAC, -1
         key_id = geneve[off + OFF_KEY_ID]
         with self._lock:
             ring = self.ring
@@ -133,8 +136,6 @@ class PyAuth:
             window = self._windows.get(key_id)
         if master is None or window is None:
             return UNKNOWN_KEY, -1
-        if geneve[off + 2] != OPT_TYPE or (geneve[off + 3] & 0x1F) * 4 != OFF_TAG + TAG_LEN - 4:
-            return BAD_MAC, -1
         salt = int.from_bytes(geneve[off + OFF_SALT : off + OFF_SEQ], "big")
         seq = int.from_bytes(geneve[off + OFF_SEQ : off + OFF_TAG], "big")
         aead = self._cache.get((key_id, salt)) or AESGCM(subkey(master, salt))
