@@ -25,12 +25,6 @@ static inline void gdp_store16(uint8_t *p, uint16_t v) {
     p[1] = (uint8_t)v;
 }
 
-static inline void gdp_store24(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 16);
-    p[1] = (uint8_t)(v >> 8);
-    p[2] = (uint8_t)v;
-}
-
 static inline void gdp_store32(uint8_t *p, uint32_t v) {
     p[0] = (uint8_t)(v >> 24);
     p[1] = (uint8_t)(v >> 16);

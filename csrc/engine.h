@@ -1,5 +1,16 @@
 /* GENEVE tunnel endpoint engine: batched forwarding between TAP/TUN devices and the
- * underlay (recvmmsg on a UDP socket, sendmmsg on a raw IP socket).
+ * underlay.
+ *
+ * Receive: recvmmsg on the port's UDP socket (with UDP GRO where the kernel has it),
+ * the kernel geneve checks, then a write to the tunnel's device (received segments of
+ * one flow coalesced into one super-frame on devices with a virtio header).
+ * Transmit, per packet, the first of these that applies:
+ * - the inject device (a TAP with UDP tunnel GSO): TSO super-frames and runs of UDP
+ *   datagrams, written whole behind their outer headers, forwarded by the kernel;
+ * - the tunnel's connected UDP sockets, picked by flow hash: TSO segments as one UDP
+ *   GSO send, or packets one datagram each where the outer checksum is off;
+ * - the raw IP socket (header inclusion): outer headers written here, for outer
+ *   fragments and for tunnels without connected sockets.
  *
  * Python (geneve_dp/dataplane/engine_c.py) opens every fd, fills struct gdp_tunnel
  * and allocates all memory; C only moves packets and counts. One engine serves one
@@ -10,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "counters.h"
 #include "geneve.h"
 
 /* Room in front of an inner frame for outer IPv6 (40) + fragment header (8) +
@@ -29,37 +41,15 @@
 #define GDP_DF_UNSET 0
 #define GDP_DF_SET 1
 #define GDP_DF_INHERIT 2
+#define GDP_TOS_UNSET 0
+#define GDP_TOS_FIXED 1
+#define GDP_TOS_INHERIT 2
+/* The TTL a frame that is not IP gets under ttl inherit (the kernel's IPDEFTTL). */
+#define GDP_DEFAULT_TTL 64
 
+/* What one gdp_engine_run call forwards: one thread per direction. */
 #define GDP_DIR_RX 1
 #define GDP_DIR_TX 2
-
-/* Drop reasons: one counter each (engine_c.DROP_REASONS lists the names in this
- * order). 0..5 are counted on the socket (no tunnel can be named), the rest on the
- * tunnel. */
-#define GDP_DROP_TRUNCATED 0           /* UDP payload shorter than a GENEVE header */
-#define GDP_DROP_BAD_VERSION 1         /* Ver != 0 */
-#define GDP_DROP_OPTIONS_TRUNCATED 2   /* Opt Len reaches past the packet */
-#define GDP_DROP_OPTION_OVERRUNS 3     /* option lengths do not add up to Opt Len */
-#define GDP_DROP_UNKNOWN_VNI 4         /* no tunnel has this VNI */
-#define GDP_DROP_WRONG_REMOTE 5        /* VNI known, outer source is not its remote */
-#define GDP_DROP_CRITICAL_OPTION 6     /* an unknown critical option (we know none) */
-#define GDP_DROP_C_BIT_MISMATCH 7      /* C bit disagrees with the options' types */
-#define GDP_DROP_WRONG_PROTOCOL 8      /* protocol type not carried in this mode */
-#define GDP_DROP_INNER_TRUNCATED 9     /* inner frame too short for its own headers */
-#define GDP_DROP_ECN_NOT_ECT 10        /* outer CE on a Not-ECT inner packet (RFC 6040) */
-#define GDP_DROP_OWN_MAC 11            /* inner source MAC is the device's (loop guard) */
-#define GDP_DROP_CONTROL_QUEUE_FULL 12 /* O-bit packet, control queue full */
-#define GDP_DROP_DEV_WRITE 13          /* writing to the device failed */
-#define GDP_DROP_TOO_BIG 14            /* inner packet over the path MTU (ICMP sent if IP) */
-#define GDP_DROP_TX_BAD_FRAME 15       /* frame read from the device is not encapsulable */
-#define GDP_DROP_TX_ERROR 16           /* the underlay send failed */
-#define GDP_DROP_AUTH_MISSING 17       /* no integrity option (auth.h, checked in this order) */
-#define GDP_DROP_AUTH_UNKNOWN_KEY 18   /* its key ID is not in the key ring */
-#define GDP_DROP_AUTH_BAD_MAC 19       /* the MAC does not verify */
-#define GDP_DROP_AUTH_REPLAYED 20      /* sequence number seen or older than the window */
-#define GDP_DROP_COUNT 21
-
-/* Counted in gdp_counters.tx_segments: transmit packets cut from TSO super-frames. */
 
 struct gdp_optseen {
     uint16_t opt_class;
@@ -68,20 +58,14 @@ struct gdp_optseen {
     uint64_t count;
 };
 
+#define GDP_COUNTER_FIELD_(name) uint64_t name;
 struct gdp_counters {
-    uint64_t rx_packets;
-    uint64_t rx_bytes;
-    uint64_t tx_packets;
-    uint64_t tx_bytes;
-    uint64_t control;
-    uint64_t tx_fragmented; /* packets sent as several outer fragments */
-    uint64_t tx_gso_frames; /* TSO super-frames read from the device (vnet_hdr) */
-    uint64_t rx_gro_frames; /* super-frames of coalesced received segments written */
-    uint64_t tx_injected;   /* TSO super-frames sent whole through the inject device */
+    GDP_TUNNEL_COUNTERS(GDP_COUNTER_FIELD_) /* counters.h */
     uint64_t drops[GDP_DROP_COUNT];
     uint64_t options_other; /* options seen after the table below filled up */
     struct gdp_optseen options_seen[GDP_OPTSEEN_SLOTS];
 };
+#undef GDP_COUNTER_FIELD_
 
 /* One remembered flow for reflect_options. ``seq`` is a seqlock: the receive thread
  * writes, the transmit thread reads. */
@@ -93,6 +77,8 @@ struct gdp_reflect_entry {
     uint8_t opts[GDP_MAX_OPTIONS_LEN];
 };
 
+struct gdp_auth;
+
 struct gdp_tunnel {
     /* Filled by the caller before gdp_tunnel_prepare. */
     int dev_fd;
@@ -103,9 +89,9 @@ struct gdp_tunnel {
     uint8_t remote[16];
     uint8_t local[16];
     uint8_t mac[6];
-    uint8_t ttl;
+    uint8_t ttl; /* 0: inherit the inner TTL / hop limit */
     uint8_t tos;
-    int tos_set;
+    int tos_set; /* GDP_TOS_UNSET (DSCP 0), GDP_TOS_FIXED (tos), GDP_TOS_INHERIT */
     int df;
     int udp_csum;
     uint32_t underlay_mtu;
@@ -149,6 +135,10 @@ struct gdp_tunnel {
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */
     uint8_t hdr[GDP_MAX_HEADER_LEN];
+    /* The outer IP and UDP headers as every packet of the tunnel starts (addresses,
+     * TTL, protocol, destination port), patched per packet (encap.c). */
+    uint8_t outer[40 + 8];
+    uint64_t outer_psum; /* the UDP pseudo-header sum over the addresses and protocol */
     /* Counters, written only by the engine threads. */
     struct gdp_counters counters;
 };
@@ -195,10 +185,16 @@ int gdp_engine_init(struct gdp_engine *e, const struct gdp_engine_config *cfg,
                     struct gdp_tunnel *tunnels, uint32_t n, uint8_t *bufs,
                     size_t bufs_len, struct gdp_sock_stats *stats);
 
-/* Forward until stop_fd becomes readable. ``dirs`` is GDP_DIR_RX, GDP_DIR_TX or
- * both; run one thread per direction to use two cores. Returns 0 when stopped, or
- * -errno when a socket or poll fails in a way that cannot be counted and skipped. */
+/* Forward one direction (GDP_DIR_RX or GDP_DIR_TX) until stop_fd becomes readable;
+ * one thread each. Returns 0 when stopped, GDP_E_ENGINE_CONFIG for another ``dirs``,
+ * or -errno when a socket or poll fails in a way that cannot be counted and skipped. */
 int gdp_engine_run(struct gdp_engine *e, int dirs);
+
+/* Names of the drop reasons and counters (counters.h), for Python. */
+const char *gdp_drop_name(unsigned i);
+int gdp_drop_on_socket(unsigned i); /* counted per socket (1) or per tunnel (0) */
+const char *gdp_counter_name(unsigned i);
+uint64_t gdp_counter_get(const struct gdp_counters *c, unsigned i);
 
 /* Pure helpers, exposed for tests. */
 uint16_t gdp_inet_csum(const uint8_t *buf, size_t len);

@@ -4,6 +4,7 @@
 
 #include "geneve.h"
 #include "engine.h"
+#include "testpoints.h"
 #include "auth.h"
 
 #endif

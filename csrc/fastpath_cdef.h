@@ -43,22 +43,28 @@ size_t gdp_encode_batch(const uint32_t *vnis, uint16_t protocol, int oam,
                         size_t cap, size_t n, int *rcs);
 const char *gdp_build_id(void);
 
-/* ---- tunnel endpoint engine (engine.h) ---- */
+/* ---- tunnel endpoint engine (engine.h) ----
+ * Structs list only the fields Python touches; "...;" and "[...]" leave the layout
+ * and the lengths to the compiler. Drop reasons and counters are not repeated here:
+ * Python reads their names through gdp_drop_name and gdp_counter_name (counters.h). */
 #define GDP_HEADROOM 320
 #define GDP_FRAME_MAX 65535
 #define GDP_BATCH 32
 #define GDP_VNET_LEN 12
 #define GDP_MAX_TUNNELS 255
 #define GDP_OPTSEEN_SLOTS 32
-#define GDP_REFLECT_KEY_LEN 37
 #define GDP_MODE_TAP 0
 #define GDP_MODE_TUN 1
 #define GDP_DF_UNSET 0
 #define GDP_DF_SET 1
 #define GDP_DF_INHERIT 2
+#define GDP_TOS_UNSET 0
+#define GDP_TOS_FIXED 1
+#define GDP_TOS_INHERIT 2
 #define GDP_DIR_RX 1
 #define GDP_DIR_TX 2
-#define GDP_DROP_COUNT 21
+#define GDP_DROP_COUNT ...
+#define GDP_COUNTER_COUNT ...
 #define GDP_E_ENGINE_TOO_MANY -20
 #define GDP_E_ENGINE_BUFFER -21
 #define GDP_E_ENGINE_CONFIG -22
@@ -69,29 +75,18 @@ struct gdp_optseen {
     uint8_t type;
     uint8_t used;
     uint64_t count;
+    ...;
 };
 
 struct gdp_counters {
-    uint64_t rx_packets;
-    uint64_t rx_bytes;
-    uint64_t tx_packets;
-    uint64_t tx_bytes;
-    uint64_t control;
-    uint64_t tx_fragmented;
-    uint64_t tx_gso_frames;
-    uint64_t rx_gro_frames;
-    uint64_t tx_injected;
-    uint64_t drops[21];
+    uint64_t drops[...];
     uint64_t options_other;
-    struct gdp_optseen options_seen[32];
+    struct gdp_optseen options_seen[...];
+    ...;
 };
 
 struct gdp_reflect_entry {
-    uint32_t seq;
-    uint8_t key_len;
-    uint8_t opts_len;
-    uint8_t key[37];
-    uint8_t opts[252];
+    ...;
 };
 
 struct gdp_auth;
@@ -110,7 +105,7 @@ struct gdp_tunnel {
     int df;
     int udp_csum;
     uint32_t underlay_mtu;
-    uint8_t opts[252];
+    uint8_t opts[...];
     uint32_t opts_len;
     struct gdp_reflect_entry *reflect;
     uint32_t reflect_slots;
@@ -120,31 +115,21 @@ struct gdp_tunnel {
     uint16_t gso_ports[8];
     uint32_t n_gso;
     int gso_nocsum;
-    /* The inject device (a TAP with UDP tunnel GSO, Linux 6.17+): a TSO
-     * super-frame is written to it whole behind its outer headers, the kernel
-     * forwards it to the underlay and segments it only where a device must,
-     * as it does for its own tunnels. IPv4 underlay without checksum only.
-     * Used while ``inject`` is set; the supervisor clears it if the kernel does
-     * not forward what is written there. */
     int inject;
     int inj_fd;
     uint8_t inj_mac[6];
-    uint32_t dev_mtu; /* the tunnel device's MTU: the MSS of received super-packets */
-    /* The device the route to the remote leaves by ("": unknown). While it is
-     * down nothing is injected: sockets then fail, and count, what the kernel
-     * would drop unseen behind the inject device. */
+    uint32_t dev_mtu;
     char underlay_ifname[16];
     struct gdp_auth *auth;
-    uint32_t hdr_len;
-    uint32_t max_inner;
-    uint8_t hdr[260];
     struct gdp_counters counters;
+    ...;
 };
 
 struct gdp_sock_stats {
-    uint64_t drops[21];
+    uint64_t drops[...];
     uint64_t rx_queue_overflow;
     uint64_t rx_packets;
+    ...;
 };
 
 struct gdp_engine_config {
@@ -158,6 +143,7 @@ struct gdp_engine_config {
     uint32_t hash_seed;
     uint32_t ip_id_start;
     uint32_t control_tag;
+    ...;
 };
 
 struct gdp_engine;
@@ -169,10 +155,31 @@ int gdp_engine_init(struct gdp_engine *e, const struct gdp_engine_config *cfg,
                     struct gdp_tunnel *tunnels, uint32_t n, uint8_t *bufs,
                     size_t bufs_len, struct gdp_sock_stats *stats);
 int gdp_engine_run(struct gdp_engine *e, int dirs);
+const char *gdp_drop_name(unsigned i);
+int gdp_drop_on_socket(unsigned i);
+const char *gdp_counter_name(unsigned i);
+uint64_t gdp_counter_get(const struct gdp_counters *c, unsigned i);
 uint16_t gdp_inet_csum(const uint8_t *buf, size_t len);
 uint32_t gdp_flow_hash(const uint8_t *frame, size_t len, int mode, uint32_t seed);
 
-/* auth.h */
+/* ---- test entry points into the pure parts (testpoints.h) ---- */
+#define GDP_TEST_ICMP_BUF 1294
+int gdp_test_parse_inner(const uint8_t *f, size_t len, int mode, uint32_t out[9]);
+uint16_t gdp_test_l4_csum(const uint8_t *ip, int ipver, uint8_t proto, const uint8_t *msg,
+                          size_t len);
+uint16_t gdp_test_partial_field(const uint8_t *ip, int ipver, uint8_t proto, size_t len);
+uint16_t gdp_test_csum_update16(uint16_t check, uint16_t old, uint16_t new_);
+int gdp_test_gro(const uint8_t *frames, const uint32_t *lens, uint32_t n, int mode, int uso,
+                 const uint16_t *osports, uint32_t hold_every, uint8_t *out, size_t cap,
+                 uint32_t *out_lens, uint32_t max_out);
+int gdp_test_seg(const uint8_t *f, size_t flen, int mode, const uint8_t vnet[12],
+                 uint8_t *out, size_t cap, uint32_t *out_lens, uint32_t max_out);
+int gdp_test_super_plan(uint8_t *f, size_t flen, int mode, int uso, uint32_t max_inner,
+                        uint32_t dev_mtu, uint32_t gso_size, uint32_t out[4], uint8_t vnet[12]);
+size_t gdp_test_icmp_too_big(const uint8_t *f, size_t flen, int mode, uint32_t mtu,
+                             uint8_t out[1294]);
+
+/* ---- authenticated tunnels (auth.h) ---- */
 #define GDP_AUTH_OPT_TYPE 0x81
 #define GDP_AUTH_DATA_LEN 36
 #define GDP_AUTH_OPT_LEN 40
@@ -190,7 +197,6 @@ uint32_t gdp_flow_hash(const uint8_t *frame, size_t len, int mode, uint32_t seed
 #define GDP_AUTH_E_NO_AES -31
 #define GDP_AUTH_E_ARGS -32
 #define GDP_AUTH_E_NO_KEY -33
-struct gdp_auth;
 struct gdp_auth_ring;
 struct gdp_auth_cache;
 size_t gdp_auth_size(void);

@@ -22,7 +22,7 @@ from .errors import UserError
 
 # Command modules in the order `--help` lists their commands: tunnels first, as `ip`
 # lists `link` first; modules not named here follow in name order.
-ORDER = ("tunnel", "capture", "codec", "ambient", "bench")
+ORDER = ("tunnel", "live", "capture", "codec", "ambient", "bench")
 
 _ARGUMENT = re.compile(r"^argument ([^:]+): (.*)$", re.S)
 _CHOICE = re.compile(r"^invalid choice: (.*) \(choose from (.*)\)$", re.S)

@@ -2,12 +2,16 @@
 
 It owns everything that is not per-packet: starting the engines, putting addresses on
 the devices (and back, if someone deletes them), opening a device again when someone
-deletes it, serving `show`/`stats` on its control socket (control.py), watching the
-worker threads and tearing down on SIGINT/SIGTERM.
+deletes it, serving `show`/`stats` and the live changes (`up` of another tunnel,
+`down`, `set`, a config reload) on its control socket (control.py), watching the
+worker threads and tearing down on SIGINT/SIGTERM or when its last tunnel is removed.
 
+A live change is worked out first (live.py: refused whole, with the field named, or
+done whole), then applied by the dataplane, which touches only the ports concerned.
 A deleted TAP/TUN device cannot be given back to the engine that had it (its fd is dead
-for good), so the whole dataplane is started again; counters carry on from where the old
-one stopped, so they never go backwards.
+for good): while its tunnel is configured, a new device of the same name and MAC is
+opened and only its port's engine is swapped; counters carry on, never backwards.
+`down` is how a tunnel is removed for good.
 
 With a metrics address it also serves Prometheus ``/metrics`` (metrics.py), and once
 per pass it checks drop rates against an alarm threshold (alarms.py).
@@ -21,6 +25,7 @@ in threads, so the loop comes from ``asyncio.Runner(loop_factory=...)`` instead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -32,10 +37,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import alarms, control, logs
+from . import alarms, control, live, logs
 from .auth.keys import load_key_file
 from .auth.settings import AuthSettings
-from .dataplane.spec import DEFAULT_NICE, TunnelSpec
+from .dataplane.spec import DEFAULT_NICE, TunnelSpec, build_spec, load_config
 from .errors import UserError
 from .netns import netns_inode
 
@@ -50,6 +55,7 @@ ALARM_INTERVAL = 1.0
 # enough to do often, so a deleted device is back well within 2 seconds.
 DEVICE_CHECK_INTERVAL = 0.2
 REPAIR_LOG = 16  # repairs kept for `show`
+CHANGE_WAIT = 10.0  # seconds a stop waits for a live change in progress
 
 
 def check_names_free(specs: list[TunnelSpec]) -> None:
@@ -79,13 +85,19 @@ class Daemon:
         nice: int = DEFAULT_NICE,
         metrics_addr: tuple[str, int] | None = None,
         drop_alarm: float = alarms.DEFAULT_THRESHOLD,
+        config: Path | None = None,
         auth: AuthSettings | None = None,
     ) -> None:
         self.specs = specs
+        # Authenticated tunnels (geneve_dp/auth): the key file and option class for
+        # every tunnel of this process, and per tunnel its sequence counter, keys and
+        # replay windows, kept over dataplane restarts.
         self.auth = auth
-        # Per authenticated tunnel: sequence counter, keys and replay windows, kept
-        # over dataplane restarts (Dataplane auth_states).
         self._auth_states: dict[str, Any] = {}
+        # The file the tunnels came from: SIGHUP (or `up --config` of the same file)
+        # makes the running tunnels those it then lists.
+        self.config = config.resolve() if config is not None else None
+        self.drop_alarm = drop_alarm
         self.nice = nice
         self.engine = engine
         self.offload = offload
@@ -100,10 +112,9 @@ class Daemon:
         self.restarts = 0
         self._stop: asyncio.Event | None = None
         self._dataplane: Any = None
-        # Counters of dataplanes replaced by a restart, per tunnel name and for the
-        # sockets by (family, port): added to the live ones in status.
-        self._carried: dict[str, dict[str, Any]] = {}
-        self._carried_sock: dict[tuple[Any, Any], dict[str, Any]] = {}
+        # Held while the tunnels change (a request, a reload, a repair): one at a time,
+        # and the device checks wait, so a device removed on purpose is not put back.
+        self._changing: asyncio.Lock | None = None
         self._retry_at = 0.0
         self._ipr: Any = None  # pyroute2 IPRoute, used from the executor only
         self._prober: Any = None  # netconf.probe.Prober, opened on first use
@@ -115,6 +126,7 @@ class Daemon:
 
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._changing = asyncio.Lock()
         check_names_free(self.specs)
         self._dataplane = self._new_dataplane()
         server: asyncio.base_events.Server | None = None
@@ -125,10 +137,10 @@ class Daemon:
             await loop.run_in_executor(None, self._dataplane.start)
             await loop.run_in_executor(None, self._apply_addresses, False)
             await loop.run_in_executor(None, self._announce)
-            server = await control.serve(self.sock_path, self.status)
+            server = await control.serve(self.sock_path, self.status, self._command)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
             if self.pidfile is not None:
                 self.pidfile.write_text(f"{os.getpid()}\n")
             names = ", ".join(s.name for s in self.specs)
@@ -152,15 +164,20 @@ class Daemon:
                 server.close()
             if metrics is not None:
                 metrics.close()
+            # A change in progress (its netlink calls in the executor) finishes first:
+            # the dataplane is never stopped under it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changing.acquire(), CHANGE_WAIT)
             await loop.run_in_executor(None, self._dataplane.stop)
             self._control_log.close()
             await loop.run_in_executor(None, self._close_netlink)
             if self._prober is not None:
                 self._prober.close()
-            for path in (self.sock_path, self.pidfile):
-                if path is not None:
-                    path.unlink(missing_ok=True)
-        for t in started:
+            if server is not None:  # ours: whatever else was at its path stays
+                self.sock_path.unlink(missing_ok=True)
+            if self.pidfile is not None:
+                self.pidfile.unlink(missing_ok=True)
+        for t in self._dataplane.final_status:
             log.info(
                 "tunnel %s down",
                 t["name"],
@@ -185,8 +202,8 @@ class Daemon:
         return server
 
     def status(self) -> dict[str, Any]:
-        """What `show`/`stats` and /metrics read: the counters as of now (with those of
-        dataplanes replaced after a device was deleted added in)."""
+        """What `show`/`stats` and /metrics read: the counters as of now (carried over
+        every engine swap, so they never go back)."""
         return {
             "pid": os.getpid(),
             "engine": self.engine,
@@ -194,7 +211,11 @@ class Daemon:
             "netns_id": netns_inode(),
             "workers": self._dataplane.workers,
             "worker_threads": self._dataplane.worker_threads(),
-            "tunnels": self._status(),
+            "nice": self.nice,
+            "metrics_addr": list(self.metrics_addr) if self.metrics_addr else None,
+            "drop_alarm": self.drop_alarm,
+            "config": str(self.config) if self.config is not None else None,
+            "tunnels": self._dataplane.status(),
             "control_messages": self.control_messages,
             "restarts": self.restarts,
             "repairs": self.repairs,
@@ -204,6 +225,7 @@ class Daemon:
         assert self._stop is not None
         loop = asyncio.get_running_loop()
         next_reconcile = next_alarm = loop.time() + RECONCILE_INTERVAL
+        assert self._changing is not None
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), DEVICE_CHECK_INTERVAL)
@@ -212,6 +234,8 @@ class Daemon:
             if self._stop.is_set():
                 break
             self._control_log.flush()
+            if self._changing.locked():
+                continue  # devices come and go on purpose meanwhile
             try:
                 self._dataplane.check()
             except RuntimeError as exc:
@@ -219,10 +243,11 @@ class Daemon:
                 return 1
             if loop.time() >= next_alarm:  # rates over whole seconds, as the alarm states
                 next_alarm = loop.time() + ALARM_INTERVAL
-                self.alarm.update(time.monotonic(), self._status())
+                self.alarm.update(time.monotonic(), self._dataplane.status())
             gone = [s.name for s in self.specs if self._probe().link_up(s.name) is None]
             if gone:
-                await self._restart(gone)
+                async with self._changing:
+                    await self._renew(gone)
                 next_reconcile = loop.time() + RECONCILE_INTERVAL
             elif loop.time() >= next_reconcile:
                 next_reconcile = loop.time() + RECONCILE_INTERVAL
@@ -233,40 +258,210 @@ class Daemon:
                         log.error("reconcile pass failed: %s", exc)
         return 0
 
-    async def _restart(self, gone: list[str]) -> None:
-        """Open the devices again after someone deleted ``gone``: a new dataplane."""
+    async def _renew(self, gone: list[str]) -> None:
+        """Open the devices ``gone`` again (someone deleted them): same name and MAC,
+        a new engine on their ports only (dataplane.apply)."""
 
         loop = asyncio.get_running_loop()
         if loop.time() < self._retry_at:
             return
-        old = self._dataplane
-        await loop.run_in_executor(None, old.stop)
-        # The same MAC as before: the peers' neighbour caches stay right.
-        macs = {str(t["name"]): t.get("mac") for t in old.final_status}
-        self._carry(old.final_status)
-        old.final_status = []  # carried once, even if the next start fails
-        self.specs = [
-            dataclasses.replace(s, mac=macs[s.name]) if s.mac is None and macs.get(s.name) else s
-            for s in self.specs
-        ]
-        new = self._new_dataplane()
         try:
-            await loop.run_in_executor(None, new.start)
+            await loop.run_in_executor(None, self._dataplane.apply, self.specs, tuple(gone))
             await loop.run_in_executor(None, self._apply_addresses, False)
             await loop.run_in_executor(None, self._announce)
         except (UserError, OSError) as exc:
-            # Say so and try again on the next check (a name taken by someone else
-            # may be freed); status shows no tunnels meanwhile.
-            self._dataplane = new
+            # Say so and try again later (a name taken by someone else may be freed).
             self._retry_at = loop.time() + RECONCILE_INTERVAL
             log.error("device %s was deleted; opening it again failed: %s", ", ".join(gone), exc)
             return
-        self._dataplane = new
         self.restarts += 1
         self._repaired(
-            f"device {', '.join(gone)} was deleted; opened again (dataplane restarted)",
+            f"device {', '.join(gone)} was deleted; opened again (`geneve-dp down` removes "
+            "a tunnel for good)",
             ", ".join(gone),
         )
+
+    # -- live changes (requests on the control socket, SIGHUP) ---------------------------
+
+    async def _command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A change request (control.py passes all but status here): the reply, with
+        ``error`` and ``field`` when it was refused (and nothing changed)."""
+        assert self._changing is not None
+        cmd = request.get("cmd")
+        try:
+            async with self._changing:
+                if cmd == "add":
+                    return await self._add(list(request.get("tunnels") or []))
+                if cmd == "down":
+                    return await self._down([str(n) for n in request.get("names") or []])
+                if cmd == "set":
+                    return await self._set(str(request.get("name")), request.get("changes") or {})
+                if cmd == "reload":
+                    return await self._reload(request.get("tunnels"))
+                if cmd == "reload-keys":
+                    return self._reload_keys_reply()
+        except UserError as exc:
+            return {"error": str(exc), "field": exc.field}
+        return {"error": f"unknown request {cmd!r}; {control.ACCEPTED}"}
+
+    async def _apply(self, specs: list[TunnelSpec]) -> dict[str, Any]:
+        """Apply ``specs`` (dataplane.apply) and set up their devices' addresses."""
+        loop = asyncio.get_running_loop()
+        before = {s.name: s for s in self.specs}
+        final: dict[str, Any] = await loop.run_in_executor(None, self._dataplane.apply, specs)
+        self.specs = list(specs)
+        dropped = {
+            s.name: [a for a in before[s.name].addresses if a not in s.addresses]
+            for s in specs
+            if s.name in before
+        }
+        await loop.run_in_executor(None, self._drop_addresses, dropped)
+        await loop.run_in_executor(None, self._apply_addresses, False)
+        await loop.run_in_executor(None, self._announce)
+        return final
+
+    def _row(self, name: str) -> dict[str, Any]:
+        return next(t for t in self._dataplane.status() if t["name"] == name)
+
+    def _log_up(self, name: str, how: str = "up") -> None:
+        t = self._row(name)
+        log.info(
+            "tunnel %s %s: VNI %s to %s port %s, %s, MTU %s",
+            name,
+            how,
+            t["vni"],
+            t["remote"],
+            t["port"],
+            t["mode"],
+            t["mtu"],
+            extra={"event": f"tunnel_{how}", "device": name, "vni": t["vni"]},
+        )
+
+    def _log_down(self, name: str, counters: Any) -> None:
+        c = counters if isinstance(counters, dict) else {}
+        log.info(
+            "tunnel %s down: rx %s packets, tx %s packets",
+            name,
+            c.get("rx_packets", 0),
+            c.get("tx_packets", 0),
+            extra={"event": "tunnel_down", "device": name},
+        )
+
+    async def _add(self, raws: list[Any]) -> dict[str, Any]:
+        if not all(isinstance(r, dict) for r in raws):
+            raise UserError("each tunnel must be an object of spec keys", "tunnels")
+        specs = live.added(self.specs, raws)
+        new = specs[len(self.specs) :]
+        check_names_free(new)
+        await self._apply(specs)
+        for spec in new:
+            self._log_up(spec.name)
+        return {"pid": os.getpid(), "added": [self._row(s.name) for s in new]}
+
+    async def _down(self, names: list[str]) -> dict[str, Any]:
+        if not names:
+            raise UserError("no tunnel named", "NAME")
+        remaining = live.removed(self.specs, names)
+        if not remaining:
+            # The last tunnel: the process ends, and its teardown removes the devices.
+            final = {t["name"]: t["counters"] for t in self._dataplane.status()}
+            assert self._stop is not None
+            asyncio.get_running_loop().call_soon(self._stop.set)
+            return {"pid": os.getpid(), "removed": final, "exiting": True}
+        final = await self._apply(remaining)
+        for name in names:
+            self._log_down(name, final.get(name))
+        return {"pid": os.getpid(), "removed": final, "exiting": False}
+
+    async def _set(self, name: str, changes: Any) -> dict[str, Any]:
+        current = next((s for s in self.specs if s.name == name), None)
+        if current is None:
+            raise UserError(f"no tunnel named {name!r} runs in this endpoint", "NAME")
+        if not isinstance(changes, dict):
+            raise UserError("changes must be an object of spec keys", "changes")
+        spec = live.changed(current, changes)
+        await self._apply(live.replaced(self.specs, spec))
+        self._log_up(name, "changed")
+        return {"pid": os.getpid(), "changed": self._row(name)}
+
+    async def _reload(self, raws: Any) -> dict[str, Any]:
+        """The tunnels of ``raws`` or, without, of the config file read again."""
+        if raws is None:
+            if self.config is None:
+                raise UserError("this endpoint was not started from a config file", "--config")
+            wanted, _settings = load_config(self.config)
+        else:
+            if not isinstance(raws, list) or not all(isinstance(r, dict) for r in raws):
+                raise UserError("tunnels must be a list of objects of spec keys", "tunnels")
+            wanted = [build_spec(r, where=f"tunnel[{i}].") for i, r in enumerate(raws)]
+        before = list(self.specs)
+        diff = live.difference(before, wanted)
+        check_names_free([s for s in wanted if s.name in diff["added"]])
+        final: dict[str, Any] = {}
+        for step in live.reload_steps(before, wanted):
+            final.update(await self._apply(step))
+        for name in diff["removed"]:
+            self._log_down(name, final.get(name))
+        for name in diff["added"]:
+            self._log_up(name)
+        for name in diff["changed"]:
+            self._log_up(name, "changed")
+        return {"pid": os.getpid(), **diff}
+
+    def reload_keys(self) -> None:
+        """Read the auth key file again and put it in force, without a stop. A file that
+        does not pass the checks changes nothing: the keys in force stay (UserError)."""
+        if self.auth is None:
+            raise UserError("this endpoint does not authenticate", "--auth-key-file")
+        keys = load_key_file(self.auth.key_file, "auth_key_file")
+        self.auth = dataclasses.replace(self.auth, keys=keys)
+        self._dataplane.set_auth_keys(keys)
+        ids = [i for i, _ in keys.keys]
+        log.info(
+            "auth keys reloaded from %s: key IDs %s, signing with %d",
+            self.auth.key_file,
+            ids,
+            keys.send_id,
+            extra={"event": "auth_reload", "key_ids": ids, "send_key_id": keys.send_id},
+        )
+
+    def _reload_keys_reply(self) -> dict[str, Any]:
+        self.reload_keys()
+        assert self.auth is not None
+        ids = [i for i, _ in self.auth.keys.keys]
+        return {"pid": os.getpid(), "key_ids": ids, "send_key_id": self.auth.keys.send_id}
+
+    def _on_sighup(self) -> None:
+        if self.auth is not None:
+            try:
+                self.reload_keys()
+            except UserError as exc:
+                log.error(
+                    "auth keys not reloaded, the ones in force stay: %s",
+                    exc,
+                    extra={"event": "auth_reload_failed"},
+                )
+            if self.config is None:
+                return
+
+        async def reload() -> None:
+            assert self._changing is not None
+            try:
+                async with self._changing:
+                    diff = await self._reload(None)
+            except UserError as exc:
+                log.error("reload of %s refused, nothing changed: %s", self.config, exc)
+                return
+            log.info(
+                "reloaded %s: added %s, removed %s, changed %s",
+                self.config,
+                ", ".join(diff["added"]) or "none",
+                ", ".join(diff["removed"]) or "none",
+                ", ".join(diff["changed"]) or "none",
+                extra={"event": "reload"},
+            )
+
+        asyncio.get_running_loop().create_task(reload())
 
     def _new_dataplane(self) -> Any:
         """A Dataplane for the specs with this daemon's settings (at start, and again
@@ -281,60 +476,14 @@ class Daemon:
             workers=self.workers,
             nice=self.nice,
             auth_keys=self.auth.keys if self.auth is not None else None,
+            auth_class=self.auth.option_class if self.auth is not None else None,
             auth_states=self._auth_states,
         )
-
-    def reload_keys(self) -> bool:
-        """Read the auth key file again and put it in force (SIGHUP). A file that does
-        not pass the checks changes nothing: the keys in force stay, with a log line."""
-        if self.auth is None:
-            log.warning("SIGHUP: no auth key file to reload", extra={"event": "auth_reload"})
-            return False
-        try:
-            keys = load_key_file(self.auth.key_file, "auth_key_file")
-        except UserError as exc:
-            log.error(
-                "auth keys not reloaded, the ones in force stay: %s",
-                exc,
-                extra={"event": "auth_reload_failed"},
-            )
-            return False
-        self.auth = dataclasses.replace(self.auth, keys=keys)
-        self._dataplane.set_auth_keys(keys)
-        ids = [i for i, _ in keys.keys]
-        log.info(
-            "auth keys reloaded from %s: key IDs %s, signing with %d",
-            self.auth.key_file,
-            ids,
-            keys.send_id,
-            extra={"event": "auth_reload", "key_ids": ids, "send_key_id": keys.send_id},
-        )
-        return True
 
     def _repaired(self, message: str, device: str, **extra: str) -> None:
         log.warning("%s", message, extra={"event": "repair", "device": device, **extra})
         self.repairs.append(message)
         del self.repairs[:-REPAIR_LOG]
-
-    def _carry(self, status: list[dict[str, Any]]) -> None:
-        for t in status:
-            name = str(t["name"])
-            self._carried[name] = add_counters(self._carried.get(name, {}), t["counters"])
-        for key, sock in _sockets(status).items():
-            self._carried_sock[key] = add_counters(self._carried_sock.get(key, {}), sock)
-
-    def _status(self) -> list[dict[str, Any]]:
-        """The live dataplane's status with the counters of replaced ones added."""
-        out = []
-        for t in self._dataplane.status():
-            t = dict(t)
-            t["counters"] = add_counters(t["counters"], self._carried.get(str(t["name"]), {}))
-            key = (t["socket"]["family"], t["socket"]["port"])
-            sock = {k: v for k, v in t["socket"].items() if k not in ("family", "port")}
-            carried = self._carried_sock.get(key, {})
-            t["socket"] = {"family": key[0], "port": key[1], **add_counters(sock, carried)}
-            out.append(t)
-        return out
 
     def _on_control(self, name: str, packet: bytes) -> None:
         # O-bit packets are control messages (RFC 8926 §3.4): never data. Keep the last
@@ -432,6 +581,24 @@ class Daemon:
                         f"cannot add {iface} to {spec.name}: {exc}", "addresses"
                     ) from exc
 
+    def _drop_addresses(self, dropped: dict[str, list[Any]]) -> None:
+        """Take off the addresses a changed tunnel no longer lists."""
+        from pyroute2 import IPRoute
+
+        if not any(dropped.values()):
+            return
+        with IPRoute() as ipr:
+            for name, ifaces in dropped.items():
+                links = ipr.link_lookup(ifname=name)
+                for iface in ifaces if links else []:
+                    with contextlib.suppress(Exception):  # gone already: as wanted
+                        ipr.addr(
+                            "del",
+                            index=links[0],
+                            address=str(iface.ip),
+                            prefixlen=iface.network.prefixlen,
+                        )
+
     def _announce(self) -> None:
         """Gratuitous ARP for the IPv4 addresses of each TAP device (announce.py)."""
         from .dataplane.announce import announce
@@ -442,28 +609,3 @@ class Daemon:
             ips = [i.ip for i in spec.addresses if i.version == 4]
             if spec.mode == "tap" and mac and ips:
                 announce(spec.name, bytes.fromhex(str(mac).replace(":", "")), ips)
-
-
-def add_counters(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """``a`` + ``b`` key by key, into nested dicts; keys of either are kept."""
-    out: dict[str, Any] = dict(a)
-    for key, value in b.items():
-        mine = out.get(key)
-        if isinstance(value, dict):
-            out[key] = add_counters(mine if isinstance(mine, dict) else {}, value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            out[key] = (mine if isinstance(mine, int) else 0) + value
-        else:
-            out.setdefault(key, value)
-    return out
-
-
-def _sockets(status: list[dict[str, Any]]) -> dict[tuple[Any, Any], dict[str, Any]]:
-    """Each receive socket's counters once (tunnels on one port share them)."""
-    out = {}
-    for t in status:
-        sock = t["socket"]
-        out[(sock["family"], sock["port"])] = {
-            k: v for k, v in sock.items() if k not in ("family", "port")
-        }
-    return out

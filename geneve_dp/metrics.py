@@ -11,6 +11,7 @@ Names follow the Prometheus conventions: ``geneve_dp_`` prefix, base units (byte
     geneve_dp_tx_packets_total, geneve_dp_tx_bytes_total,
     geneve_dp_control_packets_total, geneve_dp_tx_fragmented_total,
     geneve_dp_tx_gso_frames_total, geneve_dp_rx_gro_frames_total,
+    geneve_dp_tx_injected_total,
     geneve_dp_drops_total{reason}, geneve_dp_options_total{class,type},
     geneve_dp_options_other_total, geneve_dp_offload_enabled,
     geneve_dp_tx_inject, geneve_dp_inject_probes_total{outcome},
@@ -20,7 +21,7 @@ Per receive socket (labels ``family``, ``port``): the packets no tunnel could be
 for are counted there, not on a device::
 
     geneve_dp_socket_rx_packets_total, geneve_dp_socket_rx_queue_overflow_total,
-    geneve_dp_socket_drops_total{reason}
+    geneve_dp_socket_drops_total{reason}, geneve_dp_socket_worker_rx_packets_total{worker}
 
 And once per process: ``geneve_dp_workers`` (forwarding workers),
 ``geneve_dp_worker_threads`` (forwarding threads alive),
@@ -75,6 +76,11 @@ _TUNNEL_COUNTERS = (
     ("tx_fragmented", "tx_fragmented", "Outer packets the engine fragmented itself."),
     ("tx_gso_frames", "tx_gso_frames", "TSO super-frames segmented on transmit (offload)."),
     ("rx_gro_frames", "rx_gro_frames", "Coalesced super-frames written to the device (offload)."),
+    (
+        "tx_injected",
+        "tx_injected",
+        "Super-frames sent whole through the inject device (gdpxN) instead of the sockets.",
+    ),
 )
 
 
@@ -201,12 +207,19 @@ def families(status: Mapping[str, Any]) -> Iterator[Metric]:
         "Packets dropped before a tunnel could be named for them, by reason.",
         labels=[*sock, "reason"],
     )
+    per_worker = CounterMetricFamily(
+        "geneve_dp_socket_worker_rx_packets",
+        "Datagrams read from a receive socket, by worker (SO_REUSEPORT spreads flows).",
+        labels=[*sock, "worker"],
+    )
     for where, counts in sorted(sockets.items()):
+        for k, n in enumerate(counts.get("rx_packets_per_worker", [])):
+            per_worker.add_metric([*where, str(k)], int(n))
         rx.add_metric(list(where), int(counts.get("rx_packets", 0)))
         ovfl.add_metric(list(where), int(counts.get("rx_queue_overflow", 0)))
         for reason in SOCKET_DROP_REASONS:
             sdrops.add_metric([*where, reason], int(counts.get("drops", {}).get(reason, 0)))
-    yield from (rx, ovfl, sdrops)
+    yield from (rx, ovfl, sdrops, per_worker)
 
     yield GaugeMetricFamily(
         "geneve_dp_workers",

@@ -16,40 +16,60 @@ NAMED_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
 
 
-def _missing(name: str) -> UserError:
-    return UserError(f"no network namespace named {name!r} (see `ip netns list`)", "--netns")
+NAME_MAX = 255  # bytes of one file name, as under /run/netns
+ACCEPTED = f"a name from `ip netns list` (1..{NAME_MAX} bytes, no '/' or NUL)"
 
 
-def enter_netns(name: str) -> None:
+def _missing(name: str, field: str) -> UserError:
+    return UserError(f"no network namespace named {name!r}; accepted: {ACCEPTED}", field)
+
+
+def named_path(name: str, field: str = "--netns") -> Path:
+    """Where `ip netns` keeps the namespace ``name``; a name that cannot be one is a
+    UserError naming ``field``."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        size = -1
+    if not 0 < size <= NAME_MAX or "/" in name or "\0" in name or name in (".", ".."):
+        raise UserError(f"{name!r} is not a namespace name; accepted: {ACCEPTED}", field)
+    return NAMED_DIR / name
+
+
+def enter_netns(name: str, field: str = "--netns") -> None:
     """Move this process into the named network namespace (`ip netns` naming).
 
     setns() changes only the calling thread, and threads inherit it when created, so
     this must run before any thread (executor, engine worker) exists.
     """
-    path = NAMED_DIR / name
+    path = named_path(name, field)
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as exc:
-        raise _missing(name) from exc
+        raise _missing(name, field) from exc
     except PermissionError as exc:
-        raise UserError(f"cannot open {path}: permission denied (run as root)", "--netns") from exc
+        raise UserError(f"cannot open {path}: permission denied (run as root)", field) from exc
+    except OSError as exc:
+        raise UserError(f"cannot open {path}: {exc.strerror}; accepted: {ACCEPTED}", field) from exc
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.setns(fd, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise UserError(f"cannot enter {name!r}: {os.strerror(err)}", "--netns")
+            raise UserError(f"cannot enter {name!r}: {os.strerror(err)}", field)
     finally:
         os.close(fd)
 
 
-def netns_inode(name: str | None = None) -> int:
+def netns_inode(name: str | None = None, field: str = "--netns") -> int:
     """Inode of a network namespace: ours, or the one `ip netns` calls ``name`` (what a
     daemon's status reports as ``netns_id``)."""
-    path = NAMED_DIR / name if name else Path("/proc/self/ns/net")
+    path = named_path(name, field) if name else Path("/proc/self/ns/net")
     try:
         return os.stat(path).st_ino
     except FileNotFoundError as exc:
-        raise _missing(str(name)) from exc
+        raise _missing(str(name), field) from exc
+    except OSError as exc:
+        raise UserError(f"cannot look at {path}: {exc.strerror}", field) from exc
 
 
 def netns_id(pid: int | str = "self") -> tuple[int, int] | None:
@@ -82,3 +102,20 @@ def current_netns_name() -> str:
             if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
                 return entry.name
     return f"netns-{me.st_ino}"
+
+
+def netns_names() -> dict[int, str]:
+    """Names of network namespaces by nsfs inode (what a daemon's status reports as
+    ``netns_id``): those of `ip netns`, and "host" for init's."""
+    out: dict[int, str] = {}
+    if NAMED_DIR.is_dir():
+        for entry in sorted(NAMED_DIR.iterdir()):
+            try:
+                out[entry.stat().st_ino] = entry.name
+            except OSError:
+                continue
+    try:
+        out[os.stat("/proc/1/ns/net").st_ino] = "host"
+    except OSError:
+        pass
+    return out

@@ -46,9 +46,12 @@ def world() -> Iterator[t.World]:
 
 
 def stable(snap: dict[str, str]) -> dict[str, str]:
-    """A snapshot without what differs between two equal setups (ifindexes, ipset seeds)."""
+    """A snapshot without what differs between two equal setups (ifindexes and so the
+    order `ip link` lists devices in: a device opened again is listed last; ipset seeds)."""
     out = dict(snap)
-    out["ip link"] = re.sub(r"^\d+: ", "", snap["ip link"], flags=re.M)
+    out["ip link"] = "\n".join(
+        sorted(re.sub(r"^\d+: ", "", snap["ip link"], flags=re.M).splitlines())
+    )
     out["ipset list"] = re.sub(r"(initval|Size in memory:?) \S+", "", snap["ipset list"])
     return out
 

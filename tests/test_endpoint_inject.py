@@ -1,5 +1,5 @@
 """TCP super-frames sent whole through the inject device (dataplane/inject.py), and
-the receive side's rule for super-packets (engine.c rx_super).
+the receive side's rule for super-packets (csrc/seg.c super_plan).
 
 Two namespaces joined by a veth underlay, a C-engine endpoint with offloads in each
 (tests.endpoint_helpers). Byte-exact 1 GiB transfers over this path, and the on-wire

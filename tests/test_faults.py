@@ -125,7 +125,9 @@ def test_a_deleted_device_is_back_within_2s_with_its_address_mac_and_counters(
         assert after["counters"]["tx_packets"] > before["counters"]["tx_packets"]
         assert after["counters"]["rx_packets"] > before["counters"]["rx_packets"]
         assert status["restarts"] == 1
-        assert status["repairs"] == ["device gt0 was deleted; opened again (dataplane restarted)"]
+        assert status["repairs"] == [
+            "device gt0 was deleted; opened again (`geneve-dp down` removes a tunnel for good)"
+        ]
 
         # The lighter repairs: an address removed and the link set down.
         a.run("ip", "addr", "del", "192.168.100.1/24", "dev", "gt0")

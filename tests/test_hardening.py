@@ -13,6 +13,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geneve_dp.control import query_all
+from geneve_dp.errors import UserError
 from tests.daemon_helpers import GDP, ROOT, up
 from tests.endpoint_helpers import geneve, wait_for
 from tests.netns import Netns
@@ -241,4 +245,255 @@ def test_a_stopped_daemon_is_reported_and_the_others_still_shown(
         for pid in (db.pid, dc.pid):
             assert any(f"pid {pid})" in ln and "did not answer" in ln for ln in lines), lines
     assert f" {da.pid}" in show.stdout and f" {db.pid}" not in show.stdout
-    assert set(json.loads(stats.stdout)) == {"gt0"}
+    by_netns = json.loads(stats.stdout)
+    assert by_netns.keys() == {a.name} and set(by_netns[a.name]) == {"gt0"}
+
+
+# ----------------------------------------------------------- the run directory's trust
+
+
+def test_untrusted_run_directories_are_refused_in_one_line(
+    pair: tuple[Netns, Netns], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _b = pair
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    world = tmp_path / "world"
+    world.mkdir()
+    world.chmod(0o777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    before = a.run("ip", "-o", "link").stdout
+    for path, why in (
+        (world, "writable by others"),
+        (link, "symbolic link"),
+        (theirs, "owned by uid 65534"),
+    ):
+        monkeypatch.setenv("GENEVE_DP_RUN_DIR", str(path))
+        for argv in (
+            ["up", "--netns", a.name, "gt0", "--vni", "7", "--remote", B_UL],
+            ["up", "--netns", a.name, "gt0", "--vni", "7", "--remote", B_UL, "--detach"],
+            ["show", "--all"],
+            ["stats", "--all", "--json"],
+        ):
+            proc = gdp(*argv)
+            assert proc.returncode == 2, (argv, proc.stderr)
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and "GENEVE_DP_RUN_DIR" in lines[0] and why in lines[0], (
+                argv,
+                lines,
+            )
+        assert a.run("ip", "-o", "link").stdout == before  # nothing was created
+    assert list(real.iterdir()) == []  # not even through the link
+
+
+def test_a_socket_served_by_another_user_is_not_believed(
+    pair: tuple[Netns, Netns], run_dir: Path
+) -> None:
+    a, _b = pair
+    fake = run_dir / "gdp-999997.sock"
+    # An unprivileged user's stand-in: bound, handed to uid 65534, listening as it.
+    script = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        f"s.bind({str(fake)!r})\n"
+        f"os.chown({str(fake)!r}, 65534, 65534)\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s.listen(8)\n"
+        "print('listening', flush=True)\n"
+        "while True:\n"
+        "    c, _ = s.accept()\n"
+        "    try:\n"
+        "        c.recv(100)\n"
+        '        c.sendall(b\'{"pid": 999997, "tunnels": [{"name": "fake0", "vni": 1, '
+        '"remote": "6.6.6.6", "port": 6081, "mode": "tap", "mtu": 1450, '
+        '"counters": {}}]}\\n\')\n'
+        "    except OSError:\n"
+        "        pass\n"
+        "    c.close()\n"
+    )
+    with up(a, "gt0", "--vni", "77", "--remote", B_UL) as d:
+        fake_server = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert fake_server.stdout is not None
+            assert fake_server.stdout.readline().strip() == "listening"
+            show = gdp("show", "--all")
+            stats = gdp("stats", "--all", "--json")
+        finally:
+            fake_server.kill()
+            fake_server.wait()
+    for proc in (show, stats):
+        assert proc.returncode == 0, proc.stderr
+        assert "fake0" not in proc.stdout
+        assert f"{fake} is served by uid 65534" in proc.stderr
+    assert f" {d.pid}" in show.stdout
+    by_netns = json.loads(stats.stdout)
+    assert by_netns.keys() == {a.name} and set(by_netns[a.name]) == {"gt0"}
+
+
+def test_the_detached_log_does_not_follow_a_planted_symlink(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geneve_dp.control import open_log, prepare_run_dir
+
+    prepare_run_dir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    (run_dir / "gdp-4242.log").symlink_to(victim)
+    with pytest.raises(UserError, match=r"^GENEVE_DP_RUN_DIR: cannot open .*gdp-4242\.log"):
+        open_log(4242)
+    assert victim.read_text() == "root's file\n"
+    fd = open_log(4243)  # a fresh one: created 0600
+    os.close(fd)
+    assert (run_dir / "gdp-4243.log").stat().st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------- bad input: one line, exit 2
+
+
+def test_bad_names_netns_and_too_many_tunnels_are_one_line_errors(
+    pair: tuple[Netns, Netns], tmp_path: Path
+) -> None:
+    a, _b = pair
+    remote = ["--vni", "7", "--remote", B_UL]
+    many = tmp_path / "many.toml"
+    many.write_text(
+        "".join(
+            f'[[tunnel]]\nname = "gm{i}"\nvni = {i + 1}\nremote = "{B_UL}"\nmode = "tun"\n'
+            for i in range(256)
+        )
+    )
+    nul_name = tmp_path / "nul_name.toml"
+    nul_name.write_text(f'[[tunnel]]\nname = "gt\\u0000x"\nvni = 7\nremote = "{B_UL}"\n')
+    nul_netns = tmp_path / "nul_netns.toml"
+    nul_netns.write_text(
+        f'netns = "a\\u0000b"\n[[tunnel]]\nname = "gt0"\nvni = 7\nremote = "{B_UL}"\n'
+    )
+    ns = ["--netns", a.name]
+    cases = [
+        ([*ns, "gt%d", *remote], "NAME", "'%'"),
+        ([*ns, "é" * 8, *remote], "NAME", "16 bytes"),
+        ([*ns, "--config", str(nul_name)], "tunnel[0].name", "NUL"),
+        (["--config", str(nul_netns)], "netns", "not a namespace name"),
+        ([*ns, "--config", str(many)], "tunnel", "at most 255 per port"),
+    ]
+    before = a.run("ip", "-o", "link").stdout
+    for argv, field, why in cases:
+        proc = gdp("up", *argv)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (argv[:4], proc.stderr[-2000:])
+        assert f" {field}: " in lines[0] and why in lines[0], lines
+        assert a.run("ip", "-o", "link").stdout == before  # nothing half-applied
+    for cmd in (["up", "gt0", *remote], ["show"], ["stats", "--json"]):
+        proc = gdp(*cmd, "--netns", "n" * 300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (cmd, proc.stderr[-2000:])
+        assert "--netns: " in lines[0] and "not a namespace name" in lines[0], lines
+
+
+def test_deeply_nested_json_on_the_control_socket_gets_an_error_reply(
+    pair: tuple[Netns, Netns],
+) -> None:
+    a, _b = pair
+    with up(a, "gt0", "--vni", "77", "--remote", B_UL) as d:
+        for opener in (b"[", b'{"a":'):
+            reply = json.loads(d.request(opener * 10000 + b"\n"))  # < REQUEST_LIMIT
+            assert "nested too deeply" in reply["error"], reply
+        assert d.status()["tunnels"][0]["name"] == "gt0"  # still serving
+        rc, _secs, err = d.stop()
+    assert rc == 0
+    assert "RecursionError" not in err and "Traceback" not in err
+
+
+def test_a_directory_at_the_socket_path_is_one_line_and_leaves_nothing(
+    pair: tuple[Netns, Netns], run_dir: Path
+) -> None:
+    a, _b = pair
+    run_dir.mkdir(mode=0o700)
+    # In a PID namespace of its own the daemon is pid 1, so its socket path is known.
+    (run_dir / "gdp-1.sock").mkdir()
+    before = a.run("ip", "-o", "link").stdout
+    proc = subprocess.run(
+        ["unshare", "--pid", "--fork", *GDP, "up", "--netns", a.name, "gt0", "--vni", "7",
+         "--remote", B_UL],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    # One error line (`up` looking for an endpoint to join also notes the odd entry).
+    lines = [ln for ln in proc.stderr.strip().splitlines() if "error:" in ln]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "gdp-1.sock exists and is not a socket" in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert a.run("ip", "-o", "link").stdout == before
+    assert (run_dir / "gdp-1.sock").is_dir()  # not ours to remove
+
+
+# Values for up's flags that its checks accept but the kernel or the engine may not.
+REAL_RUN_VALUES = {
+    "--mtu": ["68", "1280", "1450", "9000", "65535"],
+    "--ttl": ["0", "1", "255"],
+    "--tos": ["0", "255", "inherit"],
+    "--df": ["set", "unset", "inherit"],
+    "--mode": ["tap", "tun"],
+    "--mac": ["02:00:00:00:00:01", "00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff"],
+    "--address": ["172.16.9.1/32", "172.16.9.1/0", "fd00::1/128", "224.0.0.1/24"],
+    "--local": [A_UL, "10.98.0.77", "127.0.0.1"],
+    "--port": ["1", "6081", "65535"],
+    "--option": ["0x0102:0x80:deadbeef", "0xffff:0x7f:" + "00" * 124],
+    "--engine": ["c", "py"],
+    "--workers": ["1", "2"],
+}
+
+
+@settings(max_examples=8, deadline=None, database=None)
+@given(
+    flags=st.dictionaries(
+        st.sampled_from(sorted(REAL_RUN_VALUES)), st.integers(0, 4), min_size=1, max_size=3
+    )
+)
+def test_up_with_odd_but_accepted_values_starts_or_says_why(flags: dict[str, int]) -> None:
+    """What `up`'s checks let through reaches the kernel and the engine for real: it
+    runs, or it ends in one line and exit 2, never a traceback, and leaves nothing."""
+    from geneve_dp.cli import build_parser
+    from geneve_dp.commands.tunnel import plan_up
+    from tests.netns import veth
+
+    argv = ["gtf0", "--vni", "7", "--remote", B_UL]
+    for flag, i in flags.items():
+        values = REAL_RUN_VALUES[flag]
+        argv += [flag, values[i % len(values)]]
+    try:
+        plan_up(build_parser("up").parse_args(["up", *argv]))
+    except (UserError, SystemExit):
+        return  # refused before anything: test_input_fuzz covers those
+    a, b = Netns("fz"), Netns("fz")
+    run = tempfile.TemporaryDirectory(prefix="gdp-fz-")
+    env = {**os.environ, "GENEVE_DP_RUN_DIR": run.name}
+    try:
+        veth(a, "ul0", b, "ul0")
+        a.run("ip", "addr", "add", f"{A_UL}/24", "dev", "ul0")
+        before = a.run("ip", "-o", "link").stdout
+        proc = subprocess.Popen(
+            [*GDP, "up", "--netns", a.name, *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        ready = "ready" in proc.stdout.readline()
+        if ready:
+            proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        assert "Traceback" not in err, (argv, err[-3000:])
+        if ready:
+            assert proc.returncode == 0, (argv, err[-2000:])
+        else:
+            errors = [ln for ln in err.splitlines() if "error:" in ln]
+            assert proc.returncode == 2 and len(errors) == 1, (argv, err[-2000:])
+        assert a.run("ip", "-o", "link").stdout == before, argv
+    finally:
+        a.delete()
+        b.delete()
+        run.cleanup()

@@ -13,7 +13,10 @@ dataplane must send nothing in answer (no reflection, no amplification).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,11 +27,12 @@ from bench import pktgen
 from geneve_dp.dataplane.reasons import SOCKET_DROP_REASONS, TUNNEL_DROP_REASONS
 from tests import hostile
 from tests.daemon_helpers import up
-from tests.endpoint_helpers import underlay
+from tests.endpoint_helpers import Endpoint, geneve, underlay
 from tests.netns import Netns
+from tests.packets import Flow, eth, udp
 
 # Daemons started here keep their sockets in a run directory of this test's own.
-pytestmark = pytest.mark.usefixtures("run_dir")
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("run_dir")]
 
 FLOOD_SECONDS = float(os.environ.get("GDP_FLOOD_SECONDS", "20"))
 LEGIT_PPS = 2000
@@ -162,3 +166,84 @@ def test_flood_is_counted_not_delivered_not_answered(pair: tuple[Netns, Netns]) 
     # The legitimate flow still got through (it shares the socket with the flood, so a
     # full socket costs it too: most of it, not all of it, is the bound).
     assert legit["sink"]["valid_packets"] >= 0.5 * legit_sent, legit
+
+
+# ---- one packet must not become many (issue 19 item 1) -----------------------------
+
+AMP_PORT = 9998
+COUNT_SINK = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(float(sys.argv[3]))
+print("ready", flush=True)
+n = 0
+try:
+    while True:
+        s.recv(70000)
+        n += 1
+except socket.timeout:
+    pass
+print(n, flush=True)
+"""
+# From the tunnel's remote address: once as one datagram, once as a UDP GSO send of
+# two segments, which the veth carries whole to a socket that reports its segment size.
+AMP_SEND = r"""
+import socket, struct, sys
+pkt = bytes.fromhex(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.0.0.2", 0))
+s.connect(("10.0.0.1", 6081))
+s.send(pkt)
+s.sendmsg([pkt], [(socket.SOL_UDP, 103, struct.pack("H", (len(pkt) + 1) // 2))])
+"""
+
+
+@pytest.mark.parametrize("mode", ["tap", "tun"])
+def test_one_packet_is_delivered_at_most_once(mode: str) -> None:
+    """A GENEVE packet whose inner UDP length says 18 while its IP packet carries 1,280
+    bytes, with only the pseudo-header sum for 18 as checksum, looks like a UDP
+    super-frame of 128 datagrams. It came as one datagram (and then as one GSO send of
+    two), so it is at most one datagram each time: kernel geneve never amplifies."""
+    a, b = Netns("ampa"), Netns("ampb")
+    try:
+        underlay(a, b)
+        spec = {"name": "gt0", "vni": VNI, "remote": "10.0.0.2", "mode": mode,
+                "addresses": ["192.168.100.1/24"]}  # fmt: skip
+        ep = Endpoint(a, "c+offload+w1", [spec])
+        try:
+            assert ep.error is None, ep.error
+            before = ep.tunnel("gt0")
+            assert before["offloads"]["rx_coalesce_udp"] is True  # the path under test
+            inner = udp(Flow("192.168.100.9", "192.168.100.1", 40000, AMP_PORT),
+                        bytes(1272), csum="partial", length=18)  # fmt: skip
+            assert len(inner) == 20 + 1280
+            if mode == "tap":
+                dev_mac = mac(a, "gt0")
+                packet = geneve(VNI, hostile.TEB, eth(inner, dst=dev_mac))
+            else:
+                packet = geneve(VNI, 0x0800, inner)
+            sink = a.popen([sys.executable, "-c", COUNT_SINK, "192.168.100.1", str(AMP_PORT), "2"],
+                           stdout=subprocess.PIPE)  # fmt: skip
+            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+            b.run(sys.executable, "-c", AMP_SEND, packet.hex())
+            out, _ = sink.communicate(timeout=30)
+            after = ep.tunnel("gt0")
+        finally:
+            ep.close()
+    finally:
+        a.delete()
+        b.delete()
+    received = int(out)
+    c0, c1 = before["counters"], after["counters"]
+    counted = {k: c1[k] - c0[k] for k in ("rx_packets", "rx_gro_frames")}
+    dropped = {r: c1["drops"][r] - c0["drops"][r] for r in c1["drops"]}
+    socket_rx = after["socket"]["rx_packets"] - before["socket"]["rx_packets"]
+    print(f"{mode}: sink got {received}, tunnel {counted}, socket rx {socket_rx}")
+    assert socket_rx == 2, json.dumps(after["socket"])  # each send read as one datagram
+    # Each is counted once, delivered whole (the kernel then finds its UDP checksum
+    # wrong) and nothing dropped: never as a super-frame.
+    assert counted == {"rx_packets": 2, "rx_gro_frames": 0}, counted
+    assert not any(dropped.values()), dropped
+    assert received <= 2

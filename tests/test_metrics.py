@@ -75,11 +75,18 @@ def _status(rx: int) -> dict[str, Any]:
         "tx_packets": 3,
         "tx_bytes": 300,
         "control": 0,
+        "tx_injected": 7,
         "drops": {"critical_option": 2},
         "options_seen": {"0x0102:0x01": 5},
         "options_other": 1,
     }
-    sock = {"family": 4, "port": 6081, "rx_packets": rx, "drops": {"unknown_vni": 4}}
+    sock = {
+        "family": 4,
+        "port": 6081,
+        "rx_packets": rx,
+        "rx_packets_per_worker": [rx - 1, 1],
+        "drops": {"unknown_vni": 4},
+    }
     tun = {
         "name": "gt0",
         "vni": 77,
@@ -124,6 +131,10 @@ def test_collector_reads_at_scrape_time_and_follows_conventions() -> None:
         == 4
     )
     assert value(second, "geneve_dp_workers") == 2
+    assert value(second, "geneve_dp_tx_injected_total", device="gt0", vni="77") == 7
+    worker = {"family": "ipv4", "port": "6081"}
+    assert value(second, "geneve_dp_socket_worker_rx_packets_total", worker="0", **worker) == 40
+    assert value(second, "geneve_dp_socket_worker_rx_packets_total", worker="1", **worker) == 1
     assert value(second, "geneve_dp_offload_enabled", device="gt1", vni="78") == 1
     # Whether each tunnel injects, and its probes by outcome (none for one that never
     # injects).
@@ -141,6 +152,24 @@ def test_collector_reads_at_scrape_time_and_follows_conventions() -> None:
     assert types["geneve_dp_socket_drops"] == "counter"
     assert types["geneve_dp_workers"] == "gauge"
     assert all(name.startswith("geneve_dp_") for name in types)
+
+
+def test_every_engine_counter_is_a_metric() -> None:
+    """What `stats` reads from either engine is exported: each scalar counter by its
+    own family; drops, options and the socket's by theirs."""
+    from geneve_dp.dataplane.reasons import TUNNEL_COUNTERS
+    from geneve_dp.metrics import _TUNNEL_COUNTERS
+
+    exported = {key for _name, key, _doc in _TUNNEL_COUNTERS}
+    assert set(TUNNEL_COUNTERS) <= exported
+    status = _status(1)
+    for t in status["tunnels"]:
+        t["counters"] = {**t["counters"], **dict.fromkeys(TUNNEL_COUNTERS, 3)}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DataplaneCollector(lambda: status))
+    s, _ = samples(generate_latest(registry).decode())
+    for _name, key, _doc in _TUNNEL_COUNTERS:
+        assert value(s, f"geneve_dp_{_name}_total", device="gt0", vni="77") == 3, key
 
 
 SCRAPE = (

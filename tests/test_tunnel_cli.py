@@ -111,6 +111,7 @@ def test_port_in_use_leaves_nothing(pair: tuple[Netns, Netns], run_dir: Path) ->
         proc = gdp("up", "--netns", a.name, "gt2", "--vni", "5", "--remote", "10.99.0.2")
         assert proc.returncode == 2, proc.stderr
         assert "port" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert "another program" in proc.stderr and "ss -ulpn" in proc.stderr
         assert links(a) == before  # the device was rolled back
     finally:
         blocker.kill()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import alarms, logs, wire
-from ..auth import option as auth_option
 from ..auth import settings as auth_settings
 from ..dataplane.spec import (
     DEFAULT_NICE,
@@ -27,12 +27,14 @@ from ..dataplane.spec import (
     check_together,
     load_config,
 )
+from ..dataplane.spec import with_auth as spec_with_auth
 from ..errors import UserError
 
 UP_DESCRIPTION = """\
-Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM, then
-remove them and exit 0. One tunnel from flags (like `ip link add NAME type geneve id
-VNI remote IP dstport 6081`), or many from --config FILE (TOML: optional top-level
+Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM (or until
+`geneve-dp down` removes the last), then remove them and exit 0. One tunnel from
+flags (like `ip link add NAME type geneve id VNI remote IP dstport 6081`), or many
+from --config FILE (TOML: optional top-level
 `engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
@@ -43,6 +45,14 @@ moves to another IP, `up` stops cleanly to be started again). Tunnels on the sam
 share one UDP socket and are told apart by VNI and outer source address. The device is
 set up (and given --address) once it exists; a line with "ready" is printed when
 forwarding.
+
+One endpoint process serves a network namespace and port: `up` of a tunnel on a port
+an endpoint of this namespace already serves adds the tunnel to it (its other tunnels
+forward on untouched) and returns; `geneve-dp set NAME` changes one in place, `geneve-dp
+down NAME` removes one (the last one ends the process), `--config` of the file the
+endpoint was started from applies the file's difference (as SIGHUP does). A device
+deleted with `ip link del` while its tunnel is configured is opened again (same name
+and MAC: the tunnel's intent wins); `geneve-dp down NAME` is how it goes for good.
 
 Logs go to stderr, one line per event (tunnel up/down, repairs, drop-rate alarms; never
 per packet), as text or, with --log-format json, one JSON object per line.
@@ -61,8 +71,8 @@ Where: VNI  := 0..{wire.MAX_VNI} (decimal or 0x hex)
        PORT := 1..65535
        MODE := {{ tap | tun }}
        MTU  := 68..65535
-       TTL  := 1..255
-       TOS  := 0..255
+       TTL  := {{ 1..255 | auto | inherit }}
+       TOS  := {{ 0..255 | inherit }}
        DF   := {{ unset | set | inherit }}
        N    := workers {MIN_WORKERS}..{MAX_WORKERS}; nice {MIN_NICE}..{MAX_NICE}
        NAME := 1..15 bytes (UTF-8), no whitespace, '/' or ':'
@@ -72,7 +82,8 @@ Where: VNI  := 0..{wire.MAX_VNI} (decimal or 0x hex)
 def register(sub: Any) -> None:
     up = sub.add_parser(
         "up",
-        help="create tunnel devices and forward until SIGTERM",
+        help="add tunnel devices: to the endpoint serving this netns and port, else a new "
+        "one that forwards until SIGTERM",
         description=UP_DESCRIPTION,
         epilog=UP_WHERE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -93,9 +104,18 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--mtu", metavar="MTU", help="device MTU (default: underlay MTU minus overhead)"
     )
-    up.add_argument("--ttl", metavar="TTL", default=64, help="outer TTL (default 64)")
     up.add_argument(
-        "--tos", metavar="TOS", help="outer DSCP/TOS byte (default: 0, ECN copied from inner)"
+        "--ttl",
+        metavar="TTL",
+        default=64,
+        help="outer TTL (default 64; auto: the route's default hop limit; inherit: the "
+        "inner packet's)",
+    )
+    up.add_argument(
+        "--tos",
+        metavar="TOS",
+        help="outer DSCP/TOS byte (default 0; inherit: the inner packet's); ECN is always "
+        "copied from the inner header",
     )
     up.add_argument("--df", metavar="DF", default="unset", help="outer DF bit (default unset)")
     csum = up.add_mutually_exclusive_group()
@@ -300,50 +320,96 @@ def _int_setting(flag: str | None, configured: object, key: str, lo: int, hi: in
     return value
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+@dataclass
+class UpPlan:
+    """What `up` was asked for, every input checked, nothing changed yet."""
+
+    specs: list[TunnelSpec]
+    settings: dict[str, Any]
+    engine: str
+    netns: str | None
+    netns_field: str
+    offload: bool | None
+    daemon_args: dict[str, Any]
+    log_format: str
+
+
+def plan_up(args: argparse.Namespace) -> UpPlan:
+    """Check everything `up` takes (flags, the config file, the environment) before
+    anything is created: a bad input is a one-line UserError from here."""
+    from ..netns import named_path
+
     specs, settings = specs_from_args(args)
     check_together(specs)
     engine = args.engine or settings.get("engine", "c")
     if engine not in ENGINES:
         raise UserError(f"{engine!r} is not an engine; accepted: {', '.join(ENGINES)}", "--engine")
     netns = args.netns or settings.get("netns")
+    netns_field = "--netns" if args.netns else "netns"
+    if netns is not None:
+        if not isinstance(netns, str):
+            raise UserError(f"{netns!r} is not a string; accepted: a name", netns_field)
+        named_path(netns, netns_field)
     offload = args.offload if args.offload is not None else settings.get("offload")
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not a boolean; accepted: true, false", "offload")
     daemon_args = _daemon_args(args, settings, engine, offload)
     auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class, settings)
     if auth is not None:
-        specs = with_auth(specs, auth.option_class)
+        spec_with_auth(specs, auth.option_class)  # checked now, applied by the dataplane
         daemon_args["auth"] = auth
     fmt = logs.resolve(args.log_format)
+    return UpPlan(specs, settings, engine, netns, netns_field, offload, daemon_args, fmt)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    plan = plan_up(args)
+    specs, settings, offload, daemon_args = (
+        plan.specs,
+        plan.settings,
+        plan.offload,
+        plan.daemon_args,
+    )
     if os.geteuid() != 0:
         raise UserError("is run without root; accepted: root (CAP_NET_ADMIN)", "up")
-    logs.setup(fmt, args.verbose)
-    if netns:
+    from ..control import prepare_run_dir
+
+    prepare_run_dir()  # an untrusted run directory is refused before anything exists
+    logs.setup(plan.log_format, args.verbose)
+    if plan.netns:
         from ..netns import enter_netns
 
-        enter_netns(str(netns))
+        enter_netns(plan.netns, plan.netns_field)
+    from . import live
+
+    explicit = {k for k in daemon_args if k not in ("engine", "offload")}
+    if args.engine or "engine" in settings:
+        explicit.add("engine")
+    if offload is not None:
+        explicit.add("offload")
+    lock = live.lock_run_dir()
+    try:
+        rc = live.join(specs, daemon_args, explicit, args.config, args.pidfile)
+    except BaseException:
+        live.unlock(lock)
+        raise
+    if rc is not None:
+        live.unlock(lock)
+        return rc
+    # None runs here for these ports: start one, holding the lock until it is ready.
+    daemon_args["config"] = args.config
     remotes = settings.get("remotes")
     if args.detach:
-        return _up_detached(specs, daemon_args, args.pidfile, remotes)
+        return _up_detached(specs, daemon_args, args.pidfile, remotes, lock)
 
     def announce(message: str) -> None:
         print(f"geneve-dp: {message}", flush=True)
+        live.unlock(lock)
 
-    return _run_daemon(specs, daemon_args, args.pidfile, announce, remotes)
-
-
-def with_auth(specs: list[TunnelSpec], option_class: int) -> list[TunnelSpec]:
-    """The specs with the integrity option on, if it fits in their option area."""
-    room = wire.MAX_OPTIONS_LEN - auth_option.OPT_LEN
-    for spec in specs:
-        if sum(o.wire_len for o in spec.options) > room:
-            raise UserError(
-                f"{spec.name}: its options leave no room for the {auth_option.OPT_LEN}-byte "
-                f"integrity option (at most {room} bytes of options with authentication)",
-                "--auth-key-file",
-            )
-    return [dataclasses.replace(s, auth_class=option_class) for s in specs]
+    try:
+        return _run_daemon(specs, daemon_args, args.pidfile, announce, remotes)
+    finally:
+        live.unlock(lock)
 
 
 def _daemon_args(
@@ -409,10 +475,12 @@ def _up_detached(
     daemon_args: dict[str, Any],
     pidfile: Path | None,
     remotes: dict[str, Any] | None = None,
+    lock: int = -1,
 ) -> int:
     """Fork; the child runs the daemon and reports readiness (or the error) through a
-    pipe, so the parent exits 0 only once the devices exist, or 2 with the message."""
-    from ..control import run_dir
+    pipe, so the parent exits 0 only once the devices exist, or 2 with the message.
+    The parent holds ``lock`` (live.lock_run_dir) until then."""
+    from ..control import open_log, prepare_run_dir
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -420,6 +488,8 @@ def _up_detached(
         os.close(write_fd)
         with os.fdopen(read_fd) as pipe:
             report = pipe.read()
+        if lock >= 0:
+            os.close(lock)
         if report.startswith("ready"):
             print(f"geneve-dp: {report.strip()}", flush=True)
             return 0
@@ -428,15 +498,16 @@ def _up_detached(
         return 2
     # Child: a session of its own, stdio to a log file, report through the pipe.
     os.close(read_fd)
+    if lock >= 0:
+        os.close(lock)  # the parent's to release
     os.setsid()
     rc = 1
     log_path: Path | None = None
     try:
-        directory = run_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = prepare_run_dir()
         _sweep_empty_logs(directory)
+        log_fd = open_log(os.getpid())
         log_path = directory / f"gdp-{os.getpid()}.log"
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
@@ -486,7 +557,7 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The running tunnels the command asks about: like `ip link`, those of the current
     network namespace unless --netns, --all or --pid say otherwise."""
     from ..control import query_all
-    from ..netns import netns_inode
+    from ..netns import netns_inode, netns_names
 
     name: str | None = args.name
     rows = []
@@ -502,9 +573,14 @@ def tunnels_of(args: argparse.Namespace) -> list[dict[str, Any]]:
     elif not args.all:
         wanted = netns_inode(args.netns)
         replies = [r for r in replies if r.get("netns_id") == wanted]
+    names = netns_names()
     for reply in replies:
+        ino = reply.get("netns_id")
+        netns = names.get(ino, f"net:[{ino}]") if isinstance(ino, int) else "?"
         for tunnel in reply.get("tunnels", []):
-            rows.append({"pid": reply.get("pid"), "engine": reply.get("engine"), **tunnel})
+            rows.append(
+                {"pid": reply.get("pid"), "engine": reply.get("engine"), "netns": netns, **tunnel}
+            )
     if name is not None:
         rows = [t for t in rows if t.get("name") == name]
         if not rows:
@@ -523,16 +599,51 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not rows:
         print("no tunnels running")
         return 0
+    ns_col = bool(args.all)
+    head = f"{'netns':<20} " if ns_col else ""
     print(
-        f"{'device':<15} {'vni':>8} {'remote':<26} {'port':>5} {'mode':<4} {'mtu':>5} "
-        f"{'engine':<6} pid"
+        f"{head}{'device':<15} {'vni':>8} {'remote':<26} {'port':>5} {'mode':<4} {'mtu':>5} "
+        f"{'engine':<6} {'tx via':<8} pid"
     )
     for t in rows:
+        ns = f"{t.get('netns', '')!s:<20} " if ns_col else ""
         print(
-            f"{t['name']:<15} {t['vni']:>8} {t['remote']!s:<26} {t['port']:>5} {t['mode']:<4} "
-            f"{t['mtu']!s:>5} {t.get('engine', '')!s:<6} {t['pid']}"
+            f"{ns}{t['name']:<15} {t['vni']:>8} {t['remote']!s:<26} {t['port']:>5} "
+            f"{t['mode']:<4} {t['mtu']!s:>5} {t.get('engine', '')!s:<6} {_via(t):<8} {t['pid']}"
+        )
+    print("\ntransmit paths:")
+    for t in rows:
+        path = t.get("tx_path") or {}
+        where = f"{t.get('netns')}/" if ns_col else ""
+        line = f"{where}{t['name']}: {_via(t)}: {path.get('why', 'unknown')}"
+        print(
+            textwrap.fill(
+                line, 88, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False
+            )
+        )
+    injects = sorted({str(t["inject_device"]) for t in rows if t.get("inject_device")})
+    for dev in injects:
+        print()
+        print(
+            textwrap.fill(
+                f"{dev} (in `ip link`) is the endpoint's inject device, not a tunnel: a TAP "
+                "with no address to which the tunnels marked with it write whole TCP "
+                "super-frames and UDP runs behind their outer headers; the kernel forwards "
+                "them to the underlay, cutting them into segments only where a device "
+                "must. It goes when the endpoint process ends.",
+                88,
+                break_on_hyphens=False,
+            )
         )
     return 0
+
+
+def _via(t: dict[str, Any]) -> str:
+    """The transmit path column: the inject device's name, or "sockets"."""
+    path = t.get("tx_path") or {}
+    if path.get("via") == "inject":
+        return str(path.get("device") or "inject")
+    return "sockets"
 
 
 STATS_DESCRIPTION = """\
@@ -558,7 +669,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return _watch(args)
     rows = tunnels_of(args)
     if args.json:
-        print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
+        if args.all:
+            # Device names repeat across namespaces: keyed by namespace, then device.
+            nested: dict[str, dict[str, Any]] = {}
+            for t in rows:
+                nested.setdefault(str(t["netns"]), {})[t["name"]] = t["counters"]
+            print(json.dumps(nested, indent=2))
+        else:
+            print(json.dumps({t["name"]: t["counters"] for t in rows}, indent=2))
         return 0
     if not rows:
         print("no tunnels running")
@@ -574,6 +692,24 @@ def cmd_stats(args: argparse.Namespace) -> int:
         seen = c.get("options_seen", {})
         if seen:
             print("  options seen: " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
+    # Drops no tunnel can be named for (unknown VNI, wrong peer, bad header) are the
+    # receive socket's: once per process and port.
+    done: set[tuple[Any, Any, Any]] = set()
+    for t in rows:
+        sock = t.get("socket") or {}
+        key = (t.get("pid"), sock.get("family"), sock.get("port"))
+        if not sock or key in done:
+            continue
+        done.add(key)
+        drops = {k: v for k, v in sock.get("drops", {}).items() if v}
+        where = f"IPv{sock['family']} port {sock['port']}"
+        if args.all:
+            where += f" in {t.get('netns')}"
+        print(
+            f"socket {where} (pid {t.get('pid')}): rx {sock.get('rx_packets', 0)} pkts, "
+            f"queue overflow {sock.get('rx_queue_overflow', 0)}"
+        )
+        print("  drops: " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
     return 0
 
 

@@ -1,14 +1,17 @@
 """Kernel resources of tunnel endpoints, shared by both engines.
 
-``open_resources`` turns validated TunnelSpecs into open TAP/TUN devices (named, MTU
-set, up), receive sockets (one per family and port) and raw transmit sockets. Any
-failure undoes what was already created and raises UserError naming the field.
+``open_group`` opens a port's receive sockets (one per worker) and raw transmit
+socket, ``open_tunnel`` a tunnel's TAP/TUN device (named, MTU set, up) once the route
+to its remote is resolved. A failure undoes what that call created and raises
+UserError naming the field; the caller (dataplane.py) undoes the rest.
 Netlink goes through pyroute2's sync API (ARCHITECTURE rule 5).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -16,6 +19,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -49,6 +53,15 @@ SO_SNDBUFFORCE = 32
 UDP_NO_CHECK6_RX = 102
 UDP_GRO = 104
 SOCKET_BUFFER = 4 << 20
+# Frames the kernel may queue on each device queue for the engine to read (the TAP/TUN
+# ring; the kernel's default is 1000). The queue is what absorbs the time a worker is
+# not scheduled: a sender the worker keeps up with on average otherwise loses what
+# arrives in the gap (tx_dropped, drop reason FULL_RING). Measured at 64 B on a loaded
+# 2-core machine (bench/README.md): with 1000 frames (9 ms at 110 kpps) every probe at
+# 90-130 kpps overflowed; with 4096, none at 90-110 kpps and one of two at 130. The
+# kernel orphans what it queues there, so this bounds what a local sender can keep
+# queued: 4096 frames of at most 64 KiB.
+DEVICE_QUEUE_LEN = 4096
 
 
 @dataclass
@@ -59,7 +72,7 @@ class Device:
     mac: bytes  # 6 bytes for TAP, empty for TUN
     mtu: int
     vnet_hdr: bool = False
-    rx_uso: bool = False  # takes UDP_L4 super-frames on write (engine.c gro_add_udp)
+    rx_uso: bool = False  # takes UDP_L4 super-frames on write (csrc/gro.c offer_udp)
     queue_fds: list[int] = field(default_factory=list)  # IFF_MULTI_QUEUE queues 2..n
 
     @property
@@ -77,6 +90,27 @@ class Tunnel:
     local: IPAddress
     underlay_mtu: int
     underlay_dev: str = ""  # the route's device at start ("" if none was named)
+    default_ttl: int = 64  # the namespace's default hop limit towards the underlay
+
+    @property
+    def ttl(self) -> int:
+        """The outer TTL as a number: the configured one; the default hop limit for
+        "auto" (the kernel's ttl 0) and, with "inherit", for frames that are not IP."""
+        return self.spec.ttl if isinstance(self.spec.ttl, int) else self.default_ttl
+
+
+def default_hop_limit(family: int, dev: str) -> int:
+    """What the kernel puts in a packet's TTL / hop limit when none is asked for:
+    net.ipv4.ip_default_ttl, or the underlay device's IPv6 hop_limit."""
+    if family == 4:
+        path = Path("/proc/sys/net/ipv4/ip_default_ttl")
+    else:
+        path = Path(f"/proc/sys/net/ipv6/conf/{dev or 'default'}/hop_limit")
+    try:
+        value = int(path.read_text())
+    except (OSError, ValueError):
+        return 64  # IPDEFTTL, the kernel's own default
+    return value if 1 <= value <= 255 else 64
 
 
 @dataclass
@@ -185,7 +219,7 @@ def _open_device(
             ) from exc
         if offload:
             # The kernel may then hand over TCP super-frames with partial checksums;
-            # the C engine segments them and completes the checksums (engine.c tx_vnet).
+            # the C engine segments them and completes the checksums (csrc/encap.c tx_vnet).
             try:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
                 fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
@@ -220,7 +254,7 @@ def _open_device(
         try:
             if spec.mac is not None:
                 ipr.link("set", index=ifindex, address=spec.mac)
-            ipr.link("set", index=ifindex, mtu=mtu)
+            ipr.link("set", index=ifindex, mtu=mtu, txqlen=DEVICE_QUEUE_LEN)
         except NetlinkError as exc:
             raise UserError(
                 f"cannot set MTU {mtu} on {spec.name}: {os.strerror(exc.code)}", field="mtu"
@@ -264,7 +298,7 @@ def _udp_socket(
         else:
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
         # Reassembled datagrams are then marked: only a datagram that is none, and not
-        # a UDP GRO batch, can be a super-packet of this host (engine.c rx_super).
+        # a UDP GRO batch, can be a super-packet of this host (csrc/seg.c super_plan).
         if family == 6:
             udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVFRAGSIZE, 1)
         else:
@@ -287,9 +321,17 @@ def _udp_socket(
         try:
             udp.bind(("::" if family == 6 else "0.0.0.0", port))
         except OSError as exc:
+            # A geneve-dp endpoint of this netns on the port would have taken the
+            # tunnel (commands/live.py): whoever holds it is something else.
+            hint = (
+                f" by another program (`ss -ulpn 'sport = :{port}'` names it); accepted: "
+                "a free --port"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
             raise UserError(
                 f"cannot bind UDP port {port} ({'IPv6' if family == 6 else 'IPv4'}): "
-                f"{exc.strerror}",
+                f"{exc.strerror}{hint}",
                 field="port",
             ) from exc
         udp.setblocking(False)
@@ -337,73 +379,85 @@ def _open_group(
         raise
 
 
+def close_tunnel(tunnel: Tunnel) -> None:
+    """Close the tunnel's device fds: a non-persistent device vanishes with them.
+    Idempotent."""
+    if tunnel.device.fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(tunnel.device.fd)
+        tunnel.device.fd = -1
+    for qfd in tunnel.device.queue_fds:
+        with contextlib.suppress(OSError):
+            os.close(qfd)
+    tunnel.device.queue_fds = []
+
+
 def close_resources(groups: list[Group]) -> None:
-    """Close every fd; non-persistent devices vanish with theirs. Idempotent."""
+    """Close every fd of ``groups`` and their tunnels. Idempotent."""
     for group in groups:
         for tunnel in group.tunnels:
-            if tunnel.device.fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(tunnel.device.fd)
-                tunnel.device.fd = -1
-            for qfd in tunnel.device.queue_fds:
-                with contextlib.suppress(OSError):
-                    os.close(qfd)
-            tunnel.device.queue_fds = []
+            close_tunnel(tunnel)
         for sock in group.udps:
             sock.close()
         group.raw.close()
 
 
-def open_resources(specs: list[TunnelSpec], offload: bool = False, workers: int = 1) -> list[Group]:
-    """Devices and sockets for ``specs``, grouped by receive socket. ``offload`` opens
-    the devices with IFF_VNET_HDR and TSO/checksum offloads (C engine only); with
-    ``workers`` > 1 every device gets that many queues (IFF_MULTI_QUEUE) and every
-    port that many SO_REUSEPORT receive sockets, one of each per worker."""
-    groups: dict[tuple[int, int], Group] = {}
+def open_tunnel(
+    ipr: IPRoute, spec: TunnelSpec, offload: bool, workers: int, device: Device | None = None
+) -> Tunnel:
+    """``spec``'s tunnel: the route to its remote resolved now, and a new device (with
+    ``workers`` queues), or ``device`` kept, its MTU set to what ``spec`` asks."""
+    underlay_mtu, local, underlay_dev = _route(ipr, spec)
+    mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead
+    if mtu < 68:
+        raise UserError(
+            f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
+            field="mtu",
+        )
+    fits = underlay_mtu - spec.overhead
+    if mtu > fits:
+        # Allowed, as the kernel allows it: the outer packets are fragmented (DF
+        # unset) or refused with "packet too big" (DF set).
+        log.warning(
+            "%s: mtu %d is above what the underlay %s (MTU %d) carries whole; the "
+            "largest that fits is %d (--mtu %d), larger packets are fragmented "
+            "or dropped",
+            spec.name,
+            mtu,
+            underlay_dev,
+            underlay_mtu,
+            fits,
+            fits,
+            extra={"event": "mtu_above_underlay", "device": spec.name, "fits": fits},
+        )
+    if device is None:
+        device = _open_device(ipr, spec, mtu, offload, workers)
+    elif device.mtu != mtu:
+        try:
+            ipr.link("set", index=device.ifindex, mtu=mtu)
+        except NetlinkError as exc:
+            raise UserError(
+                f"cannot set MTU {mtu} on {spec.name}: {os.strerror(exc.code)}", field="mtu"
+            ) from exc
+        device = dataclasses.replace(device, mtu=mtu)
+    return Tunnel(
+        spec,
+        device,
+        local,
+        underlay_mtu,
+        underlay_dev,
+        default_hop_limit(spec.family, underlay_dev),
+    )
+
+
+def open_group(
+    family: int, port: int, specs: list[TunnelSpec], offload: bool, workers: int = 1
+) -> Group:
+    """The receive sockets (one per worker) and raw transmit socket of a port."""
     try:
-        with IPRoute() as ipr:
-            for spec in specs:
-                key = (spec.family, spec.port)
-                if key not in groups:
-                    groups[key] = _open_group(
-                        spec.family,
-                        spec.port,
-                        [s for s in specs if (s.family, s.port) == key],
-                        offload,
-                        workers,
-                    )
-                underlay_mtu, local, underlay_dev = _route(ipr, spec)
-                mtu = spec.mtu if spec.mtu is not None else underlay_mtu - spec.overhead
-                if mtu < 68:
-                    raise UserError(
-                        f"underlay MTU {underlay_mtu} leaves {mtu} for the tunnel; at least 68",
-                        field="mtu",
-                    )
-                fits = underlay_mtu - spec.overhead
-                if mtu > fits:
-                    # Allowed, as the kernel allows it: the outer packets are fragmented
-                    # (DF unset) or refused with "packet too big" (DF set).
-                    log.warning(
-                        "%s: mtu %d is above what the underlay %s (MTU %d) carries whole; the "
-                        "largest that fits is %d (--mtu %d), larger packets are fragmented "
-                        "or dropped",
-                        spec.name,
-                        mtu,
-                        underlay_dev,
-                        underlay_mtu,
-                        fits,
-                        fits,
-                        extra={"event": "mtu_above_underlay", "device": spec.name, "fits": fits},
-                    )
-                device = _open_device(ipr, spec, mtu, offload, workers)
-                groups[key].tunnels.append(Tunnel(spec, device, local, underlay_mtu, underlay_dev))
+        return _open_group(family, port, specs, offload, workers)
     except NetlinkError as exc:
-        close_resources(list(groups.values()))
         raise UserError(f"netlink: {os.strerror(exc.code)}", field="name") from exc
-    except BaseException:
-        close_resources(list(groups.values()))
-        raise
-    return list(groups.values())
 
 
 def ephemeral_ports() -> tuple[int, int]:

@@ -13,10 +13,11 @@ from typing import Any
 
 from ..auth import option as auth_option
 from ..codec import encode_options
+from ..errors import UserError
 from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports
 from .inject import Injector, injectable
-from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
+from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
 
 REFLECT_SLOTS = 1024
 GSO_SOCKETS = 8  # struct gdp_tunnel.gso_fds
@@ -35,15 +36,14 @@ _SETUP_RC = {
     lib.GDP_E_ENGINE_HEADER: "GENEVE header template could not be encoded",
 }
 
-assert len(DROP_REASONS) == lib.GDP_DROP_COUNT
 
-
-class EngineSetupError(RuntimeError):
-    """A negative return code of gdp_tunnel_prepare or gdp_engine_init."""
+class EngineSetupError(UserError):
+    """A negative return code of gdp_tunnel_prepare or gdp_engine_init: a set of
+    tunnels the engine cannot take, said in one line like any bad input."""
 
     def __init__(self, rc: int) -> None:
         self.rc = rc
-        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"))
+        super().__init__(_SETUP_RC.get(rc, f"engine setup failed with {rc}"), "tunnel")
 
 
 def _check(rc: int) -> None:
@@ -52,19 +52,6 @@ def _check(rc: int) -> None:
 
 
 _DF = {"unset": lib.GDP_DF_UNSET, "set": lib.GDP_DF_SET, "inherit": lib.GDP_DF_INHERIT}
-
-
-_TUNNEL_COUNTERS = (
-    "rx_packets",
-    "rx_bytes",
-    "tx_packets",
-    "tx_bytes",
-    "control",
-    "tx_fragmented",
-    "tx_gso_frames",
-    "rx_gro_frames",
-    "tx_injected",
-)
 
 
 _PR_SET_NAME = 15
@@ -123,6 +110,7 @@ class CGroupEngine:
         group_index: int,
         nice: int = 0,
         injector: Injector | None = None,
+        seed: int | None = None,
         auth: dict[str, Any] | None = None,
     ) -> None:
         self.group = group
@@ -143,9 +131,15 @@ class CGroupEngine:
             ffi.memmove(t.local, tun.local.packed, len(tun.local.packed))
             if tun.device.mac:
                 ffi.memmove(t.mac, tun.device.mac, 6)
-            t.ttl = spec.ttl
-            t.tos = spec.tos or 0
-            t.tos_set = spec.tos is not None
+            t.ttl = 0 if spec.ttl == "inherit" else tun.ttl  # engine.h: 0 is inherit
+            t.tos = spec.dscp
+            t.tos_set = (
+                lib.GDP_TOS_INHERIT
+                if spec.tos == "inherit"
+                else lib.GDP_TOS_FIXED
+                if spec.tos is not None
+                else lib.GDP_TOS_UNSET
+            )
             t.df = _DF[spec.df]
             t.udp_csum = spec.tx_udp_csum
             t.underlay_mtu = tun.underlay_mtu
@@ -154,18 +148,19 @@ class CGroupEngine:
             t.dev_mtu = tun.device.mtu
             name = tun.underlay_dev.encode()[:15]
             ffi.memmove(t.underlay_ifname, name, len(name))
-            if injector and tun.device.vnet_hdr and injectable(spec):
+            if injector and tun.device.vnet_hdr and injectable(spec) and 0 < t.ttl < 255:
                 self._inject_ok.add(i)
                 t.inject = 1
                 t.inj_fd = injector.fd
                 ffi.memmove(t.inj_mac, injector.mac, 6)
-            if tun.device.vnet_hdr and spec.df != "inherit":
+            if tun.device.vnet_hdr and spec.df != "inherit" and spec.ttl != "inherit":
                 # TSO segments leave through UDP sockets with UDP GSO (one send per
-                # super-frame). Per-packet DF cannot be set there, so df=inherit keeps
-                # the raw socket. The kernel refuses UDP GSO without a checksum (EINVAL
-                # with SO_NO_CHECK): with the IPv4 default of checksum 0 the segments
-                # go one datagram each by sendmmsg on these connected sockets (their
-                # cached route saves the raw socket's route lookup per packet).
+                # super-frame). Per-packet DF and TTL cannot be set there, so df and
+                # ttl inherit keep the raw socket. The kernel refuses UDP GSO without a
+                # checksum (EINVAL with SO_NO_CHECK): with the IPv4 default of checksum 0
+                # the segments go one datagram each by sendmmsg on these connected
+                # sockets (their cached route saves the raw socket's route lookup per
+                # packet).
                 # wire_sized: one datagram per segment even with checksums, so no
                 # UDP GSO super-packet crosses the underlay whole.
                 gso = spec.tx_udp_csum and not spec.wire_sized
@@ -194,7 +189,7 @@ class CGroupEngine:
         # seed (a flow's source port must not depend on the worker) and the same
         # reflection tables and transmit sockets.
         sport_min, sport_max = ephemeral_ports()
-        hash_seed = random.getrandbits(32)
+        hash_seed = random.getrandbits(32) if seed is None else seed
         ip_id = random.getrandbits(16)
         self.workers: list[_Worker] = []
         nworkers = len(group.udps)
@@ -244,16 +239,16 @@ class CGroupEngine:
                     return []
             self.sockets.append(s)
             # The TOS without ECN bits: sends whose TOS is this one carry no IP cmsg
-            # and so keep the socket's cached route (engine.c gso_send).
-            tos = (spec.tos or 0) & ~3
+            # and so keep the socket's cached route (csrc/txq.c gso_send).
+            tos = spec.dscp
             if spec.family == 4:
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
-                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, spec.ttl)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, tun.ttl)
                 pmtu = IP_PMTUDISC_DO if spec.df == "set" else IP_PMTUDISC_DONT
                 s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
             else:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, spec.ttl)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, tun.ttl)
             if not spec.tx_udp_csum:
                 s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
@@ -303,7 +298,7 @@ class CGroupEngine:
         """Tunnel i's counters, summed over the workers."""
         seen: dict[str, int] = {}
         drops = dict.fromkeys(DROP_REASONS, 0)
-        totals = dict.fromkeys(_TUNNEL_COUNTERS, 0)
+        totals = dict.fromkeys(TUNNEL_COUNTERS, 0)
         other = 0
         for w in self.workers:
             c = w.tunnels[i].counters
@@ -315,8 +310,8 @@ class CGroupEngine:
                 seen[key] = seen.get(key, 0) + int(q.count)
             for k, name in enumerate(DROP_REASONS):
                 drops[name] += int(c.drops[k])
-            for name in _TUNNEL_COUNTERS:
-                totals[name] += int(getattr(c, name))
+            for k, name in enumerate(TUNNEL_COUNTERS):
+                totals[name] += int(lib.gdp_counter_get(ffi.addressof(c), k))
             other += int(c.options_other)
         return {**totals, "drops": drops, "options_seen": seen, "options_other": other}
 
@@ -337,7 +332,7 @@ class CGroupEngine:
         return i in self._inject_ok
 
     def set_injecting(self, on: bool) -> None:
-        """Inject (or segment here) from the next frame on; engine.c reads the flag
+        """Inject (or segment here) from the next frame on; the engine reads the flag
         per frame."""
         for w in self.workers:
             for i in self._inject_ok:
@@ -352,6 +347,7 @@ class CGroupEngine:
             "rx_queue_overflow": sum(int(s.rx_queue_overflow) for s in stats),
             "drops": {
                 name: sum(int(s.drops[k]) for s in stats)
-                for k, name in enumerate(SOCKET_DROP_REASONS)
+                for k, name in enumerate(DROP_REASONS)
+                if name in SOCKET_DROP_REASONS
             },
         }

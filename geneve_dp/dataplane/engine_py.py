@@ -1,4 +1,4 @@
-"""The pure-Python engine: the same endpoint semantics as csrc/engine.c with the
+"""The pure-Python engine: the same endpoint semantics as the C engine (csrc/) with the
 per-packet loop in Python (geneve_dp.codec). The baseline in benchmarks and the oracle
 in tests; never the default (ARCHITECTURE rule 1)."""
 
@@ -17,7 +17,7 @@ from .. import codec
 from ..auth import option as auth_option
 from ..auth.mac import PyAuth
 from .endpoint import IP_RECVFRAGSIZE, IPV6_RECVFRAGSIZE, Group, Tunnel, ephemeral_ports
-from .reasons import DROP_REASONS, SOCKET_DROP_REASONS
+from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
 
 ETH_P_IPV4, ETH_P_IPV6, ETH_P_VLAN, ETH_P_TEB = 0x0800, 0x86DD, 0x8100, 0x6558
 ECN_CE, ECN_ECT0 = 3, 2
@@ -50,13 +50,15 @@ class Inner:
     ip_off: int = 0
     ip_len: int = 0
     ecn: int = 0
+    dsfield: int = 0  # the whole TOS / traffic class byte
+    ttl: int = 0  # TTL / hop limit
     df: bool = False
     proto: int = 0
     ports: tuple[int, int] | None = None
 
 
 def parse_inner(f: bytes | bytearray, mode: str) -> Inner | None:
-    """Mirror of parse_inner in engine.c: None when not a frame of this mode."""
+    """Mirror of parse_inner in csrc/inner.c: None when not a frame of this mode."""
     lenient = mode == "tap"
     off = 0
     if mode == "tap":
@@ -87,13 +89,15 @@ def parse_inner(f: bytes | bytearray, mode: str) -> Inner | None:
             return Inner() if lenient else None
         frag = int.from_bytes(f[ip + 6 : ip + 8], "big")
         inn.ecn, inn.df, inn.proto = f[ip + 1] & 3, bool(frag & 0x4000), f[ip + 9]
+        inn.dsfield, inn.ttl = f[ip + 1], f[ip + 8]
         if not frag & 0x3FFF:
             l4 = ihl
     else:
         if left < 40:
             return Inner() if lenient else None
-        inn.ecn = (int.from_bytes(f[ip : ip + 2], "big") >> 4) & 3
-        inn.proto = f[ip + 6]
+        inn.dsfield = (int.from_bytes(f[ip : ip + 2], "big") >> 4) & 0xFF
+        inn.ecn = inn.dsfield & 3
+        inn.proto, inn.ttl = f[ip + 6], f[ip + 7]
         l4 = 40
     inn.ipver, inn.ip_off, inn.ip_len = ver, off, left
     if l4 and inn.proto in _PORT_PROTOS and left >= l4 + 4:
@@ -103,7 +107,7 @@ def parse_inner(f: bytes | bytearray, mode: str) -> Inner | None:
 
 
 def complete_super_checksum(f: bytearray, inn: Inner) -> None:
-    """engine.c rx_super for a device without a virtio header: a TCP super-frame from
+    """csrc/rx.c rx_super for a device without a virtio header: a TCP super-frame from
     a super-packet of this host's stack (a peer's inject device, through a veth) holds
     only the pseudo-header sum in its checksum; completed here, the frame goes as one
     large packet, which the kernel's TCP takes. Anything else is left as it is."""
@@ -206,6 +210,7 @@ class PyGroupEngine:
         stop_fd: int,
         control_fd: int,
         group_index: int,
+        seed: int | None = None,
         auth: dict[str, PyAuth] | None = None,
     ) -> None:
         self.group = group
@@ -215,7 +220,7 @@ class PyGroupEngine:
         auth = auth or {}
         self.tunnels = [PyTunnel(t, auth.get(t.spec.name)) for t in group.tunnels]
         self.sport_min, self.sport_max = ephemeral_ports()
-        self.seed = random.getrandbits(32)
+        self.seed = random.getrandbits(32) if seed is None else seed
         self.ip_id = self.seed & 0xFFFF
         self.sock_drops = dict.fromkeys(SOCKET_DROP_REASONS, 0)
         self.sock_rx = 0
@@ -469,7 +474,9 @@ class PyGroupEngine:
             cs = l4_csum(t.local, t.remote, 17, udp)
             udp[6:8] = (cs or 0xFFFF).to_bytes(2, "big")
         ecn = ECN_ECT0 if inn.ecn == ECN_CE else inn.ecn
-        tos = ((t.spec.tos or 0) & 0xFC) | ecn
+        dscp = (inn.dsfield & 0xFC if inn.ipver else 0) if t.spec.tos == "inherit" else t.spec.dscp
+        tos = dscp | ecn
+        ttl = inn.ttl if t.spec.ttl == "inherit" and inn.ipver else t.t.ttl
         self.ip_id = (self.ip_id + 1) & 0xFFFF or 1
         if fam == 4:
             ip = struct.pack(
@@ -479,7 +486,7 @@ class PyGroupEngine:
                 total,
                 self.ip_id,
                 0x4000 if df else 0,
-                t.spec.ttl,
+                ttl,
                 17,
                 0,
                 t.local,
@@ -487,7 +494,7 @@ class PyGroupEngine:
             )
         else:
             ip = struct.pack(
-                "!IHBB16s16s", 0x60000000 | tos << 20, udplen, 17, t.spec.ttl, t.local, t.remote
+                "!IHBB16s16s", 0x60000000 | tos << 20, udplen, 17, ttl, t.local, t.remote
             )
         if not frags:
             ok = self._send(t, ip + udp)
@@ -566,15 +573,13 @@ class PyGroupEngine:
     def counters(self, i: int) -> dict[str, object]:
         c = self.tunnels[i].c
         return {
+            **dict.fromkeys(TUNNEL_COUNTERS, 0),  # the offload counters stay 0 here
             "rx_packets": c.rx_packets,
             "rx_bytes": c.rx_bytes,
             "tx_packets": c.tx_packets,
             "tx_bytes": c.tx_bytes,
             "control": c.control,
             "tx_fragmented": c.tx_fragmented,
-            "tx_gso_frames": 0,
-            "rx_gro_frames": 0,
-            "tx_injected": 0,
             "drops": dict(c.drops),
             "options_seen": {
                 f"0x{k[0]:04x}:0x{k[1]:02x}": n for k, n in list(c.options_seen.items())

@@ -5,7 +5,7 @@ GENEVE is checksum 0, so a socket can only send a TSO super-frame one segment at
 time. A TAP device with UDP tunnel GSO (TUN_F_UDP_TUNNEL_GSO, Linux 6.17+) takes the
 whole encapsulated super-frame instead, the way the kernel's own tunnels hand theirs
 to the stack: the kernel forwards it to the underlay, passes it whole through a veth
-(the peer's socket gets the super-packet, engine.c rx_super) and cuts it into
+(the peer's socket gets the super-packet, csrc/seg.c super_plan) and cuts it into
 segments, each with every outer header, only where a device cannot take it whole.
 
 The frames enter the stack as if received on this device, so the device forwards
@@ -32,7 +32,7 @@ how soon the supervisor got to look:
 - unseen: the kernel had not even taken it in when the wait was over (softirq
   backlog): no evidence either way, so it counts for nothing.
 
-PROBE_TRIES stopped probes in a row turn injection off (engine.c then segments);
+PROBE_TRIES stopped probes in a row turn injection off (the engine then segments);
 probing goes on, backing off, and the first probe that leaves turns it on again.
 """
 
@@ -72,7 +72,7 @@ from .spec import TunnelSpec
 log = logging.getLogger("geneve_dp.dataplane")
 
 TUN_F_UDP_TUNNEL_GSO = 0x080
-INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (engine.c INJ_VNET_LEN)
+INJECT_VNET_HDR_LEN = 24  # struct virtio_net_hdr_v1_hash_tunnel (csrc/proto.h VNET_TUNNEL_LEN)
 CONF = Path("/proc/sys/net/ipv4/conf")
 
 
@@ -239,18 +239,20 @@ class Injector:
 
 
 _open: dict[int, Injector] = {}  # this process's inject devices, by netns inode
+refusal = ""  # why the last open_injector() made no device (for status)
 
 
 def injectable(spec: TunnelSpec) -> bool:
     """Whether a tunnel may send through the inject device: IPv4 without checksums
     (elsewhere the sockets' UDP GSO serves), a TTL that forwarding can take one off
-    of, and super-packets allowed on the underlay (not ``wire_sized``). Not with
-    authentication: each segment must carry its own MAC, and the kernel would copy
-    one MAC to every segment it cuts."""
+    of (not "inherit": each packet's own), and super-packets allowed on the underlay
+    (not ``wire_sized``). Not with authentication: each segment must carry its own
+    MAC, and the kernel would copy one MAC to every segment it cuts."""
+    ttl_ok = spec.ttl == "auto" or (isinstance(spec.ttl, int) and spec.ttl < 255)
     return (
         spec.family == 4
         and not spec.tx_udp_csum
-        and spec.ttl < 255
+        and ttl_ok
         and not spec.wire_sized
         and spec.auth_class is None
     )
@@ -281,21 +283,25 @@ def open_injector() -> Injector | None:
     return made
 
 
+def _refuse(why: str) -> None:
+    """Log why there is no inject device, and keep it for status."""
+    global refusal
+    refusal = why
+    log.info("TCP super-frames are segmented here: %s", why)
+
+
 def _make_injector() -> Injector | None:
     if _sysctl("all", "rp_filter") not in ("0",):
         # The strictest of "all" and the device's own applies, and a strict or loose
         # filter drops packets from our own address arriving on a device.
-        log.info(
-            "TCP super-frames are segmented here: net.ipv4.conf.all.rp_filter is not 0, "
-            "so the inject device cannot send them whole"
-        )
+        _refuse("net.ipv4.conf.all.rp_filter is not 0, so the inject device cannot send them whole")
         return None
     fd, name = -1, ""
     for name in NAMES:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            log.info("no inject device (/dev/net/tun: %s)", exc.strerror)
+            _refuse(f"no inject device (/dev/net/tun: {exc.strerror})")
             return None
         try:
             ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
@@ -305,18 +311,14 @@ def _make_injector() -> Injector | None:
             os.close(fd)
             fd = -1
     if fd < 0:
-        log.info("TCP super-frames are segmented here: no free inject device name")
+        _refuse("no free inject device name")
         return None
     try:
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", INJECT_VNET_HDR_LEN))
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UDP_TUNNEL_GSO)
     except OSError as exc:
         os.close(fd)
-        log.info(
-            "TCP super-frames are segmented here: this kernel's TAP has no UDP tunnel GSO "
-            "(Linux 6.17+; %s)",
-            exc.strerror,
-        )
+        _refuse(f"this kernel's TAP has no UDP tunnel GSO (Linux 6.17+; {exc.strerror})")
         return None
     try:
         # Never an address, never IPv6 (no autoconfiguration chatter queued on it).
@@ -331,6 +333,6 @@ def _make_injector() -> Injector | None:
         mac = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
     except (OSError, IndexError) as exc:
         os.close(fd)
-        log.info("TCP super-frames are segmented here: the inject device failed (%s)", exc)
+        _refuse(f"the inject device failed ({exc})")
         return None
     return Injector(fd=fd, name=name, mac=mac, ident=random.getrandbits(16))

@@ -7,9 +7,11 @@ socket is created, so a bad value never leaves half a dataplane behind.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,10 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Mode = Literal["tap", "tun"]
 DfPolicy = Literal["unset", "set", "inherit"]
+TtlPolicy = Literal["auto", "inherit"]
+TosPolicy = Literal["inherit"]
+TTL_POLICIES: tuple[TtlPolicy, ...] = ("auto", "inherit")
+TOS_POLICIES: tuple[TosPolicy, ...] = ("inherit",)
 MODES: tuple[Mode, ...] = ("tap", "tun")
 DF_POLICIES: tuple[DfPolicy, ...] = ("unset", "set", "inherit")
 ENGINES = ("c", "python")
@@ -48,10 +54,13 @@ TOP_LEVEL_KEYS = (
 )
 
 # The kernel's rule for a device name (dev_valid_name): 1..IFNAMSIZ-1 bytes, counted in
-# UTF-8 since that is what reaches the kernel, not "." or "..", no whitespace, '/' or ':'.
+# UTF-8 since that is what reaches the kernel, not "." or "..", no whitespace, '/' or ':';
+# and no '%', which TUNSETIFF takes as a template to fill in ("gt%d" becomes gt0).
 IFNAMSIZ = 16
-_IFNAME_FORBIDDEN = re.compile(r"[\s/:\x00]")
-NAME_ACCEPTED = f"1..{IFNAMSIZ - 1} bytes (UTF-8), no whitespace, '/', ':' or NUL, not '.' or '..'"
+_IFNAME_FORBIDDEN = re.compile(r"[\s/:%\x00]")
+NAME_ACCEPTED = (
+    f"1..{IFNAMSIZ - 1} bytes (UTF-8), no whitespace, '/', ':', '%' or NUL, not '.' or '..'"
+)
 
 
 def check_ifname(value: object, field_name: str) -> str:
@@ -80,8 +89,13 @@ class TunnelSpec:
     port: int = wire.GENEVE_PORT
     mode: Mode = "tap"
     mtu: int | None = None  # None: underlay MTU minus the encapsulation overhead
-    ttl: int = 64
-    tos: int | None = None  # None: ECN copied from the inner header, DSCP 0
+    # As iproute2's geneve: a number, "auto" (the route's default hop limit, as the
+    # kernel's ttl 0) or "inherit" (the inner packet's TTL / hop limit; the default for
+    # a frame that is not IP).
+    ttl: int | TtlPolicy = 64
+    # None: DSCP 0; "inherit": the inner packet's DSCP. ECN is copied from the inner
+    # header in every case (RFC 6040 normal mode).
+    tos: int | TosPolicy | None = None
     df: DfPolicy = "unset"
     udp_csum: bool | None = None  # None: off over IPv4, on over IPv6 (as the kernel)
     udp6_zero_csum_rx: bool = False
@@ -100,6 +114,11 @@ class TunnelSpec:
     @property
     def family(self) -> int:
         return self.remote.version
+
+    @property
+    def dscp(self) -> int:
+        """The configured outer TOS without its ECN bits (0 when none, or "inherit")."""
+        return self.tos & 0xFC if isinstance(self.tos, int) else 0
 
     @property
     def tx_udp_csum(self) -> bool:
@@ -145,6 +164,18 @@ def whole_number(value: object, field_name: str, lo: int, hi: int) -> int:
     if not lo <= number <= hi:
         raise UserError(f"{number} is out of range; accepted: {lo}..{hi}", field=field_name)
     return number
+
+
+def _number_or(value: object, field_name: str, lo: int, hi: int, words: tuple[str, ...]) -> Any:
+    """A whole number in lo..hi or one of ``words`` (iproute2's `ttl auto`, `tos inherit`)."""
+    if isinstance(value, str) and value in words:
+        return value
+    accepted = f"{lo}..{hi}, " + ", ".join(words)
+    try:
+        return whole_number(value, field_name, lo, hi)
+    except UserError as exc:
+        what = str(exc).split(": ", 1)[1].split("; accepted:")[0]
+        raise UserError(f"{what}; accepted: {accepted}", field_name) from None
 
 
 def _choice(value: object, field_name: str, choices: tuple[str, ...]) -> Any:
@@ -239,7 +270,11 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
                 f"{text!r} is not an address/prefix; accepted: e.g. 192.168.126.1/30",
                 f("addresses"),
             ) from exc
-    tos = whole_number(raw["tos"], f("tos"), 0, 255) if raw.get("tos") is not None else None
+    tos = (
+        _number_or(raw["tos"], f("tos"), 0, 255, TOS_POLICIES)
+        if raw.get("tos") is not None
+        else None
+    )
     return TunnelSpec(
         name=name,
         vni=vni,
@@ -248,7 +283,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         port=whole_number(raw.get("port", wire.GENEVE_PORT), f("port"), 1, 65535),
         mode=mode,
         mtu=mtu,
-        ttl=whole_number(raw.get("ttl", 64), f("ttl"), 1, 255),
+        ttl=_number_or(raw.get("ttl", 64), f("ttl"), 1, 255, TTL_POLICIES),
         tos=tos,
         df=_choice(raw.get("df", "unset"), f("df"), DF_POLICIES),
         udp_csum=_bool(raw["udp_csum"], f("udp_csum")) if raw.get("udp_csum") is not None else None,
@@ -259,6 +294,46 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         addresses=tuple(addresses),
         wire_sized=_bool(raw.get("wire_sized", False), f("wire_sized")),
     )
+
+
+def spec_to_raw(spec: TunnelSpec) -> dict[str, Any]:
+    """The loosely typed form of ``spec`` (JSON-safe) that build_spec turns back into it:
+    what the control socket carries, and what `set` applies its changes to."""
+    return {
+        "name": spec.name,
+        "vni": spec.vni,
+        "remote": str(spec.remote),
+        "local": str(spec.local) if spec.local is not None else None,
+        "port": spec.port,
+        "mode": spec.mode,
+        "mtu": spec.mtu,
+        "ttl": spec.ttl,
+        "tos": spec.tos,
+        "df": spec.df,
+        "udp_csum": spec.udp_csum,
+        "udp6_zero_csum_rx": spec.udp6_zero_csum_rx,
+        "options": [f"0x{o.opt_class:04x}:0x{o.type:02x}:{o.data.hex()}" for o in spec.options],
+        "reflect_options": spec.reflect_options,
+        "mac": spec.mac,
+        "addresses": [str(a) for a in spec.addresses],
+        "wire_sized": spec.wire_sized,
+    }
+
+
+def with_auth(specs: list[TunnelSpec], option_class: int | None) -> list[TunnelSpec]:
+    """The specs with the integrity option on (``option_class``; None: as they are),
+    if it fits in their option area."""
+    if option_class is None:
+        return specs
+    room = wire.MAX_OPTIONS_LEN - auth_option.OPT_LEN
+    for spec in specs:
+        if sum(o.wire_len for o in spec.options) > room:
+            raise UserError(
+                f"{spec.name}: its options leave no room for the {auth_option.OPT_LEN}-byte "
+                f"integrity option (at most {room} bytes of options with authentication)",
+                "--auth-key-file",
+            )
+    return [dataclasses.replace(s, auth_class=option_class) for s in specs]
 
 
 def check_together(specs: list[TunnelSpec]) -> None:
@@ -280,6 +355,23 @@ def check_together(specs: list[TunnelSpec]) -> None:
                 field="vni",
             )
         keys[key] = spec.name
+    per_socket = Counter((spec.port, spec.remote.version) for spec in specs)
+    limit = max_tunnels_per_port()
+    for (port, version), n in per_socket.items():
+        if n > limit:
+            raise UserError(
+                f"{n} IPv{version} tunnels on port {port}; accepted: at most {limit} per port "
+                "and family (spread them over ports)",
+                "tunnel",
+            )
+
+
+def max_tunnels_per_port() -> int:
+    """How many tunnels one receive socket (port and family) serves: the C engine's
+    limit, read from the compiled module."""
+    from ..fastpath import lib
+
+    return int(lib.GDP_MAX_TUNNELS)
 
 
 def load_config(
