@@ -182,7 +182,7 @@ def answer(line: bytes, status: Status) -> dict[str, Any]:
     cmd = request.get("cmd")
     if cmd == "status":
         return status()
-    if cmd in ("add", "down", "set", "reload"):
+    if cmd in ("add", "down", "set", "reload", "reload-keys"):
         return {"_request": request}
     return {"error": f"unknown request; {ACCEPTED}"}
 

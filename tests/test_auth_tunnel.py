@@ -5,6 +5,7 @@ refused with one line and exit 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -271,3 +272,36 @@ def test_tcp_super_frames_are_signed_per_segment(
         assert ca["tx_gso_frames"] > 0, ca  # super-frames were read and cut here
         assert auth_drops(ub) == dict.fromkeys(auth_drops(ub), 0)
         assert ub.tunnel("gt0")["counters"]["rx_packets"] >= (8 << 20) // 1500
+
+
+def test_reload_keys_by_control_command_and_live_add(
+    pair: tuple[Netns, Netns], tmp_path: Path
+) -> None:
+    """`{"cmd": "reload-keys"}` on the control socket puts a new file in force (or says
+    why not, the keys in force staying); a tunnel added live authenticates too."""
+    a, b = pair
+    k1, k2 = os.urandom(32).hex(), os.urandom(32).hex()
+    ka = key_file(tmp_path / "ka", f"1 {k1} send\n".encode())
+    kb = key_file(tmp_path / "kb", f"1 {k1} send\n".encode())
+    with authed_pair(a, b, ka, kb, "c", "c") as (ua, ub):
+        for path, u in ((ka, ua), (kb, ub)):
+            key_file(path, f"1 {k1} send\n2 {k2}\n".encode())
+            reply = json.loads(u.request(b'{"cmd": "reload-keys"}\n'))
+            assert reply.get("key_ids") == [1, 2] and reply["send_key_id"] == 1, reply
+        os.chmod(ka, 0o640)
+        reply = json.loads(ua.request(b'{"cmd": "reload-keys"}\n'))
+        assert "mode 0600" in reply["error"] and reply["field"] == "auth_key_file", reply
+        assert ua.tunnel("gt0")["auth"]["key_ids"] == [1, 2]
+        ping(a, B_IN, 3, 0.05)
+        # A second tunnel added to the running endpoints: authenticated as well.
+        for u, remote, addr in ((ua, B_UL, "172.16.9.1/24"), (ub, A_UL, "172.16.9.2/24")):
+            spec = {"name": "gt1", "vni": 78, "remote": remote, "addresses": [addr]}
+            reply = json.loads(
+                u.request(json.dumps({"cmd": "add", "tunnels": [spec]}).encode() + b"\n")
+            )
+            assert reply.get("added"), reply
+            assert u.tunnel("gt1")["auth"]["option_class"] == "0xfff7"
+        ping(a, "172.16.9.2", 3, 0.05)
+        seen = ub.tunnel("gt1")["counters"]["options_seen"]
+        assert set(seen) == {"0xfff7:0x81"} and seen["0xfff7:0x81"] >= 3, seen
+        assert auth_drops(ua) == dict.fromkeys(auth_drops(ua), 0)
