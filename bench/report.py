@@ -229,6 +229,49 @@ def _copy_floor(floor: Json) -> str:
     return text + " " + ", ".join(parts) + "."
 
 
+REDIRECT_LABELS = {
+    "uncaptured": "plain pod -> server, not captured (floor)",
+    "iptables": "captured: iptables + GENEVE tunnels",
+    "ebpf": "captured: eBPF (tc redirect + bpf_sk_assign)",
+}
+
+
+def _redirect(red: Json) -> list[str]:
+    """Istio's two redirect designs through the ztunnel stand-in, beside the floor;
+    (xN) is the ratio to the iptables + GENEVE mode measured in the same run."""
+    rows = {m["mode"]: m for m in red["modes"] if m.get("error") is None}
+    ipt = rows.get("iptables")
+    lines = [
+        f"Istio redirect modes through the ztunnel stand-in (TCP, {red['payload']} B "
+        f"requests, {red['rounds']} round(s) of {_fmt_num(red['seconds'])} s per path, "
+        "medians; (xN): ratio to iptables + GENEVE):",
+        "",
+        "| path | connections/s (connect+request+reply+close) | setup p50 / p99: µs "
+        "| RR p50 / p99: µs | machine CPU µs per connection / per transaction |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, label in REDIRECT_LABELS.items():
+        m = rows.get(mode)
+        if m is None:
+            lines.append(f"| {label} | n/a | n/a | n/a | n/a |")
+            continue
+
+        base = ipt if mode != "iptables" else None
+
+        def r(key: str, m: Json = m, base: Json | None = base) -> str:
+            return _ratio(m[key], base[key]) if base is not None else ""
+
+        lines.append(
+            f"| {label} | {_fmt_num(m['connections_per_s'])}{r('connections_per_s')} "
+            f"| {_fmt_num(m['connect_p50_us'])}{r('connect_p50_us')} / "
+            f"{_fmt_num(m['connect_p99_us'])} "
+            f"| {_fmt_num(m['rr_p50_us'])}{r('rr_p50_us')} / {_fmt_num(m['rr_p99_us'])} "
+            f"| {_fmt_num(m['busy_us_per_connection'])}{r('busy_us_per_connection')} / "
+            f"{_fmt_num(m['busy_us_per_transaction'])}{r('busy_us_per_transaction')} |"
+        )
+    return lines
+
+
 def markdown(results: Json) -> str:
     params = results["parameters"]
     m = results["machine"]
@@ -375,6 +418,11 @@ def markdown(results: Json) -> str:
         ]
     elif gen.get("error"):
         notes.append(f"- generator ceiling: {gen['error']}")
+    red = results.get("redirect")
+    if red and red.get("error") is None and red.get("modes"):
+        lines += ["", *_redirect(red)]
+    elif red and red.get("error"):
+        notes.append(f"- redirect modes: {red['error']}")
     floor = results.get("copy_floor")
     if floor and floor.get("hot_s_per_gb") is not None:
         lines += ["", _copy_floor(floor)]

@@ -31,6 +31,9 @@ INNER_SUBNET = "10.202.0"
 TUNNEL_MTU = 1500
 TUNNEL_UNDERLAY_MTU = 1600
 VNI = 42
+# The busy-polling scenario's window: a remote's answer through two userspace hops each
+# way takes 100-200 µs here.
+BUSY_POLL_US = 200
 
 
 @dataclass
@@ -225,6 +228,7 @@ class GeneveDp(Scenario):
         udp_csum: bool = False,
         inject: bool = True,
         auth: bool = False,
+        busy_poll_us: int = 0,
     ) -> None:
         super().__init__()
         self.mode, self.engine, self.udp_csum, self.auth = mode, engine, udp_csum, auth
@@ -232,6 +236,8 @@ class GeneveDp(Scenario):
         # --auth-key-file: every packet signed and checked (geneve_dp/auth); the key
         # file is made at build time, root's and mode 0600 as `up` requires.
         self.key_dir: tempfile.TemporaryDirectory[str] | None = None
+        if busy_poll_us:
+            self.extra += ["--busy-poll", str(busy_poll_us)]
         # GDP_INJECT=0: without the inject device (dataplane/inject.py), for comparison.
         self.env = None if inject else {**os.environ, "GDP_INJECT": "0"}
         self.id = (
@@ -239,12 +245,14 @@ class GeneveDp(Scenario):
             + ("-csum" if udp_csum else "")
             + ("" if inject else "-noinject")
             + ("-auth" if auth else "")
+            + ("-busypoll" if busy_poll_us else "")
         )
         self.label = (
             f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}"
             + (", --udp-csum" if udp_csum else "")
             + ("" if inject else ", GDP_INJECT=0")
             + (", authenticated" if auth else "")
+            + (f", --busy-poll {busy_poll_us}" if busy_poll_us else "")
         )
         self.description = (
             f"two `geneve-dp up --mode {mode} --engine {engine}{' '.join(['', *self.extra])}` "
@@ -265,6 +273,12 @@ class GeneveDp(Scenario):
                 "; --auth-key-file: every packet carries the integrity option (AES-GMAC, "
                 "anti-replay), super-frames are segmented and signed per segment"
                 if auth
+                else ""
+            )
+            + (
+                f"; busy polling: after one direction forwards, the other polls for the "
+                f"answer for up to {busy_poll_us} µs before it sleeps"
+                if busy_poll_us
                 else ""
             )
         )
@@ -454,6 +468,7 @@ def all_scenarios() -> list[Scenario]:
         TapWire(),
         GeneveDp("tap", "c"),
         GeneveDp("tap", "c", inject=False),
+        GeneveDp("tap", "c", busy_poll_us=BUSY_POLL_US),
         GeneveDp("tap", "c", udp_csum=True),
         GeneveDp("tun", "c"),
         GeneveDp("tap", "c", auth=True),

@@ -147,6 +147,10 @@ struct gdp_sock_stats {
     uint64_t drops[GDP_DROP_COUNT]; /* only the socket-level reasons are used */
     uint64_t rx_queue_overflow;     /* SO_RXQ_OVFL: dropped by the kernel before us */
     uint64_t rx_packets;            /* datagrams read from the socket */
+    /* Busy polling (gdp_engine_config.busy_poll_ns): rounds of polling that found
+     * packets, on the receive and on the transmit side (each written by its thread). */
+    uint64_t busy_poll_hits_rx;
+    uint64_t busy_poll_hits_tx;
 };
 
 struct gdp_engine_config {
@@ -162,6 +166,14 @@ struct gdp_engine_config {
      * apart, so their fragments do not share IDs. */
     uint32_t ip_id_start;
     uint32_t control_tag; /* ORed into the tunnel index that prefixes a control message */
+    /* Busy polling (0: off). When one direction has forwarded something, it kicks the
+     * other through that side's eventfd (at most once per window), and the other then
+     * polls its own input for busy_poll_ns without sleeping: the answer to what was
+     * forwarded (a local program's reply, the remote's response) finds it running
+     * instead of waiting for a wake-up. Nothing is polled while no traffic flows. */
+    uint32_t busy_poll_ns;
+    int kick_rx_fd; /* eventfd the receive side polls on, or -1 */
+    int kick_tx_fd; /* eventfd the transmit side polls on, or -1 */
 };
 
 struct gdp_engine;

@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include "auth.h"
 #include "engine.h"
@@ -102,10 +103,21 @@ struct gdp_engine {
     uint32_t uso_rr; /* the run to give up next when all are taken */
     uint8_t uso_hdr[SEG_INNER_MAX];
     struct iovec uso_iov[USO_RUN_MAX + 2];
-    struct pollfd pfds[GDP_MAX_TUNNELS + 1];
+    struct pollfd pfds[GDP_MAX_TUNNELS + 2]; /* stop_fd, the devices, kick_tx_fd */
+    /* When each direction last kicked the other into busy polling (CLOCK_MONOTONIC
+     * ns; each written by its own thread only). */
+    uint64_t rx_kicked_at;
+    uint64_t tx_kicked_at;
     /* When each tunnel's underlay device was last found up (CLOCK_MONOTONIC ns). */
     uint64_t underlay_seen_up[GDP_MAX_TUNNELS];
 };
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 /* ---- rx.c */
 int rx_batch(struct gdp_engine *e);

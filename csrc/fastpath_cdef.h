@@ -129,6 +129,8 @@ struct gdp_sock_stats {
     uint64_t drops[...];
     uint64_t rx_queue_overflow;
     uint64_t rx_packets;
+    uint64_t busy_poll_hits_rx;
+    uint64_t busy_poll_hits_tx;
     ...;
 };
 
@@ -143,6 +145,9 @@ struct gdp_engine_config {
     uint32_t hash_seed;
     uint32_t ip_id_start;
     uint32_t control_tag;
+    uint32_t busy_poll_ns;
+    int kick_rx_fd;
+    int kick_tx_fd;
     ...;
 };
 

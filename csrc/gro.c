@@ -150,8 +150,8 @@ int gro_offer(struct gro_state *g, uint32_t idx, const uint8_t *f, size_t flen,
         return GRO_SKIP;
     const uint8_t *ip = f + in->ip_off;
     size_t l4 = plain_l4(f, in);
-    if (!l4)
-        return GRO_SKIP;
+    if (!l4 || l4 + TCP_HLEN >= flen)
+        return GRO_SKIP; /* not plain IP, or no whole TCP header and data */
     const uint8_t *tcp = f + l4;
     size_t doff = tcp_doff(tcp);
     size_t hdrs = l4 + doff;

@@ -13,6 +13,8 @@ int seg_tcp_plan(const uint8_t *f, size_t flen, int mode, const struct vnet_hdr 
         in->proto != IPPROTO_TCP_ || (size_t)v->csum_start + TCP_HLEN > flen)
         return -1;
     size_t l4 = v->csum_start; /* the TCP header: where its checksum starts */
+    if (l4 < l4_off(f, in))
+        return -1; /* inside the IP header: its fields would be both IP and TCP */
     size_t hdrs = l4 + tcp_doff(f + l4);
     if (hdrs > flen || hdrs > SEG_INNER_MAX || hdrs < l4 + TCP_HLEN)
         return -1;

@@ -83,6 +83,7 @@ class Daemon:
         offload: bool | None = None,
         workers: int | None = None,
         nice: int = DEFAULT_NICE,
+        busy_poll_us: int = 0,
         metrics_addr: tuple[str, int] | None = None,
         drop_alarm: float = alarms.DEFAULT_THRESHOLD,
         config: Path | None = None,
@@ -99,6 +100,7 @@ class Daemon:
         self.config = config.resolve() if config is not None else None
         self.drop_alarm = drop_alarm
         self.nice = nice
+        self.busy_poll_us = busy_poll_us
         self.engine = engine
         self.offload = offload
         self.workers = workers
@@ -212,6 +214,7 @@ class Daemon:
             "workers": self._dataplane.workers,
             "worker_threads": self._dataplane.worker_threads(),
             "nice": self.nice,
+            "busy_poll_us": self.busy_poll_us,
             "metrics_addr": list(self.metrics_addr) if self.metrics_addr else None,
             "drop_alarm": self.drop_alarm,
             "config": str(self.config) if self.config is not None else None,
@@ -475,6 +478,7 @@ class Daemon:
             offload=self.offload,
             workers=self.workers,
             nice=self.nice,
+            busy_poll_us=self.busy_poll_us,
             auth_keys=self.auth.keys if self.auth is not None else None,
             auth_class=self.auth.option_class if self.auth is not None else None,
             auth_states=self._auth_states,

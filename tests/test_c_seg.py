@@ -78,6 +78,7 @@ def test_malformed_headers_are_refused() -> None:
         vnet(VNET_NEEDS_CSUM, GSO_TCPV6, 54, 1000, l4, 16),  # says IPv6, is IPv4
         vnet(VNET_NEEDS_CSUM, GSO_UDP_L4, 54, 1000, l4, 6),  # UDP GSO is not cut here
         vnet(VNET_NEEDS_CSUM, GSO_TCPV4, 54, 1000, len(frame) - 10, 16),  # TCP past the end
+        vnet(VNET_NEEDS_CSUM, GSO_TCPV4, 54, 1000, 14 + 12, 16),  # TCP inside the IP header
     ]
     for v in bad:
         assert c_seg(frame, v) is None, v.hex()

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Build the libFuzzer harnesses for the C GENEVE decoder and its option walkers, with
-# ASan and UBSan.
+# Build the libFuzzer harnesses, with ASan and UBSan: the C GENEVE decoder and its
+# option walkers (codec.c), receive coalescing (gro.c) and TSO segmentation (seg.c).
 #
-#   bash csrc/fuzz/build.sh            # -> csrc/fuzz/build/fuzz_{decode,options} (+ _selftest)
+#   bash csrc/fuzz/build.sh   # -> csrc/fuzz/build/fuzz_{decode,options,gro,seg} (+ _selftest)
 #   csrc/fuzz/build/fuzz_decode -max_total_time=60 csrc/fuzz/build/corpus
 #
-# It compiles csrc/codec.c directly (not the cffi module). The _selftest variant adds
-# deliberate bugs behind magic inputs so tests can prove the sanitizers fire.
+# It compiles the C files directly (not the cffi module); the engine's pure parts are
+# reached through testpoints.c. The _selftest variant adds deliberate bugs behind magic
+# inputs so tests can prove the sanitizers and the cross-checks fire.
 # CC may name another clang (default: clang, else clang-14).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,9 +24,15 @@ flags=(
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
     -fno-omit-frame-pointer -I "$csrc"
 )
-for target in fuzz_decode fuzz_options; do
-    "$cc" "${flags[@]}" "$here/$target.c" "$csrc/codec.c" -o "$out/$target"
-    "$cc" "${flags[@]}" -DGDP_FUZZ_SELFTEST "$here/$target.c" "$csrc/codec.c" \
+codec=("$csrc/codec.c")
+pure=("$csrc/testpoints.c" "$csrc/gro.c" "$csrc/seg.c" "$csrc/inner.c")
+for target in fuzz_decode fuzz_options fuzz_gro fuzz_seg; do
+    case "$target" in
+        fuzz_decode | fuzz_options) srcs=("${codec[@]}") ;;
+        *) srcs=("${pure[@]}") ;;
+    esac
+    "$cc" "${flags[@]}" "$here/$target.c" "${srcs[@]}" -o "$out/$target"
+    "$cc" "${flags[@]}" -DGDP_FUZZ_SELFTEST "$here/$target.c" "${srcs[@]}" \
         -o "$out/${target}_selftest"
     echo "built $out/$target and $out/${target}_selftest"
 done

@@ -52,7 +52,7 @@ LEGEND = (
 TITLES = {
     1: "ambient pod -> server, TCP: captured outbound",
     2: "plain pod -> server, TCP: not captured",
-    3: "ambient pod -> server, UDP: not captured",
+    3: "UDP, DNS and the node's own address: not captured",
     4: "server -> ambient pod, TCP: captured inbound",
     5: "ztunnel's spoofed-source legs and their return paths",
     6: "forged GENEVE packets to ztunnel: dropped and counted",
@@ -90,17 +90,44 @@ class Geneve:
 
 
 class Scenario:
-    def __init__(self, world: t.World | None = None, say: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        world: t.World | None = None,
+        say: Callable[[str], None] | None = None,
+        mode: str = "iptables",
+        ebpf_tproxy: str = "auto",
+    ):
         self.w = world or t.World()
         self.say = say or (lambda _m: None)
+        self.mode = mode  # "iptables" (+ GENEVE) or "ebpf" (ambient/ebpf/demo_steps.py)
+        self.ebpf_tproxy = ebpf_tproxy
         self.before: dict[str, dict[str, str]] = {}
         self.pids: dict[str, int] = {}
+
+    def titles(self) -> dict[int, str]:
+        if self.mode == "ebpf":
+            from .ebpf import demo_steps
+
+            return demo_steps.TITLES
+        return TITLES
+
+    def legend(self) -> tuple[str, ...]:
+        if self.mode == "ebpf":
+            from .ebpf import demo_steps
+
+            return demo_steps.LEGEND
+        return LEGEND
 
     # --- setup / teardown ---------------------------------------------------------------
     def setup(self) -> None:
         w = self.w
         self.say("building namespaces: node, ztunnel pod, pod-a, pod-b (ambient), pod-p, server")
         w.build()
+        if self.mode == "ebpf":
+            from .ebpf import demo_steps
+
+            demo_steps.setup(self)
+            return
         self.before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
         key = write_key(w.workdir / "tunnel.key")
         self.say(f"node up (ztunnel {t.ZTUNNEL_IP} via {t.ZTUNNEL_VETH}), key {key}")
@@ -258,14 +285,35 @@ class Scenario:
         s.observed.append(f"GENEVE VNI 1000: node sent {tx0}, ztunnel received {rx0}")
         return s
 
-    def _not_captured(self, s: Step, role: str, proto: str, port: int, src: str) -> None:
+    def _not_captured(
+        self,
+        s: Step,
+        role: str,
+        proto: str,
+        port: int,
+        src: str,
+        host: str = t.SERVER_IP,
+        quiet_vnis: tuple[int, ...] = (k.OUTBOUND_TUN_VNI, k.INBOUND_TUN_VNI),
+        need_reply: bool = True,
+    ) -> None:
+        """Connect, check the echo (shown only, without ``need_reply``) and that the
+        proxy took nothing; ``quiet_vnis`` must carry no GENEVE packet meanwhile (the
+        others' counts are shown)."""
         n, g0 = len(self.accepts()), self.geneve()
-        self._connect_and_check(s, role, proto, t.SERVER_IP, port, src, f"step{s.number}-data")
+        if need_reply:
+            self._connect_and_check(s, role, proto, host, port, src, f"step{s.number}-data")
+        else:
+            reply = self.client(role, proto, host, port, f"step{s.number}-data")
+            s.observed.append(f"{role} -> {host}:{port}/{proto}: reply {reply!r}")
         new, g1 = self._new_accepts(n), self.geneve()
         s.check(not new, f"proxy accepted {len(new)} connection(s)")
         for vni in (k.OUTBOUND_TUN_VNI, k.INBOUND_TUN_VNI):
             tx, rx = g0.delta(g1, vni)
-            s.check(tx == 0 and rx == 0, f"GENEVE VNI {vni}: node sent {tx}, ztunnel received {rx}")
+            what = f"GENEVE VNI {vni}: node sent {tx}, ztunnel received {rx}"
+            if vni in quiet_vnis:
+                s.check(tx == 0 and rx == 0, what)
+            else:
+                s.observed.append(what)
 
     def step2(self) -> Step:
         p = t.PODS[2]
@@ -278,13 +326,28 @@ class Scenario:
         return s
 
     def step3(self) -> Step:
-        a = t.PODS[0]
+        a, b = t.PODS[0], t.PODS[1]
         s = Step(
             3,
             TITLES[3],
-            "UDP gets mark 0x220 (skip) -> main table; no proxy log, no GENEVE packet",
+            "UDP gets mark 0x220 (skip) -> main table; pod -> host IP is local (rule 0); "
+            "host IP -> pod gets 0x220 in OUTPUT -> main; no proxy log, no GENEVE packet",
         )
         self._not_captured(s, a.role, "udp", t.UDP_PORT, a.ip)
+        self._not_captured(s, a.role, "udp", t.DNS_PORT, a.ip)
+        # The node's own TCP packets that no full socket sends (an ACK from TIME_WAIT, a
+        # RST) escape 1.20's `-m owner --socket-exists` skip mark, so they take rule 103
+        # -> table 100 -> istioin -> TPROXY to 15006, whose listener answers them with a
+        # RST that can cut the pod's connection to the node short: Istio's own race,
+        # reproduced; the request is still not captured.
+        inbound_ok = (k.OUTBOUND_TUN_VNI,)
+        self._not_captured(
+            s, a.role, "tcp", t.TCP_PORT, a.ip, host=t.GATEWAY_IP, quiet_vnis=inbound_ok,
+            need_reply=False,
+        )  # fmt: skip
+        self._not_captured(
+            s, "node", "tcp", t.TCP_PORT, t.GATEWAY_IP, host=b.ip, quiet_vnis=inbound_ok
+        )
         return s
 
     def step4(self) -> Step:
@@ -453,6 +516,10 @@ class Scenario:
         return s
 
     def steps(self) -> list[Callable[[], Step]]:
+        if self.mode == "ebpf":
+            from .ebpf import demo_steps
+
+            return demo_steps.EbpfSteps(self).steps()
         return [
             self.step1,
             self.step2,
@@ -517,7 +584,7 @@ def _diff(a: str, b: str) -> str:
     return "\n".join(list(lines)[:40])
 
 
-def run(keep: bool = False, as_json: bool = False) -> int:
+def run(keep: bool = False, as_json: bool = False, mode: str = "iptables") -> int:
     """The demo: build, walk the scenario, print each step, tear down. 0 iff all passed.
     With ``as_json`` the last line is a JSON summary, else a sentence."""
     started = time.monotonic()
@@ -525,7 +592,8 @@ def run(keep: bool = False, as_json: bool = False) -> int:
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - started:5.1f}s] {msg}", flush=True)
 
-    sc = Scenario(say=say)
+    sc = Scenario(say=say, mode=mode)
+    say(f"redirect mode: {mode}")
     results: list[Step] = []
     try:
         try:
@@ -533,15 +601,16 @@ def run(keep: bool = False, as_json: bool = False) -> int:
         except Exception as exc:
             say(f"setup failed: {exc}")
             return 1
-        for line in LEGEND:
+        titles = sc.titles()
+        for line in sc.legend():
             print(f"         {line}")
         for fn in sc.steps():
             number = len(results) + 1
-            say(f"step {number}: {TITLES.get(number, fn.__name__)} ...")
+            say(f"step {number}: {titles.get(number, fn.__name__)} ...")
             try:
                 step = fn()
             except Exception as exc:
-                step = Step(number, TITLES.get(number, fn.__name__), "(step raised)")
+                step = Step(number, titles.get(number, fn.__name__), "(step raised)")
                 step.failures.append(f"{type(exc).__name__}: {exc}")
             results.append(step)
             print(report_step(step), flush=True)

@@ -46,8 +46,8 @@ _SET_VALUES = {
     "remote": ("--remote", "peer's underlay address (same family)"),
     "local": ("--local", "our underlay address"),
     "mtu": ("--mtu", "device MTU"),
-    "ttl": ("--ttl", "outer TTL, 1..255"),
-    "tos": ("--tos", "outer TOS byte"),
+    "ttl": ("--ttl", "outer TTL: 1..255, auto or inherit"),
+    "tos": ("--tos", "outer TOS byte: 0..255 or inherit"),
     "df": ("--df", "outer DF bit: unset, set, inherit"),
     "mode": ("--mode", "refused: a new device"),
     "port": ("--port", "refused: the endpoint's socket"),
@@ -172,6 +172,7 @@ _SETTINGS = (
     ("offload", "--offload/--no-offload"),
     ("workers", "--workers"),
     ("nice", "--nice"),
+    ("busy_poll_us", "--busy-poll"),
     ("metrics_addr", "--metrics-addr"),
     ("drop_alarm", "--drop-alarm"),
 )

@@ -17,8 +17,10 @@ from ..auth import settings as auth_settings
 from ..dataplane.spec import (
     DEFAULT_NICE,
     ENGINES,
+    MAX_BUSY_POLL_US,
     MAX_NICE,
     MAX_WORKERS,
+    MIN_BUSY_POLL_US,
     MIN_NICE,
     MIN_WORKERS,
     REQUIRED,
@@ -35,7 +37,8 @@ Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM (or u
 `geneve-dp down` removes the last), then remove them and exit 0. One tunnel from
 flags (like `ip link add NAME type geneve id VNI remote IP dstport 6081`), or many
 from --config FILE (TOML: optional top-level
-`engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
+`engine`, `netns`, `offload`, `workers`, `nice`, `busy_poll_us`, `metrics_addr` and
+`drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
 reflect_options, mac, addresses, wire_sized; `remote` may name a [remotes.NAME] table
@@ -189,6 +192,13 @@ def register(sub: Any) -> None:
         "softirq forwarding is; 0 leaves it alone)",
     )
     up.add_argument(
+        "--busy-poll",
+        metavar="US",
+        help=f"after forwarding a packet, keep polling for its answer this many µs "
+        f"({MIN_BUSY_POLL_US}..{MAX_BUSY_POLL_US}; default 0: off): lower latency for "
+        "request/response traffic, paid in CPU after each packet (C engine)",
+    )
+    up.add_argument(
         "--detach", action="store_true", help="go to the background once ready (print the pid)"
     )
     up.add_argument("--pidfile", type=Path, metavar="FILE", help="write the pid here while running")
@@ -300,9 +310,12 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
     return [spec], {}
 
 
-def _int_setting(flag: str | None, configured: object, key: str, lo: int, hi: int) -> int | None:
-    """A whole-number setting from --KEY (a string) or the config key, in lo..hi."""
-    field = f"--{key}" if flag is not None else key
+def _int_setting(
+    flag: str | None, configured: object, key: str, lo: int, hi: int, flag_name: str = ""
+) -> int | None:
+    """A whole-number setting from --KEY (``flag_name`` if it is named otherwise; a
+    string) or the config key, in lo..hi."""
+    field = (flag_name or f"--{key}") if flag is not None else key
     value: object = configured
     if flag is not None:
         try:
@@ -442,6 +455,12 @@ def _daemon_args(
     nice = _int_setting(args.nice, settings.get("nice"), "nice", MIN_NICE, MAX_NICE)
     if nice is not None:
         out["nice"] = nice
+    busy = _int_setting(
+        args.busy_poll, settings.get("busy_poll_us"), "busy_poll_us", MIN_BUSY_POLL_US,
+        MAX_BUSY_POLL_US, "--busy-poll",
+    )  # fmt: skip
+    if busy is not None:
+        out["busy_poll_us"] = busy
     return out
 
 

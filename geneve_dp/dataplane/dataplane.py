@@ -107,8 +107,10 @@ from .endpoint import Group, Tunnel, close_resources, close_tunnel, open_group, 
 from .inject import PROBE_TRIES, Injector, injectable, open_injector
 from .spec import (
     DEFAULT_NICE,
+    MAX_BUSY_POLL_US,
     MAX_NICE,
     MAX_WORKERS,
+    MIN_BUSY_POLL_US,
     MIN_NICE,
     MIN_WORKERS,
     TunnelSpec,
@@ -165,6 +167,7 @@ class Dataplane:
         offload: bool | None = None,
         workers: int | None = None,
         nice: int = DEFAULT_NICE,
+        busy_poll_us: int = 0,
         auth_keys: KeyRing | None = None,
         auth_class: int | None = None,
         auth_states: dict[str, Any] | None = None,
@@ -206,6 +209,15 @@ class Dataplane:
                 f"nice {nice} is out of range; accepted: {MIN_NICE}..{MAX_NICE}", field="nice"
             )
         self.nice = nice
+        if not MIN_BUSY_POLL_US <= busy_poll_us <= MAX_BUSY_POLL_US:
+            raise UserError(
+                f"busy poll {busy_poll_us} µs is out of range; accepted: "
+                f"{MIN_BUSY_POLL_US}..{MAX_BUSY_POLL_US}",
+                field="busy_poll_us",
+            )
+        # After forwarding, a worker's partner polls for the answer this long before it
+        # sleeps (engine.c; C engine only).
+        self.busy_poll_us = busy_poll_us if engine == "c" else 0
         # TCP super-frames sent whole through the inject device (inject.py): with the
         # offloads, unless GDP_INJECT=0.
         self.inject = self.offload and os.environ.get("GDP_INJECT", "1") != "0"
@@ -456,6 +468,7 @@ class Dataplane:
                     nice=self.nice,
                     injector=injector,
                     seed=self._seed,
+                    busy_poll_us=self.busy_poll_us,
                     auth=self.auth_states,
                 )
             else:

@@ -609,6 +609,7 @@ class PyGroupEngine:
             "rx_packets": self.sock_rx,
             "rx_packets_per_worker": [self.sock_rx],
             "rx_queue_overflow": self.rx_ovfl,
+            "busy_poll_hits": 0,
             "drops": dict(self.sock_drops),
         }
 

@@ -28,6 +28,9 @@ from ..options import parse_option
 MIN_WORKERS, MAX_WORKERS = 1, 64
 # Scheduling priority of the forwarding threads (setpriority; negative needs CAP_SYS_NICE).
 MIN_NICE, MAX_NICE, DEFAULT_NICE = -20, 19, -10
+# How long a worker keeps polling, without sleeping, for the answer to what the other
+# direction just forwarded (microseconds; 0: off, the default). dataplane.py.
+MIN_BUSY_POLL_US, MAX_BUSY_POLL_US = 0, 1000
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -46,6 +49,7 @@ TOP_LEVEL_KEYS = (
     "offload",
     "workers",
     "nice",
+    "busy_poll_us",
     "metrics_addr",
     "drop_alarm",
     "auth_key_file",
