@@ -73,6 +73,10 @@ struct gdp_engine {
     struct iovec rx_iov[GDP_BATCH];
     struct sockaddr_in6 rx_addr[GDP_BATCH];
     uint8_t rx_cmsg[GDP_BATCH][CMSG_BUF] __attribute__((aligned(8)));
+    /* How many leading rx_msgs entries the last recvmmsg may have changed (the
+     * rest still hold what rx_batch set): a lone datagram rewrites one or two, not
+     * the whole batch's cache lines. */
+    int rx_reset;
     struct gdp_header rx_hdr;
     struct gro_state gro;
 

@@ -353,7 +353,7 @@ static int one_packet(const uint8_t *p, size_t len) {
 
 int rx_batch(struct gdp_engine *e) {
     for (int rounds = 0; rounds < 64; rounds++) {
-        for (int i = 0; i < GDP_BATCH; i++) {
+        for (int i = 0; i < e->rx_reset; i++) {
             struct msghdr *m = &e->rx_msgs[i].msg_hdr;
             e->rx_iov[i].iov_base = e->rx_bufs + (size_t)i * GDP_BUF_SIZE;
             e->rx_iov[i].iov_len = GDP_BUF_SIZE;
@@ -367,6 +367,8 @@ int rx_batch(struct gdp_engine *e) {
         }
         gro_hold(&e->gro); /* its payloads may sit in the buffers this call refills */
         int n = recvmmsg(e->cfg.udp_fd, e->rx_msgs, GDP_BATCH, MSG_DONTWAIT, NULL);
+        /* The kernel wrote back the n it filled, and at most tried the next. */
+        e->rx_reset = n < 0 ? 1 : (n < GDP_BATCH ? n + 1 : GDP_BATCH);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
                 break;
