@@ -312,6 +312,7 @@ def nices(pid: int) -> set[int]:
     return out
 
 
+@pytest.mark.root
 def test_node_service_runs_long_with_only_the_units_capabilities(world: t.World) -> None:
     w = world
     svc = unit()["Service"]
