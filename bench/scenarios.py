@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -226,11 +227,15 @@ class GeneveDp(Scenario):
         engine: str,
         udp_csum: bool = False,
         inject: bool = True,
+        auth: bool = False,
         busy_poll_us: int = 0,
     ) -> None:
         super().__init__()
-        self.mode, self.engine, self.udp_csum = mode, engine, udp_csum
+        self.mode, self.engine, self.udp_csum, self.auth = mode, engine, udp_csum, auth
         self.extra = ["--udp-csum"] if udp_csum else []
+        # --auth-key-file: every packet signed and checked (geneve_dp/auth); the key
+        # file is made at build time, root's and mode 0600 as `up` requires.
+        self.key_dir: tempfile.TemporaryDirectory[str] | None = None
         if busy_poll_us:
             self.extra += ["--busy-poll", str(busy_poll_us)]
         # GDP_INJECT=0: without the inject device (dataplane/inject.py), for comparison.
@@ -239,12 +244,14 @@ class GeneveDp(Scenario):
             f"geneve-dp-{engine}-{mode}"
             + ("-csum" if udp_csum else "")
             + ("" if inject else "-noinject")
+            + ("-auth" if auth else "")
             + ("-busypoll" if busy_poll_us else "")
         )
         self.label = (
             f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}"
             + (", --udp-csum" if udp_csum else "")
             + ("" if inject else ", GDP_INJECT=0")
+            + (", authenticated" if auth else "")
             + (f", --busy-poll {busy_poll_us}" if busy_poll_us else "")
         )
         self.description = (
@@ -263,6 +270,12 @@ class GeneveDp(Scenario):
                 else ""
             )
             + (
+                "; --auth-key-file: every packet carries the integrity option (AES-GMAC, "
+                "anti-replay), super-frames are segmented and signed per segment"
+                if auth
+                else ""
+            )
+            + (
                 f"; busy polling: after one direction forwards, the other polls for the "
                 f"answer for up to {busy_poll_us} µs before it sleeps"
                 if busy_poll_us
@@ -273,13 +286,21 @@ class GeneveDp(Scenario):
         self.logs: list[deque[str]] = []
 
     def build(self, u: Underlay) -> Path:
+        extra = list(self.extra)
+        if self.auth:
+            self.key_dir = tempfile.TemporaryDirectory(prefix="gdpb-key-")
+            key = os.path.join(self.key_dir.name, "key")
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, os.urandom(32))
+            os.close(fd)
+            extra += ["--auth-key-file", key]
         for n, (ns, local, remote) in enumerate(((u.a, u.a_ip, u.b_ip), (u.b, u.b_ip, u.a_ip)), 1):
             cmd = [
                 sys.executable, "-m", "geneve_dp", "up", "gdp0",
                 "--vni", str(VNI), "--remote", remote, "--local", local,
                 "--mode", self.mode, "--engine", self.engine, "--netns", ns,
                 "--mtu", str(TUNNEL_MTU), "--address", f"{INNER_SUBNET}.{n}/24",
-                *self.extra,
+                *extra,
             ]  # fmt: skip
             proc = subprocess.Popen(
                 cmd,
@@ -376,6 +397,9 @@ class GeneveDp(Scenario):
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        if self.key_dir is not None:
+            self.key_dir.cleanup()
+            self.key_dir = None
         super().stop()
 
 
@@ -447,6 +471,7 @@ def all_scenarios() -> list[Scenario]:
         GeneveDp("tap", "c", busy_poll_us=BUSY_POLL_US),
         GeneveDp("tap", "c", udp_csum=True),
         GeneveDp("tun", "c"),
+        GeneveDp("tap", "c", auth=True),
         GeneveDp("tap", "python"),
         OvsUserspace(),
     ]

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import ipset, iptables, links
 from . import checks, endpoints, profile, reconcile, rules, watch
@@ -172,7 +173,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     pod_sysctls = [(key, "0") for i in pods.values() for key in i.get("sysctls", {})]
     return reconcile.Intent(
         role=ROLE,
-        endpoints=tuple(node_endpoints(cfg)),
+        endpoints=tuple(profile.with_auth(st, node_endpoints(cfg))),
         pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(node_rules()),
         routes=(*node_routes(cfg), *pod_routes),
@@ -183,7 +184,11 @@ def intent(st: StateFile) -> reconcile.Intent:
 
 
 def up(
-    cfg: NodeConfig, log: Any = None, choose_port: bool = False, start_watch: bool = True
+    cfg: NodeConfig,
+    log: Any = None,
+    choose_port: bool = False,
+    start_watch: bool = True,
+    auth: AuthSettings | None = None,
 ) -> NodeConfig:
     """Install the node side. Idempotent: an earlier setup (or a crashed one) is removed
     first and its enrolled pods are put back afterwards.
@@ -222,7 +227,7 @@ def up(
     with profile.rolled_back_on_error(down, ROLE):
         # Tables that exist now; `down` deletes the ones our rules made appear.
         st.data["tables_before"] = sorted(iptables.save())
-        st.save()
+        profile.record_auth(st, auth)
         say(
             f"endpoints {k.INBOUND_TUN} (VNI {k.INBOUND_TUN_VNI}), {k.OUTBOUND_TUN} "
             f"(VNI {k.OUTBOUND_TUN_VNI}) -> {cfg.ztunnel_ip}:{cfg.port}"

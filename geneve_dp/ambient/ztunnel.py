@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import iptables, links
 from . import checks, endpoints, profile, reconcile, rules, watch
@@ -137,7 +138,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     assert cfg is not None
     return reconcile.Intent(
         role=ROLE,
-        endpoints=tuple(ztunnel_endpoints(cfg)),
+        endpoints=tuple(profile.with_auth(st, ztunnel_endpoints(cfg))),
         pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(ztunnel_rules()),
         routes=tuple(ztunnel_routes(cfg)),
@@ -146,7 +147,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     )
 
 
-def up(cfg: ZtunnelConfig, log: Any = None) -> None:
+def up(cfg: ZtunnelConfig, log: Any = None, auth: AuthSettings | None = None) -> None:
     say = log or (lambda _msg: None)
     if _state().exists:  # a previous (or crashed) setup with a record
         down()
@@ -161,6 +162,7 @@ def up(cfg: ZtunnelConfig, log: Any = None) -> None:
         },
     )
     with profile.rolled_back_on_error(down, ROLE):
+        profile.record_auth(st, auth)
         say(f"endpoints {k.ZT_INBOUND_TUN}, {k.ZT_OUTBOUND_TUN} -> {cfg.host_ip}:{cfg.port}")
         profile.start_endpoints(st, ztunnel_endpoints(cfg), ROLE)
 

@@ -14,6 +14,8 @@ import zlib
 from dataclasses import dataclass, field
 
 from .. import codec
+from ..auth import option as auth_option
+from ..auth.mac import PyAuth
 from .endpoint import IP_RECVFRAGSIZE, IPV6_RECVFRAGSIZE, Group, Tunnel, ephemeral_ports
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
 
@@ -168,7 +170,7 @@ class PyCounters:
 
 
 class PyTunnel:
-    def __init__(self, tun: Tunnel) -> None:
+    def __init__(self, tun: Tunnel, auth: PyAuth | None = None) -> None:
         spec = tun.spec
         self.t = tun
         self.spec = spec
@@ -177,8 +179,18 @@ class PyTunnel:
         self.mac = tun.device.mac
         self.remote = spec.remote.packed
         self.local = tun.local.packed
-        self.opts = codec.encode_options(spec.options)
-        self.hdr = bytearray(codec.encode(codec.Header(vni=spec.vni, options=spec.options)))
+        # With authentication the integrity option ends the configured options (the
+        # header template carries it unsigned); reflected options go after it.
+        self.auth = auth
+        options = spec.options
+        if spec.auth_class is not None:
+            if auth is None:
+                raise ValueError(f"{spec.name}: authenticated tunnel without auth state")
+            placeholder = auth_option.placeholder(spec.auth_class)
+            options += (codec.Option(spec.auth_class, placeholder[2], placeholder[4:]),)
+        self.opts = codec.encode_options(options)
+        self.auth_off = 8 + len(self.opts) - auth_option.OPT_LEN
+        self.hdr = bytearray(codec.encode(codec.Header(vni=spec.vni, options=options)))
         self.iplen = 20 if spec.family == 4 else 40
         self.max_inner = tun.underlay_mtu - (self.iplen + 8 + len(self.hdr))
         self.c = PyCounters()
@@ -199,12 +211,14 @@ class PyGroupEngine:
         control_fd: int,
         group_index: int,
         seed: int | None = None,
+        auth: dict[str, PyAuth] | None = None,
     ) -> None:
         self.group = group
         self.stop_fd = stop_fd
         self.control_fd = control_fd
         self.tag = group_index << 24
-        self.tunnels = [PyTunnel(t) for t in group.tunnels]
+        auth = auth or {}
+        self.tunnels = [PyTunnel(t, auth.get(t.spec.name)) for t in group.tunnels]
         self.sport_min, self.sport_max = ephemeral_ports()
         self.seed = random.getrandbits(32) if seed is None else seed
         self.ip_id = self.seed & 0xFFFF
@@ -306,11 +320,27 @@ class PyGroupEngine:
                 c.options_seen[seen_key] = 1
             else:
                 c.options_other += 1
+        # The integrity check comes first: nothing else acts on a packet before it
+        # is known to come from the peer (README "Authenticated tunnels").
+        auth_off = -1
+        if t.auth is not None:
+            reason, auth_off = t.auth.verify(pkt)
+            if reason is not None:
+                c.drops[reason] += 1
+                return
         critical = any(o.critical for o in h.options)
         if critical != h.critical:
             c.drops["c_bit_mismatch"] += 1
             return
-        if critical:
+        # Critical options other than the verified integrity option: unknown to us.
+        verified = (t.spec.auth_class, auth_option.OPT_TYPE) if auth_off >= 0 else None
+        unknown = False
+        for o in h.options:
+            if o.critical and (o.opt_class, o.type) == verified:
+                verified = None  # the first one, which gdp_auth_find found
+            elif o.critical:
+                unknown = True
+        if unknown:
             c.drops["critical_option"] += 1
             return
         if h.oam:
@@ -351,7 +381,11 @@ class PyGroupEngine:
                     f[ip + 1] |= ECN_CE << 4
         if t.reflect is not None and h.opt_len and inn.ipver:
             key = flow_key(f, inn)
-            t.reflect[zlib.crc32(key) % REFLECT_SLOTS] = (key, bytes(pkt[8 : 8 + 4 * h.opt_len]))
+            opts = bytes(pkt[8 : 8 + 4 * h.opt_len])
+            if auth_off >= 0:  # the peer's integrity option is not reflected
+                opts = opts[: auth_off - 8] + opts[auth_off - 8 + auth_option.OPT_LEN :]
+            if opts:
+                t.reflect[zlib.crc32(key) % REFLECT_SLOTS] = (key, opts)
         if whole and len(f) > t.max_inner:
             complete_super_checksum(f, inn)
         try:
@@ -432,7 +466,10 @@ class PyGroupEngine:
                 return
         span = self.sport_max - self.sport_min + 1
         sport = self.sport_min + ((flow_hash(frame, inn, self.seed) * span) >> 32)
-        udp = bytearray(struct.pack("!HHHH", sport, t.spec.port, udplen, 0)) + hdr + frame
+        geneve = hdr + frame
+        if t.auth is not None:
+            t.auth.sign(geneve, t.auth_off)
+        udp = bytearray(struct.pack("!HHHH", sport, t.spec.port, udplen, 0)) + geneve
         if t.spec.tx_udp_csum:
             cs = l4_csum(t.local, t.remote, 17, udp)
             udp[6:8] = (cs or 0xFFFF).to_bytes(2, "big")

@@ -7,6 +7,7 @@ socket is created, so a bad value never leaves half a dataplane behind.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .. import codec, wire
+from ..auth import option as auth_option
 from ..errors import UserError
 from ..options import parse_option
 
@@ -51,6 +53,8 @@ TOP_LEVEL_KEYS = (
     "busy_poll_us",
     "metrics_addr",
     "drop_alarm",
+    "auth_key_file",
+    "auth_option_class",
     "remotes",
 )
 
@@ -104,6 +108,8 @@ class TunnelSpec:
     reflect_options: bool = False
     mac: str | None = None  # TAP only; None lets the kernel pick a random one
     addresses: tuple[IPInterface, ...] = ()  # put on the device once it is up
+    # Integrity option class (geneve_dp/auth) when the tunnel authenticates, else None.
+    auth_class: int | None = None
     # Every packet leaves this process no bigger than the underlay MTU: no TCP
     # super-frame or UDP run through the inject device, no UDP GSO send. For a peer
     # that reads the underlay raw (an AF_PACKET reader such as Open vSwitch's
@@ -134,6 +140,8 @@ class TunnelSpec:
         """Bytes the underlay carries on top of the device MTU."""
         base = wire.OVERHEAD_IPV4 if self.family == 4 else wire.OVERHEAD_IPV6
         opts = sum(o.wire_len for o in self.options)
+        if self.auth_class is not None:
+            opts += auth_option.OPT_LEN
         return base + opts + (wire.ETH_HEADER_LEN if self.mode == "tap" else 0)
 
 
@@ -315,6 +323,22 @@ def spec_to_raw(spec: TunnelSpec) -> dict[str, Any]:
         "addresses": [str(a) for a in spec.addresses],
         "wire_sized": spec.wire_sized,
     }
+
+
+def with_auth(specs: list[TunnelSpec], option_class: int | None) -> list[TunnelSpec]:
+    """The specs with the integrity option on (``option_class``; None: as they are),
+    if it fits in their option area."""
+    if option_class is None:
+        return specs
+    room = wire.MAX_OPTIONS_LEN - auth_option.OPT_LEN
+    for spec in specs:
+        if sum(o.wire_len for o in spec.options) > room:
+            raise UserError(
+                f"{spec.name}: its options leave no room for the {auth_option.OPT_LEN}-byte "
+                f"integrity option (at most {room} bytes of options with authentication)",
+                "--auth-key-file",
+            )
+    return [dataclasses.replace(s, auth_class=option_class) for s in specs]
 
 
 def check_together(specs: list[TunnelSpec]) -> None:
