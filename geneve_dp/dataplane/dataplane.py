@@ -343,11 +343,7 @@ class Dataplane:
         injector: Injector | None = None
         mtus: list[tuple[int, int]] = []  # MTUs changed, to put back on failure
         try:
-            if (
-                self.inject
-                and self._injector is None
-                and any(injectable(s) for s in specs if s.name not in live)
-            ):
+            if self.inject and self._injector is None and any(injectable(s) for s in specs):
                 injector = self._injector = open_injector()
                 if injector is not None:
                     # A shared device keeps its state: the engines start as it says.
@@ -446,6 +442,17 @@ class Dataplane:
                     close_tunnel(tun)
             if (was.group.family, was.group.port) in gone_ports:
                 close_resources([dataclasses.replace(was.group, tunnels=[])])
+        with self._lock:
+            given = any(
+                p.engine.injectable(i)
+                for p in self._ports.values()
+                for i in range(len(p.group.tunnels))
+            )
+            if self._injector is not None and not given:
+                # No tunnel writes to the inject device any more: it goes (until one
+                # that may is added), so `ip link` keeps nothing unused.
+                self._injector.close()
+                self._injector = None
         return final
 
     def _make_port(self, group: Group) -> _Port:
