@@ -162,6 +162,37 @@ COPY_FLOOR = {
     },
 }
 
+REDIRECT_MODE = {
+    "type": "object",
+    "required": ["mode", "error"],
+    "properties": {
+        "mode": {"enum": ["uncaptured", "iptables", "ebpf"]},
+        "connections_per_s": NUM,
+        "connect_p50_us": NUM,
+        "connect_p99_us": NUM,
+        "connect_errors": INT,
+        "busy_us_per_connection": NUM,
+        "transactions_per_s": NUM,
+        "rr_p50_us": NUM,
+        "rr_p99_us": NUM,
+        "busy_us_per_transaction": NUM,
+        "error": ERROR,
+    },
+}
+
+# Istio's two node-level redirect designs through the ztunnel stand-in (bench/redirect.py).
+REDIRECT = {
+    "type": "object",
+    "required": ["seconds", "rounds", "payload", "modes", "error"],
+    "properties": {
+        "seconds": NUM,
+        "rounds": {"type": "integer", "minimum": 1},
+        "payload": INT,
+        "modes": {"type": "array", "items": REDIRECT_MODE},
+        "error": ERROR,
+    },
+}
+
 _RTT = {k: NUM for k in ("p50_us", "p99_us", "p999_us", "max_us")}
 
 INTERACTIVE = {
@@ -298,6 +329,7 @@ SCHEMA: dict[str, Any] = {
                 "pdr": {"type": "boolean"},
                 "pdr_loss": NUM,
                 "pdr_probes": INT,
+                "redirect": {"type": "boolean"},
             },
         },
         "generator": {
@@ -318,6 +350,7 @@ SCHEMA: dict[str, Any] = {
         },
         # Not in "required": results from before it was measured have none.
         "copy_floor": COPY_FLOOR,
+        "redirect": REDIRECT,
         "baseline": {"type": "string"},
         "scenarios": {"type": "array", "items": SCENARIO},
     },

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import copy_floor, pktgen, report, schema
+from . import copy_floor, pktgen, redirect, report, schema
 from .netenv import (
     BlackholeNetns,
     busy_seconds,
@@ -53,6 +53,11 @@ PDR_LOSS = 0.001
 PDR_PROBES = 7
 
 
+# Not a path like the scenarios: Istio's two redirect designs through the ztunnel
+# stand-in (bench/redirect.py), selected by this name in --scenarios.
+REDIRECT_ID = "redirect"
+
+
 class BenchError(Exception):
     """Bad suite options (the CLI turns this into a one-line error, exit 2)."""
 
@@ -61,12 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="fewer sizes and shorter steps: the whole suite in under 90 s (full: under 10 min)",
+        help="fewer sizes and shorter steps: the whole suite in about 3 minutes (full: about "
+        "11 minutes)",
     )
     p.add_argument(
         "--scenarios",
         metavar="LIST",
-        help=f"comma-separated subset of: {', '.join(SCENARIO_IDS)} (default: all)",
+        help=f"comma-separated subset of: {', '.join(SCENARIO_IDS)}, {REDIRECT_ID} (default: all)",
     )
     p.add_argument(
         "--sizes",
@@ -82,12 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tcp-seconds", type=int, metavar="S", help="per iperf3 run, whole seconds (5; quick 2)"
     )
-    p.add_argument("--rr-seconds", type=float, metavar="S", help="request/response (3; quick 1)")
+    p.add_argument("--rr-seconds", type=float, metavar="S", help="request/response (3; quick 0.5)")
     p.add_argument(
         "--interactive-seconds",
         type=float,
         metavar="S",
-        help="each paced request/response rate, the 20 ms ping and the idle CPU (5; quick 1)",
+        help="each paced request/response rate, the 20 ms ping and the idle CPU (3; quick 1)",
     )
     p.add_argument("--flows", type=int, default=4, help="UDP flows (source ports), 1..4096 (4)")
     p.add_argument("--burst", type=int, default=32, help="packets per sendmmsg, 1..1024 (32)")
@@ -170,11 +176,11 @@ def parse_scenarios(text: str | None, log: Callable[[str], None] | None = None) 
                 log(f"{s.id}: left out, {why}")
         return runnable
     wanted = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [w for w in wanted if w not in SCENARIO_IDS]
+    unknown = [w for w in wanted if w not in (*SCENARIO_IDS, REDIRECT_ID)]
     if unknown or not wanted:
         raise BenchError(
             f"--scenarios: unknown {', '.join(unknown) or '(empty)'}; "
-            f"choose from {', '.join(SCENARIO_IDS)}"
+            f"choose from {', '.join(SCENARIO_IDS)}, {REDIRECT_ID}"
         )
     chosen = [s for s in every if s.id in wanted]
     for s in chosen:
@@ -213,10 +219,10 @@ def settings(args: argparse.Namespace) -> Json:
         "payloads": [pktgen.payload_for_frame(f) for f in frames],
         "udp_seconds": positive("udp-seconds", args.udp_seconds, 1 if quick else 3),
         "tcp_seconds": int(positive("tcp-seconds", args.tcp_seconds, 2 if quick else 5)),
-        "rr_seconds": positive("rr-seconds", args.rr_seconds, 1 if quick else 3),
+        "rr_seconds": positive("rr-seconds", args.rr_seconds, 0.5 if quick else 3),
         "rr_payload": 64,
         "interactive_seconds": positive(
-            "interactive-seconds", args.interactive_seconds, 1 if quick else 5
+            "interactive-seconds", args.interactive_seconds, 1 if quick else 3
         ),
         "interactive_rates": list(INTERACTIVE_RATES),
         "ping_interval_ms": PING_INTERVAL_MS,
@@ -228,6 +234,8 @@ def settings(args: argparse.Namespace) -> Json:
         "pdr": (not quick) if args.pdr is None else bool(args.pdr),
         "pdr_loss": PDR_LOSS,
         "pdr_probes": PDR_PROBES,
+        "redirect": not args.scenarios
+        or REDIRECT_ID in [s.strip() for s in args.scenarios.split(",")],
     }
 
 
@@ -871,6 +879,8 @@ def _run(args: argparse.Namespace, cfg: Json, scenarios: list[Scenario], log: Pr
     for i, scenario in enumerate(scenarios, 1):
         results["scenarios"].append(run_scenario(scenario, cfg, log, f"{i}/{len(scenarios)}"))
     _add_bounds(results["copy_floor"], results["scenarios"], log)
+    if cfg["redirect"]:
+        results["redirect"] = redirect.measure(cfg, log)
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     results["machine"]["loadavg_end"] = loadavg()
     problems = schema.validate(results)
@@ -886,6 +896,8 @@ def _run(args: argparse.Namespace, cfg: Json, scenarios: list[Scenario], log: Pr
     log(f"done in {results['elapsed_s']:.0f} s: {out_dir / 'results.json'}")
     print(markdown)
     failed = [s["id"] for s in results["scenarios"] if report.failures(s)]
+    if (results.get("redirect") or {}).get("error"):
+        failed.append(REDIRECT_ID)
     return 1 if failed or problems else 0
 
 

@@ -4,6 +4,7 @@
 #include "engine_int.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -123,21 +124,77 @@ static void tx_round(struct gdp_engine *e, struct tx_state *st) {
     tx_flush(e, st);
 }
 
+/* Kick the other direction into busy polling (its eventfd), at most once per window:
+ * ``at`` is when this thread last did. */
+static void kick(const struct gdp_engine *e, int fd, uint64_t *at) {
+    uint64_t t = now_ns();
+    if (fd < 0 || t - *at < e->cfg.busy_poll_ns)
+        return;
+    *at = t;
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof one);
+    (void)r; /* a full counter is a kick already pending */
+}
+
+static void unkick(int fd) {
+    uint64_t v;
+    ssize_t r = read(fd, &v, sizeof v);
+    (void)r;
+}
+
+/* Poll ``p[1..n)`` without sleeping for busy_poll_ns (p[0] is stop_fd), yielding the
+ * CPU between polls to whatever else wants it; 1 once one of them is readable, 0 when
+ * the window ran out, -1 when stopped. */
+static int busy_poll(const struct gdp_engine *e, struct pollfd *p, nfds_t n) {
+    uint64_t until = now_ns() + e->cfg.busy_poll_ns;
+    do {
+        if (poll(p, n, 0) > 0) {
+            if (p[0].revents)
+                return -1;
+            return 1;
+        }
+        sched_yield();
+    } while (now_ns() < until);
+    return 0;
+}
+
 static int run_rx(struct gdp_engine *e) {
-    struct pollfd p[2] = {{e->cfg.stop_fd, POLLIN, 0}, {e->cfg.udp_fd, POLLIN, 0}};
+    struct pollfd p[3] = {{e->cfg.stop_fd, POLLIN, 0},
+                          {e->cfg.udp_fd, POLLIN, 0},
+                          {e->cfg.kick_rx_fd, POLLIN, 0}};
+    nfds_t n = e->cfg.busy_poll_ns && e->cfg.kick_rx_fd >= 0 ? 3 : 2;
+    int polling = 0;
     for (;;) {
-        if (poll(p, 2, -1) < 0) {
-            if (errno == EINTR)
+        if (polling) {
+            int r = busy_poll(e, p, 2);
+            if (r < 0)
+                return 0;
+            polling = 0;
+            if (r == 0)
                 continue;
-            return -errno;
+            e->stats->busy_poll_hits_rx++;
+        } else {
+            if (poll(p, n, -1) < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (p[0].revents)
+                return 0;
+            if (n == 3 && p[2].revents) {
+                unkick(e->cfg.kick_rx_fd);
+                polling = 1; /* after what is readable now */
+            }
+            if (!p[1].revents)
+                continue;
         }
-        if (p[0].revents)
-            return 0;
-        if (p[1].revents) {
-            int rc = rx_batch(e);
-            if (rc < 0)
-                return rc;
-        }
+        uint64_t before = e->stats->rx_packets;
+        int rc = rx_batch(e);
+        if (rc < 0)
+            return rc;
+        /* Written to a device: a local program may answer through it. */
+        if (n == 3 && e->stats->rx_packets != before)
+            kick(e, e->cfg.kick_tx_fd, &e->rx_kicked_at);
     }
 }
 
@@ -149,15 +206,45 @@ static int run_tx(struct gdp_engine *e) {
         e->pfds[1 + i].fd = e->tunnels[i].dev_fd;
         e->pfds[1 + i].events = POLLIN;
     }
+    int busy = e->cfg.busy_poll_ns && e->cfg.kick_tx_fd >= 0;
+    nfds_t n = e->n + 1 + (nfds_t)busy; /* the kick fd last */
+    if (busy) {
+        e->pfds[e->n + 1].fd = e->cfg.kick_tx_fd;
+        e->pfds[e->n + 1].events = POLLIN;
+    }
+    int polling = 0;
     for (;;) {
-        if (poll(e->pfds, e->n + 1, -1) < 0) {
-            if (errno == EINTR)
+        if (polling) {
+            int r = busy_poll(e, e->pfds, e->n + 1);
+            if (r < 0)
+                return 0;
+            polling = 0;
+            if (r == 0)
                 continue;
-            return -errno;
+            e->stats->busy_poll_hits_tx++;
+        } else {
+            if (poll(e->pfds, n, -1) < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (e->pfds[0].revents)
+                return 0;
+            if (busy && e->pfds[e->n + 1].revents) {
+                unkick(e->cfg.kick_tx_fd);
+                polling = 1; /* after what is readable now */
+            }
         }
-        if (e->pfds[0].revents)
-            return 0;
+        uint64_t before = 0;
+        for (uint32_t i = 0; busy && i < e->n; i++)
+            before += e->tunnels[i].counters.tx_packets;
         tx_round(e, &st);
+        uint64_t after = 0;
+        for (uint32_t i = 0; busy && i < e->n; i++)
+            after += e->tunnels[i].counters.tx_packets;
+        /* Sent to the remote: its answer comes back on the socket. */
+        if (busy && after != before)
+            kick(e, e->cfg.kick_rx_fd, &e->tx_kicked_at);
     }
 }
 

@@ -77,6 +77,8 @@ struct gdp_reflect_entry {
     uint8_t opts[GDP_MAX_OPTIONS_LEN];
 };
 
+struct gdp_auth;
+
 struct gdp_tunnel {
     /* Filled by the caller before gdp_tunnel_prepare. */
     int dev_fd;
@@ -124,6 +126,11 @@ struct gdp_tunnel {
      * down nothing is injected: sockets then fail, and count, what the kernel
      * would drop unseen behind the inject device. */
     char underlay_ifname[16];
+    /* Authenticated tunnel (auth.h): every packet sent carries the integrity option,
+     * which ends the configured options ``opts`` (the caller puts it there unsigned),
+     * and every packet received must verify. NULL: off. Shared by the workers. The
+     * inject device and UDP runs must be off with it: one MAC covers one wire packet. */
+    struct gdp_auth *auth;
     /* Set by gdp_tunnel_prepare. */
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */
@@ -140,6 +147,10 @@ struct gdp_sock_stats {
     uint64_t drops[GDP_DROP_COUNT]; /* only the socket-level reasons are used */
     uint64_t rx_queue_overflow;     /* SO_RXQ_OVFL: dropped by the kernel before us */
     uint64_t rx_packets;            /* datagrams read from the socket */
+    /* Busy polling (gdp_engine_config.busy_poll_ns): rounds of polling that found
+     * packets, on the receive and on the transmit side (each written by its thread). */
+    uint64_t busy_poll_hits_rx;
+    uint64_t busy_poll_hits_tx;
 };
 
 struct gdp_engine_config {
@@ -155,6 +166,14 @@ struct gdp_engine_config {
      * apart, so their fragments do not share IDs. */
     uint32_t ip_id_start;
     uint32_t control_tag; /* ORed into the tunnel index that prefixes a control message */
+    /* Busy polling (0: off). When one direction has forwarded something, it kicks the
+     * other through that side's eventfd (at most once per window), and the other then
+     * polls its own input for busy_poll_ns without sleeping: the answer to what was
+     * forwarded (a local program's reply, the remote's response) finds it running
+     * instead of waiting for a wake-up. Nothing is polled while no traffic flows. */
+    uint32_t busy_poll_ns;
+    int kick_rx_fd; /* eventfd the receive side polls on, or -1 */
+    int kick_tx_fd; /* eventfd the transmit side polls on, or -1 */
 };
 
 struct gdp_engine;

@@ -15,7 +15,9 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 
+#include "auth.h"
 #include "engine.h"
 #include "gro.h"
 #include "inner.h"
@@ -90,15 +92,32 @@ struct gdp_engine {
     uint8_t tx_last[TX_SLOTS];
     uint8_t icmp[ICMP_BUF];
     uint8_t hdr_scratch[GDP_MAX_HEADER_LEN];
+    /* Authenticated tunnels (auth.h): the receive thread's derived keys and where the
+     * packet in hand has its verified option; where the transmit thread lays out a
+     * TSO segment whole to MAC it. */
+    uint8_t auth_cache[GDP_AUTH_CACHE_BYTES] __attribute__((aligned(16)));
+    size_t rx_auth_off;
+    uint8_t auth_seg[SEG_HDR_MAX + GDP_FRAME_MAX] __attribute__((aligned(16)));
     uint8_t inj_hdr[VNET_TUNNEL_LEN + INJ_OUTER + GDP_MAX_HEADER_LEN] __attribute__((aligned(8)));
     struct uso_run uso[USO_RUNS];
     uint32_t uso_rr; /* the run to give up next when all are taken */
     uint8_t uso_hdr[SEG_INNER_MAX];
     struct iovec uso_iov[USO_RUN_MAX + 2];
-    struct pollfd pfds[GDP_MAX_TUNNELS + 1];
+    struct pollfd pfds[GDP_MAX_TUNNELS + 2]; /* stop_fd, the devices, kick_tx_fd */
+    /* When each direction last kicked the other into busy polling (CLOCK_MONOTONIC
+     * ns; each written by its own thread only). */
+    uint64_t rx_kicked_at;
+    uint64_t tx_kicked_at;
     /* When each tunnel's underlay device was last found up (CLOCK_MONOTONIC ns). */
     uint64_t underlay_seen_up[GDP_MAX_TUNNELS];
 };
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 /* ---- rx.c */
 int rx_batch(struct gdp_engine *e);

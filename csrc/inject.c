@@ -19,12 +19,6 @@
  * it. */
 #define UNDERLAY_RECHECK_NS 1000000
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* Whether the underlay device is up and running. While it is down nothing is
  * injected: the sockets then fail, and count, what the kernel would drop unseen
  * behind the inject device. */

@@ -175,22 +175,36 @@ static uint32_t rx_socket_checks(struct gdp_engine *e, const uint8_t *pkt, size_
     return e->n;
 }
 
-/* Tunnel-level checks: options counted, C bit and critical options, OAM packets to the
- * control queue, the protocol type of the tunnel's mode. Returns 1 to go on. */
-static int rx_tunnel_checks(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt, size_t len) {
+/* Tunnel-level checks: options counted, the integrity option of an authenticated
+ * tunnel (first: nothing acts on a packet not known to come from the peer), C bit and
+ * critical options, OAM packets to the control queue, the protocol type of the
+ * tunnel's mode. Returns 1 to go on. */
+static int rx_tunnel_checks(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t len) {
     const struct gdp_header *h = &e->rx_hdr;
     struct gdp_tunnel *t = &e->tunnels[idx];
     struct gdp_counters *c = &t->counters;
     if (h->n_options)
         count_options(t, h);
-    int critical = 0;
-    for (uint32_t i = 0; i < h->n_options; i++)
-        critical |= (h->options[i].type & 0x80) != 0;
+    if (t->auth) {
+        struct gdp_auth_cache *cache = (struct gdp_auth_cache *)e->auth_cache;
+        int arc = gdp_auth_verify(t->auth, cache, pkt, len, &e->rx_auth_off);
+        if (arc != GDP_AUTH_OK) {
+            c->drops[GDP_DROP_AUTH_MISSING + arc - GDP_AUTH_MISSING]++;
+            return 0;
+        }
+    }
+    /* The verified integrity option is the one critical option we know. */
+    int critical = 0, unknown = 0;
+    for (uint32_t i = 0; i < h->n_options; i++) {
+        int crit = (h->options[i].type & 0x80) != 0;
+        critical |= crit;
+        unknown |= crit && !(t->auth && h->options[i].data_offset == e->rx_auth_off + 4);
+    }
     if (critical != h->critical) {
         c->drops[GDP_DROP_C_BIT_MISMATCH]++;
         return 0;
     }
-    if (critical) {
+    if (unknown) {
         c->drops[GDP_DROP_CRITICAL_OPTION]++;
         return 0;
     }
@@ -233,8 +247,20 @@ static void rx_deliver(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t 
         c->drops[GDP_DROP_ECN_NOT_ECT]++;
         return;
     }
-    if (t->reflect && h->opt_len && in.ipver)
-        reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
+    if (t->reflect && h->opt_len && in.ipver) {
+        const uint8_t *opts = pkt + GDP_BASE_HEADER_LEN;
+        size_t olen = (size_t)h->opt_len * 4;
+        uint8_t kept[GDP_MAX_OPTIONS_LEN];
+        if (t->auth) { /* the peer's integrity option is not reflected */
+            size_t at = e->rx_auth_off - GDP_BASE_HEADER_LEN;
+            memcpy(kept, opts, at);
+            memcpy(kept + at, opts + at + GDP_AUTH_OPT_LEN, olen - at - GDP_AUTH_OPT_LEN);
+            opts = kept;
+            olen -= GDP_AUTH_OPT_LEN;
+        }
+        if (olen)
+            reflect_store(t, f, &in, opts, olen);
+    }
     c->rx_packets++;
     c->rx_bytes += flen;
     if (whole && rx_super(e, t, f, flen, &in, gso_size))

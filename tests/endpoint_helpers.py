@@ -46,12 +46,15 @@ def _main(engine: str, specs_json: str) -> int:
     parts = engine.split("+")
     offload = "offload" in parts
     workers = [int(p[1:]) for p in parts if p.startswith("w") and p[1:].isdigit()]
+    # "+bpN": busy polling for N µs.
+    busy = [int(p[2:]) for p in parts if p.startswith("bp") and p[2:].isdigit()]
     dp = Dataplane(
         specs,
         engine=parts[0],
         control_hook=hook,
         offload=offload,
         workers=workers[0] if workers else None,
+        busy_poll_us=busy[0] if busy else 0,
     )
     try:
         dp.start()

@@ -209,17 +209,17 @@ def test_bad_input_is_one_line_and_leaves_nothing(world: t.World, tmp_path: Path
     one_line_error(
         w.gdp(w.node, "node", "up", "--ztunnel-ip", "198.51.100.7", "--ztunnel-veth", "br7",
               check=False),
-        "--ztunnel-veth", "not a veth",
+        "--ztunnel-veth", "accepted: a veth",
     )  # fmt: skip
     one_line_error(
         w.gdp(w.node, "node", "up", "--ztunnel-ip", t.ZTUNNEL_IP, "--ztunnel-veth", "nosuch0",
               check=False),
-        "--ztunnel-veth", "no device",
+        "--ztunnel-veth", "is not a device here",
     )  # fmt: skip
     one_line_error(
         w.gdp(w.node, "node", "up", "--ztunnel-ip", t.ZTUNNEL_IP, "--ztunnel-veth", "veth-a",
               check=False),
-        "--ztunnel-veth", "leaves via veth-zt",
+        "--ztunnel-veth", "accepted: veth-zt",
     )  # fmt: skip
     assert w.snapshot(w.node) == dummy_before
     w.run(w.node, "ip", "link", "del", "br7")

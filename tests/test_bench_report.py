@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bench import copy_floor, report, schema, suite
+from bench.scenarios import SCENARIO_IDS
 from geneve_dp import cli
 
 
@@ -246,9 +247,12 @@ def test_quick_settings_are_bounded() -> None:
         len(cfg["frames"]) * cfg["udp_seconds"]
         + len(cfg["tcp_streams"]) * cfg["tcp_seconds"]
         + cfg["rr_seconds"]
+        # interactive: each paced rate, the ping, the quiet second and the idle span
+        + (len(cfg["interactive_rates"]) + 2) * cfg["interactive_seconds"]
+        + 1
     )
-    # 5 scenarios of measuring time plus setup must fit 90 s with room to spare.
-    assert per_scenario * 5 <= 45
+    # Every scenario's measuring time plus setup must fit 3 minutes with room to spare.
+    assert per_scenario * len(SCENARIO_IDS) <= 140
 
 
 @pytest.mark.parametrize(
@@ -390,3 +394,65 @@ def test_measure_copy_cost_is_positive() -> None:
     assert cost["block_bytes"] == 65536 and cost["working_set_bytes"] == 4 << 20
     for key in ("hot_s_per_gb", "cold_s_per_gb"):
         assert cost[key] > 0 and math.isfinite(cost[key])
+
+
+def test_markdown_compares_authenticated_paths_with_their_twin(
+    results: dict[str, Any],
+) -> None:
+    plain = scenario("geneve-dp-c-tap", "geneve-dp C engine, TAP", 100, 4, 30)
+    authed = scenario("geneve-dp-c-tap-auth", "geneve-dp C engine, TAP, authenticated", 80, 3, 35)
+    results["scenarios"] += [plain, authed]
+    assert schema.validate(results) == []
+    md = report.markdown(results)
+    line = next(ln for ln in md.splitlines() if ln.startswith("- geneve-dp C engine, TAP, auth"))
+    assert "vs geneve-dp C engine, TAP:" in line
+    assert "64 B zero-loss x0.80" in line and "64 B delivered x0.80" in line
+    assert "TCP 1 x0.75" in line
+    assert "Authentication cost" in md
+
+
+def redirect_result(error: str | None = None) -> dict[str, Any]:
+    def mode(name: str, cps: float, p50: float) -> dict[str, Any]:
+        return {
+            "mode": name,
+            "connections_per_s": cps,
+            "connect_p50_us": p50,
+            "connect_p99_us": p50 * 3,
+            "connect_errors": 0,
+            "busy_us_per_connection": 1e6 / cps,
+            "transactions_per_s": 10000.0,
+            "rr_p50_us": 50.0,
+            "rr_p99_us": 90.0,
+            "busy_us_per_transaction": 100.0,
+            "error": None,
+        }
+
+    modes = [mode("uncaptured", 800, 400), mode("iptables", 200, 2000), mode("ebpf", 500, 1000)]
+    return {"seconds": 1.0, "rounds": 3, "payload": 64, "modes": modes, "error": error}
+
+
+def test_markdown_shows_redirect_modes_with_ratios_to_iptables(
+    results: dict[str, Any],
+) -> None:
+    results["redirect"] = redirect_result()
+    assert schema.validate(results) == []
+    md = report.markdown(results)
+    assert "Istio redirect modes through the ztunnel stand-in" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| captured: eBPF"))
+    assert "500 (x2.50)" in row and "1000 (x0.50)" in row
+    ipt = next(ln for ln in md.splitlines() if ln.startswith("| captured: iptables"))
+    assert "(x" not in ipt
+    results["redirect"] = {**redirect_result("RuntimeError: boom"), "modes": []}
+    assert schema.validate(results) == []
+    assert "redirect modes: RuntimeError: boom" in report.markdown(results)
+    results["redirect"]["modes"] = [{"mode": "sideways", "error": None}]
+    assert any("sideways" in p for p in schema.validate(results))
+
+
+def test_redirect_is_a_scenario_name_and_on_by_default() -> None:
+    assert suite.parse_scenarios("redirect") == []
+    args = suite.build_parser().parse_args(["--scenarios", "veth,redirect"])
+    assert suite.settings(args)["redirect"] is True
+    assert suite.settings(suite.build_parser().parse_args([]))["redirect"] is True
+    args = suite.build_parser().parse_args(["--scenarios", "veth"])
+    assert suite.settings(args)["redirect"] is False

@@ -39,7 +39,7 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=420,
     )  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     assert schema.validate(results) == []
@@ -73,6 +73,13 @@ def test_quick_suite_every_scenario_has_figures(tmp_path: Path) -> None:
             counters = s["dataplane_counters"]
             assert (set(counters) if counters is not None else None) == want, counters
     assert results["generator"]["error"] is None
+    # Istio's two redirect modes through the ztunnel stand-in, and the floor.
+    red = results["redirect"]
+    assert red["error"] is None, red["error"]
+    assert [m["mode"] for m in red["modes"]] == ["uncaptured", "iptables", "ebpf"]
+    for m in red["modes"]:
+        assert m["connections_per_s"] > 0 and m["transactions_per_s"] > 0, m
+    assert "| captured: eBPF" in proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One progress line per step, the table on stdout, the files beside the JSON.
     assert proc.stderr.count("udp   64 B frame") == len(SCENARIO_IDS)

@@ -216,6 +216,7 @@ def test_systemd_unit_verifies_and_its_commands_parse(tmp_path: Path) -> None:
     svc = unit()["Service"]
     # Long-running: the main process is the node's reconciler, restarted if it fails.
     assert svc["Type"] == ["simple"] and svc["Restart"] == ["on-failure"]
+    assert unit()["Unit"]["StartLimitIntervalSec"] == ["0"]  # a late ztunnel: keep trying
     assert "RemainAfterExit" not in svc
     caps = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_NICE"}
     assert set(svc["CapabilityBoundingSet"][0].split()) == caps

@@ -27,6 +27,9 @@ def test_spec_survives_its_loose_form_through_json() -> None:
         }
     )  # fmt: skip
     assert build_spec(json.loads(json.dumps(spec_to_raw(full)))) == full
+    for ttl, tos in (("inherit", "inherit"), ("auto", None)):
+        policy = build_spec({"name": "gt1", "vni": 1, "remote": "10.0.0.2", "ttl": ttl, "tos": tos})
+        assert build_spec(json.loads(json.dumps(spec_to_raw(policy)))) == policy
 
 
 def test_added_refuses_a_running_name_and_a_tunnel_no_receiver_could_tell_apart() -> None:

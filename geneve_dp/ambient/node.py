@@ -15,10 +15,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import ipset, iptables, links
 from . import checks, endpoints, profile, reconcile, rules, watch
 from . import constants as k
+from .ebpf import node as _ebpf
 from .state import StateFile, state_dir
 
 STATE_NAME = "node.json"
@@ -41,29 +43,42 @@ def resolve(
     zt = checks.ipv4(ztunnel_ip, "--ztunnel-ip")
     checks.port(port)
     if not ztunnel_veth:
-        raise UserError("is required (the host-side veth of the ztunnel pod)", "--ztunnel-veth")
+        raise UserError(
+            "is required; accepted: the host-side veth of the ztunnel pod", "--ztunnel-veth"
+        )
     dev = links.link(ztunnel_veth)
     if dev is None:
-        raise UserError(f"no device named {ztunnel_veth!r} in this namespace", "--ztunnel-veth")
+        raise UserError(
+            f"{ztunnel_veth!r} is not a device here; accepted: a veth `ip link` lists",
+            "--ztunnel-veth",
+        )
     if dev.kind != "veth":
         raise UserError(
-            f"{ztunnel_veth} is a {dev.kind or 'non-virtual'} device, not a veth "
-            "(the ztunnel pod must hang off a veth, as with a veth-based CNI)",
+            f"{ztunnel_veth} is a {dev.kind or 'non-virtual'} device; accepted: a veth (the "
+            "ztunnel pod hangs off one, as with a veth-based CNI)",
             "--ztunnel-veth",
         )
     route = checks.route_or_fail(zt, "--ztunnel-ip")
     if route.oif != ztunnel_veth:
         raise UserError(
-            f"the route to {zt} leaves via {route.oif}, not {ztunnel_veth}", "--ztunnel-veth"
+            f"{ztunnel_veth} is not where the route to {zt} leaves ({route.oif}); accepted: "
+            f"{route.oif}",
+            "--ztunnel-veth",
         )
     if host_ip is not None:
         host = checks.ipv4(host_ip, "--host-ip")
     elif route.src is not None:
         host = route.src  # what the kernel will put as the outer source towards ztunnel
     else:
-        raise UserError(f"no local address routes to {zt}; give one", "--host-ip")
+        raise UserError(
+            f"is missing and no local address routes to {zt}; accepted: this node's address",
+            "--host-ip",
+        )
     if not checks.is_local_address(host):
-        raise UserError(f"{host} is not an address of this namespace", "--host-ip")
+        raise UserError(
+            f"{host} is not an address of this namespace; accepted: one `ip addr` lists",
+            "--host-ip",
+        )
     return NodeConfig(zt, ztunnel_veth, host, port, dns_capture, version)
 
 
@@ -135,7 +150,7 @@ def _state() -> StateFile:
 
 def load_config(st: StateFile) -> NodeConfig | None:
     c = st.data.get("config")
-    if not c:
+    if not c or _ebpf.is_ebpf(st):
         return None
     return NodeConfig(
         ipaddress.IPv4Address(c["ztunnel_ip"]),
@@ -149,6 +164,8 @@ def load_config(st: StateFile) -> NodeConfig | None:
 
 def intent(st: StateFile) -> reconcile.Intent:
     """What the record says must exist while the node is up (for the watcher)."""
+    if _ebpf.is_ebpf(st):
+        return _ebpf.intent(st)
     cfg = load_config(st)
     assert cfg is not None
     pods: dict[str, Any] = st.data.get("pods", {})
@@ -156,7 +173,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     pod_sysctls = [(key, "0") for i in pods.values() for key in i.get("sysctls", {})]
     return reconcile.Intent(
         role=ROLE,
-        endpoints=tuple(node_endpoints(cfg)),
+        endpoints=tuple(profile.with_auth(st, node_endpoints(cfg))),
         pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(node_rules()),
         routes=(*node_routes(cfg), *pod_routes),
@@ -167,7 +184,11 @@ def intent(st: StateFile) -> reconcile.Intent:
 
 
 def up(
-    cfg: NodeConfig, log: Any = None, choose_port: bool = False, start_watch: bool = True
+    cfg: NodeConfig,
+    log: Any = None,
+    choose_port: bool = False,
+    start_watch: bool = True,
+    auth: AuthSettings | None = None,
 ) -> NodeConfig:
     """Install the node side. Idempotent: an earlier setup (or a crashed one) is removed
     first and its enrolled pods are put back afterwards.
@@ -206,7 +227,7 @@ def up(
     with profile.rolled_back_on_error(down, ROLE):
         # Tables that exist now; `down` deletes the ones our rules made appear.
         st.data["tables_before"] = sorted(iptables.save())
-        st.save()
+        profile.record_auth(st, auth)
         say(
             f"endpoints {k.INBOUND_TUN} (VNI {k.INBOUND_TUN_VNI}), {k.OUTBOUND_TUN} "
             f"(VNI {k.OUTBOUND_TUN_VNI}) -> {cfg.ztunnel_ip}:{cfg.port}"
@@ -251,6 +272,8 @@ def down() -> list[str]:
 
     Returns what was removed, for people.
     """
+    if _ebpf.is_ebpf(_state()):
+        return _ebpf.down()
     done: list[str] = []
     # The watcher first, so that it does not put back what we are taking away.
     watch.stop(state_dir(), ROLE)
@@ -277,6 +300,7 @@ def down() -> list[str]:
         # No record (lost with /run, or never written): do as Istio's cleanupNode and
         # flush our three tables, which nothing else is meant to use.
         done += profile.flush_tables(k.NODE_TABLES)
+        done += _ebpf.remove_by_name()  # and the eBPF mode's filters
     done += profile.delete_rules(node_rules())
     done += profile.stop_endpoints(st, ROLE, [k.INBOUND_TUN, k.OUTBOUND_TUN])
 

@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..netconf import ipset, links
 from . import checks, node, profile
 from . import constants as k
+from .ebpf import node as _ebpf
 from .state import StateFile, locked
 
 
@@ -41,7 +42,7 @@ def _node_state() -> StateFile:
 def add(ip_text: str, uid: str) -> PodResult:
     ip = str(checks.ipv4(ip_text, "IP"))
     if not uid:
-        raise UserError("is required (the pod's UID, kept as the ipset comment)", "--uid")
+        raise UserError("is empty; accepted: the pod's UID (kept as the ipset comment)", "--uid")
     # Under the state lock: the watcher must see the record and the kernel agree.
     with locked(node.state_path().parent):
         return _add(ip, uid)
@@ -49,6 +50,8 @@ def add(ip_text: str, uid: str) -> PodResult:
 
 def _add(ip: str, uid: str) -> PodResult:
     st = _node_state()
+    if _ebpf.is_ebpf(st):
+        return PodResult(ip, *_ebpf.pod_add(st, ip, uid))
     cfg = node.load_config(st)
     assert cfg is not None
     pods = st.data.setdefault("pods", {})
@@ -85,6 +88,8 @@ def _add(ip: str, uid: str) -> PodResult:
 
 
 def _remove(st: StateFile, ip: str) -> bool:
+    if _ebpf.is_ebpf(st):
+        return _ebpf.pod_remove(st, ip)
     pods = st.data.get("pods", {})
     info = pods.get(ip)
     cfg = node.load_config(st)
@@ -113,5 +118,8 @@ def delete(ip_text: str) -> PodResult:
 
 
 def listing() -> dict[str, str]:
-    """Enrolled pod IP -> UID, from the ipset (the kernel's view)."""
+    """Enrolled pod IP -> UID, from the ipset or app_info map (the kernel's view)."""
+    st = node._state()
+    if _ebpf.is_ebpf(st):
+        return _ebpf.listing(st)
     return ipset.entries(k.IPSET_NAME)

@@ -76,6 +76,9 @@ class Intent:
     sysctls: tuple[tuple[str, str], ...] = ()
     ipset_entries: dict[str, str] | None = None  # IP -> comment; None: no ipset here
     chains: tuple[ChainIntent, ...] = ()
+    # Repairs of a profile's own kind (the eBPF mode's maps and tc filters): each is
+    # called with (say, routing) on every pass and returns the repairs it made.
+    extra: tuple[Callable[[Say, bool], list[str]], ...] = ()
 
 
 def expected_chains(ruleset: iptables.Ruleset, saved: iptables.Saved) -> list[ChainIntent]:
@@ -219,6 +222,8 @@ def repair(
         if cur is not None and cur != value:
             links.sysctl_set(key, value)
             fixed(f"sysctl {key} was {cur}; set to {value} again")
+    for fix in intent.extra:
+        done += fix(say, routing)
     if not routing:
         return done
     rules_now = links.list_rules()

@@ -34,6 +34,7 @@ ZTUNNEL_IP = "10.244.1.3"
 ZTUNNEL_VETH = "veth-zt"
 TCP_PORT = 8080
 UDP_PORT = 9000
+DNS_PORT = 53  # the server answers UDP here too: traffic Istio never captures
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class World:
     workdir: Path = field(default_factory=lambda: Path(f"/tmp/geneve-dp-demo-{os.getpid()}"))
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    # Written as net.ipv4.conf.{all,default}.rp_filter in every namespace before its
+    # devices exist (1: strict, as many distributions ship); None keeps the kernel's.
+    rp_filter: int | None = None
 
     # --- names ------------------------------------------------------------------------
     def ns(self, role: str) -> str:
@@ -144,6 +148,8 @@ class World:
         # GENEVE traffic and blur the "no packet through the tunnel" checks.
         for key in ("all", "default"):
             self.run(name, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
+            if self.rp_filter is not None:
+                self.run(name, "sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter={self.rp_filter}")
         return name
 
     def hold_neighbours(self, ns: str, devices: Sequence[str]) -> None:
@@ -190,18 +196,21 @@ class World:
 
     def start_servers(self) -> None:
         echo = ["-m", "geneve_dp.ambient.echo", "serve"]
+        udp = ["--udp", str(UDP_PORT), "--udp", str(DNS_PORT)]
         self.spawn(
             self.server,
-            [*echo, "server", "--tcp", str(TCP_PORT), "--udp", str(UDP_PORT)],
+            [*echo, "server", "--tcp", str(TCP_PORT), *udp],
             self.workdir / "server.log",
         )
+        # The node answers on its own address (kubelet, node-local services).
+        self.spawn(self.node, [*echo, "node", "--tcp", str(TCP_PORT)], self.workdir / "node.log")
         for pod in PODS:
             self.spawn(
                 self.ns(pod.role),
                 [*echo, pod.role, "--tcp", str(TCP_PORT), "--tcp", "15008"],
                 self.workdir / f"{pod.role}.log",
             )
-        self._wait_ready([self.workdir / "server.log"] + [
+        self._wait_ready([self.workdir / "server.log", self.workdir / "node.log"] + [
             self.workdir / f"{p.role}.log" for p in PODS
         ])  # fmt: skip
 
@@ -247,7 +256,15 @@ class World:
             for line in out("ip", "-o", "link").splitlines()
             if ": <" in line
         )
+        tc = out("tc", "qdisc", "show")
+        for line in out("ip", "-o", "link").splitlines():
+            dev = line.split(": ")[1].split("@")[0] if ": " in line else ""
+            for hook in ("ingress", "egress"):
+                shown = out("tc", "filter", "show", "dev", dev, hook) if dev else ""
+                tc += f"{dev} {hook}: {shown.strip()}\n" if shown.strip() else ""
         return {
+            "tc": tc,
+            "bpf mounts": out("findmnt", "-n", "-t", "bpf"),
             "iptables-save": normalize_save(out("iptables-save")),
             "ip rule": out("ip", "rule"),
             "ip route show table all": out("ip", "route", "show", "table", "all"),

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import iptables, links
 from . import checks, endpoints, profile, reconcile, rules, watch
 from . import constants as k
+from .ebpf import ztunnel as _ebpf
 from .state import StateFile, state_dir
 
 STATE_NAME = "ztunnel.json"
@@ -38,7 +40,11 @@ def resolve(host_ip: str | None, port: int = 6081) -> ZtunnelConfig:
     checks.port(port)
     route = checks.route_or_fail(host, "--host-ip")
     if route.src is None:
-        raise UserError(f"no local address routes to {host}", "--host-ip")
+        raise UserError(
+            f"{host} is not reachable from a local address; accepted: the node's address on "
+            "the ztunnel pod's link",
+            "--host-ip",
+        )
     if route.gateway is not None:
         raise UserError(
             f"{host} is behind gateway {route.gateway}; give the node's address on the "
@@ -114,7 +120,7 @@ def _state() -> StateFile:
 
 def load_config(st: StateFile) -> ZtunnelConfig | None:
     c = st.data.get("config")
-    if not c:
+    if not c or _ebpf.is_ebpf(st):
         return None
     return ZtunnelConfig(
         ipaddress.IPv4Address(c["host_ip"]),
@@ -126,11 +132,13 @@ def load_config(st: StateFile) -> ZtunnelConfig | None:
 
 def intent(st: StateFile) -> reconcile.Intent:
     """What the record says must exist while the ztunnel side is up (for the watcher)."""
+    if _ebpf.is_ebpf(st):
+        return _ebpf.intent(st)
     cfg = load_config(st)
     assert cfg is not None
     return reconcile.Intent(
         role=ROLE,
-        endpoints=tuple(ztunnel_endpoints(cfg)),
+        endpoints=tuple(profile.with_auth(st, ztunnel_endpoints(cfg))),
         pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(ztunnel_rules()),
         routes=tuple(ztunnel_routes(cfg)),
@@ -139,7 +147,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     )
 
 
-def up(cfg: ZtunnelConfig, log: Any = None) -> None:
+def up(cfg: ZtunnelConfig, log: Any = None, auth: AuthSettings | None = None) -> None:
     say = log or (lambda _msg: None)
     if _state().exists:  # a previous (or crashed) setup with a record
         down()
@@ -154,6 +162,7 @@ def up(cfg: ZtunnelConfig, log: Any = None) -> None:
         },
     )
     with profile.rolled_back_on_error(down, ROLE):
+        profile.record_auth(st, auth)
         say(f"endpoints {k.ZT_INBOUND_TUN}, {k.ZT_OUTBOUND_TUN} -> {cfg.host_ip}:{cfg.port}")
         profile.start_endpoints(st, ztunnel_endpoints(cfg), ROLE)
 
@@ -187,6 +196,8 @@ def up(cfg: ZtunnelConfig, log: Any = None) -> None:
 
 
 def down() -> list[str]:
+    if _ebpf.is_ebpf(_state()):
+        return _ebpf.down()
     done: list[str] = []
     # The watcher first, so that it does not put back what we are taking away.
     watch.stop(state_dir(), ROLE)
@@ -217,6 +228,7 @@ def down() -> list[str]:
     if not cfg:
         # No record: Istio's clean slate for this namespace flushes tables 100-102.
         done += profile.flush_tables(k.NODE_TABLES)
+        done += _ebpf.remove_by_name()  # and the eBPF mode's filter
     done += profile.delete_rules(ztunnel_rules())
     done += profile.stop_endpoints(st, ROLE, [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN])
     profile.restore_sysctls(data.get("sysctls", {}))

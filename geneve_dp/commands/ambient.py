@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import logs, wire
 from ..ambient import constants as k
+from ..auth import settings as auth_settings
 
 
 def _say(msg: str) -> None:
@@ -80,6 +81,12 @@ def register(sub: Any) -> None:
         default=k.DEFAULT_ISTIO_VERSION,
         help="which release's rules to reproduce (default %(default)s)",
     )
+    _redirect_mode_arg(up)
+    up.add_argument(
+        "--ztunnel-mac",
+        metavar="MAC",
+        help="eBPF mode: the ztunnel pod's eth0 MAC (default: learnt by ARP on --ztunnel-veth)",
+    )
     up.add_argument(
         "--foreground",
         action="store_true",
@@ -87,6 +94,7 @@ def register(sub: Any) -> None:
         "`node down` stops it)",
     )
     _netns_arg(up)
+    auth_settings.add_arguments(up)
     logs.add_argument(up)
     up.set_defaults(func=cmd_node_up)
     down = nsub.add_parser(
@@ -139,7 +147,17 @@ def register(sub: Any) -> None:
     )
     zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
     zup.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
+    _redirect_mode_arg(zup)
+    zup.add_argument(
+        "--ebpf-tproxy",
+        choices=("auto", "sk-assign", "iptables"),
+        default="auto",
+        help="eBPF mode: hand redirected TCP to the proxy with bpf_sk_assign, or mark it "
+        "for iptables TPROXY as Istio does where the kernel lacks bpf_sk_assign "
+        "(default auto: sk-assign when the kernel has it)",
+    )
     _netns_arg(zup)
+    auth_settings.add_arguments(zup)
     logs.add_argument(zup)
     zup.set_defaults(func=cmd_ztunnel_up)
     zdown = zsub.add_parser(
@@ -227,6 +245,7 @@ def register(sub: Any) -> None:
     demo.add_argument(
         "--json", action="store_true", help="end with a JSON summary line instead of a sentence"
     )
+    _redirect_mode_arg(demo)
     demo.set_defaults(func=cmd_demo)
 
 
@@ -247,6 +266,18 @@ def _watch_parser(sub: Any, role: str) -> None:
     _netns_arg(w)
     logs.add_argument(w)
     w.set_defaults(func=cmd_watch, role=role)
+
+
+def _redirect_mode_arg(p: argparse.ArgumentParser) -> None:
+    from ..ambient.ebpf import DEFAULT_REDIRECT_MODE, REDIRECT_MODES
+
+    p.add_argument(
+        "--redirect-mode",
+        choices=REDIRECT_MODES,
+        default=DEFAULT_REDIRECT_MODE,
+        help="iptables + GENEVE tunnels, or Istio 1.20's eBPF programs on the veths "
+        "(default %(default)s)",
+    )
 
 
 def _netns_arg(p: argparse.ArgumentParser) -> None:
@@ -275,6 +306,8 @@ def _version(value: str) -> k.IstioVersion:
 def cmd_node_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, node
 
+    if args.redirect_mode == "ebpf":
+        return _node_up_ebpf(args)
     checks.require_tools("node up")
     say = _progress(args, "node")
     _enter(args)
@@ -286,10 +319,42 @@ def cmd_node_up(args: argparse.Namespace) -> int:
         args.dns_capture,
         _version(args.istio_version),
     )
-    cfg = node.up(cfg, log=say, choose_port=args.port is None, start_watch=not args.foreground)
+    auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class)
+    cfg = node.up(
+        cfg, log=say, choose_port=args.port is None, start_watch=not args.foreground, auth=auth
+    )
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
         f"GENEVE port {cfg.port}, Istio {cfg.version} rules",
+        flush=True,
+    )
+    if args.foreground:
+        _become_watcher("node", args)
+    return 0
+
+
+def _node_up_ebpf(args: argparse.Namespace) -> int:
+    from ..ambient import checks
+    from ..ambient.ebpf import node
+    from ..errors import UserError
+
+    checks.require_root("node up")
+    if args.port is not None:
+        raise UserError("has no meaning with --redirect-mode ebpf (no tunnels)", "--port")
+    say = _progress(args, "node")
+    _enter(args)
+    cfg = node.resolve(
+        args.ztunnel_ip,
+        args.ztunnel_veth,
+        args.host_ip,
+        args.dns_capture,
+        args.ztunnel_mac,
+        _version(args.istio_version),
+    )
+    cfg = node.up(cfg, log=say, start_watch=not args.foreground)
+    print(
+        f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth} ({cfg.ztunnel_mac}), "
+        f"host IP {cfg.host_ip}, eBPF redirect mode (Istio 1.20)",
         flush=True,
     )
     if args.foreground:
@@ -335,7 +400,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     checks.require_tools(f"{args.role} watch")
     if not 0.05 <= args.interval <= 3600:
-        raise UserError(f"{args.interval} is out of range 0.05..3600", "--interval")
+        raise UserError(f"{args.interval} is out of range; accepted: 0.05..3600", "--interval")
     logs.setup_from_args(args)
     _enter(args)
     mod = _profile(args.role)
@@ -375,14 +440,36 @@ def cmd_node_render(args: argparse.Namespace) -> int:
 def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, ztunnel
 
+    if args.redirect_mode == "ebpf":
+        return _ztunnel_up_ebpf(args)
     checks.require_tools("ztunnel up")
     say = _progress(args, "ztunnel")
     _enter(args)
     cfg = ztunnel.resolve(args.host_ip, args.port)
-    ztunnel.up(cfg, log=say)
+    auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class)
+    ztunnel.up(cfg, log=say, auth=auth)
     print(
         f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, tunnels to {cfg.host_ip}:{cfg.port}, "
         "TPROXY to 15008/15001/15006"
+    )
+    return 0
+
+
+def _ztunnel_up_ebpf(args: argparse.Namespace) -> int:
+    from ..ambient import checks
+    from ..ambient.ebpf import ztunnel
+
+    checks.require_root("ztunnel up")
+    say = _progress(args, "ztunnel")
+    _enter(args)
+    cfg = ztunnel.resolve(args.host_ip, args.ebpf_tproxy)
+    if cfg.tproxy == "iptables":
+        checks.require_tools("ztunnel up")
+    ztunnel.up(cfg, log=say)
+    how = "bpf_sk_assign" if cfg.tproxy == "sk-assign" else "marks + iptables TPROXY"
+    print(
+        f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, eBPF redirect mode: {cfg.program} "
+        f"({how}) to 15008/15001/15006"
     )
     return 0
 
@@ -437,4 +524,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..ambient import checks, demo
 
     checks.require_tools("demo")
-    return demo.run(keep=args.keep, as_json=args.json)
+    return demo.run(keep=args.keep, as_json=args.json, mode=args.redirect_mode)

@@ -46,8 +46,8 @@ _SET_VALUES = {
     "remote": ("--remote", "peer's underlay address (same family)"),
     "local": ("--local", "our underlay address"),
     "mtu": ("--mtu", "device MTU"),
-    "ttl": ("--ttl", "outer TTL, 1..255"),
-    "tos": ("--tos", "outer TOS byte"),
+    "ttl": ("--ttl", "outer TTL: 1..255, auto or inherit"),
+    "tos": ("--tos", "outer TOS byte: 0..255 or inherit"),
     "df": ("--df", "outer DF bit: unset, set, inherit"),
     "mode": ("--mode", "refused: a new device"),
     "port": ("--port", "refused: the endpoint's socket"),
@@ -172,12 +172,25 @@ _SETTINGS = (
     ("offload", "--offload/--no-offload"),
     ("workers", "--workers"),
     ("nice", "--nice"),
+    ("busy_poll_us", "--busy-poll"),
     ("metrics_addr", "--metrics-addr"),
     ("drop_alarm", "--drop-alarm"),
 )
 
 
 def _check_settings(reply: dict[str, Any], daemon_args: dict[str, Any], explicit: set[str]) -> None:
+    auth = daemon_args.get("auth")  # auth.settings.AuthSettings: given, so it must match
+    if auth is not None and (
+        reply.get("auth_key_file") != str(auth.key_file)
+        or reply.get("auth_option_class") != auth.option_class
+    ):
+        raise UserError(
+            f"the endpoint that serves this port here (pid {reply.get('pid')}) runs with "
+            f"auth key file {reply.get('auth_key_file')} and option class "
+            f"{reply.get('auth_option_class')}, and a tunnel added to it runs with its "
+            "settings: leave the flag out, use another --port, or `geneve-dp down --all` first",
+            "--auth-key-file",
+        )
     for key, flag in _SETTINGS:
         if key not in explicit or daemon_args.get(key) is None:
             continue

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import alarms, logs, wire
+from ..auth import settings as auth_settings
 from ..dataplane.spec import (
     DEFAULT_NICE,
     ENGINES,
+    MAX_BUSY_POLL_US,
     MAX_NICE,
     MAX_WORKERS,
+    MIN_BUSY_POLL_US,
     MIN_NICE,
     MIN_WORKERS,
     REQUIRED,
@@ -26,6 +29,7 @@ from ..dataplane.spec import (
     check_together,
     load_config,
 )
+from ..dataplane.spec import with_auth as spec_with_auth
 from ..errors import UserError
 
 UP_DESCRIPTION = """\
@@ -33,7 +37,8 @@ Create GENEVE tunnel devices in userspace and forward until SIGINT/SIGTERM (or u
 `geneve-dp down` removes the last), then remove them and exit 0. One tunnel from
 flags (like `ip link add NAME type geneve id VNI remote IP dstport 6081`), or many
 from --config FILE (TOML: optional top-level
-`engine`, `netns`, `offload`, `workers`, `nice`, `metrics_addr` and `drop_alarm`, then one
+`engine`, `netns`, `offload`, `workers`, `nice`, `busy_poll_us`, `metrics_addr` and
+`drop_alarm`, then one
 [[tunnel]] table per device with the keys name, vni,
 remote, local, port, mode, mtu, ttl, tos, df, udp_csum, udp6_zero_csum_rx, options,
 reflect_options, mac, addresses, wire_sized; `remote` may name a [remotes.NAME] table
@@ -187,6 +192,13 @@ def register(sub: Any) -> None:
         "softirq forwarding is; 0 leaves it alone)",
     )
     up.add_argument(
+        "--busy-poll",
+        metavar="US",
+        help=f"after forwarding a packet, keep polling for its answer this many µs "
+        f"({MIN_BUSY_POLL_US}..{MAX_BUSY_POLL_US}; default 0: off): lower latency for "
+        "request/response traffic, paid in CPU after each packet (C engine)",
+    )
+    up.add_argument(
         "--detach", action="store_true", help="go to the background once ready (print the pid)"
     )
     up.add_argument("--pidfile", type=Path, metavar="FILE", help="write the pid here while running")
@@ -202,6 +214,7 @@ def register(sub: Any) -> None:
         help=f"log a warning when a tunnel drops N packets/s or more (default "
         f"{alarms.DEFAULT_THRESHOLD:g}; 0: never)",
     )
+    auth_settings.add_arguments(up)
     logs.add_argument(up)
     up.add_argument("-v", "--verbose", action="store_true", help="log more")
     up.set_defaults(func=cmd_up)
@@ -297,9 +310,12 @@ def specs_from_args(args: argparse.Namespace) -> tuple[list[TunnelSpec], dict[st
     return [spec], {}
 
 
-def _int_setting(flag: str | None, configured: object, key: str, lo: int, hi: int) -> int | None:
-    """A whole-number setting from --KEY (a string) or the config key, in lo..hi."""
-    field = f"--{key}" if flag is not None else key
+def _int_setting(
+    flag: str | None, configured: object, key: str, lo: int, hi: int, flag_name: str = ""
+) -> int | None:
+    """A whole-number setting from --KEY (``flag_name`` if it is named otherwise; a
+    string) or the config key, in lo..hi."""
+    field = (flag_name or f"--{key}") if flag is not None else key
     value: object = configured
     if flag is not None:
         try:
@@ -351,6 +367,10 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not a boolean; accepted: true, false", "offload")
     daemon_args = _daemon_args(args, settings, engine, offload)
+    auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class, settings)
+    if auth is not None:
+        spec_with_auth(specs, auth.option_class)  # checked now, applied by the dataplane
+        daemon_args["auth"] = auth
     fmt = logs.resolve(args.log_format)
     return UpPlan(specs, settings, engine, netns, netns_field, offload, daemon_args, fmt)
 
@@ -435,6 +455,12 @@ def _daemon_args(
     nice = _int_setting(args.nice, settings.get("nice"), "nice", MIN_NICE, MAX_NICE)
     if nice is not None:
         out["nice"] = nice
+    busy = _int_setting(
+        args.busy_poll, settings.get("busy_poll_us"), "busy_poll_us", MIN_BUSY_POLL_US,
+        MAX_BUSY_POLL_US, "--busy-poll",
+    )  # fmt: skip
+    if busy is not None:
+        out["busy_poll_us"] = busy
     return out
 
 

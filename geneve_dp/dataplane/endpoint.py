@@ -57,8 +57,8 @@ SOCKET_BUFFER = 4 << 20
 # ring; the kernel's default is 1000). The queue is what absorbs the time a worker is
 # not scheduled: a sender the worker keeps up with on average otherwise loses what
 # arrives in the gap (tx_dropped, drop reason FULL_RING). Measured at 64 B on a loaded
-# 2-core machine (bench/README.md): with 1000 frames (9 ms at 110 kpps) every probe at
-# 90-130 kpps overflowed; with 4096, none at 90-110 kpps and one of two at 130. The
+# 2-core machine (bench/README.md): with 1000 frames (9 ms at 110 kpps) five of six
+# probes at 90-130 kpps overflowed; with 4096, none of six at 90-110 kpps. The
 # kernel orphans what it queues there, so this bounds what a local sender can keep
 # queued: 4096 frames of at most 64 KiB.
 DEVICE_QUEUE_LEN = 4096

@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass, field
 
 from .. import codec
+from ..auth import option as auth_option
+from ..auth.mac import PyAuth
 from .endpoint import IP_RECVFRAGSIZE, IPV6_RECVFRAGSIZE, Group, Tunnel, ephemeral_ports
 from .packet import (
     REFLECT_SLOTS,
@@ -47,7 +49,7 @@ class PyCounters:
 
 
 class PyTunnel:
-    def __init__(self, tun: Tunnel) -> None:
+    def __init__(self, tun: Tunnel, auth: PyAuth | None = None) -> None:
         spec = tun.spec
         self.t = tun
         self.spec = spec
@@ -56,8 +58,18 @@ class PyTunnel:
         self.mac = tun.device.mac
         self.remote = spec.remote.packed
         self.local = tun.local.packed
-        self.opts = codec.encode_options(spec.options)
-        self.hdr = bytearray(codec.encode(codec.Header(vni=spec.vni, options=spec.options)))
+        # With authentication the integrity option ends the configured options (the
+        # header template carries it unsigned); reflected options go after it.
+        self.auth = auth
+        options = spec.options
+        if spec.auth_class is not None:
+            if auth is None:
+                raise ValueError(f"{spec.name}: authenticated tunnel without auth state")
+            placeholder = auth_option.placeholder(spec.auth_class)
+            options += (codec.Option(spec.auth_class, placeholder[2], placeholder[4:]),)
+        self.opts = codec.encode_options(options)
+        self.auth_off = 8 + len(self.opts) - auth_option.OPT_LEN
+        self.hdr = bytearray(codec.encode(codec.Header(vni=spec.vni, options=options)))
         self.iplen = 20 if spec.family == 4 else 40
         self.max_inner = tun.underlay_mtu - (self.iplen + 8 + len(self.hdr))
         self.c = PyCounters()
@@ -65,7 +77,14 @@ class PyTunnel:
         # assignment is atomic under the GIL, so readers see old or new entries.
         self.reflect: dict[int, tuple[bytes, bytes]] | None = {} if spec.reflect_options else None
         self.rx = RxTunnel(
-            spec.vni, self.remote, spec.mode, self.mac, self.max_inner, spec.reflect_options
+            spec.vni,
+            self.remote,
+            spec.mode,
+            self.mac,
+            self.max_inner,
+            spec.reflect_options,
+            auth=auth,
+            auth_class=spec.auth_class,
         )
         self.tx = TxTunnel(
             mode=spec.mode,
@@ -83,6 +102,8 @@ class PyTunnel:
             ttl_inherit=spec.ttl == "inherit",
             ttl=tun.ttl,
             udp_csum=spec.tx_udp_csum,
+            auth=auth,
+            auth_off=self.auth_off,
         )
 
 
@@ -98,12 +119,14 @@ class PyGroupEngine:
         control_fd: int,
         group_index: int,
         seed: int | None = None,
+        auth: dict[str, PyAuth] | None = None,
     ) -> None:
         self.group = group
         self.stop_fd = stop_fd
         self.control_fd = control_fd
         self.tag = group_index << 24
-        self.tunnels = [PyTunnel(t) for t in group.tunnels]
+        auth = auth or {}
+        self.tunnels = [PyTunnel(t, auth.get(t.spec.name)) for t in group.tunnels]
         self._rx_views = [t.rx for t in self.tunnels]
         self.sport_min, self.sport_max = ephemeral_ports()
         self.seed = random.getrandbits(32) if seed is None else seed
@@ -319,5 +342,6 @@ class PyGroupEngine:
             "rx_packets": self.sock_rx,
             "rx_packets_per_worker": [self.sock_rx],
             "rx_queue_overflow": self.rx_ovfl,
+            "busy_poll_hits": 0,
             "drops": dict(self.sock_drops),
         }

@@ -246,9 +246,16 @@ def injectable(spec: TunnelSpec) -> bool:
     """Whether a tunnel may send through the inject device: IPv4 without checksums
     (elsewhere the sockets' UDP GSO serves), a TTL that forwarding can take one off
     of (not "inherit": each packet's own), and super-packets allowed on the underlay
-    (not ``wire_sized``)."""
+    (not ``wire_sized``). Not with authentication: each segment must carry its own
+    MAC, and the kernel would copy one MAC to every segment it cuts."""
     ttl_ok = spec.ttl == "auto" or (isinstance(spec.ttl, int) and spec.ttl < 255)
-    return spec.family == 4 and not spec.tx_udp_csum and ttl_ok and not spec.wire_sized
+    return (
+        spec.family == 4
+        and not spec.tx_udp_csum
+        and ttl_ok
+        and not spec.wire_sized
+        and spec.auth_class is None
+    )
 
 
 NAMES = [f"gdpx{i}" for i in range(16)]  # names are per netns; the first free one

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .. import codec
+from ..auth import option as auth_option
+from ..auth.mac import PyAuth
 
 ETH_P_IPV4, ETH_P_IPV6, ETH_P_VLAN, ETH_P_TEB = 0x0800, 0x86DD, 0x8100, 0x6558
 ECN_CE, ECN_ECT0 = 3, 2
@@ -177,6 +179,8 @@ class RxTunnel:
     mac: bytes  # the device's (TAP loop guard)
     max_inner: int  # largest inner frame of one underlay packet
     reflect: bool = False
+    auth: PyAuth | None = None  # verifies (and keeps the replay window): the caller's
+    auth_class: int | None = None
 
 
 @dataclass(frozen=True)
@@ -226,10 +230,25 @@ def decap(
         return Drop("wrong_remote" if vni_seen else "unknown_vni")
     t = tunnels[idx]
     seen: Options = tuple((o.opt_class, o.type) for o in h.options)
+    # The integrity check comes first: nothing else acts on a packet before it is
+    # known to come from the peer (README "Authenticated tunnels").
+    auth_off = -1
+    if t.auth is not None:
+        reason, auth_off = t.auth.verify(pkt)
+        if reason is not None:
+            return Drop(reason, idx, seen)
     critical = any(o.critical for o in h.options)
     if critical != h.critical:
         return Drop("c_bit_mismatch", idx, seen)
-    if critical:
+    # Critical options other than the verified integrity option: unknown to us.
+    verified = (t.auth_class, auth_option.OPT_TYPE) if auth_off >= 0 else None
+    unknown = False
+    for o in h.options:
+        if o.critical and (o.opt_class, o.type) == verified:
+            verified = None  # the first one, which gdp_auth_find found
+        elif o.critical:
+            unknown = True
+    if unknown:
         return Drop("critical_option", idx, seen)
     if h.oam:
         return Control(idx, bytes(pkt), seen)
@@ -258,7 +277,11 @@ def decap(
                 f[ip + 1] |= ECN_CE << 4
     reflect = None
     if t.reflect and h.opt_len and inn.ipver:
-        reflect = (flow_key(f, inn), bytes(pkt[8 : 8 + 4 * h.opt_len]))
+        opts = bytes(pkt[8 : 8 + 4 * h.opt_len])
+        if auth_off >= 0:  # the peer's integrity option is not reflected
+            opts = opts[: auth_off - 8] + opts[auth_off - 8 + auth_option.OPT_LEN :]
+        if opts:
+            reflect = (flow_key(f, inn), opts)
     if whole and len(f) > t.max_inner:
         complete_super_checksum(f, inn)
     return Deliver(idx, bytes(f), seen, reflect)
@@ -286,6 +309,8 @@ class TxTunnel:
     ttl_inherit: bool
     ttl: int
     udp_csum: bool
+    auth: PyAuth | None = None  # signs (and numbers): the caller's
+    auth_off: int = 0  # where the integrity option starts in the GENEVE header
 
 
 @dataclass(frozen=True)
@@ -401,7 +426,10 @@ def encap(
             return TooBig(None)
     lo, hi = sport_range
     sport = lo + ((flow_hash(frame, inn, seed) * (hi - lo + 1)) >> 32)
-    udp = bytearray(struct.pack("!HHHH", sport, t.port, udplen, 0)) + hdr + frame
+    geneve = hdr + frame
+    if t.auth is not None:
+        t.auth.sign(geneve, t.auth_off)
+    udp = bytearray(struct.pack("!HHHH", sport, t.port, udplen, 0)) + geneve
     if t.udp_csum:
         cs = l4_csum(t.local, t.remote, 17, udp)
         udp[6:8] = (cs or 0xFFFF).to_bytes(2, "big")

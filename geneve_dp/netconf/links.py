@@ -330,6 +330,7 @@ def sysctl_set(key: str, value: str) -> str | None:
 
 # rtnetlink multicast groups (linux/rtnetlink.h)
 RTMGRP_LINK = 0x1
+RTMGRP_TC = 0x8  # qdiscs and filters (the eBPF mode's attachments)
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV4_RULE = 0x80
@@ -345,7 +346,11 @@ class Changes:
         self._ipr = IPRoute()
         try:
             self._ipr.bind(
-                groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE
+                groups=RTMGRP_LINK
+                | RTMGRP_TC
+                | RTMGRP_IPV4_IFADDR
+                | RTMGRP_IPV4_ROUTE
+                | RTMGRP_IPV4_RULE
             )
         except BaseException:
             self._ipr.close()
