@@ -184,6 +184,9 @@ def test_dockerfile_builds_the_image_the_daemonset_runs() -> None:
     assert "pip install" in text and "/opt/geneve-dp/bin/pip" in text  # a venv (PEP 668)
     for tool in ("iproute2", "iptables", "ipset"):
         assert tool in text
+    # the fast path links libsodium (csrc/auth.c): headers to build, library to run
+    build, runtime = text.split("\nFROM ", 2)[1:]
+    assert "libsodium-dev" in build and "libsodium23" in runtime
     ignored = (ROOT / ".dockerignore").read_text()
     assert "**/*.so" in ignored  # a locally built fast path never replaces the image's
 
