@@ -12,13 +12,16 @@ import pytest
 from tests.netns import Netns
 from tests.ops_helpers import make_pair, use_run_dir
 
+# Fixtures that make namespaces: netns_factory, and the ambient topologies' ``world``.
+ROOT_FIXTURES = frozenset({"netns_factory", "world"})
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that asks for namespaces needs root: it is marked so before ``-m``
-    selects (tryfirst), whichever fixture brought ``netns_factory`` in."""
+    selects (tryfirst), whichever fixture brought one of ROOT_FIXTURES in."""
     for item in items:
-        if "netns_factory" in getattr(item, "fixturenames", ()):
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.root)
 
 
