@@ -13,6 +13,12 @@ int gdp_tunnel_prepare(struct gdp_tunnel *t) {
         return GDP_E_ENGINE_CONFIG;
     if (t->reflect && (t->reflect_slots == 0 || (t->reflect_slots & (t->reflect_slots - 1))))
         return GDP_E_ENGINE_CONFIG;
+    /* Authenticated: the options end with the integrity option (signed in place at
+     * hdr_len - GDP_AUTH_OPT_LEN), and nothing is injected (one MAC per wire packet). */
+    if (t->auth && (t->inject || t->opts_len < GDP_AUTH_OPT_LEN ||
+                    t->opts[t->opts_len - GDP_AUTH_OPT_LEN + 2] != GDP_AUTH_OPT_TYPE ||
+                    (t->opts[t->opts_len - GDP_AUTH_OPT_LEN + 3] & 0x1F) * 4 != GDP_AUTH_DATA_LEN))
+        return GDP_E_ENGINE_CONFIG;
     int rc = gdp_encode(t->vni, t->mode == GDP_MODE_TAP ? ETH_P_TEB : ETH_P_IPV4, 0, t->opts,
                         t->opts_len, t->hdr, sizeof(t->hdr));
     if (rc < 0)

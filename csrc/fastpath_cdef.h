@@ -183,6 +183,8 @@ int gdp_test_super_plan(uint8_t *f, size_t flen, int mode, int uso, uint32_t max
                         uint32_t dev_mtu, uint32_t gso_size, uint32_t out[4], uint8_t vnet[12]);
 size_t gdp_test_icmp_too_big(const uint8_t *f, size_t flen, int mode, uint32_t mtu,
                              uint8_t out[1294]);
+void gdp_test_rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len, const uint8_t *src,
+                     uint8_t tos, int whole);
 
 /* ---- authenticated tunnels (auth.h) ---- */
 #define GDP_AUTH_OPT_TYPE 0x81

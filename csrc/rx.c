@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "csum.h"
+#include "testpoints.h"
 
 #define UDP_GRO_OPT 104           /* linux/udp.h UDP_GRO */
 #define IP_RECVFRAGSIZE_OPT 25    /* linux/in.h */
@@ -405,4 +406,20 @@ int rx_batch(struct gdp_engine *e) {
     }
     gro_flush(e); /* never held across a wait for the next packets */
     return 0;
+}
+
+void gdp_test_rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len, const uint8_t *src,
+                     uint8_t tos, int whole) {
+    struct sockaddr_in6 from;
+    memset(&from, 0, sizeof(from));
+    if (e->cfg.family == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&from;
+        a->sin_family = AF_INET;
+        memcpy(&a->sin_addr, src, 4);
+    } else {
+        from.sin6_family = AF_INET6;
+        memcpy(&from.sin6_addr, src, 16);
+    }
+    rx_one(e, pkt, len, &from, tos, whole, 0);
+    gro_flush(e);
 }

@@ -218,6 +218,8 @@ class Daemon:
             "metrics_addr": list(self.metrics_addr) if self.metrics_addr else None,
             "drop_alarm": self.drop_alarm,
             "config": str(self.config) if self.config is not None else None,
+            "auth_key_file": str(self.auth.key_file) if self.auth is not None else None,
+            "auth_option_class": self.auth.option_class if self.auth is not None else None,
             "tunnels": self._dataplane.status(),
             "control_messages": self.control_messages,
             "restarts": self.restarts,

@@ -47,11 +47,14 @@ def world() -> Iterator[t.World]:
 
 def stable(snap: dict[str, str]) -> dict[str, str]:
     """A snapshot without what differs between two equal setups (ifindexes and so the
-    order `ip link` lists devices in: a device opened again is listed last; ipset seeds)."""
+    order `ip link` and `tc` list devices in: a device opened again is listed last;
+    ipset seeds)."""
     out = dict(snap)
     out["ip link"] = "\n".join(
         sorted(re.sub(r"^\d+: ", "", snap["ip link"], flags=re.M).splitlines())
     )
+    if "tc" in snap:
+        out["tc"] = "\n".join(sorted(snap["tc"].splitlines()))
     out["ipset list"] = re.sub(r"(initval|Size in memory:?) \S+", "", snap["ipset list"])
     return out
 

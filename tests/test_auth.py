@@ -290,3 +290,25 @@ def test_key_file_must_be_root_owned_and_private(tmp_path: Path) -> None:
         load_key_file(p)
     with pytest.raises(UserError, match="cannot open"):
         load_key_file(tmp_path / "missing")
+
+
+def test_ambient_endpoints_config_carries_the_auth_settings(tmp_path: Path) -> None:
+    """node/ztunnel up record the auth settings; the endpoints they start (and those the
+    watcher starts again from the record) get them in their config file."""
+    from geneve_dp.ambient import endpoints, profile
+    from geneve_dp.ambient.state import StateFile
+    from geneve_dp.auth.settings import AuthSettings
+    from geneve_dp.dataplane.spec import load_config
+
+    st = StateFile(tmp_path / "node.json")
+    key = tmp_path / "key"
+    profile.record_auth(st, AuthSettings(key, ring(1), 0xFFF5))
+    eps = [endpoints.Endpoint("istioin", 1000, "10.244.1.3", 6081, "192.168.126.1/30")]
+    again = StateFile.load(tmp_path / "node.json")  # as the watcher reads it
+    config = tmp_path / "endpoints.toml"
+    config.write_text(endpoints.render_config(profile.with_auth(again, eps)))
+    specs, settings = load_config(config)
+    assert [s.name for s in specs] == ["istioin"]
+    assert settings["auth_key_file"] == str(key) and settings["auth_option_class"] == 0xFFF5
+    profile.record_auth(st, None)
+    assert profile.with_auth(StateFile.load(tmp_path / "node.json"), eps) == eps

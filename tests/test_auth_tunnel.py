@@ -302,6 +302,12 @@ def test_reload_keys_by_control_command_and_live_add(
             assert reply.get("added"), reply
             assert u.tunnel("gt1")["auth"]["option_class"] == "0xfff7"
         ping(a, "172.16.9.2", 3, 0.05)
+        # `up` joining the running endpoint with another key file: refused, one line.
+        other = key_file(tmp_path / "other", os.urandom(32))
+        proc = gdp("up", "--netns", a.name, "gt2", "--vni", "79", "--remote", B_UL,
+                   "--auth-key-file", str(other))  # fmt: skip
+        assert proc.returncode == 2 and "runs with auth key file" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
         seen = ub.tunnel("gt1")["counters"]["options_seen"]
         assert set(seen) == {"0xfff7:0x81"} and seen["0xfff7:0x81"] >= 3, seen
         assert auth_drops(ua) == dict.fromkeys(auth_drops(ua), 0)

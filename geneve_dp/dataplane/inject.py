@@ -66,7 +66,7 @@ from .endpoint import (
     TUNSETOFFLOAD,
     TUNSETVNETHDRSZ,
 )
-from .engine_py import inet_csum
+from .packet import inet_csum
 from .spec import TunnelSpec
 
 log = logging.getLogger("geneve_dp.dataplane")

@@ -15,14 +15,15 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import codec, wire
 from ..auth import option as auth_option
 from ..errors import UserError
-from ..kube import PodRemote, parse_remotes
-from ..kube import resolve as kube_resolve
 from ..options import parse_option
+
+if TYPE_CHECKING:  # kube (urllib, ssl) is imported only by a config that names remotes
+    from ..kube import PodRemote
 
 # Forwarding workers of one dataplane (dataplane.Dataplane, `up --workers`).
 MIN_WORKERS, MAX_WORKERS = 1, 64
@@ -418,8 +419,10 @@ def load_config(
         if not isinstance(t, dict):
             raise UserError(f"{t!r} is not a table; accepted: [[tunnel]] tables", f"tunnel[{i}]")
     if "remotes" in data:
-        remotes = parse_remotes(data["remotes"])
-        resolve = resolver or kube_resolve
+        from .. import kube
+
+        remotes = kube.parse_remotes(data["remotes"])
+        resolve = resolver or kube.resolve
         found = {name: resolve(remote) for name, remote in remotes.items()}
         for t in tables:
             if isinstance(t.get("remote"), str) and t["remote"] in found:
