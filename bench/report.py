@@ -112,6 +112,46 @@ def _cost_table(scenarios: list[Json], base: Json | None, small: int) -> list[st
     return lines
 
 
+def _auth_cost(scenarios: list[Json], small: int, streams: list[int]) -> list[str]:
+    """Each authenticated path against its unauthenticated twin of the same run (the
+    same id without ``-auth``), and against the twin without the inject device
+    (``-noinject``) when the run has it: authentication turns injection off, so the
+    second ratio is the cost of the signing and checking alone."""
+    by_id = {s["id"]: s for s in scenarios}
+    lines: list[str] = []
+    for s in scenarios:
+        sid = str(s["id"])
+        if not sid.endswith("-auth"):
+            continue
+        for twin_id in (sid.removesuffix("-auth"), sid.removesuffix("-auth") + "-noinject"):
+            plain = by_id.get(twin_id)
+            if plain is not None:
+                cells = _auth_ratios(s, plain, small, streams)
+                lines.append(f"- {s['label']} vs {plain['label']}: " + ", ".join(cells))
+    if lines:
+        lines = ["", "Authentication cost (ratio to the same path unauthenticated):", "", *lines]
+    return lines
+
+
+def _auth_ratios(s: Json, plain: Json, small: int, streams: list[int]) -> list[str]:
+    cells = []
+    p, pp = s.get("pdr"), plain.get("pdr")
+    if _ok(p) and _ok(pp) and p is not None and pp is not None and pp["pps"]:
+        cells.append(f"{small} B zero-loss x{p['pps'] / pp['pps']:.2f}")
+    u, pu = _udp(s, small), _udp(plain, small)
+    if u and pu and pu["delivered_pps"]:
+        cells.append(f"{small} B delivered x{u['delivered_pps'] / pu['delivered_pps']:.2f}")
+    for n in streams:
+        t, pt = _tcp(s, n), _tcp(plain, n)
+        if t and pt and pt["gbps"]:
+            cells.append(f"TCP {n} x{t['gbps'] / pt['gbps']:.2f}")
+    us = _per(((u or {}).get("cpu") or {}).get("dataplane_s"), (u or {}).get("received"), 1e6)
+    pus = _per(((pu or {}).get("cpu") or {}).get("dataplane_s"), (pu or {}).get("received"), 1e6)
+    if us is not None and pus is not None:
+        cells.append(f"dataplane CPU {_fmt_num(us)} vs {_fmt_num(pus)} µs/pkt")
+    return cells
+
+
 def _interactive_table(scenarios: list[Json], base: Json | None) -> list[str]:
     """Round trips of interactive traffic (the path idle between packets) and the
     CPU an idle dataplane takes; ratios of p50 and p99 to kernel VXLAN."""
@@ -311,6 +351,7 @@ def markdown(results: Json) -> str:
         lines.append(f"| {s['label']} | " + " | ".join(cells) + " |")
         notes += [f"- {s['label']}: {e}" for e in failures(s)]
     lines += _cost_table(scenarios, base, small)
+    lines += _auth_cost(scenarios, small, streams)
     lines += _interactive_table(scenarios, base)
     if len(frames) > 1:
         lines += [

@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -158,28 +159,7 @@ class TapWire(Scenario):
         binary = pktgen.build(pktgen.HERE / "tapwire.c", "gdp-tapwire", ("-pthread",))
         # At the priority geneve-dp's workers run at, so the two compare on their work
         # and not on who wins the CPU from iperf3.
-        self.proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                u.a,
-                "nice",
-                "-n",
-                str(DEFAULT_NICE),
-                str(binary),
-                "tw0",
-                "tw1",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert self.proc.stderr is not None
-        readable, _, _ = select.select([self.proc.stderr], [], [], self.ready_timeout)
-        line = self.proc.stderr.readline().decode(errors="replace").strip() if readable else ""
-        if line != "ready":
-            raise RuntimeError(f"gdp-tapwire did not start: {line or 'no output'}")
+        self.proc = _start_helper(u.a, [str(binary), "tw0", "tw1"], self.ready_timeout)
         # The open file keeps tw1 attached wherever it is moved.
         sh("ip", "-n", u.a, "link", "set", "tw1", "netns", u.b)
         for n, (ns, dev) in enumerate(((u.a, "tw0"), (u.b, "tw1")), 1):
@@ -203,14 +183,62 @@ class TapWire(Scenario):
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.communicate()
+            _stop_helper(self.proc)
             self.proc = None
+        super().stop()
+
+
+class OnePacketForwarder(Scenario):
+    """The simplest userspace GENEVE forwarder (bench/tunfwd.c), one per namespace: a
+    TUN device, a UDP socket, one thread per direction, one read and one send (or one
+    receive and one write) per packet, no batching, no offloads. It pays the same
+    wake-ups as any userspace dataplane and nothing else, so its sparse-traffic latency
+    is the floor geneve-dp must not be worse than."""
+
+    id = "tun-fwd"
+    label = "one-packet-per-syscall forwarder (TUN)"
+    description = (
+        f"`gdp-tunfwd` in each namespace: a TUN device and a UDP socket (GENEVE, VNI {VNI}, "
+        "UDP 6081), one thread per direction, one packet per system call, no batching and "
+        "no offloads: the simplest userspace tunnel"
+    )
+    kernel_path = False
+    ready_timeout = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def build(self, u: Underlay) -> Path:
+        binary = pktgen.build(pktgen.HERE / "tunfwd.c", "gdp-tunfwd", ("-pthread",))
+        ends = ((u.a, u.a_ip, u.b_ip), (u.b, u.b_ip, u.a_ip))
+        for n, (ns, local, remote) in enumerate(ends, 1):
+            # At geneve-dp's worker priority, as the TAP wire.
+            argv = [str(binary), "tf0", local, remote, str(VNI)]
+            self.procs.append(_start_helper(ns, argv, self.ready_timeout))
+            sh("ip", "-n", ns, "link", "set", "tf0", "mtu", str(TUNNEL_MTU))
+            sh("ip", "-n", ns, "addr", "add", f"{INNER_SUBNET}.{n}/24", "dev", "tf0")
+            sh("ip", "-n", ns, "link", "set", "tf0", "up")
+        return Path(
+            u.a,
+            u.b,
+            f"{INNER_SUBNET}.1",
+            f"{INNER_SUBNET}.2",
+            dataplane_pids=[p.pid for p in self.procs],
+            src_dev="tf0",
+            dst_dev="tf0",
+        )
+
+    def alive(self) -> str | None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                return f"gdp-tunfwd exited ({proc.returncode})"
+        return None
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _stop_helper(proc)
+        self.procs.clear()
         super().stop()
 
 
@@ -226,11 +254,15 @@ class GeneveDp(Scenario):
         engine: str,
         udp_csum: bool = False,
         inject: bool = True,
+        auth: bool = False,
         busy_poll_us: int = 0,
     ) -> None:
         super().__init__()
-        self.mode, self.engine, self.udp_csum = mode, engine, udp_csum
+        self.mode, self.engine, self.udp_csum, self.auth = mode, engine, udp_csum, auth
         self.extra = ["--udp-csum"] if udp_csum else []
+        # --auth-key-file: every packet signed and checked (geneve_dp/auth); the key
+        # file is made at build time, root's and mode 0600 as `up` requires.
+        self.key_dir: tempfile.TemporaryDirectory[str] | None = None
         if busy_poll_us:
             self.extra += ["--busy-poll", str(busy_poll_us)]
         # GDP_INJECT=0: without the inject device (dataplane/inject.py), for comparison.
@@ -239,12 +271,14 @@ class GeneveDp(Scenario):
             f"geneve-dp-{engine}-{mode}"
             + ("-csum" if udp_csum else "")
             + ("" if inject else "-noinject")
+            + ("-auth" if auth else "")
             + ("-busypoll" if busy_poll_us else "")
         )
         self.label = (
             f"geneve-dp {'C' if engine == 'c' else 'Python'} engine, {mode.upper()}"
             + (", --udp-csum" if udp_csum else "")
             + ("" if inject else ", GDP_INJECT=0")
+            + (", authenticated" if auth else "")
             + (f", --busy-poll {busy_poll_us}" if busy_poll_us else "")
         )
         self.description = (
@@ -263,6 +297,12 @@ class GeneveDp(Scenario):
                 else ""
             )
             + (
+                "; --auth-key-file: every packet carries the integrity option (AES-GMAC, "
+                "anti-replay), super-frames are segmented and signed per segment"
+                if auth
+                else ""
+            )
+            + (
                 f"; busy polling: after one direction forwards, the other polls for the "
                 f"answer for up to {busy_poll_us} µs before it sleeps"
                 if busy_poll_us
@@ -273,13 +313,21 @@ class GeneveDp(Scenario):
         self.logs: list[deque[str]] = []
 
     def build(self, u: Underlay) -> Path:
+        extra = list(self.extra)
+        if self.auth:
+            self.key_dir = tempfile.TemporaryDirectory(prefix="gdpb-key-")
+            key = os.path.join(self.key_dir.name, "key")
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, os.urandom(32))
+            os.close(fd)
+            extra += ["--auth-key-file", key]
         for n, (ns, local, remote) in enumerate(((u.a, u.a_ip, u.b_ip), (u.b, u.b_ip, u.a_ip)), 1):
             cmd = [
                 sys.executable, "-m", "geneve_dp", "up", "gdp0",
                 "--vni", str(VNI), "--remote", remote, "--local", local,
                 "--mode", self.mode, "--engine", self.engine, "--netns", ns,
                 "--mtu", str(TUNNEL_MTU), "--address", f"{INNER_SUBNET}.{n}/24",
-                *self.extra,
+                *extra,
             ]  # fmt: skip
             proc = subprocess.Popen(
                 cmd,
@@ -376,6 +424,9 @@ class GeneveDp(Scenario):
                 proc.kill()
                 proc.wait()
         self.procs.clear()
+        if self.key_dir is not None:
+            self.key_dir.cleanup()
+            self.key_dir = None
         super().stop()
 
 
@@ -432,6 +483,36 @@ class OvsUserspace(Scenario):
         super().stop()
 
 
+def _start_helper(ns: str, argv: list[str], timeout: float) -> subprocess.Popen[bytes]:
+    """A bench C helper started in namespace ``ns`` at geneve-dp's worker priority (so
+    the two compare on their work, not on who wins the CPU from the traffic programs),
+    once it has printed "ready" on stderr."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "nice", "-n", str(DEFAULT_NICE), *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    readable, _, _ = select.select([proc.stderr], [], [], timeout)
+    line = proc.stderr.readline().decode(errors="replace").strip() if readable else ""
+    if line != "ready":
+        _stop_helper(proc)
+        name = os.path.basename(argv[0])
+        raise RuntimeError(f"{name} did not start: {line or 'no output'}")
+    return proc
+
+
+def _stop_helper(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
 def _tail(log: deque[str], n: int = 3) -> str:
     """The last lines a failed daemon printed (a traceback's last line names the error)."""
     return " | ".join(list(log)[-n:]) or "(no output)"
@@ -442,11 +523,13 @@ def all_scenarios() -> list[Scenario]:
         BareVeth(),
         KernelVxlan(),
         TapWire(),
+        OnePacketForwarder(),
         GeneveDp("tap", "c"),
         GeneveDp("tap", "c", inject=False),
         GeneveDp("tap", "c", busy_poll_us=BUSY_POLL_US),
         GeneveDp("tap", "c", udp_csum=True),
         GeneveDp("tun", "c"),
+        GeneveDp("tap", "c", auth=True),
         GeneveDp("tap", "python"),
         OvsUserspace(),
     ]

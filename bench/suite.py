@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tcp-seconds", type=int, metavar="S", help="per iperf3 run, whole seconds (5; quick 2)"
     )
-    p.add_argument("--rr-seconds", type=float, metavar="S", help="request/response (3; quick 1)")
+    p.add_argument("--rr-seconds", type=float, metavar="S", help="request/response (3; quick 0.5)")
     p.add_argument(
         "--interactive-seconds",
         type=float,
@@ -219,7 +219,7 @@ def settings(args: argparse.Namespace) -> Json:
         "payloads": [pktgen.payload_for_frame(f) for f in frames],
         "udp_seconds": positive("udp-seconds", args.udp_seconds, 1 if quick else 3),
         "tcp_seconds": int(positive("tcp-seconds", args.tcp_seconds, 2 if quick else 5)),
-        "rr_seconds": positive("rr-seconds", args.rr_seconds, 1 if quick else 3),
+        "rr_seconds": positive("rr-seconds", args.rr_seconds, 0.5 if quick else 3),
         "rr_payload": 64,
         "interactive_seconds": positive(
             "interactive-seconds", args.interactive_seconds, 1 if quick else 3

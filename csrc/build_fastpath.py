@@ -59,7 +59,7 @@ def make_builder(absolute_sources: bool = False) -> FFI:
             "-Wno-unused-parameter",
         ],
         extra_link_args=["-O2", "-flto=auto"],
-        libraries=["pthread"],
+        libraries=["pthread", "sodium"],
     )
     return builder
 

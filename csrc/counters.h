@@ -24,7 +24,11 @@
     X(DEV_WRITE, dev_write, TUNNEL)                 /* writing to the device failed */      \
     X(TOO_BIG, too_big, TUNNEL)                     /* over the path MTU (ICMP if IP) */    \
     X(TX_BAD_FRAME, tx_bad_frame, TUNNEL)           /* device frame not encapsulable */     \
-    X(TX_ERROR, tx_error, TUNNEL)                   /* the underlay send failed */
+    X(TX_ERROR, tx_error, TUNNEL)                   /* the underlay send failed */       \
+    X(AUTH_MISSING, auth_missing, TUNNEL)           /* no integrity option (auth.h) */      \
+    X(AUTH_UNKNOWN_KEY, auth_unknown_key, TUNNEL)   /* its key ID is not in the ring */     \
+    X(AUTH_BAD_MAC, auth_bad_mac, TUNNEL)           /* the MAC does not verify */           \
+    X(AUTH_REPLAYED, auth_replayed, TUNNEL)         /* sequence seen, or behind the window */
 
 /* Per-tunnel event counters, summed over the workers by Python under these names. */
 #define GDP_TUNNEL_COUNTERS(X)                                                            \

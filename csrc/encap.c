@@ -13,6 +13,12 @@ int gdp_tunnel_prepare(struct gdp_tunnel *t) {
         return GDP_E_ENGINE_CONFIG;
     if (t->reflect && (t->reflect_slots == 0 || (t->reflect_slots & (t->reflect_slots - 1))))
         return GDP_E_ENGINE_CONFIG;
+    /* Authenticated: the options end with the integrity option (signed in place at
+     * hdr_len - GDP_AUTH_OPT_LEN), and nothing is injected (one MAC per wire packet). */
+    if (t->auth && (t->inject || t->opts_len < GDP_AUTH_OPT_LEN ||
+                    t->opts[t->opts_len - GDP_AUTH_OPT_LEN + 2] != GDP_AUTH_OPT_TYPE ||
+                    (t->opts[t->opts_len - GDP_AUTH_OPT_LEN + 3] & 0x1F) * 4 != GDP_AUTH_DATA_LEN))
+        return GDP_E_ENGINE_CONFIG;
     int rc = gdp_encode(t->vni, t->mode == GDP_MODE_TAP ? ETH_P_TEB : ETH_P_IPV4, 0, t->opts,
                         t->opts_len, t->hdr, sizeof(t->hdr));
     if (rc < 0)
@@ -135,6 +141,10 @@ void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *bu
     uint8_t *g = f - hlen;
     memcpy(g, hdr, hlen);
     gdp_store16(g + 2, geneve_proto(t, in.ipver));
+    if (t->auth && gdp_auth_sign(t->auth, g, hlen + flen, t->hdr_len - GDP_AUTH_OPT_LEN) < 0) {
+        c->drops[GDP_DROP_TX_ERROR]++;
+        return;
+    }
 
     size_t iplen = ip_base_hlen(t->family);
     size_t udplen = UDP_HLEN + hlen + flen;
@@ -275,6 +285,15 @@ void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *b
         uint8_t *g = ih - hlen;
         memcpy(g, hdr, hlen);
         gdp_store16(g + 2, proto);
+        /* One MAC per segment, over the segment as it goes on the wire. */
+        if (t->auth && gdp_auth_sign2(t->auth, g, hlen + hdrs, f + off, n,
+                                      t->hdr_len - GDP_AUTH_OPT_LEN, e->auth_seg,
+                                      sizeof(e->auth_seg)) < 0) {
+            t->counters.drops[GDP_DROP_TX_ERROR]++;
+            if (udp_gso && last && nseg)
+                gso_send(e, t, hash, tos, nseg, hlen + hdrs + mss);
+            continue;
+        }
         if (udp_gso) {
             e->gso_iov[2 * nseg].iov_base = g;
             e->gso_iov[2 * nseg].iov_len = hlen + hdrs;

@@ -69,6 +69,7 @@ int gdp_engine_init(struct gdp_engine *e, const struct gdp_engine_config *cfg,
     e->rx_bufs = bufs;
     e->tx_bufs = bufs + (size_t)GDP_BATCH * GDP_BUF_SIZE;
     e->ip_id = cfg->ip_id_start;
+    e->rx_reset = GDP_BATCH;
     return 0;
 }
 

@@ -77,6 +77,8 @@ struct gdp_reflect_entry {
     uint8_t opts[GDP_MAX_OPTIONS_LEN];
 };
 
+struct gdp_auth;
+
 struct gdp_tunnel {
     /* Filled by the caller before gdp_tunnel_prepare. */
     int dev_fd;
@@ -128,6 +130,11 @@ struct gdp_tunnel {
      * down nothing is injected: sockets then fail, and count, what the kernel
      * would drop unseen behind the inject device. */
     char underlay_ifname[16];
+    /* Authenticated tunnel (auth.h): every packet sent carries the integrity option,
+     * which ends the configured options ``opts`` (the caller puts it there unsigned),
+     * and every packet received must verify. NULL: off. Shared by the workers. The
+     * inject device and UDP runs must be off with it: one MAC covers one wire packet. */
+    struct gdp_auth *auth;
     /* Set by gdp_tunnel_prepare. */
     uint32_t hdr_len;     /* GENEVE header length with the configured options */
     uint32_t max_inner;   /* largest inner frame that fits the underlay unfragmented */

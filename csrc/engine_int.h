@@ -17,6 +17,7 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include "auth.h"
 #include "engine.h"
 #include "gro.h"
 #include "inner.h"
@@ -72,6 +73,10 @@ struct gdp_engine {
     struct iovec rx_iov[GDP_BATCH];
     struct sockaddr_in6 rx_addr[GDP_BATCH];
     uint8_t rx_cmsg[GDP_BATCH][CMSG_BUF] __attribute__((aligned(8)));
+    /* How many leading rx_msgs entries the last recvmmsg may have changed (the
+     * rest still hold what rx_batch set): a lone datagram rewrites one or two, not
+     * the whole batch's cache lines. */
+    int rx_reset;
     struct gdp_header rx_hdr;
     struct gro_state gro;
 
@@ -91,6 +96,12 @@ struct gdp_engine {
     uint8_t tx_last[TX_SLOTS];
     uint8_t icmp[ICMP_BUF];
     uint8_t hdr_scratch[GDP_MAX_HEADER_LEN];
+    /* Authenticated tunnels (auth.h): the receive thread's derived keys and where the
+     * packet in hand has its verified option; where the transmit thread lays out a
+     * TSO segment whole to MAC it. */
+    uint8_t auth_cache[GDP_AUTH_CACHE_BYTES] __attribute__((aligned(16)));
+    size_t rx_auth_off;
+    uint8_t auth_seg[SEG_HDR_MAX + GDP_FRAME_MAX] __attribute__((aligned(16)));
     uint8_t inj_hdr[VNET_TUNNEL_LEN + INJ_OUTER + GDP_MAX_HEADER_LEN] __attribute__((aligned(8)));
     struct uso_run uso[USO_RUNS];
     uint32_t uso_rr; /* the run to give up next when all are taken */

@@ -5,5 +5,6 @@
 #include "geneve.h"
 #include "engine.h"
 #include "testpoints.h"
+#include "auth.h"
 
 #endif

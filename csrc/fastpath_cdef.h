@@ -89,6 +89,7 @@ struct gdp_reflect_entry {
     ...;
 };
 
+struct gdp_auth;
 struct gdp_tunnel {
     int dev_fd;
     int mode;
@@ -120,6 +121,7 @@ struct gdp_tunnel {
     uint8_t inj_mac[6];
     uint32_t dev_mtu;
     char underlay_ifname[16];
+    struct gdp_auth *auth;
     struct gdp_counters counters;
     ...;
 };
@@ -182,3 +184,42 @@ int gdp_test_super_plan(uint8_t *f, size_t flen, int mode, int uso, uint32_t max
                         uint32_t dev_mtu, uint32_t gso_size, uint32_t out[4], uint8_t vnet[12]);
 size_t gdp_test_icmp_too_big(const uint8_t *f, size_t flen, int mode, uint32_t mtu,
                              uint8_t out[1294]);
+void gdp_test_rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len, const uint8_t *src,
+                     uint8_t tos, int whole);
+
+/* ---- authenticated tunnels (auth.h) ---- */
+#define GDP_AUTH_OPT_TYPE 0x81
+#define GDP_AUTH_DATA_LEN 36
+#define GDP_AUTH_OPT_LEN 40
+#define GDP_AUTH_KEY_LEN 32
+#define GDP_AUTH_TAG_LEN 16
+#define GDP_AUTH_MAX_KEYS 2
+#define GDP_AUTH_WINDOW 8192
+#define GDP_AUTH_SEQ_SHIFT 12
+#define GDP_AUTH_OK 0
+#define GDP_AUTH_MISSING 1
+#define GDP_AUTH_UNKNOWN_KEY 2
+#define GDP_AUTH_BAD_MAC 3
+#define GDP_AUTH_REPLAYED 4
+#define GDP_AUTH_E_INIT -30
+#define GDP_AUTH_E_NO_AES -31
+#define GDP_AUTH_E_ARGS -32
+#define GDP_AUTH_E_NO_KEY -33
+struct gdp_auth_ring;
+struct gdp_auth_cache;
+size_t gdp_auth_size(void);
+size_t gdp_auth_ring_size(void);
+size_t gdp_auth_cache_size(void);
+int gdp_auth_available(void);
+int gdp_auth_init(struct gdp_auth *a, uint16_t opt_class, uint64_t first_seq);
+void gdp_auth_destroy(struct gdp_auth *a);
+int gdp_auth_ring_init(struct gdp_auth_ring *r, const uint8_t *ids, const uint8_t *keys,
+                       const uint8_t *slots, uint32_t n, int send, uint64_t salt);
+void gdp_auth_set_ring(struct gdp_auth *a, struct gdp_auth_ring *r, int reset_slot_mask);
+int gdp_auth_sign(struct gdp_auth *a, uint8_t *geneve, size_t len, size_t opt_off);
+int gdp_auth_sign2(struct gdp_auth *a, uint8_t *geneve, size_t len1, const uint8_t *rest,
+                   size_t len2, size_t opt_off, uint8_t *scratch, size_t cap);
+int gdp_auth_verify(struct gdp_auth *a, struct gdp_auth_cache *c, uint8_t *geneve,
+                    size_t len, size_t *opt_off);
+long gdp_auth_find(const uint8_t *geneve, size_t len, uint16_t opt_class, uint8_t type);
+uint64_t gdp_auth_next_seq(const struct gdp_auth *a);

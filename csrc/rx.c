@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "csum.h"
+#include "testpoints.h"
 
 #define UDP_GRO_OPT 104           /* linux/udp.h UDP_GRO */
 #define IP_RECVFRAGSIZE_OPT 25    /* linux/in.h */
@@ -174,22 +175,36 @@ static uint32_t rx_socket_checks(struct gdp_engine *e, const uint8_t *pkt, size_
     return e->n;
 }
 
-/* Tunnel-level checks: options counted, C bit and critical options, OAM packets to the
- * control queue, the protocol type of the tunnel's mode. Returns 1 to go on. */
-static int rx_tunnel_checks(struct gdp_engine *e, uint32_t idx, const uint8_t *pkt, size_t len) {
+/* Tunnel-level checks: options counted, the integrity option of an authenticated
+ * tunnel (first: nothing acts on a packet not known to come from the peer), C bit and
+ * critical options, OAM packets to the control queue, the protocol type of the
+ * tunnel's mode. Returns 1 to go on. */
+static int rx_tunnel_checks(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t len) {
     const struct gdp_header *h = &e->rx_hdr;
     struct gdp_tunnel *t = &e->tunnels[idx];
     struct gdp_counters *c = &t->counters;
     if (h->n_options)
         count_options(t, h);
-    int critical = 0;
-    for (uint32_t i = 0; i < h->n_options; i++)
-        critical |= (h->options[i].type & 0x80) != 0;
+    if (t->auth) {
+        struct gdp_auth_cache *cache = (struct gdp_auth_cache *)e->auth_cache;
+        int arc = gdp_auth_verify(t->auth, cache, pkt, len, &e->rx_auth_off);
+        if (arc != GDP_AUTH_OK) {
+            c->drops[GDP_DROP_AUTH_MISSING + arc - GDP_AUTH_MISSING]++;
+            return 0;
+        }
+    }
+    /* The verified integrity option is the one critical option we know. */
+    int critical = 0, unknown = 0;
+    for (uint32_t i = 0; i < h->n_options; i++) {
+        int crit = (h->options[i].type & 0x80) != 0;
+        critical |= crit;
+        unknown |= crit && !(t->auth && h->options[i].data_offset == e->rx_auth_off + 4);
+    }
     if (critical != h->critical) {
         c->drops[GDP_DROP_C_BIT_MISMATCH]++;
         return 0;
     }
-    if (critical) {
+    if (unknown) {
         c->drops[GDP_DROP_CRITICAL_OPTION]++;
         return 0;
     }
@@ -232,8 +247,20 @@ static void rx_deliver(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t 
         c->drops[GDP_DROP_ECN_NOT_ECT]++;
         return;
     }
-    if (t->reflect && h->opt_len && in.ipver)
-        reflect_store(t, f, &in, pkt + GDP_BASE_HEADER_LEN, (size_t)h->opt_len * 4);
+    if (t->reflect && h->opt_len && in.ipver) {
+        const uint8_t *opts = pkt + GDP_BASE_HEADER_LEN;
+        size_t olen = (size_t)h->opt_len * 4;
+        uint8_t kept[GDP_MAX_OPTIONS_LEN];
+        if (t->auth) { /* the peer's integrity option is not reflected */
+            size_t at = e->rx_auth_off - GDP_BASE_HEADER_LEN;
+            memcpy(kept, opts, at);
+            memcpy(kept + at, opts + at + GDP_AUTH_OPT_LEN, olen - at - GDP_AUTH_OPT_LEN);
+            opts = kept;
+            olen -= GDP_AUTH_OPT_LEN;
+        }
+        if (olen)
+            reflect_store(t, f, &in, opts, olen);
+    }
     c->rx_packets++;
     c->rx_bytes += flen;
     if (whole && rx_super(e, t, f, flen, &in, gso_size))
@@ -327,7 +354,7 @@ static int one_packet(const uint8_t *p, size_t len) {
 
 int rx_batch(struct gdp_engine *e) {
     for (int rounds = 0; rounds < 64; rounds++) {
-        for (int i = 0; i < GDP_BATCH; i++) {
+        for (int i = 0; i < e->rx_reset; i++) {
             struct msghdr *m = &e->rx_msgs[i].msg_hdr;
             e->rx_iov[i].iov_base = e->rx_bufs + (size_t)i * GDP_BUF_SIZE;
             e->rx_iov[i].iov_len = GDP_BUF_SIZE;
@@ -341,6 +368,8 @@ int rx_batch(struct gdp_engine *e) {
         }
         gro_hold(&e->gro); /* its payloads may sit in the buffers this call refills */
         int n = recvmmsg(e->cfg.udp_fd, e->rx_msgs, GDP_BATCH, MSG_DONTWAIT, NULL);
+        /* The kernel wrote back the n it filled, and at most tried the next. */
+        e->rx_reset = n < 0 ? 1 : (n < GDP_BATCH ? n + 1 : GDP_BATCH);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
                 break;
@@ -377,4 +406,20 @@ int rx_batch(struct gdp_engine *e) {
     }
     gro_flush(e); /* never held across a wait for the next packets */
     return 0;
+}
+
+void gdp_test_rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len, const uint8_t *src,
+                     uint8_t tos, int whole) {
+    struct sockaddr_in6 from;
+    memset(&from, 0, sizeof(from));
+    if (e->cfg.family == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&from;
+        a->sin_family = AF_INET;
+        memcpy(&a->sin_addr, src, 4);
+    } else {
+        from.sin6_family = AF_INET6;
+        memcpy(&from.sin6_addr, src, 16);
+    }
+    rx_one(e, pkt, len, &from, tos, whole, 0);
+    gro_flush(e);
 }

@@ -91,7 +91,7 @@ int gdp_test_gro(const uint8_t *frames, const uint32_t *lens, uint32_t n, int mo
         size_t flen = lens[i] < 65536 ? lens[i] : 65536;
         pos += lens[i];
         if (hold_every && i % hold_every == 0) {
-            gro_hold(g); /* as before a receive batch refills the buffers */
+            gro_hold(g); /* the next receive batch refills the buffers */
             slot = 0;
         }
         uint8_t *f = copies + biggest * slot;

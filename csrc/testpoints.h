@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct gdp_engine;
+
 #define GDP_TEST_ICMP_BUF 1294 /* ICMP_BUF of seg.h */
 
 /* parse_inner: returns its rc; out = ipver, ip_off, ip_len, ecn, df, proto, ports,
@@ -41,5 +43,12 @@ int gdp_test_super_plan(uint8_t *f, size_t flen, int mode, int uso, uint32_t max
 /* The ICMP too-big reply for frame f announcing mtu; its length (0: none). */
 size_t gdp_test_icmp_too_big(const uint8_t *f, size_t flen, int mode, uint32_t mtu,
                              uint8_t out[1294]);
+
+/* One datagram through the receive path of an initialised engine (rx.c rx_one, then
+ * the coalescing buffer flushed), from outer source ``src`` (4 or 16 bytes) with outer
+ * TOS ``tos``; ``whole``: may be a super-packet. What it does shows on the tunnels'
+ * dev_fd and the engine's control_fd and counters. */
+void gdp_test_rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len, const uint8_t *src,
+                     uint8_t tos, int whole);
 
 #endif

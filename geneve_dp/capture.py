@@ -137,7 +137,10 @@ def _arphrd(ifname: str) -> int:
         try:
             reply = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, ifreq)
         except OSError as exc:
-            raise UserError(f"no device {ifname!r} in this network namespace", "NAME") from exc
+            raise UserError(
+                f"{ifname!r} is not a device here; accepted: a tunnel `geneve-dp show` lists",
+                "NAME",
+            ) from exc
     family: int = struct.unpack_from("H", reply, 16)[0]
     return family
 
@@ -149,7 +152,7 @@ def _link(ifname: str) -> tuple[int, int]:
         return pcap.LINKTYPE_ETHERNET, ETH_HLEN
     if hw == ARPHRD_NONE:
         return pcap.LINKTYPE_RAW, 0
-    raise UserError(f"{ifname} has link type {hw}; captures support Ethernet and raw IP", "NAME")
+    raise UserError(f"{ifname} has link type {hw}; accepted: an Ethernet or raw IP device", "NAME")
 
 
 def underlay_of(remote: str) -> str:
@@ -200,7 +203,7 @@ def open_socket(target: Target) -> socket.socket:
         sock.bind((target.ifname, ETH_P_ALL))  # Python applies htons itself
     except PermissionError as exc:
         sock.close()
-        raise UserError("capturing needs root (CAP_NET_RAW)", "capture") from exc
+        raise UserError("is run without CAP_NET_RAW; accepted: root", "capture") from exc
     except OSError as exc:
         sock.close()
         raise UserError(f"cannot capture on {target.ifname}: {exc.strerror}", "capture") from exc

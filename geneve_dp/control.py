@@ -47,7 +47,7 @@ Command = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 ACCEPTED = (
     'accepted: {"cmd": "status"}, {"cmd": "add", "tunnels": [SPEC]}, '
     '{"cmd": "down", "names": [NAME]}, {"cmd": "set", "name": NAME, "changes": {KEY: VALUE}}, '
-    '{"cmd": "reload"[, "tunnels": [SPEC]]}'
+    '{"cmd": "reload"[, "tunnels": [SPEC]]}, {"cmd": "reload-keys"}'
 )
 # How long a change may take to answer (devices, routes, an engine swap per port).
 CHANGE_TIMEOUT = 30.0
@@ -182,7 +182,7 @@ def answer(line: bytes, status: Status) -> dict[str, Any]:
     cmd = request.get("cmd")
     if cmd == "status":
         return status()
-    if cmd in ("add", "down", "set", "reload"):
+    if cmd in ("add", "down", "set", "reload", "reload-keys"):
         return {"_request": request}
     return {"error": f"unknown request; {ACCEPTED}"}
 

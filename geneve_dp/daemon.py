@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import alarms, control, live, logs
+from .auth.keys import load_key_file
+from .auth.settings import AuthSettings
 from .dataplane.spec import DEFAULT_NICE, TunnelSpec, build_spec, load_config
 from .errors import UserError
 from .netns import netns_inode
@@ -84,8 +87,14 @@ class Daemon:
         metrics_addr: tuple[str, int] | None = None,
         drop_alarm: float = alarms.DEFAULT_THRESHOLD,
         config: Path | None = None,
+        auth: AuthSettings | None = None,
     ) -> None:
         self.specs = specs
+        # Authenticated tunnels (geneve_dp/auth): the key file and option class for
+        # every tunnel of this process, and per tunnel its sequence counter, keys and
+        # replay windows, kept over dataplane restarts.
+        self.auth = auth
+        self._auth_states: dict[str, Any] = {}
         # The file the tunnels came from: SIGHUP (or `up --config` of the same file)
         # makes the running tunnels those it then lists.
         self.config = config.resolve() if config is not None else None
@@ -209,6 +218,8 @@ class Daemon:
             "metrics_addr": list(self.metrics_addr) if self.metrics_addr else None,
             "drop_alarm": self.drop_alarm,
             "config": str(self.config) if self.config is not None else None,
+            "auth_key_file": str(self.auth.key_file) if self.auth is not None else None,
+            "auth_option_class": self.auth.option_class if self.auth is not None else None,
             "tunnels": self._dataplane.status(),
             "control_messages": self.control_messages,
             "restarts": self.restarts,
@@ -292,6 +303,8 @@ class Daemon:
                     return await self._set(str(request.get("name")), request.get("changes") or {})
                 if cmd == "reload":
                     return await self._reload(request.get("tunnels"))
+                if cmd == "reload-keys":
+                    return self._reload_keys_reply()
         except UserError as exc:
             return {"error": str(exc), "field": exc.field}
         return {"error": f"unknown request {cmd!r}; {control.ACCEPTED}"}
@@ -400,7 +413,42 @@ class Daemon:
             self._log_up(name, "changed")
         return {"pid": os.getpid(), **diff}
 
+    def reload_keys(self) -> None:
+        """Read the auth key file again and put it in force, without a stop. A file that
+        does not pass the checks changes nothing: the keys in force stay (UserError)."""
+        if self.auth is None:
+            raise UserError("this endpoint does not authenticate", "--auth-key-file")
+        keys = load_key_file(self.auth.key_file, "auth_key_file")
+        self.auth = dataclasses.replace(self.auth, keys=keys)
+        self._dataplane.set_auth_keys(keys)
+        ids = [i for i, _ in keys.keys]
+        log.info(
+            "auth keys reloaded from %s: key IDs %s, signing with %d",
+            self.auth.key_file,
+            ids,
+            keys.send_id,
+            extra={"event": "auth_reload", "key_ids": ids, "send_key_id": keys.send_id},
+        )
+
+    def _reload_keys_reply(self) -> dict[str, Any]:
+        self.reload_keys()
+        assert self.auth is not None
+        ids = [i for i, _ in self.auth.keys.keys]
+        return {"pid": os.getpid(), "key_ids": ids, "send_key_id": self.auth.keys.send_id}
+
     def _on_sighup(self) -> None:
+        if self.auth is not None:
+            try:
+                self.reload_keys()
+            except UserError as exc:
+                log.error(
+                    "auth keys not reloaded, the ones in force stay: %s",
+                    exc,
+                    extra={"event": "auth_reload_failed"},
+                )
+            if self.config is None:
+                return
+
         async def reload() -> None:
             assert self._changing is not None
             try:
@@ -433,6 +481,9 @@ class Daemon:
             workers=self.workers,
             nice=self.nice,
             busy_poll_us=self.busy_poll_us,
+            auth_keys=self.auth.keys if self.auth is not None else None,
+            auth_class=self.auth.option_class if self.auth is not None else None,
+            auth_states=self._auth_states,
         )
 
     def _repaired(self, message: str, device: str, **extra: str) -> None:

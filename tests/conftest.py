@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need root and namespaces use ``netns_factory``."""
+"""Shared fixtures. Tests that need root and namespaces use ``netns_factory`` (and
+carry the ``root`` marker for it, so ``-m "not root"`` runs as an ordinary user)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,18 @@ import pytest
 
 from tests.netns import Netns
 from tests.ops_helpers import make_pair, use_run_dir
+
+# Fixtures that make namespaces: netns_factory, and the ambient topologies' ``world``.
+ROOT_FIXTURES = frozenset({"netns_factory", "world"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that asks for namespaces needs root: it is marked so before ``-m``
+    selects (tryfirst), whichever fixture brought one of ROOT_FIXTURES in."""
+    for item in items:
+        if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.root)
 
 
 @pytest.fixture

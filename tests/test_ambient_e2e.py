@@ -2,7 +2,7 @@
 
 One world for the module (node, ztunnel pod, two ambient pods, one plain pod, server,
 in namespaces), with geneve-dp endpoints as istioin/istioout/pistioin/pistioout. The
-tests are the `geneve-dp demo` steps, in order (6 and 7 change the world, so they come
+tests are the `geneve-dp demo` steps, in order (pod del and down change the world, so they come
 last). Assertions are on counters and logs: the proxy's accept log (listener, client,
 original destination), GENEVE packets per VNI counted by the endpoints, iptables rule
 counters, and what the echo servers saw; never on timing.
@@ -63,6 +63,10 @@ def test_4_server_to_ambient_pod_is_captured_inbound(scenario: demo.Scenario) ->
 
 def test_5_spoofed_source_legs_and_return_paths(scenario: demo.Scenario) -> None:
     assert_step(scenario.step5())
+
+
+def test_5b_forged_packets_to_ztunnel_are_dropped_and_counted(scenario: demo.Scenario) -> None:
+    assert_step(scenario.step_forged())
 
 
 def test_6_pod_del_stops_capture(scenario: demo.Scenario) -> None:

@@ -27,6 +27,7 @@ import pytest
 from geneve_dp.ambient import demo
 from geneve_dp.ambient import topology as t
 from geneve_dp.ambient.ebpf import demo_steps, facts, libbpf, objects
+from geneve_dp.ambient.ebpf import node as enode
 from geneve_dp.ambient.state import StateFile
 from geneve_dp.errors import UserError
 from tests.test_ambient_node import one_line_error
@@ -416,3 +417,24 @@ def test_demo_command_in_ebpf_mode_passes_every_step(tmp_path: Path) -> None:
         assert f"step {n}: {title} ..." in proc.stdout
     assert "node.*: verdicts of the node programs" in proc.stdout
     assert "node up: BPF: ambient_node.bpf.o" in proc.stdout  # relayed progress
+
+
+@pytest.mark.root
+def test_dns_capture_flag_redirects_dns_to_ztunnel(bare_world: t.World) -> None:
+    w = bare_world
+    w.gdp(w.node, *NODE_UP, "--dns-capture")
+    a = t.PODS[0]
+    w.gdp(w.node, "pod", "add", a.ip, "--uid", a.uid)
+    st = StateFile.load(w.state_root / w.node / "node.json")
+    with objects.opened(st.data["maps"], facts.NODE_MAPS) as maps:
+        assert maps is not None
+        zt = maps.ztunnel()
+        assert zt is not None and zt.dns_capture
+    c0 = enode.counters(st) or {}
+    w.run(
+        w.ns(a.role), sys.executable, "-m", "geneve_dp.ambient.echo", "udp", t.SERVER_IP, "53",
+        "q", "--timeout", "0.2", check=False,
+    )  # fmt: skip
+    c1 = enode.counters(st) or {}
+    assert c1["out_redirect"] - c0["out_redirect"] >= 1, (c0, c1)
+    assert c1["out_pass_dns"] == c0["out_pass_dns"]

@@ -252,7 +252,7 @@ def test_quick_settings_are_bounded() -> None:
         + 1
     )
     # Every scenario's measuring time plus setup must fit 3 minutes with room to spare.
-    assert per_scenario * len(SCENARIO_IDS) <= 130
+    assert per_scenario * len(SCENARIO_IDS) <= 140
 
 
 @pytest.mark.parametrize(
@@ -394,6 +394,21 @@ def test_measure_copy_cost_is_positive() -> None:
     assert cost["block_bytes"] == 65536 and cost["working_set_bytes"] == 4 << 20
     for key in ("hot_s_per_gb", "cold_s_per_gb"):
         assert cost[key] > 0 and math.isfinite(cost[key])
+
+
+def test_markdown_compares_authenticated_paths_with_their_twin(
+    results: dict[str, Any],
+) -> None:
+    plain = scenario("geneve-dp-c-tap", "geneve-dp C engine, TAP", 100, 4, 30)
+    authed = scenario("geneve-dp-c-tap-auth", "geneve-dp C engine, TAP, authenticated", 80, 3, 35)
+    results["scenarios"] += [plain, authed]
+    assert schema.validate(results) == []
+    md = report.markdown(results)
+    line = next(ln for ln in md.splitlines() if ln.startswith("- geneve-dp C engine, TAP, auth"))
+    assert "vs geneve-dp C engine, TAP:" in line
+    assert "64 B zero-loss x0.80" in line and "64 B delivered x0.80" in line
+    assert "TCP 1 x0.75" in line
+    assert "Authentication cost" in md
 
 
 def redirect_result(error: str | None = None) -> dict[str, Any]:

@@ -313,6 +313,7 @@ CAPTURES = {
 }
 
 
+@pytest.mark.root  # capturing on loopback
 @pytest.mark.parametrize("name", sorted(CAPTURES))
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
 def test_decode_real_capture(tmp_path: Path, name: str, family: int) -> None:

@@ -52,7 +52,7 @@ def test_demo_explains_labels_once_announces_each_action_and_prints_no_json(
     for line in lines:
         with pytest.raises(ValueError):
             json.loads(line)
-    assert lines[-1] == "7/7 steps passed"
+    assert lines[-1] == "8/8 steps passed"
     # The labels the steps use are explained once, before the first step.
     for label in ("P10 =", "F2 =", "Z4 =", "0x210 sent by", "0x4d3 original-source"):
         assert out.count(label) == 1, label

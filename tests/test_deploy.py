@@ -184,6 +184,9 @@ def test_dockerfile_builds_the_image_the_daemonset_runs() -> None:
     assert "pip install" in text and "/opt/geneve-dp/bin/pip" in text  # a venv (PEP 668)
     for tool in ("iproute2", "iptables", "ipset"):
         assert tool in text
+    # the fast path links libsodium (csrc/auth.c): headers to build, library to run
+    build, runtime = text.split("\nFROM ", 2)[1:]
+    assert "libsodium-dev" in build and "libsodium23" in runtime
     ignored = (ROOT / ".dockerignore").read_text()
     assert "**/*.so" in ignored  # a locally built fast path never replaces the image's
 
@@ -216,6 +219,7 @@ def test_systemd_unit_verifies_and_its_commands_parse(tmp_path: Path) -> None:
     svc = unit()["Service"]
     # Long-running: the main process is the node's reconciler, restarted if it fails.
     assert svc["Type"] == ["simple"] and svc["Restart"] == ["on-failure"]
+    assert unit()["Unit"]["StartLimitIntervalSec"] == ["0"]  # a late ztunnel: keep trying
     assert "RemainAfterExit" not in svc
     caps = {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_NICE"}
     assert set(svc["CapabilityBoundingSet"][0].split()) == caps
@@ -312,6 +316,7 @@ def nices(pid: int) -> set[int]:
     return out
 
 
+@pytest.mark.root
 def test_node_service_runs_long_with_only_the_units_capabilities(world: t.World) -> None:
     w = world
     svc = unit()["Service"]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geneve_dp.dataplane import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_DROP_REASONS
-from geneve_dp.dataplane.engine_py import inet_csum, parse_inner
+from geneve_dp.dataplane.packet import inet_csum, parse_inner
 from geneve_dp.fastpath import ffi, lib
 from tests.endpoint_helpers import ether, ipv4_udp
 

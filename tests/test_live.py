@@ -110,9 +110,15 @@ def test_tunnels_added_and_removed_under_traffic_lose_nothing_on_the_others(
         stats = json.loads(ok(gdp("stats", "--json", "--netns", a.name)))
         assert stats["gt0"]["tx_packets"] >= count
 
+        # gt0 was the only tunnel writing to the inject device: it goes with gt0's
+        # `down` while gt2 (UDP checksums: the sockets' GSO) keeps the process.
+        assert "gdpx" in links(a)
+        ok(gdp("up", "--netns", a.name, "gt2", "--vni", "79", "--remote", B_UL, "--udp-csum"))
+        assert "gt0 removed: rx" in ok(gdp("down", "--netns", a.name, "gt0"))
+        assert "gdpx" not in links(a) and pa.poll() is None
         # The last tunnel's `down` ends the process; nothing is left.
-        out = ok(gdp("down", "--netns", a.name, "gt0"))
-        assert "gt0 removed: rx" in out and f"endpoint pid {pa.pid} ended" in out, out
+        out = ok(gdp("down", "--netns", a.name, "gt2"))
+        assert "gt2 removed: rx" in out and f"endpoint pid {pa.pid} ended" in out, out
         assert pa.wait(timeout=10) == 0
         out = ok(gdp("down", "--all", "--netns", b.name))
         assert f"endpoint pid {pb.pid} ended" in out

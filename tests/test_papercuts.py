@@ -134,7 +134,8 @@ def test_encode_takes_the_vni_in_hex_as_up_does() -> None:
 def test_help_lists_tunnel_commands_first_and_describes_every_action() -> None:
     top = gdp("--help").stdout
     listed = re.findall(r"^    (\w+)\s", top, re.M)
-    assert listed[:3] == ["up", "show", "stats"], listed
+    # The tunnel commands, then the rest (the codec, captures, ambient profiles, bench).
+    assert listed[:5] == ["up", "show", "stats", "down", "set"], listed
     assert listed.index("node") > listed.index("decode")
     for argv in (
         ["node", "up"],

@@ -10,6 +10,8 @@ import pytest
 
 from bench import soak
 
+pytestmark = pytest.mark.root
+
 SECONDS = float(os.environ.get("GDP_SOAK_SECONDS", "30"))
 
 

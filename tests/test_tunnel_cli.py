@@ -157,6 +157,7 @@ def test_detach_and_pidfile(pair: tuple[Netns, Netns], run_dir: Path, tmp_path: 
     assert not log.exists()
 
 
+@pytest.mark.root  # without root, up stops at the privilege check first
 def test_bad_netns_and_missing_flags(run_dir: Path) -> None:
     proc = gdp("up", "--netns", "gdp-no-such-ns", "gt3", "--vni", "1", "--remote", "10.0.0.1")
     assert proc.returncode == 2 and "--netns" in proc.stderr

@@ -36,3 +36,8 @@ for target in fuzz_decode fuzz_options fuzz_gro fuzz_seg; do
         -o "$out/${target}_selftest"
     echo "built $out/$target and $out/${target}_selftest"
 done
+# The authenticated-tunnel receive check (csrc/auth.c), linked with libsodium.
+"$cc" "${flags[@]}" "$here/fuzz_auth.c" "$csrc/auth.c" -lsodium -o "$out/fuzz_auth"
+"$cc" "${flags[@]}" -DGDP_FUZZ_SELFTEST "$here/fuzz_auth.c" "$csrc/auth.c" -lsodium \
+    -o "$out/fuzz_auth_selftest"
+echo "built $out/fuzz_auth and $out/fuzz_auth_selftest"

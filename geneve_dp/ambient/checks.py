@@ -13,7 +13,8 @@ from . import sockets
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise UserError(
-            f"{what} changes network devices, routes and iptables: run it as root", field="root"
+            f"{what} changes network devices, routes and iptables; accepted: run as root",
+            field="root",
         )
 
 
@@ -46,5 +47,8 @@ def port(value: int, field: str = "--port") -> int:
 def route_or_fail(dst: ipaddress.IPv4Address, field: str) -> links.RouteTo:
     route = links.route_get(dst)
     if route is None:
-        raise UserError(f"{dst} is unreachable: no route to it in this namespace", field=field)
+        raise UserError(
+            f"{dst} is unreachable from this namespace; accepted: an address with a route",
+            field=field,
+        )
     return route

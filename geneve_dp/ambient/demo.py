@@ -2,7 +2,8 @@
 
 A ``Scenario`` owns a ``World`` (namespaces, see topology.py), brings up the node and
 ztunnel profiles with geneve-dp endpoints, enrols the ambient pods, starts the
-stand-in proxy and the echo servers, then runs seven steps. Each step states what
+stand-in proxy and the echo servers, then runs eight steps. Every tunnel packet is
+authenticated (`--auth-key-file`, geneve_dp/auth): step 6 sends forged ones. Each step states what
 the reference (istio-ambient-redirect.md §6) predicts and checks it against what was
 observed: the proxy's accept log (listener, client, original destination), the
 GENEVE packets counted per VNI by the tunnel endpoints, iptables rule counters, and
@@ -13,11 +14,13 @@ logs, never timing. The e2e tests run the same steps.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import constants as k
@@ -52,8 +55,9 @@ TITLES = {
     3: "UDP, DNS and the node's own address: not captured",
     4: "server -> ambient pod, TCP: captured inbound",
     5: "ztunnel's spoofed-source legs and their return paths",
-    6: "pod del for an ambient pod: its next connection is not captured",
-    7: "node down + ztunnel down: nothing left",
+    6: "forged GENEVE packets to ztunnel: dropped and counted",
+    7: "pod del for an ambient pod: its next connection is not captured",
+    8: "node down + ztunnel down: nothing left",
 }
 
 
@@ -125,12 +129,21 @@ class Scenario:
             demo_steps.setup(self)
             return
         self.before = {ns: w.snapshot(ns) for ns in (w.node, w.zt)}
-        self.say(f"node up (ztunnel {t.ZTUNNEL_IP} via {t.ZTUNNEL_VETH})")
+        key = write_key(w.workdir / "tunnel.key")
+        self.say(f"node up (ztunnel {t.ZTUNNEL_IP} via {t.ZTUNNEL_VETH}), key {key}")
         self.relay(
-            w.node, "node", "up", "--ztunnel-ip", t.ZTUNNEL_IP, "--ztunnel-veth", t.ZTUNNEL_VETH
+            w.node,
+            "node",
+            "up",
+            "--ztunnel-ip",
+            t.ZTUNNEL_IP,
+            "--ztunnel-veth",
+            t.ZTUNNEL_VETH,
+            "--auth-key-file",
+            str(key),
         )
-        self.say(f"ztunnel up (host IP {t.GATEWAY_IP})")
-        self.relay(w.zt, "ztunnel", "up", "--host-ip", t.GATEWAY_IP)
+        self.say(f"ztunnel up (host IP {t.GATEWAY_IP}), same key")
+        self.relay(w.zt, "ztunnel", "up", "--host-ip", t.GATEWAY_IP, "--auth-key-file", str(key))
         w.hold_neighbours(w.node, [k.INBOUND_TUN, k.OUTBOUND_TUN])
         w.hold_neighbours(w.zt, [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN])
         for pod in t.PODS:
@@ -420,11 +433,56 @@ class Scenario:
         s.check(route.startswith("local "), f"ztunnel route (mark 0x4d3): {route}")
         return s
 
-    def step6(self) -> Step:
+    def zt_tunnel(self, name: str) -> dict[str, Any]:
+        """The ztunnel endpoint daemon's status row for device ``name``."""
+        from ..control import query_all
+
+        for reply in query_all():
+            if int(reply.get("pid", 0)) == self.pids.get("ztunnel"):
+                for row in reply.get("tunnels", []):
+                    if row["name"] == name:
+                        return dict(row)
+        raise RuntimeError(f"the ztunnel endpoint daemon does not report {name}")
+
+    def step_forged(self) -> Step:
         a = t.PODS[0]
         s = Step(
             6,
             TITLES[6],
+            f"from the node's address {t.GATEWAY_IP}, VNI {k.OUTBOUND_TUN_VNI}, a TCP SYN "
+            f"from pod {a.ip}: without the integrity option (auth_missing), with a made-up "
+            "MAC (auth_bad_mac); nothing reaches the proxy; the real pod still gets through",
+        )
+        row = self.zt_tunnel(k.ZT_OUTBOUND_TUN)
+        d0, rx0, n = row["counters"]["drops"], row["counters"]["rx_packets"], len(self.accepts())
+        tproxy = f"--on-port {k.ZTUNNEL_OUTBOUND_PORT} "
+        tp0 = self.rule_packets(self.w.zt, tproxy)
+        mac = bytes.fromhex(str(row["mac"]).replace(":", ""))
+        script = forged_sender(a.ip, mac, int(row["port"]), int(row["auth"]["option_class"], 16))
+        self.w.run(self.w.node, sys.executable, "-c", script)
+        row = self.zt_tunnel(k.ZT_OUTBOUND_TUN)
+        d1, rx1 = row["counters"]["drops"], row["counters"]["rx_packets"]
+        for reason in ("auth_missing", "auth_bad_mac"):
+            got = d1[reason] - d0[reason]
+            s.check(got == 1, f"{k.ZT_OUTBOUND_TUN} {reason}: +{got}")
+        s.check(rx1 == rx0, f"{k.ZT_OUTBOUND_TUN} delivered {rx1 - rx0} packets meanwhile")
+        tp = self.rule_packets(self.w.zt, tproxy) - tp0
+        s.check(tp == 0, f"ztunnel TPROXY to {k.ZTUNNEL_OUTBOUND_PORT}: +{tp} packets")
+        new = self._new_accepts(n)
+        s.check(not new, f"proxy accepted {len(new)} connection(s) from the forged packets")
+        g0 = self.geneve()
+        self._connect_and_check(s, a.role, "tcp", t.SERVER_IP, t.TCP_PORT, a.ip, "step6-data")
+        tx, rx = g0.delta(self.geneve(), k.OUTBOUND_TUN_VNI)
+        s.check(
+            tx >= 1 and rx >= 1, f"legit: GENEVE VNI 1001 node sent {tx}, ztunnel received {rx}"
+        )
+        return s
+
+    def step6(self) -> Step:
+        a = t.PODS[0]
+        s = Step(
+            7,
+            TITLES[7],
             "ipset entry and table-100 route gone; no proxy log, no GENEVE packet",
         )
         out = self.w.gdp(self.w.node, "pod", "del", a.ip).stdout.strip()
@@ -438,8 +496,8 @@ class Scenario:
 
     def step7(self) -> Step:
         s = Step(
-            7,
-            TITLES[7],
+            8,
+            TITLES[8],
             "iptables-save, ip rule, ip route show table all, ipset list, ip link identical "
             "to before node up, in the node and in the ztunnel namespace",
         )
@@ -462,7 +520,54 @@ class Scenario:
             from .ebpf import demo_steps
 
             return demo_steps.EbpfSteps(self).steps()
-        return [self.step1, self.step2, self.step3, self.step4, self.step5, self.step6, self.step7]
+        return [
+            self.step1,
+            self.step2,
+            self.step3,
+            self.step4,
+            self.step5,
+            self.step_forged,
+            self.step6,
+            self.step7,
+        ]
+
+
+def write_key(path: Path) -> Path:
+    """32 random bytes, root's and private, as `--auth-key-file` wants."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return path
+
+
+def forged_sender(pod_ip: str, dst_mac: bytes, port: int, opt_class: int) -> str:
+    """A script for the node's namespace: two GENEVE packets to ztunnel's pistioout as
+    the node would send them (its address, VNI 1001, a pod's TCP SYN inside), one
+    without the integrity option and one with a made-up MAC."""
+    return f"""
+import os, socket, struct
+def csum(b):
+    b += bytes(len(b) % 2)
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+src, dst = socket.inet_aton({pod_ip!r}), socket.inet_aton({t.SERVER_IP!r})
+tcp = struct.pack("!HHIIBBHHH", 40123, {t.TCP_PORT}, 1, 0, 0x50, 0x02, 64240, 0, 0)
+pseudo = src + dst + struct.pack("!HH", 6, len(tcp))
+tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+frame = {dst_mac!r} + bytes.fromhex("02000000f00d0800") + ip + tcp
+plain = struct.pack("!BBHI", 0, 0, 0x6558, {k.OUTBOUND_TUN_VNI} << 8) + frame
+opt = struct.pack("!HBB", {opt_class}, 0x81, 9) + bytes(20) + os.urandom(16)
+forged = struct.pack("!BBHI", len(opt) // 4, 0x40, 0x6558, {k.OUTBOUND_TUN_VNI} << 8) + opt + frame
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(({t.GATEWAY_IP!r}, 0))
+for pkt in (plain, forged):
+    s.sendto(pkt, ({t.ZTUNNEL_IP!r}, {port}))
+"""
 
 
 def _pid(path: Any) -> int:

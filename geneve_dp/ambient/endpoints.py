@@ -9,6 +9,7 @@ by name.
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import subprocess
 import sys
@@ -35,11 +36,21 @@ class Endpoint:
     port: int
     address: str  # "a.b.c.d/len"
     mark: int | None = None  # the outer packets' mark (the one every inner packet has)
+    # Authenticated tunnels (geneve_dp/auth): the key file and option class, or None.
+    auth_key_file: str | None = None
+    auth_option_class: int | None = None
 
 
 def render_config(endpoints: list[Endpoint]) -> str:
     """The daemon's TOML config for ``endpoints`` (TAP, Ethernet payload, like the kernel)."""
     out = []
+    authed = next((ep for ep in endpoints if ep.auth_key_file), None)
+    if authed is not None:
+        out += [
+            f"auth_key_file = {json.dumps(authed.auth_key_file)}",
+            f"auth_option_class = {authed.auth_option_class}",
+            "",
+        ]
     for ep in endpoints:
         out += [
             "[[tunnel]]",

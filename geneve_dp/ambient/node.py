@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import ipset, iptables, links
 from . import checks, endpoints, pods, profile, reconcile, rules, state, watch
@@ -41,29 +42,42 @@ def resolve(
     zt = checks.ipv4(ztunnel_ip, "--ztunnel-ip")
     checks.port(port)
     if not ztunnel_veth:
-        raise UserError("is required (the host-side veth of the ztunnel pod)", "--ztunnel-veth")
+        raise UserError(
+            "is required; accepted: the host-side veth of the ztunnel pod", "--ztunnel-veth"
+        )
     dev = links.link(ztunnel_veth)
     if dev is None:
-        raise UserError(f"no device named {ztunnel_veth!r} in this namespace", "--ztunnel-veth")
+        raise UserError(
+            f"{ztunnel_veth!r} is not a device here; accepted: a veth `ip link` lists",
+            "--ztunnel-veth",
+        )
     if dev.kind != "veth":
         raise UserError(
-            f"{ztunnel_veth} is a {dev.kind or 'non-virtual'} device, not a veth "
-            "(the ztunnel pod must hang off a veth, as with a veth-based CNI)",
+            f"{ztunnel_veth} is a {dev.kind or 'non-virtual'} device; accepted: a veth (the "
+            "ztunnel pod hangs off one, as with a veth-based CNI)",
             "--ztunnel-veth",
         )
     route = checks.route_or_fail(zt, "--ztunnel-ip")
     if route.oif != ztunnel_veth:
         raise UserError(
-            f"the route to {zt} leaves via {route.oif}, not {ztunnel_veth}", "--ztunnel-veth"
+            f"{ztunnel_veth} is not where the route to {zt} leaves ({route.oif}); accepted: "
+            f"{route.oif}",
+            "--ztunnel-veth",
         )
     if host_ip is not None:
         host = checks.ipv4(host_ip, "--host-ip")
     elif route.src is not None:
         host = route.src  # what the kernel will put as the outer source towards ztunnel
     else:
-        raise UserError(f"no local address routes to {zt}; give one", "--host-ip")
+        raise UserError(
+            f"is missing and no local address routes to {zt}; accepted: this node's address",
+            "--host-ip",
+        )
     if not checks.is_local_address(host):
-        raise UserError(f"{host} is not an address of this namespace", "--host-ip")
+        raise UserError(
+            f"{host} is not an address of this namespace; accepted: one `ip addr` lists",
+            "--host-ip",
+        )
     return NodeConfig(zt, ztunnel_veth, host, port, dns_capture, version)
 
 
@@ -145,7 +159,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     pod_sysctls = [(key, "0") for r in recs.values() for key in r.sysctls]
     return reconcile.Intent(
         role=ROLE,
-        endpoints=tuple(node_endpoints(cfg)),
+        endpoints=tuple(profile.with_auth(st, node_endpoints(cfg))),
         pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(node_rules()),
         routes=tuple(node_routes(cfg)),
@@ -158,7 +172,11 @@ def intent(st: StateFile) -> reconcile.Intent:
 
 
 def up(
-    cfg: NodeConfig, log: Any = None, choose_port: bool = False, start_watch: bool = True
+    cfg: NodeConfig,
+    log: Any = None,
+    choose_port: bool = False,
+    start_watch: bool = True,
+    auth: AuthSettings | None = None,
 ) -> NodeConfig:
     """Install the node side. Idempotent: an earlier setup (or a crashed one) is removed
     first and its enrolled pods are put back afterwards.
@@ -197,6 +215,7 @@ def up(
         # Tables that exist now; `down` deletes the ones our rules made appear.
         st.data["tables_before"] = sorted(iptables.save())
         st.save()
+        profile.record_auth(st, auth)
         say("sysctls: rp_filter=0 for all and default")
         profile.set_sysctls(st, profile.global_rp_filter_off())
         say(

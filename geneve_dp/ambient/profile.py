@@ -8,11 +8,13 @@ lists. The profiles differ in what they install, not in how, and that "how" live
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import iptables, links
 from . import endpoints
@@ -48,7 +50,28 @@ def rolled_back_on_error(undo: Callable[[], object], role: str) -> Iterator[None
         raise
 
 
+def record_auth(st: StateFile, auth: AuthSettings | None) -> None:
+    """Keep the auth settings in the record: the endpoints started now and by the
+    watcher later authenticate with them."""
+    st.data["auth"] = (
+        None if auth is None else {"key_file": str(auth.key_file), "class": auth.option_class}
+    )
+    st.save()
+
+
+def with_auth(st: StateFile, eps: list[endpoints.Endpoint]) -> list[endpoints.Endpoint]:
+    """``eps`` with the recorded auth settings."""
+    auth = st.data.get("auth")
+    if not auth:
+        return eps
+    return [
+        dataclasses.replace(e, auth_key_file=auth["key_file"], auth_option_class=auth["class"])
+        for e in eps
+    ]
+
+
 def start_endpoints(st: StateFile, eps: list[endpoints.Endpoint], role: str) -> None:
+    eps = with_auth(st, eps)
     st.data["endpoints"] = {"devices": [e.name for e in eps], "pidfile": None}
     st.save()
     for e in eps:  # stale devices of a crashed run would make the daemon refuse

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import wire
+from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import iptables, links
 from . import checks, endpoints, profile, reconcile, rules, state, watch
@@ -53,7 +54,11 @@ def resolve(
         )
     route = checks.route_or_fail(host, "--host-ip")
     if route.src is None:
-        raise UserError(f"no local address routes to {host}", "--host-ip")
+        raise UserError(
+            f"{host} is not reachable from a local address; accepted: the node's address on "
+            "the ztunnel pod's link",
+            "--host-ip",
+        )
     if route.gateway is not None:
         raise UserError(
             f"{host} is behind gateway {route.gateway}; give the node's address on the "
@@ -203,7 +208,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     assert cfg is not None
     return reconcile.Intent(
         role=ROLE,
-        endpoints=tuple(ztunnel_endpoints(cfg)),
+        endpoints=tuple(profile.with_auth(st, ztunnel_endpoints(cfg))),
         pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(ztunnel_rules()),
         routes=tuple(ztunnel_routes(cfg)),
@@ -212,7 +217,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     )
 
 
-def up(cfg: ZtunnelConfig, log: Any = None) -> None:
+def up(cfg: ZtunnelConfig, log: Any = None, auth: AuthSettings | None = None) -> None:
     say = log or (lambda _msg: None)
     if _state().exists:  # a previous (or crashed) setup with a record
         down()
@@ -227,6 +232,7 @@ def up(cfg: ZtunnelConfig, log: Any = None) -> None:
         },
     )
     with profile.rolled_back_on_error(down, ROLE):
+        profile.record_auth(st, auth)
         # The node's backend where its record is known (Istio runs both sides' rules
         # with one command), else detected here.
         node_rec = node_record(cfg.ztunnel_ip, cfg.host_ip)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import logs, wire
 from ..ambient import constants as k
+from ..auth import settings as auth_settings
 
 
 def _say(msg: str) -> None:
@@ -94,6 +95,7 @@ def register(sub: Any) -> None:
         "`node down` stops it)",
     )
     _netns_arg(up)
+    auth_settings.add_arguments(up)
     logs.add_argument(up)
     up.set_defaults(func=cmd_node_up)
     down = nsub.add_parser(
@@ -162,6 +164,7 @@ def register(sub: Any) -> None:
         "(default auto: sk-assign when the kernel has it)",
     )
     _netns_arg(zup)
+    auth_settings.add_arguments(zup)
     logs.add_argument(zup)
     zup.set_defaults(func=cmd_ztunnel_up)
     zdown = zsub.add_parser(
@@ -380,7 +383,10 @@ def cmd_node_up(args: argparse.Namespace) -> int:
         args.dns_capture,
         _version(args.istio_version),
     )
-    cfg = node.up(cfg, log=say, choose_port=args.port is None, start_watch=not args.foreground)
+    auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class)
+    cfg = node.up(
+        cfg, log=say, choose_port=args.port is None, start_watch=not args.foreground, auth=auth
+    )
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
         f"GENEVE port {cfg.port}, Istio {cfg.version} rules, iptables {iptables.selected()}",
@@ -458,7 +464,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     checks.require_tools(f"{args.role} watch")
     if not 0.05 <= args.interval <= 3600:
-        raise UserError(f"{args.interval} is out of range 0.05..3600", "--interval")
+        raise UserError(f"{args.interval} is out of range; accepted: 0.05..3600", "--interval")
     logs.setup_from_args(args)
     _enter(args)
     mod = _profile(args.role)
@@ -504,7 +510,8 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     say = _progress(args, "ztunnel")
     _enter(args)
     cfg = ztunnel.resolve(args.host_ip, args.port, say)
-    ztunnel.up(cfg, log=say)
+    auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class)
+    ztunnel.up(cfg, log=say, auth=auth)
     print(
         f"ztunnel up: {cfg.ztunnel_ip} on {cfg.eth}, tunnels to {cfg.host_ip}:{cfg.port}, "
         "TPROXY to 15008/15001/15006"

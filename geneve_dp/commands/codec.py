@@ -155,7 +155,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     if args.pcap is not None:
         if not 1 <= args.port <= 0xFFFF:
-            raise UserError(f"{args.port} is out of range 1..65535", field="--port")
+            raise UserError(f"{args.port} is out of range; accepted: 1..65535", field="--port")
         try:
             datagrams = list(pcap.geneve_datagrams(args.pcap, args.port))
         except pcap.PcapError as exc:

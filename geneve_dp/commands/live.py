@@ -179,6 +179,18 @@ _SETTINGS = (
 
 
 def _check_settings(reply: dict[str, Any], daemon_args: dict[str, Any], explicit: set[str]) -> None:
+    auth = daemon_args.get("auth")  # auth.settings.AuthSettings: given, so it must match
+    if auth is not None and (
+        reply.get("auth_key_file") != str(auth.key_file)
+        or reply.get("auth_option_class") != auth.option_class
+    ):
+        raise UserError(
+            f"the endpoint that serves this port here (pid {reply.get('pid')}) runs with "
+            f"auth key file {reply.get('auth_key_file')} and option class "
+            f"{reply.get('auth_option_class')}, and a tunnel added to it runs with its "
+            "settings: leave the flag out, use another --port, or `geneve-dp down --all` first",
+            "--auth-key-file",
+        )
     for key, flag in _SETTINGS:
         if key not in explicit or daemon_args.get(key) is None:
             continue

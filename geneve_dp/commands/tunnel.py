@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import alarms, logs, wire
+from ..auth import settings as auth_settings
 from ..dataplane.spec import (
     DEFAULT_NICE,
     ENGINES,
@@ -28,6 +29,7 @@ from ..dataplane.spec import (
     check_together,
     load_config,
 )
+from ..dataplane.spec import with_auth as spec_with_auth
 from ..errors import UserError
 
 UP_DESCRIPTION = """\
@@ -212,6 +214,7 @@ def register(sub: Any) -> None:
         help=f"log a warning when a tunnel drops N packets/s or more (default "
         f"{alarms.DEFAULT_THRESHOLD:g}; 0: never)",
     )
+    auth_settings.add_arguments(up)
     logs.add_argument(up)
     up.add_argument("-v", "--verbose", action="store_true", help="log more")
     up.set_defaults(func=cmd_up)
@@ -364,6 +367,10 @@ def plan_up(args: argparse.Namespace) -> UpPlan:
     if offload is not None and not isinstance(offload, bool):
         raise UserError(f"{offload!r} is not a boolean; accepted: true, false", "offload")
     daemon_args = _daemon_args(args, settings, engine, offload)
+    auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class, settings)
+    if auth is not None:
+        spec_with_auth(specs, auth.option_class)  # checked now, applied by the dataplane
+        daemon_args["auth"] = auth
     fmt = logs.resolve(args.log_format)
     return UpPlan(specs, settings, engine, netns, netns_field, offload, daemon_args, fmt)
 

@@ -97,10 +97,11 @@ import select
 import socket
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyroute2 import IPRoute
 
+from ..auth.keys import KeyRing
 from ..errors import UserError
 from . import inject as _inject
 from .counters import add_counters
@@ -117,6 +118,7 @@ from .spec import (
     TunnelSpec,
     check_together,
     spec_to_raw,
+    with_auth,
 )
 
 ControlHook = Callable[[str, bytes], None]
@@ -168,6 +170,9 @@ class Dataplane:
         workers: int | None = None,
         nice: int = DEFAULT_NICE,
         busy_poll_us: int = 0,
+        auth_keys: KeyRing | None = None,
+        auth_class: int | None = None,
+        auth_states: dict[str, Any] | None = None,
     ) -> None:
         if engine not in ("c", "python"):
             raise UserError(f"{engine!r} is not one of c, python", field="engine")
@@ -178,6 +183,17 @@ class Dataplane:
                 f"{workers} workers is out of range; accepted: {MIN_WORKERS}..{MAX_WORKERS}",
                 field="workers",
             )
+        # Authentication (geneve_dp/auth) is for every tunnel of the dataplane or none:
+        # each spec given here or to apply() gets the integrity option class. One state
+        # per authenticated tunnel, by name (sequence counter, keys, replay windows),
+        # lives as long as the tunnel; a supervisor that replaces this dataplane hands
+        # them on (auth_states), so windows and sequence numbers carry on.
+        if auth_class is not None and auth_keys is None:
+            raise UserError("authentication needs a key file", "auth_key_file")
+        self.auth_keys = auth_keys
+        self.auth_class = auth_class
+        self.auth_states: dict[str, Any] = auth_states if auth_states is not None else {}
+        specs = with_auth(list(specs), auth_class)
         check_together(specs)
         self.specs = list(specs)
         self.engine = engine
@@ -300,6 +316,7 @@ class Dataplane:
         return self._apply(specs, renew)
 
     def _apply(self, specs: list[TunnelSpec], renew: tuple[str, ...]) -> dict[str, object]:
+        specs = with_auth(specs, self.auth_class)
         if specs:  # none: a reload's moment between removing and adding (live.py)
             check_together(specs)
         old = {s.name: s for s in self.specs}
@@ -328,11 +345,7 @@ class Dataplane:
         injector: Injector | None = None
         mtus: list[tuple[int, int]] = []  # MTUs changed, to put back on failure
         try:
-            if (
-                self.inject
-                and self._injector is None
-                and any(injectable(s) for s in specs if s.name not in live)
-            ):
+            if self.inject and self._injector is None and any(injectable(s) for s in specs):
                 injector = self._injector = open_injector()
                 if injector is not None:
                     # A shared device keeps its state: the engines start as it says.
@@ -431,6 +444,17 @@ class Dataplane:
                     close_tunnel(tun)
             if (was.group.family, was.group.port) in gone_ports:
                 close_resources([dataclasses.replace(was.group, tunnels=[])])
+        with self._lock:
+            given = any(
+                p.engine.injectable(i)
+                for p in self._ports.values()
+                for i in range(len(p.group.tunnels))
+            )
+            if self._injector is not None and not given:
+                # No tunnel writes to the inject device any more: it goes (until one
+                # that may is added), so `ip link` keeps nothing unused.
+                self._injector.close()
+                self._injector = None
         return final
 
     def _make_port(self, group: Group) -> _Port:
@@ -440,6 +464,7 @@ class Dataplane:
         self._tags[tag] = tuple(t.spec.name for t in group.tunnels)
         control_fd = self._ctl[1].fileno() if self._ctl is not None else -1
         try:
+            self._make_auth_states(group)
             injector = self._injector
             if self.engine == "c":
                 from .engine_c import CGroupEngine
@@ -453,17 +478,52 @@ class Dataplane:
                     injector=injector,
                     seed=self._seed,
                     busy_poll_us=self.busy_poll_us,
+                    auth=self.auth_states,
                 )
             else:
                 from .engine_py import PyGroupEngine
 
-                engine = PyGroupEngine(group, stop_fd, control_fd, tag, seed=self._seed)
+                engine = PyGroupEngine(
+                    group, stop_fd, control_fd, tag, seed=self._seed, auth=self.auth_states
+                )
             if injector is not None:
                 engine.set_injecting(self._injecting)
         except BaseException:
             os.close(stop_fd)
             raise
         return _Port(group, engine, stop_fd)
+
+    def _make_auth_states(self, group: Group) -> None:
+        """A state for each authenticated tunnel of ``group`` that has none yet."""
+        for tun in group.tunnels:
+            spec = tun.spec
+            if spec.auth_class is None or spec.name in self.auth_states:
+                continue
+            assert self.auth_keys is not None
+            if self.engine == "c":
+                from ..auth.cauth import CAuth
+
+                self.auth_states[spec.name] = CAuth(self.auth_keys, spec.auth_class)
+            else:
+                from ..auth.mac import PyAuth
+
+                self.auth_states[spec.name] = PyAuth(self.auth_keys, spec.auth_class)
+
+    def set_auth_keys(self, ring: KeyRing) -> None:
+        """Put a new key ring in force on every authenticated tunnel, without a stop."""
+        with self._lock:
+            self.auth_keys = ring
+            for state in self.auth_states.values():
+                state.set_keys(ring)
+
+    def _auth_status(self, spec: TunnelSpec) -> dict[str, object] | None:
+        if spec.auth_class is None or self.auth_keys is None:
+            return None
+        return {
+            "option_class": f"0x{spec.auth_class:04x}",
+            "key_ids": [i for i, _ in self.auth_keys.keys],
+            "send_key_id": self.auth_keys.send_id,
+        }
 
     def check(self) -> None:
         """Raise RuntimeError if a worker thread died."""
@@ -590,6 +650,7 @@ class Dataplane:
                     ),
                     "tx_path": self._tx_path(spec, offloads, eng.injectable(i)),
                     "counters": add_counters(eng.counters(i), self._base.get(spec.name, {})),
+                    "auth": self._auth_status(spec),
                     "socket": sock,
                 }
         return [rows[s.name] for s in self.specs if s.name in rows]

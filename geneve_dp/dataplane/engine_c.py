@@ -11,6 +11,7 @@ import socket
 import threading
 from typing import Any
 
+from ..auth import option as auth_option
 from ..codec import encode_options
 from ..errors import UserError
 from ..fastpath import ffi, lib
@@ -111,6 +112,7 @@ class CGroupEngine:
         injector: Injector | None = None,
         seed: int | None = None,
         busy_poll_us: int = 0,
+        auth: dict[str, Any] | None = None,
     ) -> None:
         self.group = group
         self.nice = nice
@@ -171,6 +173,12 @@ class CGroupEngine:
                     t.gso_ports[k] = sock.getsockname()[1]
                     t.n_gso = k + 1
             opts = encode_options(spec.options)
+            if spec.auth_class is not None:
+                # The integrity option ends the configured options, signed per packet.
+                opts += auth_option.placeholder(spec.auth_class)
+                state = (auth or {})[spec.name]
+                self._keep.append(state)
+                t.auth = state.ptr
             ffi.memmove(t.opts, opts, len(opts))
             t.opts_len = len(opts)
             if spec.reflect_options:

@@ -8,150 +8,31 @@ import os
 import random
 import select
 import socket
-import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
 
 from .. import codec
+from ..auth import option as auth_option
+from ..auth.mac import PyAuth
 from .endpoint import IP_RECVFRAGSIZE, IPV6_RECVFRAGSIZE, Group, Tunnel, ephemeral_ports
+from .packet import (
+    REFLECT_SLOTS,
+    Control,
+    Drop,
+    RxTunnel,
+    Send,
+    TooBig,
+    TxTunnel,
+    decap,
+    encap,
+)
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
 
-ETH_P_IPV4, ETH_P_IPV6, ETH_P_VLAN, ETH_P_TEB = 0x0800, 0x86DD, 0x8100, 0x6558
-ECN_CE, ECN_ECT0 = 3, 2
 OPTSEEN_SLOTS = 32
-REFLECT_SLOTS = 1024
-_PORT_PROTOS = (6, 17, 132, 136)
 
 
 _FRAGSIZE = {(socket.IPPROTO_IP, IP_RECVFRAGSIZE), (socket.IPPROTO_IPV6, IPV6_RECVFRAGSIZE)}
-
-
-def inet_csum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
-    b = bytes(data)
-    if len(b) % 2:
-        b += b"\0"
-    s: int = start + sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def l4_csum(src: bytes, dst: bytes, proto: int, msg: bytes | bytearray) -> int:
-    pseudo = src + dst + struct.pack("!II", len(msg), proto)
-    return inet_csum(pseudo + bytes(msg))
-
-
-@dataclass
-class Inner:
-    ipver: int = 0
-    ip_off: int = 0
-    ip_len: int = 0
-    ecn: int = 0
-    dsfield: int = 0  # the whole TOS / traffic class byte
-    ttl: int = 0  # TTL / hop limit
-    df: bool = False
-    proto: int = 0
-    ports: tuple[int, int] | None = None
-
-
-def parse_inner(f: bytes | bytearray, mode: str) -> Inner | None:
-    """Mirror of parse_inner in csrc/inner.c: None when not a frame of this mode."""
-    lenient = mode == "tap"
-    off = 0
-    if mode == "tap":
-        if len(f) < 14:
-            return None
-        etype = int.from_bytes(f[12:14], "big")
-        off = 14
-        if etype == ETH_P_VLAN:
-            if len(f) < 18:
-                return Inner()
-            etype, off = int.from_bytes(f[16:18], "big"), 18
-        ver = {ETH_P_IPV4: 4, ETH_P_IPV6: 6}.get(etype, 0)
-        if not ver or len(f) <= off or f[off] >> 4 != ver:
-            return Inner()
-    else:
-        if not f:
-            return None
-        ver = f[0] >> 4
-        if ver not in (4, 6):
-            return None
-    left = len(f) - off
-    ip = off
-    l4 = 0
-    inn = Inner()
-    if ver == 4:
-        ihl = (f[ip] & 15) * 4 if left else 0
-        if left < 20 or ihl < 20 or ihl > left:
-            return Inner() if lenient else None
-        frag = int.from_bytes(f[ip + 6 : ip + 8], "big")
-        inn.ecn, inn.df, inn.proto = f[ip + 1] & 3, bool(frag & 0x4000), f[ip + 9]
-        inn.dsfield, inn.ttl = f[ip + 1], f[ip + 8]
-        if not frag & 0x3FFF:
-            l4 = ihl
-    else:
-        if left < 40:
-            return Inner() if lenient else None
-        inn.dsfield = (int.from_bytes(f[ip : ip + 2], "big") >> 4) & 0xFF
-        inn.ecn = inn.dsfield & 3
-        inn.proto, inn.ttl = f[ip + 6], f[ip + 7]
-        l4 = 40
-    inn.ipver, inn.ip_off, inn.ip_len = ver, off, left
-    if l4 and inn.proto in _PORT_PROTOS and left >= l4 + 4:
-        p = ip + l4
-        inn.ports = (int.from_bytes(f[p : p + 2], "big"), int.from_bytes(f[p + 2 : p + 4], "big"))
-    return inn
-
-
-def complete_super_checksum(f: bytearray, inn: Inner) -> None:
-    """csrc/rx.c rx_super for a device without a virtio header: a TCP super-frame from
-    a super-packet of this host's stack (a peer's inject device, through a veth) holds
-    only the pseudo-header sum in its checksum; completed here, the frame goes as one
-    large packet, which the kernel's TCP takes. Anything else is left as it is."""
-    if inn.proto != 6 or inn.ports is None:
-        return
-    ip = inn.ip_off
-    if inn.ipver == 4:
-        l4, iplen = ip + (f[ip] & 15) * 4, int.from_bytes(f[ip + 2 : ip + 4], "big")
-    else:
-        l4, iplen = ip + 40, 40 + int.from_bytes(f[ip + 4 : ip + 6], "big")
-    if ip + iplen != len(f) or l4 + 20 > len(f):
-        return
-    src, dst = _addrs(f, inn)
-    partial = ~inet_csum(src + dst + struct.pack("!II", len(f) - l4, 6)) & 0xFFFF
-    field = int.from_bytes(f[l4 + 16 : l4 + 18], "big")
-    if field != partial and not ({field, partial} <= {0, 0xFFFF}):
-        return
-    f[l4 + 16 : l4 + 18] = b"\0\0"
-    cs = l4_csum(src, dst, 6, f[l4:])
-    f[l4 + 16 : l4 + 18] = (cs or 0xFFFF).to_bytes(2, "big")
-
-
-def _addrs(f: bytes | bytearray, inn: Inner) -> tuple[bytes, bytes]:
-    ip = inn.ip_off
-    if inn.ipver == 4:
-        return bytes(f[ip + 12 : ip + 16]), bytes(f[ip + 16 : ip + 20])
-    return bytes(f[ip + 8 : ip + 24]), bytes(f[ip + 24 : ip + 40])
-
-
-def flow_hash(f: bytes | bytearray, inn: Inner, seed: int) -> int:
-    if inn.ipver:
-        src, dst = _addrs(f, inn)
-        key = src + dst + bytes([inn.proto]) + struct.pack("!HH", *(inn.ports or (0, 0)))
-        if inn.ports is None:
-            key = key[:-4]
-    else:
-        key = bytes(f[:14])
-    return zlib.crc32(key, seed) & 0xFFFFFFFF
-
-
-def flow_key(f: bytes | bytearray, inn: Inner) -> bytes:
-    """The same key for both directions of a flow (lower endpoint first)."""
-    src, dst = _addrs(f, inn)
-    sp, dp = inn.ports or (0, 0)
-    a, b = src + sp.to_bytes(2, "big"), dst + dp.to_bytes(2, "big")
-    return bytes([inn.proto]) + min(a, b) + max(a, b)
 
 
 @dataclass
@@ -168,7 +49,7 @@ class PyCounters:
 
 
 class PyTunnel:
-    def __init__(self, tun: Tunnel) -> None:
+    def __init__(self, tun: Tunnel, auth: PyAuth | None = None) -> None:
         spec = tun.spec
         self.t = tun
         self.spec = spec
@@ -177,14 +58,53 @@ class PyTunnel:
         self.mac = tun.device.mac
         self.remote = spec.remote.packed
         self.local = tun.local.packed
-        self.opts = codec.encode_options(spec.options)
-        self.hdr = bytearray(codec.encode(codec.Header(vni=spec.vni, options=spec.options)))
+        # With authentication the integrity option ends the configured options (the
+        # header template carries it unsigned); reflected options go after it.
+        self.auth = auth
+        options = spec.options
+        if spec.auth_class is not None:
+            if auth is None:
+                raise ValueError(f"{spec.name}: authenticated tunnel without auth state")
+            placeholder = auth_option.placeholder(spec.auth_class)
+            options += (codec.Option(spec.auth_class, placeholder[2], placeholder[4:]),)
+        self.opts = codec.encode_options(options)
+        self.auth_off = 8 + len(self.opts) - auth_option.OPT_LEN
+        self.hdr = bytearray(codec.encode(codec.Header(vni=spec.vni, options=options)))
         self.iplen = 20 if spec.family == 4 else 40
         self.max_inner = tun.underlay_mtu - (self.iplen + 8 + len(self.hdr))
         self.c = PyCounters()
         # reflect_options: a fixed table of REFLECT_SLOTS flows, as in C; a dict
         # assignment is atomic under the GIL, so readers see old or new entries.
         self.reflect: dict[int, tuple[bytes, bytes]] | None = {} if spec.reflect_options else None
+        self.rx = RxTunnel(
+            spec.vni,
+            self.remote,
+            spec.mode,
+            self.mac,
+            self.max_inner,
+            spec.reflect_options,
+            auth=auth,
+            auth_class=spec.auth_class,
+        )
+        self.tx = TxTunnel(
+            mode=spec.mode,
+            family=spec.family,
+            hdr=bytes(self.hdr),
+            opts=self.opts,
+            local=self.local,
+            remote=self.remote,
+            port=spec.port,
+            underlay_mtu=tun.underlay_mtu,
+            max_inner=self.max_inner,
+            df=spec.df,
+            tos_inherit=spec.tos == "inherit",
+            dscp=spec.dscp,
+            ttl_inherit=spec.ttl == "inherit",
+            ttl=tun.ttl,
+            udp_csum=spec.tx_udp_csum,
+            auth=auth,
+            auth_off=self.auth_off,
+        )
 
 
 class PyGroupEngine:
@@ -199,12 +119,15 @@ class PyGroupEngine:
         control_fd: int,
         group_index: int,
         seed: int | None = None,
+        auth: dict[str, PyAuth] | None = None,
     ) -> None:
         self.group = group
         self.stop_fd = stop_fd
         self.control_fd = control_fd
         self.tag = group_index << 24
-        self.tunnels = [PyTunnel(t) for t in group.tunnels]
+        auth = auth or {}
+        self.tunnels = [PyTunnel(t, auth.get(t.spec.name)) for t in group.tunnels]
+        self._rx_views = [t.rx for t in self.tunnels]
         self.sport_min, self.sport_max = ephemeral_ports()
         self.seed = random.getrandbits(32) if seed is None else seed
         self.ip_id = self.seed & 0xFFFF
@@ -276,91 +199,43 @@ class PyGroupEngine:
                 self._rx_one(bytearray(data), addr[0], tos, whole)
 
     def _rx_one(self, pkt: bytearray, src: str, tos: int, whole: bool = False) -> None:
-        try:
-            h, off = codec.decode(pkt)
-        except codec.DecodeError as exc:
-            self.sock_drops[exc.reason] += 1
-            return
         src_packed = socket.inet_pton(
             socket.AF_INET if self.group.family == 4 else socket.AF_INET6, src.split("%")[0]
         )
-        idx = -1
-        vni_seen = False
-        for i, t in enumerate(self.tunnels):
-            if t.spec.vni != h.vni:
-                continue
-            vni_seen = True
-            if t.remote == src_packed:
-                idx = i
-                break
-        if idx < 0:
-            self.sock_drops["wrong_remote" if vni_seen else "unknown_vni"] += 1
+        v = decap(pkt, src_packed, tos, self._rx_views, whole)
+        if isinstance(v, Drop) and v.tunnel is None:
+            self.sock_drops[v.reason] += 1
             return
-        t = self.tunnels[idx]
+        assert v.tunnel is not None
+        t = self.tunnels[v.tunnel]
         c = t.c
-        for o in h.options:
-            seen_key = (o.opt_class, o.type)
+        for seen_key in v.options:
             if seen_key in c.options_seen:
                 c.options_seen[seen_key] += 1
             elif len(c.options_seen) < OPTSEEN_SLOTS:
                 c.options_seen[seen_key] = 1
             else:
                 c.options_other += 1
-        critical = any(o.critical for o in h.options)
-        if critical != h.critical:
-            c.drops["c_bit_mismatch"] += 1
-            return
-        if critical:
-            c.drops["critical_option"] += 1
-            return
-        if h.oam:
+        if isinstance(v, Drop):
+            c.drops[v.reason] += 1
+        elif isinstance(v, Control):
             c.control += 1
             if self.control_fd >= 0:
                 try:
-                    os.write(self.control_fd, (self.tag | idx).to_bytes(4, "big") + bytes(pkt))
+                    os.write(self.control_fd, (self.tag | v.tunnel).to_bytes(4, "big") + v.packet)
                 except OSError:
                     c.drops["control_queue_full"] += 1
-            return
-        ok = h.protocol == ETH_P_TEB if t.mode == "tap" else h.protocol in (ETH_P_IPV4, ETH_P_IPV6)
-        if not ok:
-            c.drops["wrong_protocol"] += 1
-            return
-        f = pkt[off:]
-        inn = parse_inner(f, t.mode)
-        if inn is None:
-            c.drops["inner_truncated"] += 1
-            return
-        if t.mode == "tun" and inn.ipver != (4 if h.protocol == ETH_P_IPV4 else 6):
-            c.drops["wrong_protocol"] += 1
-            return
-        if t.mode == "tap" and f[6:12] == t.mac:
-            c.drops["own_mac"] += 1
-            return
-        if tos & 3 == ECN_CE and inn.ipver:
-            if inn.ecn == 0:
-                c.drops["ecn_not_ect"] += 1
+        else:
+            if v.reflect is not None and t.reflect is not None:
+                key, opts = v.reflect
+                t.reflect[zlib.crc32(key) % REFLECT_SLOTS] = (key, opts)
+            try:
+                os.write(t.fd, v.frame)
+            except OSError:
+                c.drops["dev_write"] += 1
                 return
-            ip = inn.ip_off
-            if inn.ecn != ECN_CE:
-                if inn.ipver == 4:
-                    f[ip + 1] |= ECN_CE
-                    f[ip + 10 : ip + 12] = b"\0\0"
-                    ihl = (f[ip] & 15) * 4
-                    f[ip + 10 : ip + 12] = inet_csum(f[ip : ip + ihl]).to_bytes(2, "big")
-                else:
-                    f[ip + 1] |= ECN_CE << 4
-        if t.reflect is not None and h.opt_len and inn.ipver:
-            key = flow_key(f, inn)
-            t.reflect[zlib.crc32(key) % REFLECT_SLOTS] = (key, bytes(pkt[8 : 8 + 4 * h.opt_len]))
-        if whole and len(f) > t.max_inner:
-            complete_super_checksum(f, inn)
-        try:
-            os.write(t.fd, f)
-        except OSError:
-            c.drops["dev_write"] += 1
-            return
-        c.rx_packets += 1
-        c.rx_bytes += len(f)
+            c.rx_packets += 1
+            c.rx_bytes += len(v.frame)
 
     # ------------------------------------------------------------- transmit
 
@@ -398,139 +273,34 @@ class PyGroupEngine:
 
     def _tx_one(self, t: PyTunnel, frame: bytes) -> None:
         c = t.c
-        inn = parse_inner(frame, t.mode)
-        if inn is None:
-            c.drops["tx_bad_frame"] += 1
-            return
-        hdr = t.hdr
-        if t.reflect is not None and inn.ipver and len(frame) <= t.max_inner:
-            key = flow_key(frame, inn)
-            hit = t.reflect.get(zlib.crc32(key) % REFLECT_SLOTS)
-            if hit is not None and hit[0] == key:
-                olen = len(t.opts) + len(hit[1])
-                if olen <= 252 and len(frame) + len(hit[1]) <= t.max_inner:
-                    opts = t.opts + hit[1]
-                    crit = 0x40 if any(opts[i + 2] & 0x80 for i in _walk(opts)) else 0
-                    hdr = bytearray(hdr[:8] + opts)
-                    hdr[0] = olen // 4
-                    hdr[1] = crit
-        hdr = bytearray(hdr)
-        proto = ETH_P_TEB if t.mode == "tap" else (ETH_P_IPV4 if inn.ipver == 4 else ETH_P_IPV6)
-        hdr[2:4] = proto.to_bytes(2, "big")
-        fam = t.spec.family
-        udplen = 8 + len(hdr) + len(frame)
-        total = t.iplen + udplen
-        df = {"set": True, "unset": False}.get(
-            t.spec.df, inn.ipver == 6 or (inn.ipver == 4 and inn.df)
+        r = encap(
+            frame,
+            t.tx,
+            ip_id=self.ip_id,
+            sport_range=(self.sport_min, self.sport_max),
+            seed=self.seed,
+            reflect=t.reflect,
         )
-        frags = total > t.t.underlay_mtu
-        if frags:
-            if len(frame) > t.max_inner and inn.ipver and self._too_big(t, frame, inn):
-                c.drops["too_big"] += 1
-                return
-            if df or (total > 65535 if fam == 4 else udplen > 65535):
-                c.drops["too_big"] += 1
-                return
-        span = self.sport_max - self.sport_min + 1
-        sport = self.sport_min + ((flow_hash(frame, inn, self.seed) * span) >> 32)
-        udp = bytearray(struct.pack("!HHHH", sport, t.spec.port, udplen, 0)) + hdr + frame
-        if t.spec.tx_udp_csum:
-            cs = l4_csum(t.local, t.remote, 17, udp)
-            udp[6:8] = (cs or 0xFFFF).to_bytes(2, "big")
-        ecn = ECN_ECT0 if inn.ecn == ECN_CE else inn.ecn
-        dscp = (inn.dsfield & 0xFC if inn.ipver else 0) if t.spec.tos == "inherit" else t.spec.dscp
-        tos = dscp | ecn
-        ttl = inn.ttl if t.spec.ttl == "inherit" and inn.ipver else t.t.ttl
-        self.ip_id = (self.ip_id + 1) & 0xFFFF or 1
-        if fam == 4:
-            ip = struct.pack(
-                "!BBHHHBBH4s4s",
-                0x45,
-                tos,
-                total,
-                self.ip_id,
-                0x4000 if df else 0,
-                ttl,
-                17,
-                0,
-                t.local,
-                t.remote,
-            )
-        else:
-            ip = struct.pack(
-                "!IHBB16s16s", 0x60000000 | tos << 20, udplen, 17, ttl, t.local, t.remote
-            )
-        if not frags:
-            ok = self._send(t, ip + udp)
-        else:
-            ok = self._fragment(t, ip, udp)
-            c.tx_fragmented += ok
+        if isinstance(r, Drop):
+            c.drops[r.reason] += 1
+            return
+        if isinstance(r, TooBig):
+            c.drops["too_big"] += 1
+            if r.icmp is not None:
+                try:
+                    os.write(t.fd, r.icmp)
+                except OSError:
+                    c.drops["dev_write"] += 1
+            return
+        assert isinstance(r, Send)
+        self.ip_id = r.ip_id
+        ok = all(self._send(t, d) for d in r.datagrams)
         if ok:
+            c.tx_fragmented += len(r.datagrams) > 1
             c.tx_packets += 1
-            c.tx_bytes += len(frame)
+            c.tx_bytes += r.inner_len
         else:
             c.drops["tx_error"] += 1
-
-    def _fragment(self, t: PyTunnel, ip: bytes, payload: bytearray) -> bool:
-        fam = t.spec.family
-        fh = 20 if fam == 4 else 48
-        chunk = (t.t.underlay_mtu - fh) & ~7
-        off = 0
-        while off < len(payload):
-            part = payload[off : off + chunk]
-            more = off + len(part) < len(payload)
-            if fam == 4:
-                h = bytearray(ip)
-                h[2:4] = (20 + len(part)).to_bytes(2, "big")
-                h[6:8] = ((off // 8) | (0x2000 if more else 0)).to_bytes(2, "big")
-            else:
-                h = bytearray(ip)
-                h[6] = 44
-                h[4:6] = (8 + len(part)).to_bytes(2, "big")
-                h += bytes([17, 0]) + (off | int(more)).to_bytes(2, "big")
-                h += self.ip_id.to_bytes(4, "big")
-            if not self._send(t, h + part):
-                return False
-            off += len(part)
-        return True
-
-    def _too_big(self, t: PyTunnel, f: bytes, inn: Inner) -> bool:
-        """ICMP frag-needed / ICMPv6 packet-too-big into the device (see send_too_big)."""
-        l2 = 14 if t.mode == "tap" else 0
-        mtu = t.max_inner - l2
-        ip = f[inn.ip_off :]
-        src, dst = _addrs(f, inn)
-        if inn.ipver == 4:
-            ihl = (ip[0] & 15) * 4
-            if not inn.df or mtu < 576:
-                return False
-            if ip[9] == 1 and len(ip) > ihl and ip[ihl] in (3, 4, 5, 11, 12):
-                return False
-            quote = ip[:548]
-            icmp = bytearray(struct.pack("!BBHHH", 3, 4, 0, 0, mtu)) + quote
-            icmp[2:4] = inet_csum(icmp).to_bytes(2, "big")
-            hdr = bytearray(
-                struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0, dst, src)
-            )
-            hdr[10:12] = inet_csum(hdr).to_bytes(2, "big")
-            out = bytes(hdr) + bytes(icmp)
-        else:
-            if mtu < 1280:
-                return False
-            if ip[6] == 58 and len(ip) > 40 and ip[40] < 128:
-                return False
-            quote = ip[:1232]
-            icmp = bytearray(struct.pack("!BBHI", 2, 0, 0, mtu)) + quote
-            icmp[2:4] = l4_csum(dst, src, 58, icmp).to_bytes(2, "big")
-            out = struct.pack("!IHBB16s16s", 0x60000000, len(icmp), 58, 64, dst, src) + bytes(icmp)
-        if l2:
-            etype = ETH_P_IPV4 if inn.ipver == 4 else ETH_P_IPV6
-            out = f[6:12] + f[0:6] + etype.to_bytes(2, "big") + out
-        try:
-            os.write(t.fd, out)
-        except OSError:
-            t.c.drops["dev_write"] += 1
-        return True
 
     # ------------------------------------------------------------- counters
 
@@ -576,12 +346,3 @@ class PyGroupEngine:
             "busy_poll_hits": 0,
             "drops": dict(self.sock_drops),
         }
-
-
-def _walk(opts: bytes) -> list[int]:
-    """Offsets of the options in a well-formed option area."""
-    out, pos = [], 0
-    while pos + 4 <= len(opts):
-        out.append(pos)
-        pos += 4 + 4 * (opts[pos + 3] & 0x1F)
-    return out

@@ -66,7 +66,7 @@ from .endpoint import (
     TUNSETOFFLOAD,
     TUNSETVNETHDRSZ,
 )
-from .engine_py import inet_csum
+from .packet import inet_csum
 from .spec import TunnelSpec
 
 log = logging.getLogger("geneve_dp.dataplane")
@@ -246,7 +246,9 @@ def injectable(spec: TunnelSpec) -> bool:
     """Whether a tunnel may send through the inject device: IPv4 without checksums
     (elsewhere the sockets' UDP GSO serves), a TTL that forwarding can take one off
     of (not "inherit": each packet's own), super-packets allowed on the underlay (not
-    ``wire_sized``), and no mark (what is written to a device starts with mark 0)."""
+    ``wire_sized``), and no mark (what is written to a device starts with mark 0). Not
+    with authentication: each segment must carry its own MAC, and the kernel would
+    copy one MAC to every segment it cuts."""
     ttl_ok = spec.ttl == "auto" or (isinstance(spec.ttl, int) and spec.ttl < 255)
     return (
         spec.family == 4
@@ -254,6 +256,7 @@ def injectable(spec: TunnelSpec) -> bool:
         and ttl_ok
         and not spec.wire_sized
         and not spec.mark
+        and spec.auth_class is None
     )
 
 

@@ -7,6 +7,7 @@ socket is created, so a bad value never leaves half a dataplane behind.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import tomllib
@@ -14,13 +15,15 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import codec, wire
+from ..auth import option as auth_option
 from ..errors import UserError
-from ..kube import PodRemote, parse_remotes
-from ..kube import resolve as kube_resolve
 from ..options import parse_option
+
+if TYPE_CHECKING:  # kube (urllib, ssl) is imported only by a config that names remotes
+    from ..kube import PodRemote
 
 # Forwarding workers of one dataplane (dataplane.Dataplane, `up --workers`).
 MIN_WORKERS, MAX_WORKERS = 1, 64
@@ -50,6 +53,8 @@ TOP_LEVEL_KEYS = (
     "busy_poll_us",
     "metrics_addr",
     "drop_alarm",
+    "auth_key_file",
+    "auth_option_class",
     "remotes",
 )
 
@@ -103,6 +108,8 @@ class TunnelSpec:
     reflect_options: bool = False
     mac: str | None = None  # TAP only; None lets the kernel pick a random one
     addresses: tuple[IPInterface, ...] = ()  # put on the device once it is up
+    # Integrity option class (geneve_dp/auth) when the tunnel authenticates, else None.
+    auth_class: int | None = None
     # Every packet leaves this process no bigger than the underlay MTU: no TCP
     # super-frame or UDP run through the inject device, no UDP GSO send. For a peer
     # that reads the underlay raw (an AF_PACKET reader such as Open vSwitch's
@@ -137,6 +144,8 @@ class TunnelSpec:
         """Bytes the underlay carries on top of the device MTU."""
         base = wire.OVERHEAD_IPV4 if self.family == 4 else wire.OVERHEAD_IPV6
         opts = sum(o.wire_len for o in self.options)
+        if self.auth_class is not None:
+            opts += auth_option.OPT_LEN
         return base + opts + (wire.ETH_HEADER_LEN if self.mode == "tap" else 0)
 
 
@@ -324,6 +333,22 @@ def spec_to_raw(spec: TunnelSpec) -> dict[str, Any]:
     }
 
 
+def with_auth(specs: list[TunnelSpec], option_class: int | None) -> list[TunnelSpec]:
+    """The specs with the integrity option on (``option_class``; None: as they are),
+    if it fits in their option area."""
+    if option_class is None:
+        return specs
+    room = wire.MAX_OPTIONS_LEN - auth_option.OPT_LEN
+    for spec in specs:
+        if sum(o.wire_len for o in spec.options) > room:
+            raise UserError(
+                f"{spec.name}: its options leave no room for the {auth_option.OPT_LEN}-byte "
+                f"integrity option (at most {room} bytes of options with authentication)",
+                "--auth-key-file",
+            )
+    return [dataclasses.replace(s, auth_class=option_class) for s in specs]
+
+
 def check_together(specs: list[TunnelSpec]) -> None:
     """Refuse sets of tunnels the kernel would refuse: duplicate names, or two tunnels
     that a receiver could not tell apart (same port, VNI and remote)."""
@@ -402,8 +427,10 @@ def load_config(
         if not isinstance(t, dict):
             raise UserError(f"{t!r} is not a table; accepted: [[tunnel]] tables", f"tunnel[{i}]")
     if "remotes" in data:
-        remotes = parse_remotes(data["remotes"])
-        resolve = resolver or kube_resolve
+        from .. import kube
+
+        remotes = kube.parse_remotes(data["remotes"])
+        resolve = resolver or kube.resolve
         found = {name: resolve(remote) for name, remote in remotes.items()}
         for t in tables:
             if isinstance(t.get("remote"), str) and t["remote"] in found:
