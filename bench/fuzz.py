@@ -9,7 +9,7 @@ final coverage (libFuzzer's ``cov:`` edges and ``ft:`` features), corpus size, p
 and findings (crash/leak/timeout artifacts written, sanitizer reports), and the line
 coverage of csrc/codec.c that the corpus reaches (a -fprofile-instr-generate build of
 the same harness replayed over it, llvm-cov report). Exit status 1 if any target had a
-finding. CI runs the short versions in tests/test_fuzz_c.py.
+finding. CI runs short versions of every harness in tests/test_fuzz_c.py (all at once).
 """
 
 from __future__ import annotations

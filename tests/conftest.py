@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if ROOT_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.root)
+
+
+@pytest.fixture(scope="session")
+def fuzz_build() -> Path:
+    """Every libFuzzer harness built once per session (tests.fuzz_campaign.build)."""
+    from tests import fuzz_campaign
+
+    return fuzz_campaign.build()
+
+
+@pytest.fixture(scope="session")
+def fuzz_results(fuzz_build: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The session's bounded campaign: every harness side by side, one budget
+    (tests.fuzz_campaign.SECONDS); each test checks its harness's result."""
+    from tests import fuzz_campaign
+
+    return dict(fuzz_campaign.session_campaign(tmp_path_factory.mktemp("fuzz")))
 
 
 @pytest.fixture
