@@ -108,6 +108,10 @@ struct gdp_tunnel {
     int gso_fds[8];
     uint16_t gso_ports[8];
     uint32_t n_gso;
+    /* The raw socket this tunnel's outer packets leave by when no UDP socket above
+     * takes them (0: the engine's raw_fd). A tunnel whose outer packets carry a mark
+     * has its own, with SO_MARK set. */
+    int raw_fd;
     /* The sockets send without a UDP checksum (SO_NO_CHECK; IPv4 only): the kernel
      * refuses UDP GSO there, so segments go one datagram each by sendmmsg (a
      * connected socket's cached route instead of a route lookup per packet). */

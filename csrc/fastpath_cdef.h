@@ -114,6 +114,7 @@ struct gdp_tunnel {
     int gso_fds[8];
     uint16_t gso_ports[8];
     uint32_t n_gso;
+    int raw_fd;
     int gso_nocsum;
     int inject;
     int inj_fd;

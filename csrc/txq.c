@@ -64,7 +64,8 @@ void tx_send(struct gdp_engine *e, struct tx_state *st) {
             done += r;
             continue;
         }
-        if (send_again(fd, fd != e->cfg.raw_fd, &waits))
+        /* Only raw-socket slots name their destination; the UDP sockets are connected. */
+        if (send_again(fd, e->tx_msgs[done].msg_hdr.msg_name == NULL, &waits))
             continue;
         /* This datagram failed: drop its whole packet, count it once. */
         e->tunnels[e->tx_tunnel[done]].counters.drops[GDP_DROP_TX_ERROR]++;
@@ -115,7 +116,7 @@ void add_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *
     m->msg_namelen = alen;
     m->msg_iov = e->tx_iov[s];
     m->msg_iovlen = dlen ? 2 : 1;
-    e->tx_fd[s] = e->cfg.raw_fd;
+    e->tx_fd[s] = t->raw_fd > 0 ? t->raw_fd : e->cfg.raw_fd;
     e->tx_tunnel[s] = idx;
     e->tx_inner_len[s] = last ? inner_len : 0;
     e->tx_last[s] = (uint8_t)last;

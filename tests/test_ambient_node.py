@@ -253,12 +253,13 @@ def test_failure_half_way_is_rolled_back(world: t.World, tmp_path: Path) -> None
     w = world
     before = w.snapshot(w.node)
     # An iptables-restore that refuses: endpoints and ipset are already up by then.
-    fake = tmp_path / "iptables-restore"
-    fake.write_text("#!/bin/sh\necho 'simulated refusal' >&2\nexit 1\n")
-    fake.chmod(0o755)
+    for name in ("iptables-restore", "iptables-nft-restore"):  # whichever is chosen
+        fake = tmp_path / name
+        fake.write_text("#!/bin/sh\necho 'simulated refusal' >&2\nexit 1\n")
+        fake.chmod(0o755)
     env = {**w.env(), "PATH": f"{tmp_path}:{os.environ.get('PATH', '')}"}
     proc = _gdp_env(w, w.node, env, *NODE_UP)
-    one_line_error(proc, "iptables-restore", "simulated refusal")
+    one_line_error(proc, "-restore", "simulated refusal")
     assert w.snapshot(w.node) == before
     assert not (w.state_root / w.node / "node.json").exists()
     assert "istioin" not in w.gdp(w.node, "show", "--json").stdout
@@ -309,3 +310,75 @@ def test_down_keeps_what_was_there_before_up(world: t.World) -> None:
     assert t.PODS[0].ip in w.run(w.node, "ipset", "list", k.IPSET_NAME).stdout
     w.gdp(w.node, "node", "down")
     assert w.snapshot(w.node) == before
+
+
+def test_ztunnel_up_starts_from_istios_clean_slate(world: t.World) -> None:
+    """Istio flushes tables 100-102, deletes rules 20000-20003 and stale pistio* devices
+    in the ztunnel namespace before setting it up (reference §4 step 1): leftovers of an
+    older setup (the Envoy-era rules 20001/20002, a crashed run's device) must not stay."""
+    w = world
+    w.run(w.zt, "ip", "route", "add", "table", "101", "10.66.0.0/24", "dev", "eth0")
+    w.run(w.zt, "ip", "route", "add", "table", "100", "10.67.0.0/24", "dev", "eth0")
+    w.run(w.zt, "ip", "rule", "add", "priority", "20001", "fwmark", "0x401/0xfff", "lookup", "101")
+    w.run(w.zt, "ip", "rule", "add", "priority", "20002", "lookup", "102")
+    w.run(w.zt, "ip", "rule", "add", "priority", "20000", "lookup", "101")  # a stale copy
+    w.run(w.zt, "ip", "tuntap", "add", "pistiostale", "mode", "tap")
+    w.gdp(w.node, *NODE_UP)
+    up = w.gdp(w.zt, *ZT_UP)
+    assert "clean slate:" in up.stdout and "device pistiostale" in up.stdout, up.stdout
+    routes = w.run(w.zt, "ip", "route", "show", "table", "all").stdout
+    assert "10.66.0.0/24" not in routes and "10.67.0.0/24" not in routes
+    rules = w.run(w.zt, "ip", "rule").stdout
+    assert "20001:" not in rules and "20002:" not in rules
+    assert [ln for ln in rules.splitlines() if ln.startswith("20000:")] == [
+        "20000:\tfrom all fwmark 0x400/0xfff lookup 100"
+    ]
+    assert "pistiostale" not in w.run(w.zt, "ip", "link").stdout
+    ping = w.run(w.node, "ping", "-c", "1", "-w", "10", "192.168.126.2", check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    # Not in the node's namespace, whose tables 100-102 are the node's.
+    one_line_error(w.gdp(w.node, *ZT_UP, check=False), "ztunnel up", "node's")
+
+
+def test_iptables_backend_is_the_one_kubelet_uses(world: t.World) -> None:
+    """Istio 1.20 takes the backend whose mangle table holds kubelet's chains; where
+    `iptables` points at nft but kubelet (and kube-proxy) use legacy, rules written to
+    nft would not end traversal where kube-proxy's are. Said in the output and status."""
+    w = world
+    w.run(w.node, "iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT")
+    before = w.snapshot(w.node)
+    up = w.gdp(w.node, *NODE_UP)
+    assert "iptables backend: legacy (kubelet's chains are in iptables-legacy)" in up.stdout
+    assert up.stdout.strip().splitlines()[-1].endswith("iptables legacy"), up.stdout
+    legacy = w.run(w.node, "iptables-legacy-save").stdout
+    assert "-A ztunnel-PREROUTING -i istioin -j MARK --set-xmark 0x200/0x200" in legacy
+    assert "ztunnel-" not in w.run(w.node, "iptables-nft-save").stdout
+    status = json.loads(w.gdp(w.node, "node", "status", "--json").stdout)
+    assert status["iptables_backend"] == "legacy" and status["state"] == "up"
+    # The watcher repairs in the same backend.
+    w.run(w.node, "iptables-legacy", "-t", "mangle", "-D", "ztunnel-PREROUTING", "1")
+    deadline = time.monotonic() + 20
+    while "-i istioin -j MARK" not in w.run(w.node, "iptables-legacy-save").stdout:
+        assert time.monotonic() < deadline, "the legacy rule was not put back"
+        time.sleep(0.2)
+    w.gdp(w.node, "node", "down")
+    after = w.snapshot(w.node)
+    # Legacy tables, once used in a namespace, stay listed (empty): only ours must go.
+    legacy = after.pop("iptables-legacy-save")
+    assert "ztunnel" not in legacy and ":KUBE-IPTABLES-HINT" in legacy
+    before.pop("iptables-legacy-save")
+    assert after == before
+
+
+def test_iptables_backend_defaults_to_nft_and_counts_rules_before_120(world: t.World) -> None:
+    w = world
+    up = w.gdp(w.node, *NODE_UP)
+    assert "iptables backend: nft (no kubelet chains in either backend: the default)" in up.stdout
+    w.gdp(w.node, "node", "down")
+    # 1.18/1.19: more than ten legacy rules make it legacy.
+    for i in range(11):
+        w.run(w.node, "iptables-legacy", "-A", "INPUT", "-p", "udp", "--dport", str(7000 + i),
+              "-j", "ACCEPT")  # fmt: skip
+    up = w.gdp(w.node, *NODE_UP, "--istio-version", "1.19")
+    assert "iptables backend: legacy (11 iptables-legacy rules (more than 10))" in up.stdout
+    assert "ztunnel-FORWARD" in w.run(w.node, "iptables-legacy-save", "-t", "filter").stdout

@@ -276,3 +276,23 @@ def test_bad_values_are_one_line_errors(args: tuple[str, ...], words: tuple[str,
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+
+
+def test_backend_choice_follows_each_istio_version() -> None:
+    from geneve_dp.netconf.iptables import choose_backend
+
+    def saves(nft: str, legacy: str) -> Callable[[str, bool], str]:
+        return lambda backend, _mangle: nft if backend == "nft" else legacy
+
+    hint = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+    canary = "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n"
+    rules = "".join(f"-A INPUT -p udp --dport {p} -j ACCEPT\n" for p in range(11))
+    assert choose_backend("1.20", saves(hint, canary))[0] == "nft"  # nft looked at first
+    assert choose_backend("1.20", saves(rules, canary))[0] == "legacy"
+    assert choose_backend("1.20", saves(rules, rules)) == (
+        "nft", "no kubelet chains in either backend: the default")  # fmt: skip
+    for version in ("1.18", "1.19"):
+        assert choose_backend(version, saves(rules * 5, rules))[0] == "legacy"  # > 10
+        assert choose_backend(version, saves("-A X\n" * 3, "-A Y\n" * 4))[0] == "legacy"
+        assert choose_backend(version, saves("-A X\n" * 4, "-A Y\n" * 4))[0] == "nft"
+        assert choose_backend(version, saves(hint, ""))[0] == "nft"

@@ -271,6 +271,25 @@ def test_port_skips_ports_in_use_and_is_the_same_everywhere(
     assert "GENEVE port 6081," in w.gdp(w.node, *NODE_UP).stdout
 
 
+def test_ztunnel_up_takes_the_port_node_up_chose(
+    world: t.World, port_users: Callable[[], None]
+) -> None:
+    """One port for both sides, as Istio passes one geneveDstPort: a ztunnel side left
+    on 6081 while the node moved to 6083 would black-hole all captured traffic."""
+    w = world
+    assert "GENEVE port 6083," in w.gdp(w.node, *NODE_UP).stdout
+    before = w.snapshot(w.zt)
+    wrong = w.gdp(w.zt, *ZT_UP, "--port", "6081", check=False)
+    one_line_error(wrong, "--port", "6083")
+    assert w.snapshot(w.zt) == before  # nothing half-applied
+    up = w.gdp(w.zt, *ZT_UP)
+    assert "tunnels to 10.244.1.1:6083" in up.stdout, up.stdout
+    shown = {tun["name"]: tun for tun in json.loads(w.gdp(w.zt, "show", "--json").stdout)}
+    assert shown["pistioin"]["port"] == shown["pistioout"]["port"] == 6083
+    ping = w.run(w.node, "ping", "-c", "1", "-w", "10", k.ZT_INBOUND_TUN_IP, check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+
 def test_istio_118_always_uses_6081(world: t.World, port_users: Callable[[], None]) -> None:
     w = world
     before = w.snapshot(w.node)

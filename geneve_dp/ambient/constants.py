@@ -26,6 +26,9 @@ ORG_SRC_RET_MASK: Final = 0xFFF
 # ip rule priorities
 TPROXY_MARK_PRIORITY: Final = 20000
 ORG_SRC_PRIORITY: Final = 20003
+# Every ztunnel-namespace rule priority any Istio version used (20001/20002 were the
+# Envoy-based ztunnel's); `ztunnel up` clears them all first, as Istio does.
+ZTUNNEL_RULE_PRIORITIES: Final = range(TPROXY_MARK_PRIORITY, ORG_SRC_PRIORITY + 1)
 NODE_RULE_PRIORITIES: Final = (100, 101, 102, 103)
 MAIN_RULE_PRIORITY: Final = 32766  # rule 100 jumps ("goto") to the main table's rule
 
@@ -40,6 +43,7 @@ INBOUND_TUN: Final = "istioin"
 OUTBOUND_TUN: Final = "istioout"
 ZT_INBOUND_TUN: Final = "p" + INBOUND_TUN  # "p" marks the ztunnel-side end
 ZT_OUTBOUND_TUN: Final = "p" + OUTBOUND_TUN
+ZT_TUN_PREFIX: Final = "pistio"  # what a stale ztunnel-side tunnel device is known by
 INBOUND_TUN_VNI: Final = 1000
 OUTBOUND_TUN_VNI: Final = 1001
 INBOUND_TUN_IP: Final = "192.168.126.1"

@@ -35,6 +35,7 @@ class Endpoint:
     remote: str
     port: int
     address: str  # "a.b.c.d/len"
+    mark: int | None = None  # the outer packets' mark (the one every inner packet has)
     # Authenticated tunnels (geneve_dp/auth): the key file and option class, or None.
     auth_key_file: str | None = None
     auth_option_class: int | None = None
@@ -59,6 +60,7 @@ def render_config(endpoints: list[Endpoint]) -> str:
             f"port = {ep.port}",
             'mode = "tap"',
             f'addresses = ["{ep.address}"]',
+            *([f"mark = {ep.mark}"] if ep.mark else []),
             "",
         ]
     return "\n".join(out)

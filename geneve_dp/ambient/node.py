@@ -1,29 +1,28 @@
 """The node side of Istio ambient's iptables + GENEVE redirection (reference §3, §5.2, §5.5).
 
-`node up` runs in the node's network namespace and installs, in this order: the
-`istioin`/`istioout` endpoints towards the ztunnel pod (first, so that everything that
-names them finds them), the `ztunnel-pods-ips` ipset, the `ztunnel-*` iptables chains
-(one atomic iptables-restore), sysctls, routes of tables 100-102 and ip rules 100-103.
+`node up` runs in the node's network namespace and installs, in this order: rp_filter
+off for all and default (Istio's step 8d), the `istioin`/`istioout` endpoints towards
+the ztunnel pod (early, so that everything that names them finds them), the
+`ztunnel-pods-ips` ipset, the `ztunnel-*` iptables chains (one atomic
+iptables-restore), the devices' sysctls, routes of tables 100-102 and ip rules 100-103.
 Every change is recorded in the state file *before* it is made; `node down` removes
 what the record lists, plus anything of ours it finds by name (after a crash).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import ipset, iptables, links
-from . import checks, endpoints, profile, reconcile, rules, watch
+from . import checks, endpoints, pods, profile, reconcile, rules, state, watch
 from . import constants as k
 from .ebpf import node as _ebpf
 from .state import StateFile, state_dir
 
-STATE_NAME = "node.json"
+STATE_NAME = state.NODE_STATE_NAME
 ROLE = "node"
 
 
@@ -88,12 +87,15 @@ def node_endpoints(cfg: NodeConfig) -> list[endpoints.Endpoint]:
         endpoints.Endpoint(
             k.INBOUND_TUN, k.INBOUND_TUN_VNI, zt, cfg.port, f"{k.INBOUND_TUN_IP}/{k.TUN_PREFIX}"
         ),
+        # Only packets with mark 0x100 are routed into istioout (rule 101), and the
+        # kernel's geneve routes the outer packet with the inner's mark: so do we.
         endpoints.Endpoint(
             k.OUTBOUND_TUN,
             k.OUTBOUND_TUN_VNI,
             zt,
             cfg.port,
             f"{k.OUTBOUND_TUN_IP}/{k.TUN_PREFIX}",
+            mark=k.OUTBOUND_MARK,
         ),
     ]
 
@@ -131,35 +133,19 @@ def node_rules() -> list[links.Rule]:
 
 def node_sysctls(cfg: NodeConfig) -> list[tuple[str, str]]:
     """§5.2 step 8d and 8f: no reverse-path filter, and accept local sources on the paths."""
-    out = [
-        (links.conf_key("all", "rp_filter"), "0"),
-        (links.conf_key("default", "rp_filter"), "0"),
-    ]
+    out = profile.global_rp_filter_off()
     for dev in (cfg.ztunnel_veth, k.INBOUND_TUN, k.OUTBOUND_TUN):
         out += [(links.conf_key(dev, "rp_filter"), "0"), (links.conf_key(dev, "accept_local"), "1")]
     return out
 
 
-def state_path() -> Path:
-    return state_dir() / STATE_NAME
-
-
-def _state() -> StateFile:
-    return StateFile.load(state_path())
+state_path = state.node_state_path
+_state = state.load_node_state
 
 
 def load_config(st: StateFile) -> NodeConfig | None:
-    c = st.data.get("config")
-    if not c or _ebpf.is_ebpf(st):
-        return None
-    return NodeConfig(
-        ipaddress.IPv4Address(c["ztunnel_ip"]),
-        c["ztunnel_veth"],
-        ipaddress.IPv4Address(c["host_ip"]),
-        int(c["port"]),
-        bool(c["dns_capture"]),
-        c["version"],
-    )
+    """The iptables mode's settings (None: not set up, or set up in eBPF mode)."""
+    return None if _ebpf.is_ebpf(st) else state.node_config(st)
 
 
 def intent(st: StateFile) -> reconcile.Intent:
@@ -168,18 +154,20 @@ def intent(st: StateFile) -> reconcile.Intent:
         return _ebpf.intent(st)
     cfg = load_config(st)
     assert cfg is not None
-    pods: dict[str, Any] = st.data.get("pods", {})
-    pod_routes = [profile.route_from_dict(i["route"]) for i in pods.values() if i.get("route")]
-    pod_sysctls = [(key, "0") for i in pods.values() for key in i.get("sysctls", {})]
+    recs = state.load_pods_cached(st.path.parent)
+    pod_routes = [profile.route_from_dict(r.route) for r in recs.values() if r.route]
+    pod_sysctls = [(key, "0") for r in recs.values() for key in r.sysctls]
     return reconcile.Intent(
         role=ROLE,
         endpoints=tuple(profile.with_auth(st, node_endpoints(cfg))),
         pidfile=profile.endpoint_pidfile(st, ROLE),
         rules=tuple(node_rules()),
-        routes=(*node_routes(cfg), *pod_routes),
-        sysctls=(*node_sysctls(cfg), *pod_sysctls),
-        ipset_entries={ip: str(i.get("uid", "")) for ip, i in pods.items()},
+        routes=tuple(node_routes(cfg)),
+        sysctls=tuple(node_sysctls(cfg)),
+        ipset_entries={ip: r.uid for ip, r in recs.items()},
         chains=tuple(reconcile.ChainIntent.from_dict(d) for d in st.data.get("iptables", [])),
+        pod_routes=tuple(pod_routes),
+        pod_sysctls=tuple(pod_sysctls),
     )
 
 
@@ -198,11 +186,9 @@ def up(
     Istio 1.18 always used 6081. Without ``start_watch`` the caller runs the reconcile
     watcher itself (`node up --foreground`). Returns the configuration applied.
     """
-    from . import pods  # pods needs node's state helpers; import here to avoid a cycle
-
     say = log or (lambda _msg: None)
     st = _state()
-    enrolled: dict[str, Any] = dict(st.data.get("pods", {}))
+    enrolled = state.load_pods(st.path.parent)
     if st.exists:
         # A previous (or crashed) setup with a record: take it away first. Without a
         # record nothing is removed by name here, so things that were there before us
@@ -225,9 +211,13 @@ def up(
         },
     )
     with profile.rolled_back_on_error(down, ROLE):
+        profile.select_iptables(st, cfg.version, say)
         # Tables that exist now; `down` deletes the ones our rules made appear.
         st.data["tables_before"] = sorted(iptables.save())
+        st.save()
         profile.record_auth(st, auth)
+        say("sysctls: rp_filter=0 for all and default")
+        profile.set_sysctls(st, profile.global_rp_filter_off())
         say(
             f"endpoints {k.INBOUND_TUN} (VNI {k.INBOUND_TUN_VNI}), {k.OUTBOUND_TUN} "
             f"(VNI {k.OUTBOUND_TUN_VNI}) -> {cfg.ztunnel_ip}:{cfg.port}"
@@ -250,21 +240,34 @@ def up(
         st.data["iptables"] = [c.to_dict() for c in expected]
         st.save()
 
-        say("sysctls: rp_filter=0, accept_local=1")
+        say("sysctls: rp_filter=0, accept_local=1 on the devices")
         profile.set_sysctls(st, node_sysctls(cfg))
 
         say("routes: tables 100, 101, 102; ip rules 100-103")
         profile.add_routes(st, node_routes(cfg))
         profile.add_rules(st, node_rules())
         profile.finish(st)
-    for ip, info in enrolled.items():
-        say(f"re-enrolling pod {ip}")
-        pods.add(ip, info.get("uid", ""))
+    if enrolled:
+        say(f"re-enrolling {len(enrolled)} pods")
+        pods.add_many((ip, rec.uid) for ip, rec in enrolled.items())
     if start_watch:
         log_path = watch.logfile(st.path.parent, ROLE)
         say(f"reconcile watcher: `geneve-dp node watch`, log {log_path}")
         watch.start(st.path.parent, ROLE)
     return cfg
+
+
+def _remove_chains(data: dict[str, Any]) -> list[str]:
+    done = []
+    current = iptables.save() if profile.iptables_ok() else {}
+    text = iptables.render_remove(rules.all_node_chain_names(), current)
+    if text:
+        iptables.restore(text)
+        done.append(f"iptables ztunnel-* chains ({iptables.selected()})")
+    if current and "tables_before" in data:
+        created = set(current) - set(data["tables_before"])
+        done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+    return done
 
 
 def down() -> list[str]:
@@ -279,23 +282,15 @@ def down() -> list[str]:
     watch.stop(state_dir(), ROLE)
     st = _state()
     data = st.data
+    recs = state.load_pods(st.path.parent)
 
     # iptables first: the rules reference the ipset, which cannot go while in use.
-    current = iptables.save() if profile.iptables_ok() else {}
-    names = rules.all_node_chain_names()
-    text = iptables.render_remove(names, current)
-    if text:
-        iptables.restore(text)
-        done.append("iptables ztunnel-* chains")
-
-    if current and "tables_before" in data:
-        created = set(current) - set(data["tables_before"])
-        done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+    for backend in profile.iptables_backends(st):
+        iptables.select(backend)
+        done += _remove_chains(data)
 
     done += profile.delete_routes(data.get("routes", []))
-    done += profile.delete_routes(
-        i["route"] for i in data.get("pods", {}).values() if i.get("route")
-    )
+    done += pods.remove_all(st.path.parent)  # routes and sysctls, before the node's
     if not data.get("config"):
         # No record (lost with /run, or never written): do as Istio's cleanupNode and
         # flush our three tables, which nothing else is meant to use.
@@ -313,11 +308,9 @@ def down() -> list[str]:
         if ipset.destroy(k.IPSET_NAME):
             done.append(f"ipset {k.IPSET_NAME}")
     elif set_ours is False:
-        for ip in data.get("pods", {}):
+        for ip in recs:
             ipset.delete(k.IPSET_NAME, ip)
 
     profile.restore_sysctls(data.get("sysctls", {}))
-    for info in data.get("pods", {}).values():
-        profile.restore_sysctls(info.get("sysctls", {}))
     st.remove()
     return done

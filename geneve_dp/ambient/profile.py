@@ -107,6 +107,13 @@ def set_sysctls(st: StateFile, pairs: Iterable[tuple[str, str]]) -> None:
         links.sysctl_set(key, value)
 
 
+def global_rp_filter_off() -> list[tuple[str, str]]:
+    """rp_filter 0 for ``all`` (which the kernel ORs with each device's) and ``default``
+    (what new devices get). Set before the endpoints start: their inject device is made
+    only where nothing reverse-path filters (dataplane/inject.py)."""
+    return [(links.conf_key(d, "rp_filter"), "0") for d in ("all", "default")]
+
+
 def restore_sysctls(old_values: dict[str, str]) -> None:
     for key, old in reversed(list(old_values.items())):
         with contextlib.suppress(OSError):
@@ -142,6 +149,34 @@ def delete_routes(recorded: Iterable[dict[str, Any]]) -> list[str]:
 def delete_rules(rules: Iterable[links.Rule]) -> list[str]:
     """Delete our ip rules by selector: ours whether or not they were recorded."""
     return [f"ip rule {r.describe()}" for r in rules if links.del_rule(r)]
+
+
+def select_iptables(st: StateFile, version: str, say: Callable[[str], None]) -> None:
+    """Detect the iptables backend as Istio ``version`` does, use it, and record it."""
+    backend, why = iptables.detect_backend(version)
+    iptables.select(backend)
+    st.data["iptables_backend"] = {"name": backend, "why": why}
+    st.save()
+    say(f"iptables backend: {iptables.selected()} ({why})")
+
+
+def use_recorded_iptables(st: StateFile) -> bool:
+    """Use the backend ``st`` records; False when it records none."""
+    rec = st.data.get("iptables_backend")
+    if not isinstance(rec, dict):
+        return False
+    iptables.select(rec.get("name"))
+    return True
+
+
+def iptables_backends(st: StateFile) -> list[str | None]:
+    """Where `down` looks for our rules: the recorded backend, else every one."""
+    rec = st.data.get("iptables_backend")
+    if isinstance(rec, dict):
+        return [rec.get("name")]
+    if iptables.detect_backend("1.20")[0] is None:
+        return [None]
+    return list(iptables.BACKENDS)
 
 
 def iptables_ok() -> bool:

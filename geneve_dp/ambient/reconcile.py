@@ -76,6 +76,9 @@ class Intent:
     sysctls: tuple[tuple[str, str], ...] = ()
     ipset_entries: dict[str, str] | None = None  # IP -> comment; None: no ipset here
     chains: tuple[ChainIntent, ...] = ()
+    # Per enrolled pod; as many as there are pods, so looked at on routing passes only.
+    pod_routes: tuple[links.Route, ...] = ()
+    pod_sysctls: tuple[tuple[str, str], ...] = ()
     # Repairs of a profile's own kind (the eBPF mode's maps and tc filters): each is
     # called with (say, routing) on every pass and returns the repairs it made.
     extra: tuple[Callable[[Say, bool], list[str]], ...] = ()
@@ -152,15 +155,41 @@ def iptables_repair_text(
     return ("\n".join(text) + "\n" if text else ""), fixes
 
 
+@dataclass(frozen=True)
+class View:
+    """The kernel's routes (of tables 100-102, where every profile route lives), rules
+    and ipset entries, read by the watcher *before* it takes the state lock, so that a
+    pod add or del never waits for these reads. A pod changed in between only makes
+    the pass add again what is already there, which the kernel reports (EEXIST) and
+    which is then neither counted nor logged as a repair."""
+
+    routes: frozenset[links.RouteKey]
+    rules: tuple[links.Rule, ...]
+    ipset_entries: dict[str, str]
+
+
+def read_view() -> View:
+    routes: set[links.RouteKey] = set()
+    for table in k.NODE_TABLES:
+        routes |= links.route_keys(table)
+    return View(frozenset(routes), tuple(links.list_rules()), ipset.entries(k.IPSET_NAME))
+
+
 def repair(
-    intent: Intent, say: Say, memory: Memory | None = None, routing: bool = True
+    intent: Intent,
+    say: Say,
+    memory: Memory | None = None,
+    routing: bool = True,
+    view: View | None = None,
 ) -> list[str]:
     """Add back whatever of ``intent`` is missing; the repairs made, each also said.
 
     Without ``memory`` (a one-off pass) a deleted device restarts its daemon at once.
-    ``routing=False`` leaves out ip rules and routes: the watcher looks at those when
-    rtnetlink announced a change (and now and then regardless), because every pyroute2
-    dump keeps memory for good (see links.link_names) and they cannot change unseen."""
+    ``routing=False`` leaves out what the kernel announces when it changes (ip rules,
+    routes, the pods' sysctls) and compares the ipset by its size only: the watcher
+    looks at those fully when rtnetlink announced a change (and now and then
+    regardless), with ``view`` read before it took the state lock. However many pods
+    there are, a pass makes one dump of each of tables 100-102 and one rule dump."""
     done: list[str] = []
 
     def fixed(msg: str) -> None:
@@ -197,18 +226,17 @@ def repair(
         if memory is not None and not waiting:
             memory.devices_gone_since = None
 
-    # A route through a device that is not there cannot be added: skip it quietly.
-    present_devs = set(links.link_names())
-
     if intent.ipset_entries is not None:
         if not ipset.exists(k.IPSET_NAME):
             ipset.create(k.IPSET_NAME)
             fixed(f"ipset {k.IPSET_NAME} was destroyed; created again")
-        have = ipset.entries(k.IPSET_NAME)
-        for ip, comment in intent.ipset_entries.items():
-            if ip not in have:
-                ipset.add(k.IPSET_NAME, ip, comment)
-                fixed(f"ipset {k.IPSET_NAME}: pod {ip} (uid {comment}) was missing; added")
+        # An entry removed shows in the count; one swapped for another does not, and
+        # waits for the next full look.
+        if routing or ipset.count(k.IPSET_NAME) < len(intent.ipset_entries):
+            have = view.ipset_entries if view is not None else ipset.entries(k.IPSET_NAME)
+            for ip, comment in intent.ipset_entries.items():
+                if ip not in have and ipset.add(k.IPSET_NAME, ip, comment):
+                    fixed(f"ipset {k.IPSET_NAME}: pod {ip} (uid {comment}) was missing; added")
 
     if intent.chains:
         text, fixes = iptables_repair_text(intent.chains, iptables.save())
@@ -217,7 +245,8 @@ def repair(
             for msg in fixes:
                 fixed(msg)
 
-    for key, value in intent.sysctls:
+    sysctls = (*intent.sysctls, *intent.pod_sysctls) if routing else intent.sysctls
+    for key, value in sysctls:
         cur = links.sysctl_get(key)
         if cur is not None and cur != value:
             links.sysctl_set(key, value)
@@ -226,14 +255,16 @@ def repair(
         done += fix(say, routing)
     if not routing:
         return done
-    rules_now = links.list_rules()
+    rules_now = view.rules if view is not None else tuple(links.list_rules())
     for rule in intent.rules:
-        if rule not in rules_now:
-            links.add_rule(rule)
+        if rule not in rules_now and links.add_rule(rule):
             fixed(f"ip rule {rule.describe()} was missing; added")
 
-    for route in intent.routes:
-        if route.dev not in present_devs or links.route_exists(route):
+    routes_now = view.routes if view is not None else read_view().routes
+    for route in (*intent.routes, *intent.pod_routes):
+        rkey = links.route_key(route)
+        # A route through a device that is not there cannot be added: skip it quietly.
+        if rkey is None or rkey in routes_now:
             continue
         if links.add_route(route):
             fixed(f"route {route.describe()} was missing; added")

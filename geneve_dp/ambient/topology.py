@@ -72,8 +72,10 @@ class World:
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     # Written as net.ipv4.conf.{all,default}.rp_filter in every namespace before its
-    # devices exist (1: strict, as many distributions ship); None keeps the kernel's.
-    rp_filter: int | None = None
+    # devices exist; None keeps the kernel's. 1 (strict, as many distributions ship) by
+    # default: the profiles must turn it off where Istio does, not rely on a fresh
+    # namespace's 0.
+    rp_filter: int | None = 1
 
     # --- names ------------------------------------------------------------------------
     def ns(self, role: str) -> str:
@@ -266,6 +268,8 @@ class World:
             "tc": tc,
             "bpf mounts": out("findmnt", "-n", "-t", "bpf"),
             "iptables-save": normalize_save(out("iptables-save")),
+            # The other backend too: where kubelet uses it, so do the profiles.
+            "iptables-legacy-save": normalize_save(out("iptables-legacy-save")),
             "ip rule": out("ip", "rule"),
             "ip route show table all": out("ip", "route", "show", "table", "all"),
             "ipset list": out("ipset", "list"),

@@ -28,12 +28,17 @@ from pathlib import Path
 
 from ..netconf import links
 from . import procs, reconcile
+from .profile import use_recorded_iptables
 from .state import StateFile, locked
 
 INTERVAL = 1.0
 TICK = 0.2  # how long a wait for a change lasts before SIGTERM is looked at again
 SETTLE = 0.02  # after a change, a moment for the rest of a burst (a flush, a restart)
 ROUTING_INTERVAL = 30.0  # rules and routes are read at least this often without a change
+# Passes started by changes are at least this far apart (and twice the last pass's
+# length): a burst of changes (hundreds of pods enrolled) costs a few passes a second,
+# not one pass per change. A change after a quiet spell is looked at at once.
+BURST_GAP = 0.3
 
 # What a profile's state file asks to exist (node.intent, ztunnel.intent).
 IntentOf = Callable[[StateFile], reconcile.Intent]
@@ -91,19 +96,28 @@ def run(
     try:
         next_pass = time.monotonic() + interval
         next_routing = 0.0  # the first pass reads everything
+        last_change_pass = 0.0  # when a pass last ran because of a change
+        gap = BURST_GAP
+        pending = False  # a change seen and not yet looked at
         while not stop_event.is_set():
-            woke = changes.wait(max(0.0, min(TICK, next_pass - time.monotonic())))
+            due = min(next_pass, last_change_pass + gap) if pending else next_pass
+            woke = changes.wait(max(0.0, min(TICK, due - time.monotonic())))
             if stop_event.is_set():
                 break
-            if not woke and time.monotonic() < next_pass:
+            pending = pending or woke
+            now = time.monotonic()
+            if now < next_pass and (not pending or now < last_change_pass + gap):
                 continue
             if woke:
                 time.sleep(SETTLE)
                 while changes.wait(0):
                     pass
             now = time.monotonic()
+            if pending:
+                last_change_pass = now
             next_pass = now + interval
-            routing = woke or now >= next_routing
+            routing = pending or now >= next_routing
+            pending = False
             if routing:
                 next_routing = now + ROUTING_INTERVAL
             try:
@@ -114,6 +128,9 @@ def run(
                     return 0
             except Exception as exc:  # keep watching: the next pass may succeed
                 say(f"reconcile pass failed: {exc}")
+            # A pass that took long (many pods) makes the next change-driven one wait
+            # longer: at most a third of the time goes to passes during a burst.
+            gap = max(BURST_GAP, 2 * (time.monotonic() - now))
     finally:
         changes.close()
     return 0
@@ -128,6 +145,7 @@ def reconcile_once(
     routing: bool = True,
 ) -> bool:
     """One pass; False when there is nothing to watch any more."""
+    view = reconcile.read_view() if routing else None  # outside the lock (reconcile.View)
     with locked(directory) as held:
         if not held:
             return False
@@ -137,5 +155,6 @@ def reconcile_once(
         # An incomplete record is a setup still running (or one that crashed, for
         # `down` to clean): nothing to hold on to yet.
         if st.data.get("complete"):
-            reconcile.repair(intent_of(st), say, memory, routing)
+            use_recorded_iptables(st)
+            reconcile.repair(intent_of(st), say, memory, routing, view)
     return True

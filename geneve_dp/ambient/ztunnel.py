@@ -11,17 +11,19 @@ can put it back.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import wire
 from ..auth.settings import AuthSettings
 from ..errors import UserError
 from ..netconf import iptables, links
-from . import checks, endpoints, profile, reconcile, rules, watch
+from . import checks, endpoints, profile, reconcile, rules, state, watch
 from . import constants as k
 from .ebpf import ztunnel as _ebpf
-from .state import StateFile, state_dir
+from .state import StateFile, state_dir, state_root
 
 STATE_NAME = "ztunnel.json"
 ROLE = "ztunnel"
@@ -35,9 +37,21 @@ class ZtunnelConfig:
     port: int = 6081
 
 
-def resolve(host_ip: str | None, port: int = 6081) -> ZtunnelConfig:
+def resolve(
+    host_ip: str | None, port: int | None = None, say: Callable[[str], None] | None = None
+) -> ZtunnelConfig:
+    """Check the inputs against this namespace. The GENEVE port is the one `node up`
+    chose for this ztunnel (Istio passes one port to both sides): ``port`` None takes
+    it from the node's record, and a ``port`` that differs from it is refused."""
     host = checks.ipv4(host_ip, "--host-ip")
-    checks.port(port)
+    if port is not None:
+        checks.port(port)
+    if state.node_state_path().exists():
+        # The clean slate flushes tables 100-102, which are the node's here.
+        raise UserError(
+            "this namespace is the node's (`node up` ran here); run it in the ztunnel pod's",
+            "ztunnel up",
+        )
     route = checks.route_or_fail(host, "--host-ip")
     if route.src is None:
         raise UserError(
@@ -51,7 +65,63 @@ def resolve(host_ip: str | None, port: int = 6081) -> ZtunnelConfig:
             "ztunnel pod's link",
             "--host-ip",
         )
+    chosen = node_port(route.src, host)
+    if chosen is None:
+        if port is None:
+            port = wire.GENEVE_PORT
+            if say is not None:
+                say(f"no node record names ztunnel {route.src}: GENEVE port {port}")
+    elif port is None:
+        port = chosen[0]
+        if say is not None:
+            say(f"GENEVE port {port}, as `node up` chose ({chosen[1]})")
+    elif port != chosen[0]:
+        raise UserError(
+            f"{port} differs from the port `node up` chose for this ztunnel, {chosen[0]} "
+            f"({chosen[1]}); leave --port out to take it",
+            "--port",
+        )
     return ZtunnelConfig(host, route.src, route.oif, port)
+
+
+def node_records(
+    ztunnel_ip: ipaddress.IPv4Address, host_ip: ipaddress.IPv4Address
+) -> list[StateFile]:
+    """Node records (of any namespace under the state root) set up for this ztunnel IP
+    from this host IP."""
+    out = []
+    for path in sorted(state_root().glob(f"*/{state.NODE_STATE_NAME}")):
+        st = StateFile.load(path)
+        cfg = state.node_config(st)
+        if cfg is not None and (cfg.ztunnel_ip, cfg.host_ip) == (ztunnel_ip, host_ip):
+            out.append(st)
+    return out
+
+
+def node_record(
+    ztunnel_ip: ipaddress.IPv4Address, host_ip: ipaddress.IPv4Address
+) -> StateFile | None:
+    recs = node_records(ztunnel_ip, host_ip)
+    return recs[0] if len(recs) == 1 else None
+
+
+def node_port(
+    ztunnel_ip: ipaddress.IPv4Address, host_ip: ipaddress.IPv4Address
+) -> tuple[int, Path] | None:
+    """The port `node up` chose for this ztunnel (see ``node_records``), and the
+    record's path; None without a record."""
+    found: dict[int, Path] = {}
+    for st in node_records(ztunnel_ip, host_ip):
+        cfg = state.node_config(st)
+        assert cfg is not None
+        found.setdefault(cfg.port, st.path)
+    if len(found) > 1:
+        records = ", ".join(f"{p} in {path}" for p, path in found.items())
+        raise UserError(
+            f"node records for ztunnel {ztunnel_ip} disagree on the port ({records}); give --port",
+            "--port",
+        )
+    return next(iter(found.items()), None)
 
 
 def ztunnel_endpoints(cfg: ZtunnelConfig) -> list[endpoints.Endpoint]:
@@ -106,8 +176,8 @@ def ztunnel_routes(cfg: ZtunnelConfig) -> list[links.Route]:
 
 
 def ztunnel_sysctls(cfg: ZtunnelConfig) -> list[tuple[str, str]]:
-    devs = (k.ZT_OUTBOUND_TUN, k.ZT_INBOUND_TUN, "default", "all", cfg.eth)
-    return [(links.conf_key(d, "rp_filter"), "0") for d in devs]
+    devs = (k.ZT_OUTBOUND_TUN, k.ZT_INBOUND_TUN, cfg.eth)
+    return [*profile.global_rp_filter_off(), *((links.conf_key(d, "rp_filter"), "0") for d in devs)]
 
 
 def state_path() -> Path:
@@ -163,6 +233,19 @@ def up(cfg: ZtunnelConfig, log: Any = None, auth: AuthSettings | None = None) ->
     )
     with profile.rolled_back_on_error(down, ROLE):
         profile.record_auth(st, auth)
+        # The node's backend where its record is known (Istio runs both sides' rules
+        # with one command), else detected here.
+        node_rec = node_record(cfg.ztunnel_ip, cfg.host_ip)
+        if node_rec is not None and profile.use_recorded_iptables(node_rec):
+            st.data["iptables_backend"] = node_rec.data["iptables_backend"]
+            st.save()
+            say(f"iptables backend: {iptables.selected()} (as the node's, {node_rec.path})")
+        else:
+            profile.select_iptables(st, k.DEFAULT_ISTIO_VERSION, say)
+        cleaned = clean_slate()
+        say("clean slate: " + (", ".join(cleaned) if cleaned else "nothing to remove"))
+        say("sysctls: rp_filter=0 for all and default")
+        profile.set_sysctls(st, profile.global_rp_filter_off())
         say(f"endpoints {k.ZT_INBOUND_TUN}, {k.ZT_OUTBOUND_TUN} -> {cfg.host_ip}:{cfg.port}")
         profile.start_endpoints(st, ztunnel_endpoints(cfg), ROLE)
 
@@ -195,6 +278,31 @@ def up(cfg: ZtunnelConfig, log: Any = None, auth: AuthSettings | None = None) ->
     watch.start(st.path.parent, ROLE)
 
 
+def _remove_rules(data: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    done: list[str] = []
+    if not profile.iptables_ok():
+        return done
+    # Our four rules, found by comparison (iptables -C), whatever their eth/IP were.
+    zt_ip = cfg.get("ztunnel_ip")
+    eth = cfg.get("eth")
+    present: list[iptables.Rule] = []
+    if zt_ip and eth:
+        ruleset = rules.ztunnel_ruleset(ipaddress.IPv4Address(zt_ip), eth)
+        present = [r for r in ruleset.rules if iptables.rule_exists(r)]
+    else:
+        present = _tproxy_rules_by_text()
+    # What the flush took is given back only in the backend where it was taken.
+    restore = [iptables.Rule(t, c, s) for t, c, s in data.get("flushed", [])] if present else []
+    text = iptables.render_remove([], {}, delete_rules=present, restore_rules=restore)
+    if text:
+        iptables.restore(text)
+        done.append(f"{len(present)} mangle PREROUTING rules ({iptables.selected()})")
+    if "tables_before" in data:
+        created = set(iptables.save()) - set(data["tables_before"])
+        done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+    return done
+
+
 def down() -> list[str]:
     if _ebpf.is_ebpf(_state()):
         return _ebpf.down()
@@ -204,25 +312,9 @@ def down() -> list[str]:
     st = _state()
     data = st.data
     cfg = data.get("config") or {}
-
-    if profile.iptables_ok():
-        # Our four rules, found by comparison (iptables -C), whatever their eth/IP were.
-        zt_ip = cfg.get("ztunnel_ip")
-        eth = cfg.get("eth")
-        present: list[iptables.Rule] = []
-        if zt_ip and eth:
-            ruleset = rules.ztunnel_ruleset(ipaddress.IPv4Address(zt_ip), eth)
-            present = [r for r in ruleset.rules if iptables.rule_exists(r)]
-        else:
-            present = _tproxy_rules_by_text()
-        restore = [iptables.Rule(t, c, s) for t, c, s in data.get("flushed", [])]
-        text = iptables.render_remove([], {}, delete_rules=present, restore_rules=restore)
-        if text:
-            iptables.restore(text)
-            done.append(f"{len(present)} mangle PREROUTING rules")
-        if "tables_before" in data:
-            created = set(iptables.save()) - set(data["tables_before"])
-            done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+    for backend in profile.iptables_backends(st):
+        iptables.select(backend)
+        done += _remove_rules(data, cfg)
 
     done += profile.delete_routes(data.get("routes", []))
     if not cfg:
@@ -233,6 +325,19 @@ def down() -> list[str]:
     done += profile.stop_endpoints(st, ROLE, [k.ZT_INBOUND_TUN, k.ZT_OUTBOUND_TUN])
     profile.restore_sysctls(data.get("sysctls", {}))
     st.remove()
+    return done
+
+
+def clean_slate() -> list[str]:
+    """Istio's first step in this namespace (§4 step 1): tables 100-102 flushed, rules
+    20000-20003 deleted, and stale `pistio*` devices deleted, whoever left them; what
+    went, for people. The namespace is the ztunnel pod's, so nothing here is anyone
+    else's, and none of it comes back on `down`."""
+    done = [f"routes of table {t}" for t in k.NODE_TABLES if links.flush_table(t)]
+    done += [f"ip rule {p}" for p in k.ZTUNNEL_RULE_PRIORITIES if links.del_rules_at(p)]
+    for name in links.link_names():
+        if name.startswith(k.ZT_TUN_PREFIX) and links.delete_link(name):
+            done.append(f"device {name}")
     return done
 
 

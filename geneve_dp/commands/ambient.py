@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .. import logs, wire
@@ -109,6 +110,7 @@ def register(sub: Any) -> None:
     _netns_arg(down)
     down.set_defaults(func=cmd_down, role="node")
     _watch_parser(nsub, "node")
+    _status_parser(nsub, "node")
     rend = nsub.add_parser(
         "render",
         help="print the iptables-restore input `node up` would apply (no root)",
@@ -146,7 +148,12 @@ def register(sub: Any) -> None:
         ),
     )
     zup.add_argument("--host-ip", metavar="IP", help="the node's address on the ztunnel pod link")
-    zup.add_argument("--port", type=int, default=6081, help="GENEVE UDP port (default 6081)")
+    zup.add_argument(
+        "--port",
+        type=int,
+        help="GENEVE UDP port (default: the one `node up` chose for this ztunnel, found in "
+        "its record; 6081 without one)",
+    )
     _redirect_mode_arg(zup)
     zup.add_argument(
         "--ebpf-tproxy",
@@ -171,6 +178,7 @@ def register(sub: Any) -> None:
     _netns_arg(zdown)
     zdown.set_defaults(func=cmd_down, role="ztunnel")
     _watch_parser(zsub, "ztunnel")
+    _status_parser(zsub, "ztunnel")
 
     pod = sub.add_parser(
         "pod",
@@ -183,23 +191,33 @@ def register(sub: Any) -> None:
         help="enrol a pod (adding twice is a no-op)",
         description=(
             f"Enrol pod IP in ambient redirection: an entry in the {k.IPSET_NAME} ipset "
-            "(commented with --uid) and its route in table 100, so its traffic enters "
-            "istioout. Adding a pod twice changes nothing. Needs root."
+            "(commented with --uid), its route in table 100, so its traffic enters "
+            "istioout, and rp_filter off on its device. Adding a pod twice changes "
+            "nothing. With --batch FILE, many pods in one run. Needs root."
         ),
     )
-    padd.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
-    padd.add_argument("--uid", required=True, help="the pod's UID (ipset comment)")
+    padd.add_argument("ip", metavar="IP", nargs="?", help="the pod's IPv4 address")
+    padd.add_argument("--uid", help="the pod's UID (ipset comment)")
+    padd.add_argument(
+        "--batch",
+        metavar="FILE",
+        help="enrol many pods in one run: one 'IP UID' per line ('-': standard input); "
+        "every line is checked before any pod is enrolled",
+    )
     _netns_arg(padd)
     padd.set_defaults(func=cmd_pod_add)
     pdel = psub.add_parser(
         "del",
-        help="remove a pod (an unknown pod is not an error)",
+        help="remove pods (an unknown pod is not an error)",
         description=(
-            "Remove pod IP from ambient redirection (ipset entry and table-100 route). "
+            "Remove pod IPs from ambient redirection (ipset entry and table-100 route). "
             "A pod that is not enrolled is not an error. Needs root."
         ),
     )
-    pdel.add_argument("ip", metavar="IP", help="the pod's IPv4 address")
+    pdel.add_argument("ip", metavar="IP", nargs="*", help="the pods' IPv4 addresses")
+    pdel.add_argument(
+        "--batch", metavar="FILE", help="also remove the IPs listed in FILE, one a line"
+    )
     _netns_arg(pdel)
     pdel.set_defaults(func=cmd_pod_del)
     plist = psub.add_parser(
@@ -268,6 +286,51 @@ def _watch_parser(sub: Any, role: str) -> None:
     w.set_defaults(func=cmd_watch, role=role)
 
 
+def _status_parser(sub: Any, role: str) -> None:
+    st = sub.add_parser(
+        "status",
+        help=f"what `{role} up` recorded here: settings, iptables backend, watcher",
+    )
+    st.add_argument("--json", action="store_true", help="one JSON object")
+    _netns_arg(st)
+    st.set_defaults(func=cmd_status, role=role)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from ..ambient import procs, state, watch
+
+    _enter(args)
+    mod = _profile(args.role)
+    path = mod.state_path()
+    st = state.StateFile.load(path)
+    backend = st.data.get("iptables_backend") or {}
+    watcher = procs.find(["geneve_dp", args.role, "watch"], watch.pidfile(path.parent, args.role))
+    out: dict[str, Any] = {
+        "role": args.role,
+        "state": "up" if st.data.get("complete") else "setting up" if st.exists else "down",
+        "config": st.data.get("config"),
+        "iptables_backend": backend.get("name") or ("as installed" if backend else None),
+        "iptables_backend_why": backend.get("why"),
+        "watcher_pids": watcher,
+    }
+    if args.role == "node":
+        out["pods"] = len(state.load_pods(path.parent))
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return 0
+    print(f"{args.role}: {out['state']}")
+    for key, value in (out["config"] or {}).items():
+        print(f"  {key}: {value}")
+    if backend:
+        print(f"  iptables backend: {out['iptables_backend']} ({out['iptables_backend_why']})")
+    if "pods" in out:
+        print(f"  pods: {out['pods']}")
+    print(f"  watcher: {', '.join(map(str, watcher)) if watcher else 'not running'}")
+    return 0
+
+
 def _redirect_mode_arg(p: argparse.ArgumentParser) -> None:
     from ..ambient.ebpf import DEFAULT_REDIRECT_MODE, REDIRECT_MODES
 
@@ -305,6 +368,7 @@ def _version(value: str) -> k.IstioVersion:
 
 def cmd_node_up(args: argparse.Namespace) -> int:
     from ..ambient import checks, node
+    from ..netconf import iptables
 
     if args.redirect_mode == "ebpf":
         return _node_up_ebpf(args)
@@ -325,7 +389,7 @@ def cmd_node_up(args: argparse.Namespace) -> int:
     )
     print(
         f"node up: ztunnel {cfg.ztunnel_ip} via {cfg.ztunnel_veth}, host IP {cfg.host_ip}, "
-        f"GENEVE port {cfg.port}, Istio {cfg.version} rules",
+        f"GENEVE port {cfg.port}, Istio {cfg.version} rules, iptables {iptables.selected()}",
         flush=True,
     )
     if args.foreground:
@@ -445,7 +509,7 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
     checks.require_tools("ztunnel up")
     say = _progress(args, "ztunnel")
     _enter(args)
-    cfg = ztunnel.resolve(args.host_ip, args.port)
+    cfg = ztunnel.resolve(args.host_ip, args.port, say)
     auth = auth_settings.resolve(args.auth_key_file, args.auth_option_class)
     ztunnel.up(cfg, log=say, auth=auth)
     print(
@@ -453,6 +517,41 @@ def cmd_ztunnel_up(args: argparse.Namespace) -> int:
         "TPROXY to 15008/15001/15006"
     )
     return 0
+
+
+def _batch_lines(path: str) -> list[tuple[int, list[str]]]:
+    """(line number, words) of each non-empty, non-comment line of FILE or stdin."""
+    from ..errors import UserError
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}", "--batch") from exc
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if words:
+            out.append((n, words))
+    return out
+
+
+def _pods_to_add(args: argparse.Namespace) -> list[tuple[str, str]]:
+    from ..errors import UserError
+
+    if args.batch is None:
+        if args.ip is None:
+            raise UserError("is required (or --batch FILE)", "IP")
+        if not args.uid:
+            raise UserError("is required (the pod's UID, kept as the ipset comment)", "--uid")
+        return [(args.ip, args.uid)]
+    if args.ip is not None or args.uid is not None:
+        raise UserError("takes no IP or --uid: each line of the file names one pod", "--batch")
+    out = []
+    for n, words in _batch_lines(args.batch):
+        if len(words) != 2:
+            raise UserError(f"line {n}: expected 'IP UID', got {' '.join(words)!r}", "--batch")
+        out.append((words[0], words[1]))
+    return out
 
 
 def _ztunnel_up_ebpf(args: argparse.Namespace) -> int:
@@ -478,17 +577,29 @@ def cmd_pod_add(args: argparse.Namespace) -> int:
     from ..ambient import checks, pods
 
     checks.require_root("pod add")
+    wanted = _pods_to_add(args)
     _enter(args)
-    print(pods.add(args.ip, args.uid).message)
+    for result in pods.add_many(wanted):
+        print(result.message)
     return 0
 
 
 def cmd_pod_del(args: argparse.Namespace) -> int:
     from ..ambient import checks, pods
+    from ..errors import UserError
 
     checks.require_root("pod del")
+    ips = list(args.ip)
+    if args.batch is not None:
+        for n, words in _batch_lines(args.batch):
+            if len(words) > 2:
+                raise UserError(f"line {n}: expected 'IP [UID]'", "--batch")
+            ips.append(words[0])
+    if not ips:
+        raise UserError("is required (one or more, or --batch FILE)", "IP")
     _enter(args)
-    print(pods.delete(args.ip).message)
+    for result in pods.delete_many(ips):
+        print(result.message)
     return 0
 
 

@@ -80,9 +80,11 @@ Design notes (the kernel geneve contract, and where this differs):
   arrives meanwhile waits in the kernel's queues and nothing is lost; a port no
   tunnel changed is not touched. Counters carry over (``counters`` never go back),
   as does the flow hash seed (a flow keeps its outer source port).
-- Not reproduced: the kernel routes the outer packet with the inner skb's mark and
-  keeps skb->mark across encapsulation; a TAP/TUN read carries no mark, and frames
-  written to the device start with mark 0.
+- Marks: the kernel routes the outer packet with the inner skb's mark and keeps
+  skb->mark across encapsulation; a TAP/TUN read carries no mark, and frames written
+  to the device start with mark 0. A tunnel's ``mark`` (spec) is put on every outer
+  packet it sends (SO_MARK on its UDP sockets and its own raw socket; a marked tunnel
+  does not inject): for a profile whose tunnel carries inner packets of one mark.
 """
 
 from __future__ import annotations

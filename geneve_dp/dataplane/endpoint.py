@@ -50,6 +50,7 @@ IPV6_HDRINCL = 36
 SO_RXQ_OVFL = 40
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
+SO_MARK = 36
 UDP_NO_CHECK6_RX = 102
 UDP_GRO = 104
 SOCKET_BUFFER = 4 << 20
@@ -124,11 +125,22 @@ class Group:
     tunnels: list[Tunnel] = field(default_factory=list)
     udp_gro: bool = False  # UDP_GRO accepted on the receive socket
     udp_extra: list[socket.socket] = field(default_factory=list)  # workers 2..n (reuseport)
+    raw_marked: dict[int, socket.socket] = field(default_factory=dict)  # mark -> raw socket
 
     @property
     def udps(self) -> list[socket.socket]:
         """One receive socket per worker."""
         return [self.udp, *self.udp_extra]
+
+    def raw_for(self, mark: int | None) -> socket.socket:
+        """The raw transmit socket whose packets carry ``mark`` (SO_MARK); one is made
+        for a mark first seen here (a tunnel added to a running port)."""
+        if not mark:
+            return self.raw
+        sock = self.raw_marked.get(mark)
+        if sock is None:
+            sock = self.raw_marked[mark] = _raw_socket(self.family, mark)
+        return sock
 
 
 def _af(family: int) -> socket.AddressFamily:
@@ -341,12 +353,40 @@ def _udp_socket(
         raise
 
 
+def _raw_socket(family: int, mark: int | None) -> socket.socket:
+    try:
+        raw = socket.socket(_af(family), socket.SOCK_RAW, socket.IPPROTO_RAW)
+    except OSError as exc:
+        raise UserError(f"cannot open a raw socket: {exc.strerror}", field="port") from exc
+    try:
+        if family == 4:
+            raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        else:
+            raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
+        if mark:
+            set_mark(raw, mark)
+        raw.setblocking(False)
+    except BaseException:
+        raw.close()
+        raise
+    return raw
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except OSError as exc:
+        raise UserError(f"cannot set mark {mark:#x}: {exc.strerror}", field="mark") from exc
+
+
 def _open_group(
     family: int, port: int, specs: list[TunnelSpec], offload: bool, workers: int = 1
 ) -> Group:
-    af = _af(family)
     udps: list[socket.socket] = []
     raw: socket.socket | None = None
+    marked: dict[int, socket.socket] = {}
     try:
         if workers > 1:
             # A plain bind first: it fails while anyone holds the port, where a
@@ -357,22 +397,20 @@ def _open_group(
         for _ in range(workers):
             sock, udp_gro = _udp_socket(family, port, specs, offload, reuseport=workers > 1)
             udps.append(sock)
-        try:
-            raw = socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        except OSError as exc:
-            raise UserError(f"cannot open a raw socket: {exc.strerror}", field="port") from exc
-        if family == 4:
-            raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
-        else:
-            raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
-        with contextlib.suppress(OSError):
-            raw.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
-        raw.setblocking(False)
+        raw = _raw_socket(family, None)
+        for mark in sorted({s.mark for s in specs if s.mark}):
+            marked[mark] = _raw_socket(family, mark)
         return Group(
-            family=family, port=port, udp=udps[0], raw=raw, udp_gro=udp_gro, udp_extra=udps[1:]
+            family=family,
+            port=port,
+            udp=udps[0],
+            raw=raw,
+            udp_gro=udp_gro,
+            udp_extra=udps[1:],
+            raw_marked=marked,
         )
     except BaseException:
-        for sock in udps:
+        for sock in [*udps, *marked.values()]:
             sock.close()
         if raw is not None:
             raw.close()
@@ -397,7 +435,7 @@ def close_resources(groups: list[Group]) -> None:
     for group in groups:
         for tunnel in group.tunnels:
             close_tunnel(tunnel)
-        for sock in group.udps:
+        for sock in [*group.udps, *group.raw_marked.values()]:
             sock.close()
         group.raw.close()
 

@@ -15,7 +15,7 @@ from ..auth import option as auth_option
 from ..codec import encode_options
 from ..errors import UserError
 from ..fastpath import ffi, lib
-from .endpoint import Group, Tunnel, ephemeral_ports
+from .endpoint import Group, Tunnel, ephemeral_ports, set_mark
 from .inject import Injector, injectable
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
 
@@ -125,6 +125,7 @@ class CGroupEngine:
         for i, tun in enumerate(group.tunnels):
             spec, t = tun.spec, self.tunnels[i]
             t.dev_fd = tun.device.fd
+            t.raw_fd = group.raw_for(spec.mark).fileno()
             t.mode = lib.GDP_MODE_TAP if spec.mode == "tap" else lib.GDP_MODE_TUN
             t.family = spec.family
             t.vni = spec.vni
@@ -264,6 +265,8 @@ class CGroupEngine:
             if not (spec.tx_udp_csum or gso):
                 s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
+            if spec.mark:
+                set_mark(s, spec.mark)
             s.bind((str(tun.local), 0))
             s.connect((str(spec.remote), spec.port))
             s.setblocking(False)

@@ -260,12 +260,13 @@ class PyGroupEngine:
 
     def _send(self, t: PyTunnel, datagram: bytes | bytearray) -> bool:
         dst = str(t.spec.remote)
+        raw = self.group.raw_for(t.spec.mark)
         for _ in range(10):
             try:
-                self.group.raw.sendto(datagram, (dst, 0))
+                raw.sendto(datagram, (dst, 0))
                 return True
             except (BlockingIOError, InterruptedError):
-                select.select([], [self.group.raw], [], 0.01)
+                select.select([], [raw], [], 0.01)
             except OSError:
                 return False
         return False

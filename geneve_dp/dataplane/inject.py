@@ -245,15 +245,17 @@ refusal = ""  # why the last open_injector() made no device (for status)
 def injectable(spec: TunnelSpec) -> bool:
     """Whether a tunnel may send through the inject device: IPv4 without checksums
     (elsewhere the sockets' UDP GSO serves), a TTL that forwarding can take one off
-    of (not "inherit": each packet's own), and super-packets allowed on the underlay
-    (not ``wire_sized``). Not with authentication: each segment must carry its own
-    MAC, and the kernel would copy one MAC to every segment it cuts."""
+    of (not "inherit": each packet's own), super-packets allowed on the underlay (not
+    ``wire_sized``), and no mark (what is written to a device starts with mark 0). Not
+    with authentication: each segment must carry its own MAC, and the kernel would
+    copy one MAC to every segment it cuts."""
     ttl_ok = spec.ttl == "auto" or (isinstance(spec.ttl, int) and spec.ttl < 255)
     return (
         spec.family == 4
         and not spec.tx_udp_csum
         and ttl_ok
         and not spec.wire_sized
+        and not spec.mark
         and spec.auth_class is None
     )
 

@@ -115,6 +115,10 @@ class TunnelSpec:
     # that reads the underlay raw (an AF_PACKET reader such as Open vSwitch's
     # userspace datapath), which would otherwise get super-packets whole off a veth.
     wire_sized: bool = False
+    # The outer packets' firewall mark (SO_MARK), which routes and matches them: the
+    # kernel's geneve gives the outer packet the inner's mark, which a TAP read does not
+    # carry, so a tunnel whose inner packets all have one mark (the profile knows) says so.
+    mark: int | None = None
 
     @property
     def family(self) -> int:
@@ -212,7 +216,7 @@ REQUIRED = {
 
 KEYS = (
     "name vni remote local port mode mtu ttl tos df udp_csum udp6_zero_csum_rx "
-    "options reflect_options mac addresses wire_sized"
+    "options reflect_options mac addresses wire_sized mark"
 ).split()
 
 
@@ -280,6 +284,9 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         if raw.get("tos") is not None
         else None
     )
+    mark = (
+        whole_number(raw["mark"], f("mark"), 0, 0xFFFFFFFF) if raw.get("mark") is not None else None
+    )
     return TunnelSpec(
         name=name,
         vni=vni,
@@ -298,6 +305,7 @@ def build_spec(raw: Mapping[str, Any], where: str = "") -> TunnelSpec:
         mac=str(mac).lower() if mac is not None else None,
         addresses=tuple(addresses),
         wire_sized=_bool(raw.get("wire_sized", False), f("wire_sized")),
+        mark=mark or None,
     )
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from pyroute2 import IPSet
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.ipset import IPSET_FLAG_LIST_HEADER
 
 from ..errors import UserError
 
@@ -20,16 +22,44 @@ IPSET_ERR_EXIST = 4103  # kernel ipset: "element already added"
 IPSET_ERR_EXIST_SETNAME = 4097  # kernel ipset: "set with the same name already exists"
 IPSET_ERR_NOT_EXIST = 4102  # element not in set  (kernel's IPSET_ERR_EXIST is 4103)
 
+# Full listings made by this process: the work that grows with the number of entries.
+LISTINGS = {"entries": 0}
+
+
+_session = threading.local()  # .ipset: this thread's shared IPSet inside session()
+
+
+def _open() -> Any:
+    try:
+        return IPSet()
+    except (OSError, NetlinkError) as exc:
+        raise UserError(f"cannot open the kernel ipset interface: {exc}", field="ipset") from exc
+
 
 @contextlib.contextmanager
 def _ipset() -> Iterator[Any]:
-    try:
-        s = IPSet()
-    except (OSError, NetlinkError) as exc:
-        raise UserError(f"cannot open the kernel ipset interface: {exc}", field="ipset") from exc
+    shared = getattr(_session, "ipset", None)
+    if shared is not None:
+        yield shared
+        return
+    s = _open()
     try:
         yield s
     finally:
+        s.close()
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Inside, this thread's calls here share one netlink socket (see links.session)."""
+    if getattr(_session, "ipset", None) is not None:
+        yield
+        return
+    _session.ipset = _open()
+    try:
+        yield
+    finally:
+        s, _session.ipset = _session.ipset, None
         s.close()
 
 
@@ -72,6 +102,7 @@ def destroy(name: str) -> bool:
 def entries(name: str) -> dict[str, str]:
     """IP -> comment of every entry; empty if the set does not exist."""
     out: dict[str, str] = {}
+    LISTINGS["entries"] += 1
     with _ipset() as s:
         try:
             msgs = list(s.list(name))
@@ -88,6 +119,20 @@ def entries(name: str) -> dict[str, str]:
             ip = ip_from.get_attr("IPSET_ATTR_IPADDR_IPV4")
             out[str(ip)] = str(data.get_attr("IPSET_ATTR_COMMENT") or "")
     return out
+
+
+def count(name: str) -> int:
+    """The number of entries, from the set's header (no listing); 0 if it does not exist."""
+    with _ipset() as s:
+        try:
+            msgs = list(s.list(name, flags=IPSET_FLAG_LIST_HEADER))
+        except NetlinkError:
+            return 0
+    for msg in msgs:
+        data = msg.get_attr("IPSET_ATTR_DATA")
+        if data is not None:
+            return int(data.get_attr("IPSET_ATTR_ELEMENTS") or 0)
+    return 0
 
 
 def add(name: str, ip: str, comment: str) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import UserError
@@ -26,9 +26,14 @@ BUILTIN_CHAINS = {
     "security": ("INPUT", "FORWARD", "OUTPUT"),
 }
 
+# The binaries in use: `iptables*` as installed until ``select`` names a backend.
 RESTORE = "iptables-restore"
 SAVE = "iptables-save"
 CHECK = "iptables"
+
+BACKENDS = ("nft", "legacy")
+KUBELET_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
+LEGACY_RULES_ENOUGH = 10  # Istio 1.18/1.19: more legacy rules than this means legacy
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,85 @@ def owned_chains(current: Saved, prefix: str) -> list[tuple[str, str]]:
     ]
 
 
+# --- which backend (Istio's detectIptablesCommand, per version) --------------------------
+
+
+def rule_lines(save_text: str) -> int:
+    """Rules in iptables-save output (its lines starting with "-")."""
+    return sum(1 for line in save_text.splitlines() if line.startswith("-"))
+
+
+def has_kubelet_chain(save_text: str) -> bool:
+    return any(line.startswith(f":{c} ") for line in save_text.splitlines() for c in KUBELET_CHAINS)
+
+
+def choose_backend(version: str, save_of: Callable[[str, bool], str]) -> tuple[str, str]:
+    """The backend Istio ``version`` would pick, and why, for people.
+
+    ``save_of(backend, mangle_only)`` is that backend's iptables-save output, IPv4 and
+    IPv6 together ("" where it cannot run). 1.20 looks for the chains kubelet creates
+    in the mangle table of the backend it uses, nft first, and falls back to nft; 1.18
+    and 1.19 count rules: legacy with more than 10, else the one with more, nft on a tie.
+    """
+    if version == "1.20":
+        for backend in BACKENDS:
+            # Only nft is asked for mangle alone: legacy-save -t mangle would make the
+            # kernel create that table.
+            if has_kubelet_chain(save_of(backend, backend == "nft")):
+                return backend, f"kubelet's chains are in iptables-{backend}"
+        return "nft", "no kubelet chains in either backend: the default"
+    legacy = rule_lines(save_of("legacy", False))
+    if legacy > LEGACY_RULES_ENOUGH:
+        return "legacy", f"{legacy} iptables-legacy rules (more than {LEGACY_RULES_ENOUGH})"
+    nft = rule_lines(save_of("nft", False))
+    if legacy > nft:
+        return "legacy", f"{legacy} iptables-legacy rules, {nft} iptables-nft"
+    return "nft", f"{nft} iptables-nft rules, {legacy} iptables-legacy"
+
+
+def _save_output(backend: str, mangle_only: bool) -> str:
+    out = []
+    for family in ("iptables", "ip6tables"):
+        binary = f"{family}-{backend}-save"
+        if shutil.which(binary) is None:
+            continue
+        try:
+            proc = subprocess.run(
+                [binary, *(["-t", "mangle"] if mangle_only else [])],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        out.append(proc.stdout if proc.returncode == 0 else "")
+    return "".join(out)
+
+
+def detect_backend(version: str) -> tuple[str | None, str]:
+    """``choose_backend`` on this namespace; None (the plain `iptables` binaries) where
+    the suffixed ones are not installed."""
+    if not all(shutil.which(f"iptables-{b}-restore") for b in BACKENDS):
+        return None, "iptables-nft/iptables-legacy not both installed: iptables as installed"
+    return choose_backend(version, _save_output)
+
+
+def select(backend: str | None) -> None:
+    """Use ``backend``'s binaries from now on in this process (None: plain iptables)."""
+    global RESTORE, SAVE, CHECK
+    suffix = f"-{backend}" if backend in BACKENDS else ""
+    CHECK = f"iptables{suffix}"
+    RESTORE, SAVE = f"{CHECK}-restore", f"{CHECK}-save"
+
+
+def selected() -> str:
+    """The backend in use, for people: "nft", "legacy" or "as installed"."""
+    for b in BACKENDS:
+        if CHECK == f"iptables-{b}":
+            return b
+    return "as installed"
+
+
 # --- the side-effecting part -------------------------------------------------------------
 
 
@@ -246,6 +330,8 @@ def rule_exists(rule: Rule) -> bool:
 
 
 def is_nft_backend() -> bool:
+    if selected() != "as installed":
+        return selected() == "nft"
     proc = subprocess.run([CHECK, "--version"], capture_output=True, text=True, timeout=10)
     return "nf_tables" in proc.stdout
 

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,47 @@ FR_ACT_TO_TBL = 1
 FR_ACT_GOTO = 2
 
 
+# Netlink dumps made by this process, by kind ("routes", "rules"): the work that grows
+# with the size of a table, counted so that tests and benches can check who dumps what.
+DUMPS: dict[str, int] = {"routes": 0, "rules": 0}
+
+
+_session = threading.local()  # .ipr: this thread's shared IPRoute inside session()
+
+
 @contextlib.contextmanager
 def iproute() -> Iterator[Any]:
+    shared = getattr(_session, "ipr", None)
+    if shared is not None:
+        yield shared
+        return
     ipr = IPRoute()
     try:
         yield ipr
     finally:
         ipr.close()
+
+
+@contextlib.contextmanager
+def session() -> Iterator[None]:
+    """Inside, this thread's calls here share one netlink socket (for a batch of many
+    small changes: opening one costs more than most requests)."""
+    if getattr(_session, "ipr", None) is not None:
+        yield
+        return
+    _session.ipr = IPRoute()
+    try:
+        yield
+    finally:
+        ipr, _session.ipr = _session.ipr, None
+        ipr.close()
+
+
+def _dump_routes(ipr: Any, table: int | None = None) -> list[Any]:
+    DUMPS["routes"] += 1
+    if table is None:
+        return list(ipr.get_routes(family=AF_INET))
+    return list(ipr.get_routes(family=AF_INET, table=table))
 
 
 @dataclass(frozen=True)
@@ -89,18 +124,24 @@ class RouteTo:
     gateway: ipaddress.IPv4Address | None
 
 
-def route_get(dst: ipaddress.IPv4Address) -> RouteTo | None:
-    """What the kernel would do for a packet from this host to ``dst`` (None: unreachable)."""
+def route_get(dst: ipaddress.IPv4Address, mark: int | None = None) -> RouteTo | None:
+    """What the kernel would do for a packet from this host to ``dst`` carrying ``mark``
+    (None: unreachable). One lookup, however many routes there are."""
+    kw: dict[str, Any] = {"dst": str(dst)}
+    if mark is not None:
+        kw["mark"] = mark
     with iproute() as ipr:
         try:
-            msg = ipr.route("get", dst=str(dst))[0]
+            msg = ipr.route("get", **kw)[0]
         except NetlinkError:
             return None
-        if msg["type"] != 1:  # RTN_UNICAST; unreachable/prohibit/blackhole are no route
-            return None
-        oif = msg.get_attr("RTA_OIF")
-        names = ipr.get_links(oif)
-        name = names[0].get_attr("IFLA_IFNAME") if names else str(oif)
+    if msg["type"] != 1:  # RTN_UNICAST; unreachable/prohibit/blackhole are no route
+        return None
+    oif = msg.get_attr("RTA_OIF")
+    try:
+        name = socket.if_indextoname(oif)
+    except OSError:
+        name = str(oif)
     src = msg.get_attr("RTA_PREFSRC")
     gw = msg.get_attr("RTA_GATEWAY")
     return RouteTo(
@@ -187,31 +228,52 @@ def del_route(r: Route) -> bool:
     return True
 
 
-def route_exists(r: Route) -> bool:
-    # The device's index by ioctl, not a pyroute2 link dump: this runs for every route
-    # on every watcher pass (see link_names).
+# What identifies a route for "is it there": table, destination, device index, gateway.
+RouteKey = tuple[int, str, int, str | None]
+
+
+def route_key(r: Route) -> RouteKey | None:
+    """``r``'s key; None when its device does not exist (then neither can the route)."""
+    # The device's index by ioctl, not a pyroute2 link dump (see link_names).
     try:
-        idx = [socket.if_nametoindex(r.dev)]
+        idx = socket.if_nametoindex(r.dev)
     except OSError:
-        return False
-    with iproute() as ipr:
-        net = ipaddress.IPv4Network(r.dst)
-        for msg in ipr.get_routes(family=AF_INET, table=r.table):
-            if msg.get_attr("RTA_TABLE") != r.table:
-                continue
-            dst = msg.get_attr("RTA_DST") or "0.0.0.0"
-            if (dst, msg["dst_len"]) != (str(net.network_address), net.prefixlen):
-                continue
-            if msg.get_attr("RTA_OIF") == idx[0] and msg.get_attr("RTA_GATEWAY") == r.gateway:
-                return True
-    return False
+        return None
+    net = ipaddress.IPv4Network(r.dst)
+    return (r.table, f"{net.network_address}/{net.prefixlen}", idx, r.gateway)
+
+
+def route_keys(table: int | None = None) -> set[RouteKey]:
+    """Keys of the IPv4 routes of ``table`` (None: every table), in one dump; the
+    kernel leaves the other tables out (strict checking), so the main table's many pod
+    routes are not read to check table 100."""
+    out: set[RouteKey] = set()
+    ipr = IPRoute(strict_check=True)
+    try:
+        msgs = _dump_routes(ipr, table)
+    finally:
+        ipr.close()
+    for msg in msgs:
+        t = msg.get_attr("RTA_TABLE")
+        if table is not None and t != table:
+            continue
+        dst = f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
+        out.add((t, dst, msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY")))
+    return out
+
+
+def route_exists(r: Route) -> bool:
+    """Whether ``r`` is there (one dump of its table: for a few routes; many routes are
+    checked against one ``route_keys``)."""
+    key = route_key(r)
+    return key is not None and key in route_keys(r.table)
 
 
 def flush_table(table: int) -> int:
     """Delete every IPv4 route in ``table``; the number deleted."""
     n = 0
     with iproute() as ipr:
-        for msg in ipr.get_routes(family=AF_INET, table=table):
+        for msg in _dump_routes(ipr, table):
             if msg.get_attr("RTA_TABLE") != table:
                 continue
             kw: dict[str, Any] = {
@@ -262,6 +324,7 @@ def _rule_kwargs(r: Rule) -> dict[str, Any]:
 
 def list_rules() -> list[Rule]:
     out = []
+    DUMPS["rules"] += 1
     with iproute() as ipr:
         for msg in ipr.get_rules(family=AF_INET):
             action = msg["action"]
@@ -295,6 +358,19 @@ def del_rule(r: Rule) -> bool:
             with contextlib.suppress(NetlinkError):
                 ipr.rule("del", **_rule_kwargs(r))
     return n > 0
+
+
+def del_rules_at(priority: int) -> int:
+    """Delete every IPv4 rule of ``priority``, whatever its selector; how many went."""
+    n = 0
+    with iproute() as ipr:
+        while n < 1000:  # bounded: each round deletes one rule or ends
+            try:
+                ipr.rule("del", priority=priority, family=AF_INET)
+            except NetlinkError:
+                break
+            n += 1
+    return n
 
 
 # --- sysctls ---------------------------------------------------------------------------
@@ -334,13 +410,14 @@ RTMGRP_TC = 0x8  # qdiscs and filters (the eBPF mode's attachments)
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV4_RULE = 0x80
+RTMGRP_IPV4_NETCONF = 1 << (24 - 1)  # RTNLGRP_IPV4_NETCONF: rp_filter, forwarding changes
 
 
 class Changes:
-    """A wake-up for reconcile loops: readable when a link, address, route or rule of
-    this namespace changed. The messages are not interpreted (pyroute2 may buffer
-    several per read, so they cannot be counted one by one); whoever wakes reads the
-    kernel's state itself."""
+    """A wake-up for reconcile loops: readable when a link, address, route, rule or
+    an interface's rp_filter/forwarding setting of this namespace changed. The messages
+    are not interpreted (pyroute2 may buffer several per read, so they cannot be
+    counted one by one); whoever wakes reads the kernel's state itself."""
 
     def __init__(self) -> None:
         self._ipr = IPRoute()
@@ -351,6 +428,7 @@ class Changes:
                 | RTMGRP_IPV4_IFADDR
                 | RTMGRP_IPV4_ROUTE
                 | RTMGRP_IPV4_RULE
+                | RTMGRP_IPV4_NETCONF
             )
         except BaseException:
             self._ipr.close()
