@@ -33,6 +33,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Derivation context of the per-sender MAC keys (a string: outside the cdef part). */
+#define GDP_AUTH_KDF_CTX "gdpauth1"
+
+/* cdef-begin: up to cdef-end, build_fastpath.py hands these lines to cffi as they are,
+ * so they keep to what its cdef accepts (a macro is a plain integer, no includes). */
 #define GDP_AUTH_OPT_TYPE 0x81 /* critical bit + 1 */
 #define GDP_AUTH_DATA_LEN 36
 #define GDP_AUTH_OPT_LEN 40 /* with the 4-byte option header */
@@ -41,7 +46,6 @@
 #define GDP_AUTH_MAX_KEYS 2
 #define GDP_AUTH_WINDOW 8192 /* sequence numbers a packet may lag the newest one */
 #define GDP_AUTH_SEQ_SHIFT 12 /* a sender starts at (unix time in us) << this */
-#define GDP_AUTH_KDF_CTX "gdpauth1"
 /* Offsets inside the option (from its 4-byte header). */
 #define GDP_AUTH_OFF_KEY_ID 4
 #define GDP_AUTH_OFF_SALT 8
@@ -56,10 +60,10 @@
 #define GDP_AUTH_REPLAYED 4    /* sequence number seen already, or older than the window */
 
 /* Setup errors. */
-#define GDP_AUTH_E_INIT (-30)   /* libsodium did not initialise */
-#define GDP_AUTH_E_NO_AES (-31) /* no AES-NI/PCLMUL: libsodium's AES-GCM is unavailable */
-#define GDP_AUTH_E_ARGS (-32)   /* bad key count, send index or option class */
-#define GDP_AUTH_E_NO_KEY (-33) /* signing with a ring that has no send key */
+#define GDP_AUTH_E_INIT -30   /* libsodium did not initialise */
+#define GDP_AUTH_E_NO_AES -31 /* no AES-NI/PCLMUL: libsodium's AES-GCM is unavailable */
+#define GDP_AUTH_E_ARGS -32   /* bad key count, send index or option class */
+#define GDP_AUTH_E_NO_KEY -33 /* signing with a ring that has no send key */
 
 struct gdp_auth;       /* per tunnel: current ring, sequence counter, windows */
 struct gdp_auth_ring;  /* immutable key set, sender state */
@@ -109,5 +113,6 @@ long gdp_auth_find(const uint8_t *geneve, size_t len, uint16_t opt_class, uint8_
 
 /* The next sequence number this tunnel will send (for status and tests). */
 uint64_t gdp_auth_next_seq(const struct gdp_auth *a);
+/* cdef-end */
 
 #endif

@@ -37,10 +37,33 @@ def source_digest() -> str:
     return _load_source_digest()(CSRC)
 
 
+# Headers that both the C build and cffi read: their part between the markers below is
+# cdef-clean as written, so it is declared once, there, not copied into fastpath_cdef.h.
+CDEF_HEADERS = ("testpoints.h", "auth.h")
+CDEF_BEGIN = "/* cdef-begin"
+CDEF_END = "/* cdef-end */"
+
+
+def cdef_part(header: Path) -> str:
+    """The lines of ``header`` from its cdef-begin marker to its cdef-end marker."""
+    text = header.read_text()
+    begin, end = text.find(CDEF_BEGIN), text.find(CDEF_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{header.name}: needs one {CDEF_BEGIN} ... {CDEF_END} part")
+    return f"/* ---- {header.name} ---- */\n" + text[begin:end]
+
+
+def cdef_source() -> str:
+    """What cffi's cdef reads: fastpath_cdef.h, then the cdef part of each CDEF_HEADERS."""
+    parts = [(CSRC / "fastpath_cdef.h").read_text()]
+    parts += [cdef_part(CSRC / name) for name in CDEF_HEADERS]
+    return "\n".join(parts)
+
+
 def make_builder(absolute_sources: bool = False) -> FFI:
     """The cffi builder; setuptools wants source paths relative to setup.py."""
     builder = FFI()
-    builder.cdef((CSRC / "fastpath_cdef.h").read_text())
+    builder.cdef(cdef_source())
     build_id = f'const char *gdp_build_id(void) {{ return "{source_digest()}"; }}\n'
     builder.set_source(
         "geneve_dp._fastpath",

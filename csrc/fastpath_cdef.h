@@ -1,6 +1,8 @@
 /* The declarations cffi reads (cdef only: no includes, no expressions in macros).
  * They must match the real headers in this folder; the compiler checks that when
- * the module is built, since build_fastpath.py compiles them against those headers. */
+ * the module is built, since build_fastpath.py compiles them against those headers.
+ * Headers whose declarations are cdef-clean as written are not copied here: their
+ * cdef-begin/cdef-end part is appended by build_fastpath.py (testpoints.h, auth.h). */
 
 /* ---- codec (geneve.h) ---- */
 #define GDP_MAX_OPTIONS 63
@@ -167,59 +169,3 @@ const char *gdp_counter_name(unsigned i);
 uint64_t gdp_counter_get(const struct gdp_counters *c, unsigned i);
 uint16_t gdp_inet_csum(const uint8_t *buf, size_t len);
 uint32_t gdp_flow_hash(const uint8_t *frame, size_t len, int mode, uint32_t seed);
-
-/* ---- test entry points into the pure parts (testpoints.h) ---- */
-#define GDP_TEST_ICMP_BUF 1294
-int gdp_test_parse_inner(const uint8_t *f, size_t len, int mode, uint32_t out[9]);
-uint16_t gdp_test_l4_csum(const uint8_t *ip, int ipver, uint8_t proto, const uint8_t *msg,
-                          size_t len);
-uint16_t gdp_test_partial_field(const uint8_t *ip, int ipver, uint8_t proto, size_t len);
-uint16_t gdp_test_csum_update16(uint16_t check, uint16_t old, uint16_t new_);
-int gdp_test_gro(const uint8_t *frames, const uint32_t *lens, uint32_t n, int mode, int uso,
-                 const uint16_t *osports, uint32_t hold_every, uint8_t *out, size_t cap,
-                 uint32_t *out_lens, uint32_t max_out);
-int gdp_test_seg(const uint8_t *f, size_t flen, int mode, const uint8_t vnet[12],
-                 uint8_t *out, size_t cap, uint32_t *out_lens, uint32_t max_out);
-int gdp_test_super_plan(uint8_t *f, size_t flen, int mode, int uso, uint32_t max_inner,
-                        uint32_t dev_mtu, uint32_t gso_size, uint32_t out[4], uint8_t vnet[12]);
-size_t gdp_test_icmp_too_big(const uint8_t *f, size_t flen, int mode, uint32_t mtu,
-                             uint8_t out[1294]);
-void gdp_test_rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len, const uint8_t *src,
-                     uint8_t tos, int whole);
-
-/* ---- authenticated tunnels (auth.h) ---- */
-#define GDP_AUTH_OPT_TYPE 0x81
-#define GDP_AUTH_DATA_LEN 36
-#define GDP_AUTH_OPT_LEN 40
-#define GDP_AUTH_KEY_LEN 32
-#define GDP_AUTH_TAG_LEN 16
-#define GDP_AUTH_MAX_KEYS 2
-#define GDP_AUTH_WINDOW 8192
-#define GDP_AUTH_SEQ_SHIFT 12
-#define GDP_AUTH_OK 0
-#define GDP_AUTH_MISSING 1
-#define GDP_AUTH_UNKNOWN_KEY 2
-#define GDP_AUTH_BAD_MAC 3
-#define GDP_AUTH_REPLAYED 4
-#define GDP_AUTH_E_INIT -30
-#define GDP_AUTH_E_NO_AES -31
-#define GDP_AUTH_E_ARGS -32
-#define GDP_AUTH_E_NO_KEY -33
-struct gdp_auth_ring;
-struct gdp_auth_cache;
-size_t gdp_auth_size(void);
-size_t gdp_auth_ring_size(void);
-size_t gdp_auth_cache_size(void);
-int gdp_auth_available(void);
-int gdp_auth_init(struct gdp_auth *a, uint16_t opt_class, uint64_t first_seq);
-void gdp_auth_destroy(struct gdp_auth *a);
-int gdp_auth_ring_init(struct gdp_auth_ring *r, const uint8_t *ids, const uint8_t *keys,
-                       const uint8_t *slots, uint32_t n, int send, uint64_t salt);
-void gdp_auth_set_ring(struct gdp_auth *a, struct gdp_auth_ring *r, int reset_slot_mask);
-int gdp_auth_sign(struct gdp_auth *a, uint8_t *geneve, size_t len, size_t opt_off);
-int gdp_auth_sign2(struct gdp_auth *a, uint8_t *geneve, size_t len1, const uint8_t *rest,
-                   size_t len2, size_t opt_off, uint8_t *scratch, size_t cap);
-int gdp_auth_verify(struct gdp_auth *a, struct gdp_auth_cache *c, uint8_t *geneve,
-                    size_t len, size_t *opt_off);
-long gdp_auth_find(const uint8_t *geneve, size_t len, uint16_t opt_class, uint8_t type);
-uint64_t gdp_auth_next_seq(const struct gdp_auth *a);

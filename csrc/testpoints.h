@@ -1,5 +1,5 @@
-/* Test entry points into the pure parts (testpoints.c); declared for cffi in
- * fastpath_cdef.h. Frames are inner frames as the device sees them (Ethernet in
+/* Test entry points into the pure parts (testpoints.c); cffi reads the cdef part below
+ * (build_fastpath.py). Frames are inner frames as the device sees them (Ethernet in
  * GDP_MODE_TAP, IP in GDP_MODE_TUN). */
 #ifndef GDP_TESTPOINTS_H
 #define GDP_TESTPOINTS_H
@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* cdef-begin: up to cdef-end, build_fastpath.py hands these lines to cffi as they are,
+ * so they keep to what its cdef accepts (a macro is a plain integer, no includes). */
 struct gdp_engine;
 
 #define GDP_TEST_ICMP_BUF 1294 /* ICMP_BUF of seg.h */
@@ -50,5 +52,6 @@ size_t gdp_test_icmp_too_big(const uint8_t *f, size_t flen, int mode, uint32_t m
  * dev_fd and the engine's control_fd and counters. */
 void gdp_test_rx_one(struct gdp_engine *e, uint8_t *pkt, size_t len, const uint8_t *src,
                      uint8_t tos, int whole);
+/* cdef-end */
 
 #endif
