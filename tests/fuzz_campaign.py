@@ -17,7 +17,7 @@ FUZZ = ROOT / "csrc" / "fuzz"
 BUILD = FUZZ / "build"
 # Wall-clock budget of every harness in the session's campaign, all running at once;
 # the 10-minute release campaigns are in csrc/fuzz/build.sh and bench/fuzz.py.
-SECONDS = int(os.environ.get("GDP_FUZZ_SECONDS", "20"))
+SECONDS = int(os.environ.get("GDP_FUZZ_SECONDS", "15"))
 
 
 def build() -> Path:

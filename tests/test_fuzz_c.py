@@ -7,7 +7,7 @@ sanitizers and the cross-check really abort on a planted bug, so a quiet run mea
 something.
 
 The bounded runs are one session campaign (tests/fuzz_campaign.py): every harness side
-by side for GDP_FUZZ_SECONDS (20 s) of wall time.
+by side for GDP_FUZZ_SECONDS (15 s) of wall time.
 """
 
 from __future__ import annotations
