@@ -167,6 +167,11 @@ void tx_one(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *bu
                      (uint32_t)flen);
         return;
     }
+    /* Authenticated, with UDP GSO: runs of signed packets leave in one send each. */
+    if (!frags && t->auth && t->n_gso) {
+        gso_batch_add(e, st, idx, hash, tx_tos(t, &in), g, hlen + flen, (uint32_t)flen);
+        return;
+    }
     uint8_t *ip = put_udp_ip(e, t, hash, &in, df, g, hlen + flen, NULL, 0);
     uint8_t *u = g - UDP_HLEN;
     if (!frags) {
@@ -271,7 +276,7 @@ void tx_vnet(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint8_t *b
     uint8_t tos = tx_tos(t, &in);
     if (udp_gso)
         tx_send(e, st); /* the scratch headers below are reused from slot 0 */
-    size_t per_send = 60000 / (hlen + hdrs + mss);
+    size_t per_send = GSO_MAX_BYTES / (hlen + hdrs + mss);
     if (per_send > GSO_MAX_SEGS)
         per_send = GSO_MAX_SEGS;
     for (size_t off = hdrs, i = 0; off < flen; off += mss, i++) {

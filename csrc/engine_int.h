@@ -28,6 +28,7 @@
 #define CMSG_BUF 96
 #define SEG_HDR_MAX (IP6_HLEN + UDP_HLEN + GDP_MAX_HEADER_LEN + SEG_INNER_MAX)
 #define GSO_MAX_SEGS 40 /* per UDP GSO send: below UDP_MAX_SEGMENTS and 64 KiB */
+#define GSO_MAX_BYTES 60000 /* per UDP GSO send, headers apart: below 64 KiB */
 #define INJ_OUTER (ETH_HLEN + IP4_HLEN + UDP_HLEN) /* in front of the GENEVE header */
 
 /* Transmit coalescing of UDP (with the inject device): datagrams of one flow read from
@@ -89,6 +90,11 @@ struct gdp_engine {
     uint8_t tx_seghdr[TX_SLOTS][SEG_HDR_MAX] __attribute__((aligned(8)));
     struct iovec gso_iov[2 * GSO_MAX_SEGS];
     uint32_t gso_inner[GSO_MAX_SEGS];
+    /* Signed packets in gso_iov waiting for one UDP GSO send (gso_batch_add). */
+    struct {
+        uint32_t n, idx, hash, size, bytes;
+        uint8_t tos, closed;
+    } gb;
     uint32_t tx_tunnel[TX_SLOTS];
     int tx_fd[TX_SLOTS]; /* the raw socket, or a tunnel's connected UDP socket */
     uint8_t tx_cmsg[TX_SLOTS][CMSG_SPACE(sizeof(int))] __attribute__((aligned(8)));
@@ -149,6 +155,13 @@ void add_udp_slot(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint3
  * segments on the tunnel's socket for this flow. */
 void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, uint8_t tos,
               size_t nseg, size_t seg_size);
+/* Queue a whole signed GENEVE datagram (g, glen) of an authenticated tunnel for one
+ * UDP GSO send with the packets around it: one tunnel, socket and TOS, every datagram
+ * as long as the first but the last, so the kernel's cut at the first's size gives back
+ * exactly these datagrams, each with its own MAC. The batch and the slots are never
+ * both in use: each sends the other first, so packets leave in the order queued. */
+void gso_batch_add(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint32_t hash,
+                   uint8_t tos, uint8_t *g, size_t glen, uint32_t inner_len);
 /* The tunnel's connected UDP socket for a flow. */
 static inline int flow_fd(const struct gdp_tunnel *t, uint32_t hash) {
     return t->gso_fds[((uint64_t)hash * (uint64_t)t->n_gso) >> 32];

@@ -35,7 +35,16 @@ static int send_again(int fd, int connected, int *waits) {
     return 0;
 }
 
+static void gso_batch_flush(struct gdp_engine *e) {
+    uint32_t n = e->gb.n;
+    if (!n)
+        return;
+    e->gb.n = 0;
+    gso_send(e, &e->tunnels[e->gb.idx], e->gb.hash, e->gb.tos, n, e->gb.size);
+}
+
 void tx_send(struct gdp_engine *e, struct tx_state *st) {
+    gso_batch_flush(e); /* empty whenever slots are queued: this keeps the order */
     int done = 0;
     int waits = 0;
     while (done < st->slots) {
@@ -74,6 +83,7 @@ void tx_flush(struct gdp_engine *e, struct tx_state *st) {
 
 /* The next free slot, sending what is queued when all are taken. */
 static int take_slot(struct gdp_engine *e, struct tx_state *st) {
+    gso_batch_flush(e); /* what was queued before this datagram leaves before it */
     if (st->slots >= TX_SLOTS)
         tx_send(e, st);
     return st->slots++;
@@ -185,4 +195,34 @@ void gso_send(struct gdp_engine *e, struct gdp_tunnel *t, uint32_t hash, uint8_t
     c->tx_packets += nseg;
     for (size_t i = 0; i < nseg; i++)
         c->tx_bytes += e->gso_inner[i];
+}
+
+void gso_batch_add(struct gdp_engine *e, struct tx_state *st, uint32_t idx, uint32_t hash,
+                   uint8_t tos, uint8_t *g, size_t glen, uint32_t inner_len) {
+    struct gdp_tunnel *t = &e->tunnels[idx];
+    if (e->gb.n &&
+        (e->gb.idx != idx || flow_fd(t, hash) != flow_fd(&e->tunnels[e->gb.idx], e->gb.hash) ||
+         e->gb.tos != tos || glen > e->gb.size || e->gb.closed || e->gb.n == GSO_MAX_SEGS ||
+         e->gb.bytes + glen > GSO_MAX_BYTES))
+        gso_batch_flush(e);
+    if (st->slots)
+        tx_send(e, st); /* the slots queued before this packet (the batch is empty) */
+    uint32_t n = e->gb.n;
+    if (!n) {
+        e->gb.idx = idx;
+        e->gb.hash = hash;
+        e->gb.tos = tos;
+        e->gb.size = (uint32_t)glen;
+        e->gb.bytes = 0;
+        e->gb.closed = 0;
+    } else if (glen < e->gb.size) {
+        e->gb.closed = 1; /* a shorter datagram can only be the last */
+    }
+    e->gso_iov[2 * n].iov_base = g;
+    e->gso_iov[2 * n].iov_len = glen;
+    e->gso_iov[2 * n + 1].iov_base = g;
+    e->gso_iov[2 * n + 1].iov_len = 0;
+    e->gso_inner[n] = inner_len;
+    e->gb.bytes += (uint32_t)glen;
+    e->gb.n = n + 1;
 }

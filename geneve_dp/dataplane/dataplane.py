@@ -50,7 +50,9 @@ Design notes (the kernel geneve contract, and where this differs):
   "inherit", the segments leave through 8 per-tunnel connected UDP sockets whose ports
   are then the flows' source ports: with UDP checksums (IPv6 by default, IPv4 with
   udp_csum) as one UDP GSO send per super-frame, without (the IPv4 default; the kernel
-  refuses UDP GSO there) one datagram each by sendmmsg. The receive socket gets
+  refuses UDP GSO there) one datagram each by sendmmsg; an authenticated tunnel's
+  sockets checksum whatever udp_csum says, for UDP GSO sends of its signed segments
+  (each with its own header and MAC). The receive socket gets
   UDP_GRO and C splits what it returns. A refused offload (TUNSETOFFLOAD, UDP_GRO,
   UDP_SEGMENT) is left off with a log line.
 - Without UDP checksums (the IPv4 default) a TCP super-frame goes whole instead, when
@@ -685,6 +687,11 @@ class Dataplane:
             why = "IPv6 underlay: UDP checksums are on, and the sockets' UDP GSO serves"
         elif spec.tx_udp_csum:
             why = "--udp-csum: the sockets' UDP GSO serves"
+        elif spec.auth_class is not None:
+            why = (
+                "authenticated: one MAC per wire packet, so segments are signed here and "
+                "the sockets (with UDP checksums) send them by UDP GSO"
+            )
         elif spec.ttl == "inherit":
             why = "--ttl inherit: each packet's TTL is its own, written by the raw socket"
         elif isinstance(spec.ttl, int) and spec.ttl >= 255:

@@ -166,7 +166,12 @@ class CGroupEngine:
                 # packet).
                 # wire_sized: one datagram per segment even with checksums, so no
                 # UDP GSO super-packet crosses the underlay whole.
-                gso = spec.tx_udp_csum and not spec.wire_sized
+                # Authenticated: these sockets checksum whatever --udp-csum says, so
+                # that UDP GSO takes each super-frame's signed segments in one send
+                # (the kernel cuts at the segment size and leaves the payloads, MACs
+                # included, untouched); the MAC already guards the bytes, the outer
+                # checksum is the kernel's or the NIC's work.
+                gso = (spec.tx_udp_csum or spec.auth_class is not None) and not spec.wire_sized
                 t.gso_nocsum = not gso
                 for k, sock in enumerate(self._gso_sockets(tun, gso)):
                     t.gso_fds[k] = sock.fileno()
@@ -257,7 +262,7 @@ class CGroupEngine:
             else:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, tun.ttl)
-            if not spec.tx_udp_csum:
+            if not (spec.tx_udp_csum or gso):
                 s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
             if spec.mark:
