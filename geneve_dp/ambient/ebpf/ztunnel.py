@@ -231,9 +231,7 @@ def down() -> list[str]:
         if text:
             iptables.restore(text)
             done.append(f"{len(present)} mangle PREROUTING rules")
-        if "tables_before" in data:
-            created = set(iptables.save()) - set(data["tables_before"])
-            done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+        done += profile.drop_created_tables(data)
     done += profile.delete_routes(data.get("routes", []))
     if cfg is not None:
         done += profile.delete_rules(rules(cfg))
