@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_bytes.h"
 #include "testpoints.h"
 
 #define CHECK(cond)                                                                      \
@@ -42,27 +43,6 @@ static uint8_t flat[MAX_FRAMES * FRAME_MAX];
 static uint8_t out[MAX_FRAMES * (FRAME_MAX + 12) + 65536];
 static uint32_t out_lens[MAX_FRAMES];
 static uint16_t ports[MAX_FRAMES];
-
-static uint32_t ld16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
-static uint32_t le16(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8; }
-static void st16(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static uint32_t sum16(const uint8_t *p, size_t n, uint32_t s) {
-    for (size_t i = 0; i + 1 < n; i += 2)
-        s += ld16(p + i);
-    if (n & 1)
-        s += (uint32_t)p[n - 1] << 8;
-    return s;
-}
-
-static uint16_t fold(uint32_t s) {
-    while (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16);
-    return (uint16_t)s;
-}
 
 /* Where IP starts (-1: not IP) and its version. */
 static int ip_start(const uint8_t *f, size_t len, int tap, int *ver) {

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_bytes.h"
 #include "testpoints.h"
 
 #define CHECK(cond)                                                                      \
@@ -39,27 +40,6 @@ static uint8_t segs[2 * FRAME_MAX + MAX_SEGS * 256];
 static uint32_t seg_lens[MAX_SEGS];
 static uint8_t back[2 * FRAME_MAX + MAX_SEGS * 256];
 static uint32_t back_lens[MAX_SEGS];
-
-static uint32_t ld16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
-static uint32_t ld32(const uint8_t *p) { return ld16(p) << 16 | ld16(p + 2); }
-static void st16(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static uint32_t sum16(const uint8_t *p, size_t n, uint32_t s) {
-    for (size_t i = 0; i + 1 < n; i += 2)
-        s += ld16(p + i);
-    if (n & 1)
-        s += (uint32_t)p[n - 1] << 8;
-    return s;
-}
-
-static uint16_t fold(uint32_t s) {
-    while (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16);
-    return (uint16_t)s;
-}
 
 static uint32_t pseudo(const uint8_t *ip, int ver, size_t len) {
     return (ver == 4 ? sum16(ip + 12, 8, 0) : sum16(ip + 8, 32, 0)) + 6 + (uint32_t)len;

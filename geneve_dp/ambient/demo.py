@@ -254,6 +254,39 @@ class Scenario:
     def _new_accepts(self, before: int) -> list[dict[str, Any]]:
         return self.accepts()[before:]
 
+    def _check_outbound_accept(self, s: Step, new: list[dict[str, Any]], src: str) -> None:
+        """Exactly one of ``new`` is the 15001 listener's, for the server's TCP port as
+        original destination, from client ``src`` and with ``src`` kept upstream."""
+        hit = [r for r in new if r["listener"] == k.ZTUNNEL_OUTBOUND_PORT]
+        s.check(len(hit) == 1, f"15001 listener accepted {len(hit)} connection(s)")
+        if hit:
+            r = hit[0]
+            s.check(
+                r["orig_dst"] == f"{t.SERVER_IP}:{t.TCP_PORT}",
+                f"original destination {r['orig_dst']}",
+            )
+            s.check(r["client"].startswith(src + ":"), f"client {r['client']}")
+            s.check(
+                str(r.get("upstream_src", "")).startswith(src + ":"),
+                f"upstream leg sourced from {r.get('upstream_src')} (original source kept)",
+            )
+
+    def _check_inbound_accept(
+        self, s: Step, new: list[dict[str, Any]], listener: int, dst: str, port: int
+    ) -> None:
+        """``new`` is one connection, ``listener``'s, for original destination dst:port."""
+        hit = [r for r in new if r["listener"] == listener]
+        s.check(
+            len(hit) == 1 and len(new) == 1,
+            f"to port {port}: listener {listener} accepted {len(hit)} "
+            f"(all listeners: {[r['listener'] for r in new]})",
+        )
+        if hit:
+            s.check(
+                hit[0]["orig_dst"] == f"{dst}:{port}",
+                f"original destination {hit[0]['orig_dst']}, client {hit[0]['client']}",
+            )
+
     # --- the steps ------------------------------------------------------------------------
     def step1(self) -> Step:
         a = t.PODS[0]
@@ -266,19 +299,7 @@ class Scenario:
         n, g0 = len(self.accepts()), self.geneve()
         self._connect_and_check(s, a.role, "tcp", t.SERVER_IP, t.TCP_PORT, a.ip, "step1-data")
         new, g1 = self._new_accepts(n), self.geneve()
-        hit = [r for r in new if r["listener"] == k.ZTUNNEL_OUTBOUND_PORT]
-        s.check(len(hit) == 1, f"15001 listener accepted {len(hit)} connection(s)")
-        if hit:
-            r = hit[0]
-            s.check(
-                r["orig_dst"] == f"{t.SERVER_IP}:{t.TCP_PORT}",
-                f"original destination {r['orig_dst']}",
-            )
-            s.check(r["client"].startswith(a.ip + ":"), f"client {r['client']}")
-            s.check(
-                str(r.get("upstream_src", "")).startswith(a.ip + ":"),
-                f"upstream leg sourced from {r.get('upstream_src')} (original source kept)",
-            )
+        self._check_outbound_accept(s, new, a.ip)
         tx, rx = g0.delta(g1, k.OUTBOUND_TUN_VNI)
         s.check(tx >= 1 and rx >= 1, f"GENEVE VNI 1001: node sent {tx}, ztunnel received {rx}")
         tx0, rx0 = g0.delta(g1, k.INBOUND_TUN_VNI)
@@ -363,17 +384,7 @@ class Scenario:
             n, g0 = len(self.accepts()), self.geneve()
             self._connect_and_check(s, "server", "tcp", b.ip, port, t.SERVER_IP, f"step4-{port}")
             new, g1 = self._new_accepts(n), self.geneve()
-            hit = [r for r in new if r["listener"] == listener]
-            s.check(
-                len(hit) == 1 and len(new) == 1,
-                f"to port {port}: listener {listener} accepted {len(hit)} "
-                f"(all listeners: {[r['listener'] for r in new]})",
-            )
-            if hit:
-                s.check(
-                    hit[0]["orig_dst"] == f"{b.ip}:{port}",
-                    f"original destination {hit[0]['orig_dst']}, client {hit[0]['client']}",
-                )
+            self._check_inbound_accept(s, new, listener, b.ip, port)
             tx, rx = g0.delta(g1, k.INBOUND_TUN_VNI)
             s.check(tx >= 1 and rx >= 1, f"GENEVE VNI 1000: node sent {tx}, ztunnel received {rx}")
         return s

@@ -264,9 +264,8 @@ def _remove_chains(data: dict[str, Any]) -> list[str]:
     if text:
         iptables.restore(text)
         done.append(f"iptables ztunnel-* chains ({iptables.selected()})")
-    if current and "tables_before" in data:
-        created = set(current) - set(data["tables_before"])
-        done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+    if current:
+        done += profile.drop_created_tables(data, current)
     return done
 
 

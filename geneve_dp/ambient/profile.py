@@ -160,6 +160,15 @@ def select_iptables(st: StateFile, version: str, say: Callable[[str], None]) -> 
     say(f"iptables backend: {iptables.selected()} ({why})")
 
 
+def drop_created_tables(data: dict[str, Any], current: Iterable[str] | None = None) -> list[str]:
+    """Drop the iptables tables that `up` created (not in ``data["tables_before"]``) and
+    are empty now; ``current``: the tables as iptables.save() gave them, if at hand."""
+    if "tables_before" not in data:
+        return []
+    created = set(iptables.save() if current is None else current) - set(data["tables_before"])
+    return [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+
+
 def use_recorded_iptables(st: StateFile) -> bool:
     """Use the backend ``st`` records; False when it records none."""
     rec = st.data.get("iptables_backend")

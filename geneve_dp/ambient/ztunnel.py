@@ -297,9 +297,7 @@ def _remove_rules(data: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     if text:
         iptables.restore(text)
         done.append(f"{len(present)} mangle PREROUTING rules ({iptables.selected()})")
-    if "tables_before" in data:
-        created = set(iptables.save()) - set(data["tables_before"])
-        done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+    done += profile.drop_created_tables(data)
     return done
 
 

@@ -146,19 +146,7 @@ class EbpfSteps:
         n, c0 = len(sc.accepts()), self.counters()
         sc._connect_and_check(s, a.role, "tcp", t.SERVER_IP, t.TCP_PORT, a.ip, "step1-data")
         new, d = sc._new_accepts(n), self.delta(c0, self.counters())
-        hit = [r for r in new if r["listener"] == k.ZTUNNEL_OUTBOUND_PORT]
-        s.check(len(hit) == 1, f"15001 listener accepted {len(hit)} connection(s)")
-        if hit:
-            r = hit[0]
-            s.check(
-                r["orig_dst"] == f"{t.SERVER_IP}:{t.TCP_PORT}",
-                f"original destination {r['orig_dst']}",
-            )
-            s.check(r["client"].startswith(a.ip + ":"), f"client {r['client']}")
-            s.check(
-                str(r.get("upstream_src", "")).startswith(a.ip + ":"),
-                f"upstream leg sourced from {r.get('upstream_src')} (original source kept)",
-            )
+        sc._check_outbound_accept(s, new, a.ip)
         self.moved(s, d, ["node.out_redirect"])
         self.moved(s, d, [self.new_conn("outbound")])
         s.check(d.get(self.new_conn("outbound"), 0) == 1, "exactly one new connection")
@@ -234,17 +222,7 @@ class EbpfSteps:
             n, c0 = len(sc.accepts()), self.counters()
             sc._connect_and_check(s, "server", "tcp", b.ip, port, t.SERVER_IP, f"step4-{port}")
             new, d = sc._new_accepts(n), self.delta(c0, self.counters())
-            hit = [r for r in new if r["listener"] == listener]
-            s.check(
-                len(hit) == 1 and len(new) == 1,
-                f"to port {port}: listener {listener} accepted {len(hit)} "
-                f"(all listeners: {[r['listener'] for r in new]})",
-            )
-            if hit:
-                s.check(
-                    hit[0]["orig_dst"] == f"{b.ip}:{port}",
-                    f"original destination {hit[0]['orig_dst']}, client {hit[0]['client']}",
-                )
+            sc._check_inbound_accept(s, new, listener, b.ip, port)
             self.moved(s, d, ["node.in_redirect", self.new_conn(direction)])
         return s
 

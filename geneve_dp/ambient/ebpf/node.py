@@ -27,10 +27,10 @@ from ...errors import UserError
 from ...netconf import links
 from .. import profile, reconcile, watch
 from ..state import StateFile, state_dir
-from . import facts, libbpf, neigh, objects, tc
+from . import MODE, facts, libbpf, neigh, objects, tc
+from . import is_ebpf as is_ebpf  # callers ask the role module
 
 ROLE = "node"
-MODE = "ebpf"
 POD_PROGRAMS: tuple[tuple[str, tc.Hook], ...] = (
     # Egress first: once the pod's frames go to ztunnel, ztunnel's replies must find
     # the pod (app_info) and pass its egress (BYPASS).
@@ -64,10 +64,6 @@ class Config:
         return cls(
             d["ztunnel_ip"], d["ztunnel_veth"], d["ztunnel_mac"], d["host_ip"], d["dns_capture"]
         )
-
-
-def is_ebpf(st: StateFile) -> bool:
-    return bool((st.data.get("config") or {}).get("redirect_mode") == MODE)
 
 
 def check_mac(text: str, field: str) -> str:

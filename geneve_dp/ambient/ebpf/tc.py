@@ -60,34 +60,31 @@ def has_clsact(dev: str) -> bool:
     return False
 
 
+def _clsact(idx: int, command: str, already: tuple[int, ...]) -> bool:
+    """``tc qdisc <command> clsact`` on device ``idx``; False when netlink answers one
+    of the ``already`` codes (the qdisc was already in the state asked for)."""
+    with links.iproute() as ipr:
+        try:
+            ipr.tc(command, "clsact", index=idx)
+        except NetlinkError as exc:
+            if exc.code in already:
+                return False
+            raise
+    return True
+
+
 def add_clsact(dev: str) -> bool:
     """Add the clsact qdisc; False when one was there already."""
     idx = ifindex(dev)
     if idx is None:
         raise LookupError(f"device {dev} does not exist")
-    with links.iproute() as ipr:
-        try:
-            ipr.tc("add", "clsact", index=idx)
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
-                return False
-            raise
-    return True
+    return _clsact(idx, "add", (errno.EEXIST,))
 
 
 def del_clsact(dev: str) -> bool:
     """Delete the clsact qdisc (and every filter on it); False when there was none."""
     idx = ifindex(dev)
-    if idx is None:
-        return False
-    with links.iproute() as ipr:
-        try:
-            ipr.tc("del", "clsact", index=idx)
-        except NetlinkError as exc:
-            if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-                return False
-            raise
-    return True
+    return idx is not None and _clsact(idx, "del", (errno.ENOENT, errno.EINVAL, errno.ENODEV))
 
 
 def filters(dev: str, hook: Hook) -> list[str]:

@@ -22,10 +22,10 @@ from ...netconf import iptables, links
 from .. import constants as k
 from .. import profile, reconcile, watch
 from ..state import StateFile, state_dir
-from . import facts, libbpf, objects, tc
+from . import MODE, facts, libbpf, objects, tc
+from . import is_ebpf as is_ebpf  # callers ask the role module
 
 ROLE = "ztunnel"
-MODE = "ebpf"
 Tproxy = Literal["sk-assign", "iptables"]
 TPROXY_CHOICES = ("auto", "sk-assign", "iptables")
 Say = Callable[[str], None]
@@ -54,10 +54,6 @@ class Config:
     @property
     def program(self) -> str:
         return facts.ZTUNNEL_TPROXY if self.tproxy == "sk-assign" else facts.ZTUNNEL_MARK
-
-
-def is_ebpf(st: StateFile) -> bool:
-    return bool((st.data.get("config") or {}).get("redirect_mode") == MODE)
 
 
 def resolve(host_ip: str | None, tproxy: str = "auto") -> Config:
@@ -235,9 +231,7 @@ def down() -> list[str]:
         if text:
             iptables.restore(text)
             done.append(f"{len(present)} mangle PREROUTING rules")
-        if "tables_before" in data:
-            created = set(iptables.save()) - set(data["tables_before"])
-            done += [f"empty iptables table {t}" for t in iptables.drop_empty_tables(created)]
+        done += profile.drop_created_tables(data)
     done += profile.delete_routes(data.get("routes", []))
     if cfg is not None:
         done += profile.delete_rules(rules(cfg))
