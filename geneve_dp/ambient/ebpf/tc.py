@@ -111,6 +111,11 @@ def attached(a: Attachment) -> bool:
     return filter_name(a.program) in filters(a.dev, a.hook)
 
 
+def _our_slot(a: Attachment) -> dict[str, int]:
+    """Where our filter sits on ``a``'s hook (handle 1, prio 1, every protocol)."""
+    return {"handle": HANDLE, "prio": PRIO, "protocol": ETH_P_ALL, "parent": PARENT[a.hook]}
+
+
 def attach(a: Attachment, prog_fd: int) -> None:
     """Put ``prog_fd`` on the hook (replacing what holds handle 1, prio 1 there)."""
     idx = ifindex(a.dev)
@@ -121,13 +126,10 @@ def attach(a: Attachment, prog_fd: int) -> None:
             "replace-filter",
             "bpf",
             index=idx,
-            handle=HANDLE,
-            prio=PRIO,
-            protocol=ETH_P_ALL,
-            parent=PARENT[a.hook],
             fd=prog_fd,
             name=filter_name(a.program),
             direct_action=True,
+            **_our_slot(a),
         )
 
 
@@ -137,15 +139,7 @@ def detach(a: Attachment) -> bool:
     if idx is None or not attached(a):
         return False
     with links.iproute() as ipr, contextlib.suppress(NetlinkError):
-        ipr.tc(
-            "del-filter",
-            "bpf",
-            index=idx,
-            handle=HANDLE,
-            prio=PRIO,
-            protocol=ETH_P_ALL,
-            parent=PARENT[a.hook],
-        )
+        ipr.tc("del-filter", "bpf", index=idx, **_our_slot(a))
     return not attached(a)
 
 
