@@ -272,6 +272,9 @@ class Daemon:
             return
         try:
             await loop.run_in_executor(None, self._dataplane.apply, self.specs, tuple(gone))
+            # Counted once the device is back, before its addresses: whoever sees them
+            # also sees the count.
+            self.restarts += 1
             await loop.run_in_executor(None, self._apply_addresses, False)
             await loop.run_in_executor(None, self._announce)
         except (UserError, OSError) as exc:
@@ -279,7 +282,6 @@ class Daemon:
             self._retry_at = loop.time() + RECONCILE_INTERVAL
             log.error("device %s was deleted; opening it again failed: %s", ", ".join(gone), exc)
             return
-        self.restarts += 1
         self._repaired(
             f"device {', '.join(gone)} was deleted; opened again (`geneve-dp down` removes "
             "a tunnel for good)",

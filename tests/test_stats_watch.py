@@ -132,13 +132,19 @@ def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(
             if ready:
                 screen += os.read(master, 65536)
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(10)
+        # The terminal is read until the program has gone: a terminal nobody reads
+        # blocks the program's last redraw, and with it its exit.
+        end = time.monotonic() + 10
         try:
+            while proc.poll() is None and time.monotonic() < end:
+                if select.select([master], [], [], 0.2)[0]:
+                    screen += os.read(master, 65536)
             while select.select([master], [], [], 0.2)[0]:
                 screen += os.read(master, 65536)
         except OSError:  # the other side closed
             pass
         os.close(master)
+        rc = proc.wait(1)
     assert rc == 0
     text = screen.decode(errors="replace")
     assert "gt0" in text and "Traceback" not in text
