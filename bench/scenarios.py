@@ -130,7 +130,30 @@ class KernelVxlan(Scenario):
         )
 
 
-class TapWire(Scenario):
+class HelperScenario(Scenario):
+    """A scenario whose dataplane is one of bench's C helpers (``binary_name``), one
+    process or more: started by _start_helper, watched and stopped together."""
+
+    binary_name = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def alive(self) -> str | None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                return f"{self.binary_name} exited ({proc.returncode})"
+        return None
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            _stop_helper(proc)
+        self.procs.clear()
+        super().stop()
+
+
+class TapWire(HelperScenario):
     """Two TAP devices, one per namespace, joined by gdp-tapwire (bench/tapwire.c): one
     read and one write per frame, with the offloads geneve-dp asks for. Every userspace
     dataplane over TAP does at least that on each end, and geneve-dp does it twice per
@@ -150,16 +173,13 @@ class TapWire(Scenario):
     )
     kernel_path = False
     ready_timeout = 10.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proc: subprocess.Popen[bytes] | None = None
+    binary_name = "gdp-tapwire"
 
     def build(self, u: Underlay) -> Path:
-        binary = pktgen.build(pktgen.HERE / "tapwire.c", "gdp-tapwire", ("-pthread",))
+        binary = pktgen.build(pktgen.HERE / "tapwire.c", self.binary_name, ("-pthread",))
         # At the priority geneve-dp's workers run at, so the two compare on their work
         # and not on who wins the CPU from iperf3.
-        self.proc = _start_helper(u.a, [str(binary), "tw0", "tw1"], self.ready_timeout)
+        self.procs.append(_start_helper(u.a, [str(binary), "tw0", "tw1"], self.ready_timeout))
         # The open file keeps tw1 attached wherever it is moved.
         sh("ip", "-n", u.a, "link", "set", "tw1", "netns", u.b)
         for n, (ns, dev) in enumerate(((u.a, "tw0"), (u.b, "tw1")), 1):
@@ -171,24 +191,13 @@ class TapWire(Scenario):
             u.b,
             f"{INNER_SUBNET}.1",
             f"{INNER_SUBNET}.2",
-            dataplane_pids=[self.proc.pid],
+            dataplane_pids=[p.pid for p in self.procs],
             src_dev="tw0",
             dst_dev="tw1",
         )
 
-    def alive(self) -> str | None:
-        if self.proc is not None and self.proc.poll() is not None:
-            return f"gdp-tapwire exited ({self.proc.returncode})"
-        return None
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_helper(self.proc)
-            self.proc = None
-        super().stop()
-
-
-class OnePacketForwarder(Scenario):
+class OnePacketForwarder(HelperScenario):
     """The simplest userspace GENEVE forwarder (bench/tunfwd.c), one per namespace: a
     TUN device, a UDP socket, one thread per direction, one read and one send (or one
     receive and one write) per packet, no batching, no offloads. It pays the same
@@ -204,13 +213,10 @@ class OnePacketForwarder(Scenario):
     )
     kernel_path = False
     ready_timeout = 10.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.procs: list[subprocess.Popen[bytes]] = []
+    binary_name = "gdp-tunfwd"
 
     def build(self, u: Underlay) -> Path:
-        binary = pktgen.build(pktgen.HERE / "tunfwd.c", "gdp-tunfwd", ("-pthread",))
+        binary = pktgen.build(pktgen.HERE / "tunfwd.c", self.binary_name, ("-pthread",))
         ends = ((u.a, u.a_ip, u.b_ip), (u.b, u.b_ip, u.a_ip))
         for n, (ns, local, remote) in enumerate(ends, 1):
             # At geneve-dp's worker priority, as the TAP wire.
@@ -228,18 +234,6 @@ class OnePacketForwarder(Scenario):
             src_dev="tf0",
             dst_dev="tf0",
         )
-
-    def alive(self) -> str | None:
-        for proc in self.procs:
-            if proc.poll() is not None:
-                return f"gdp-tunfwd exited ({proc.returncode})"
-        return None
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            _stop_helper(proc)
-        self.procs.clear()
-        super().stop()
 
 
 class GeneveDp(Scenario):
