@@ -9,6 +9,7 @@ shape of the segments the kernel cuts from it, are in test_endpoint_bulk.py.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import struct
@@ -245,8 +246,13 @@ def test_udp_run_on_the_wire_is_one_datagram_per_geneve_packet(
     assert sink.stdout is not None and sink.stdout.readline().strip() == "bound"
     try:
         assert cap.stderr is not None and "listening on ub" in cap.stderr.readline()
-        # All at once, so the sender reads them from its device in a row.
-        a.run(sys.executable, "-c", BURST, str(n))
+        # Queued on the device while the sender is paused, so it reads them in a row
+        # however the scheduler runs the burst's writer and the engine's tx worker.
+        os.kill(ea.proc.pid, signal.SIGSTOP)
+        try:
+            a.run(sys.executable, "-c", BURST, str(n))
+        finally:
+            os.kill(ea.proc.pid, signal.SIGCONT)
         assert wait_for(lambda: eb.tunnel("gt0")["counters"]["rx_packets"] >= got_before + n)
         time.sleep(0.3)
     finally:
