@@ -272,21 +272,24 @@ class Daemon:
             return
         try:
             await loop.run_in_executor(None, self._dataplane.apply, self.specs, tuple(gone))
-            # Counted once the device is back, before its addresses: whoever sees them
-            # also sees the count.
-            self.restarts += 1
-            await loop.run_in_executor(None, self._apply_addresses, False)
-            await loop.run_in_executor(None, self._announce)
         except (UserError, OSError) as exc:
             # Say so and try again later (a name taken by someone else may be freed).
             self._retry_at = loop.time() + RECONCILE_INTERVAL
             log.error("device %s was deleted; opening it again failed: %s", ", ".join(gone), exc)
             return
+        # Counted and said once the device is back, before its addresses: whoever sees
+        # them also sees the repair.
+        self.restarts += 1
         self._repaired(
             f"device {', '.join(gone)} was deleted; opened again (`geneve-dp down` removes "
             "a tunnel for good)",
             ", ".join(gone),
         )
+        try:
+            await loop.run_in_executor(None, self._apply_addresses, False)
+            await loop.run_in_executor(None, self._announce)
+        except (UserError, OSError) as exc:  # the reconcile pass puts them back later
+            log.error("device %s is back; its addresses failed: %s", ", ".join(gone), exc)
 
     # -- live changes (requests on the control socket, SIGHUP) ---------------------------
 

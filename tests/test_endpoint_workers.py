@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.endpoint_helpers import endpoint, underlay
+from tests.endpoint_helpers import endpoint, ether, geneve, ipv4_udp, underlay, wait_for
 from tests.netns import Netns
 
 pytestmark = pytest.mark.root
@@ -62,8 +62,9 @@ def test_flows_spread_over_workers_in_order(netns_factory: Callable[[str], Netns
     with endpoint(a, "c+offload+w2", [sa]) as ea, endpoint(b, "c+offload+w2", [sb]) as eb:
         assert ea.error is None and eb.error is None
         a.run("ping", "-c", "1", "-W", "2", "192.168.7.2")
-        # 16 flows: their outer source ports follow the inner flows, so the kernel
-        # spreads them over both receive sockets (all on one: odds 2 in 65536).
+        # 16 flows: their outer source ports follow the inner flows, drawn from the
+        # sender's block of consecutive ports, and the receiver chooses a socket by
+        # source port modulo 2 (all on one: odds 2 in 65536).
         r = pktgen.udp_stream(
             a.name, b.name, "192.168.7.2", payload=64, flows=16, rate=20000, count=32000
         )
@@ -143,3 +144,70 @@ def test_workers_run_at_the_configured_priority(netns_factory: Callable[[str], N
                            "gdp-tx1-v4-6081"], nices  # fmt: skip
         others = [v for n, v in nices if not n.startswith("gdp-")]
         assert others and set(others) == {0}, nices
+
+
+SEND_FROM_PORTS = r"""
+import socket, sys
+frame = bytes.fromhex(sys.argv[1])
+for arg in sys.argv[2:]:
+    port, count = (int(x) for x in arg.split(":"))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("10.0.0.2", port))
+    for _ in range(count):
+        s.sendto(frame, ("10.0.0.1", 6081))
+    s.close()
+"""
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_receive_worker_is_the_source_port_modulo_the_workers(
+    netns_factory: Callable[[str], Netns], workers: int
+) -> None:
+    """Any peer's flows land on worker (outer source port % workers): ports that differ
+    in their low bits never share a worker, whatever the kernel's 4-tuple hash says.
+    Each port sends its own number of datagrams, so every worker's share names the
+    ports it got."""
+    a, b = netns_factory("a"), netns_factory("b")
+    underlay(a, b)
+    spec = {"name": "gt0", "vni": 7, "remote": "10.0.0.2", "addresses": ["192.168.7.1/24"]}
+    inner = ipv4_udp("192.168.7.2", "192.168.7.1", b"x" * 32)
+    frame = geneve(7, 0x6558, ether(b"\xff" * 6, bytes.fromhex("020000000077"), 0x0800, inner))
+    with endpoint(a, f"c+offload+w{workers}", [spec]) as ep:
+        assert ep.error is None, ep.error
+
+        def per_worker() -> list[int]:
+            return list(ep.tunnel("gt0")["socket"]["rx_packets_per_worker"])
+
+        for base in (40000, 50001, 60002):
+            sends = {base + k: 1 + k for k in range(workers)}  # port: datagrams
+            expect = [0] * workers
+            for port, count in sends.items():
+                expect[port % workers] += count
+            before = per_worker()
+            b.run(
+                sys.executable,
+                "-c",
+                SEND_FROM_PORTS,
+                frame.hex(),
+                *(f"{p}:{n}" for p, n in sends.items()),
+            )
+            total = sum(before) + sum(expect)
+            assert wait_for(lambda total=total: sum(per_worker()) >= total)
+            gained = [x - y for x, y in zip(per_worker(), before, strict=True)]
+            assert gained == expect, (base, gained, expect)
+
+
+def test_transmit_sockets_take_consecutive_source_ports(
+    netns_factory: Callable[[str], Netns],
+) -> None:
+    """A tunnel's transmit sockets hold one block of consecutive ports, so its flows
+    cover every residue a receiving peer spreads by."""
+    a, b = netns_factory("a"), netns_factory("b")
+    underlay(a, b)
+    spec = {"name": "gt0", "vni": 7, "remote": "10.0.0.2", "addresses": ["192.168.7.1/24"]}
+    with endpoint(a, "c+offload", [spec]) as ep:
+        assert ep.error is None, ep.error
+        out = a.run("ss", "-Huan", "dst", "10.0.0.2:6081").stdout
+        ports = sorted(int(ln.split()[3].rsplit(":", 1)[1]) for ln in out.splitlines() if ln)
+        assert len(ports) == 8, out
+        assert ports == list(range(ports[0], ports[0] + 8)), ports

@@ -26,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import UserError
 from .spec import IPAddress, TunnelSpec
+from .spread import attach_source_port_spread
 
 log = logging.getLogger("geneve_dp.dataplane")
 
@@ -317,8 +318,8 @@ def _udp_socket(
             udp.setsockopt(socket.IPPROTO_IP, IP_RECVFRAGSIZE, 1)
         udp.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         if reuseport:
-            # One socket per worker; the kernel spreads datagrams by their 4-tuple, so
-            # a flow (its outer source port follows the inner flow) stays on one.
+            # One socket per worker, chosen by outer source port (spread.py), so a
+            # flow (its outer source port follows the inner flow) stays on one.
             udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         udp_gro = False
         if offload:
@@ -397,6 +398,16 @@ def _open_group(
         for _ in range(workers):
             sock, udp_gro = _udp_socket(family, port, specs, offload, reuseport=workers > 1)
             udps.append(sock)
+        if workers > 1:
+            try:
+                attach_source_port_spread(udps[0], family, workers)
+            except OSError as exc:
+                log.warning(
+                    "port %d: the kernel refuses a reuseport program (%s); flows spread "
+                    "over workers by its hash",
+                    port,
+                    exc.strerror,
+                )
         raw = _raw_socket(family, None)
         for mark in sorted({s.mark for s in specs if s.mark}):
             marked[mark] = _raw_socket(family, mark)

@@ -18,6 +18,7 @@ from ..fastpath import ffi, lib
 from .endpoint import Group, Tunnel, ephemeral_ports, set_mark
 from .inject import Injector, injectable
 from .reasons import DROP_REASONS, SOCKET_DROP_REASONS, TUNNEL_COUNTERS
+from .spread import bind_port_block
 
 REFLECT_SLOTS = 1024
 GSO_SOCKETS = 8  # struct gdp_tunnel.gso_fds
@@ -231,46 +232,65 @@ class CGroupEngine:
         self.results: dict[str, int] = {}
 
     def _gso_sockets(self, tun: Tunnel, gso: bool) -> list[socket.socket]:
-        """Connected UDP sockets for TSO segments; none when ``gso`` (UDP GSO sends
-        wanted) and the kernel refuses UDP_SEGMENT: the raw socket then sends them."""
+        """Connected UDP sockets for TSO segments, on consecutive source ports
+        (spread.py); none when ``gso`` (UDP GSO sends wanted) and the kernel refuses
+        UDP_SEGMENT: the raw socket then sends them."""
         spec = tun.spec
         af = socket.AF_INET if spec.family == 4 else socket.AF_INET6
-        out: list[socket.socket] = []
-        for _ in range(GSO_SOCKETS):
+        if gso:
             s = socket.socket(af, socket.SOCK_DGRAM)
-            if gso and not out:
-                try:
-                    s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1400)
-                    s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 0)
-                except OSError as exc:
+            try:
+                s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1400)
+            except OSError as exc:
+                log.warning(
+                    "%s: the kernel refuses UDP GSO (%s); TSO segments go one by one",
+                    spec.name,
+                    exc.strerror,
+                )
+                return []
+            finally:
+                s.close()
+
+        def make() -> socket.socket:
+            s = socket.socket(af, socket.SOCK_DGRAM)
+            try:
+                # The TOS without ECN bits: sends whose TOS is this one carry no IP
+                # cmsg and so keep the socket's cached route (csrc/txq.c gso_send).
+                tos = spec.dscp
+                if spec.family == 4:
+                    s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+                    s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, tun.ttl)
+                    pmtu = IP_PMTUDISC_DO if spec.df == "set" else IP_PMTUDISC_DONT
+                    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
+                else:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, tun.ttl)
+                if not (spec.tx_udp_csum or gso):
+                    s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
+                if spec.mark:
+                    set_mark(s, spec.mark)
+            except BaseException:
+                s.close()
+                raise
+            return s
+
+        local = str(tun.local)
+        out = bind_port_block(make, GSO_SOCKETS, local, ephemeral_ports())
+        if out is None:  # no free block: any ports, spread as the hash falls
+            out = []
+            try:
+                for _ in range(GSO_SOCKETS):
+                    out.append(make())
+                    out[-1].bind((local, 0))
+            except BaseException:
+                for s in out:
                     s.close()
-                    log.warning(
-                        "%s: the kernel refuses UDP GSO (%s); TSO segments go one by one",
-                        spec.name,
-                        exc.strerror,
-                    )
-                    return []
-            self.sockets.append(s)
-            # The TOS without ECN bits: sends whose TOS is this one carry no IP cmsg
-            # and so keep the socket's cached route (csrc/txq.c gso_send).
-            tos = spec.dscp
-            if spec.family == 4:
-                s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
-                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, tun.ttl)
-                pmtu = IP_PMTUDISC_DO if spec.df == "set" else IP_PMTUDISC_DONT
-                s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, pmtu)
-            else:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, tun.ttl)
-            if not (spec.tx_udp_csum or gso):
-                s.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read
-            if spec.mark:
-                set_mark(s, spec.mark)
-            s.bind((str(tun.local), 0))
+                raise
+        self.sockets.extend(out)
+        for s in out:
             s.connect((str(spec.remote), spec.port))
             s.setblocking(False)
-            out.append(s)
         return out
 
     def _kick_fds(self) -> tuple[int, int]:
