@@ -266,6 +266,11 @@ static void rx_deliver(struct gdp_engine *e, uint32_t idx, uint8_t *pkt, size_t 
     if (whole && rx_super(e, t, f, flen, &in, gso_size))
         return;
     if (t->vnet_hdr) {
+        /* Packets merge only with the same GENEVE header. Each carries its own
+         * integrity option, verified by now and read by nothing after this: blanked,
+         * so the comparison sees only what the peer sends alike. */
+        if (t->auth)
+            memset(pkt + e->rx_auth_off + GDP_AUTH_OPT_LEN - GDP_AUTH_DATA_LEN, 0, GDP_AUTH_DATA_LEN);
         struct outer_id o = {pkt, hlen, from->sin6_port}; /* sin_port: same place */
         struct gro_seg s;
         int v = gro_offer(&e->gro, idx, f, flen, &in, &o, t->rx_uso, &s);
