@@ -9,6 +9,7 @@ them the same way), made while the node's default rp_filter is 1.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -61,6 +62,7 @@ print(json.dumps(out))
 def test_pod_work_does_not_grow_with_the_number_of_pods(world: t.World) -> None:
     w = world
     w.gdp(w.node, *NODE_UP)
+    watcher = int((w.state_root / w.node / "node-watch.pid").read_text().split()[0])
     make_pods(w, PODS)
     ips = [pod_ip(i) for i in range(PODS)]
     proc = w.run(w.node, "env", f"GENEVE_DP_AMBIENT_STATE={w.state_root}", "python3", "-c",
@@ -76,6 +78,10 @@ def test_pod_work_does_not_grow_with_the_number_of_pods(world: t.World) -> None:
         dumps, repairs = out[key]
         assert dumps == {"routes": 3, "rules": 1}, (key, dumps)
         assert repairs == [], (key, repairs)
+    # The watcher saw the whole burst of links, routes and rules, and is still there.
+    assert os.path.exists(f"/proc/{watcher}"), (
+        w.state_root / w.node / "node-watch.log"
+    ).read_text()
 
 
 def test_pod_add_turns_off_rp_filter_on_the_pods_device(world: t.World) -> None:

@@ -99,9 +99,16 @@ def run(
         last_change_pass = 0.0  # when a pass last ran because of a change
         gap = BURST_GAP
         pending = False  # a change seen and not yet looked at
+        overflows_said = 0
         while not stop_event.is_set():
             due = min(next_pass, last_change_pass + gap) if pending else next_pass
-            woke = changes.wait(max(0.0, min(TICK, due - time.monotonic())))
+            try:
+                woke = changes.wait(max(0.0, min(TICK, due - time.monotonic())))
+            except OSError as exc:  # the subscription broke: a new one, and a full pass
+                say(f"change notifications failed ({exc.strerror}); subscribing again")
+                changes.close()
+                changes = links.Changes()
+                woke = True
             if stop_event.is_set():
                 break
             pending = pending or woke
@@ -112,6 +119,12 @@ def run(
                 time.sleep(SETTLE)
                 while changes.wait(0):
                     pass
+            if changes.overflows != overflows_said:
+                overflows_said = changes.overflows
+                say(
+                    f"change notifications overflowed ({overflows_said} times so far); "
+                    "this pass reads the whole state"
+                )
             now = time.monotonic()
             if pending:
                 last_change_pass = now

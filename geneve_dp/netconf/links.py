@@ -413,35 +413,66 @@ RTMGRP_IPV4_RULE = 0x80
 RTMGRP_IPV4_NETCONF = 1 << (24 - 1)  # RTNLGRP_IPV4_NETCONF: rp_filter, forwarding changes
 
 
+# A burst (hundreds of pods at once) queues thousands of messages: room for them, and
+# an overflow past it is a wake-up like any other (the pass reads the kernel's state).
+CHANGES_RCVBUF = 4 << 20
+NETLINK_ROUTE = 0
+SO_RCVBUFFORCE = 33
+
+
 class Changes:
     """A wake-up for reconcile loops: readable when a link, address, route, rule or
-    an interface's rp_filter/forwarding setting of this namespace changed. The messages
-    are not interpreted (pyroute2 may buffer several per read, so they cannot be
-    counted one by one); whoever wakes reads the kernel's state itself."""
+    an interface's rp_filter/forwarding setting of this namespace changed. A plain
+    rtnetlink socket: the messages are read and thrown away, never parsed (whoever
+    wakes reads the kernel's state itself), so a burst costs no memory, and a burst
+    that overflows the socket (ENOBUFS) is counted in ``overflows`` and is a wake-up
+    too: nothing is lost that the next pass does not read again."""
 
     def __init__(self) -> None:
-        self._ipr = IPRoute()
+        self.overflows = 0
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            NETLINK_ROUTE,
+        )  # fmt: skip
         try:
-            self._ipr.bind(
-                groups=RTMGRP_LINK
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CHANGES_RCVBUF)
+            except OSError:  # not root: the limit rmem_max allows
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHANGES_RCVBUF)
+            groups = (
+                RTMGRP_LINK
                 | RTMGRP_TC
                 | RTMGRP_IPV4_IFADDR
                 | RTMGRP_IPV4_ROUTE
                 | RTMGRP_IPV4_RULE
                 | RTMGRP_IPV4_NETCONF
             )
+            self._sock.bind((0, groups))
         except BaseException:
-            self._ipr.close()
+            self._sock.close()
             raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
 
     def wait(self, timeout: float) -> bool:
         """True if something changed within ``timeout`` seconds (and consume it)."""
-        ready, _, _ = select.select([self._ipr.fileno()], [], [], timeout)
+        ready, _, _ = select.select([self._sock], [], [], timeout)
         if not ready:
             return False
-        with contextlib.suppress(Exception):  # only a wake-up: a bad message is no matter
-            self._ipr.get()
+        self._drain()
         return True
 
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overflows += 1  # messages were lost: the pass reads everything
+
     def close(self) -> None:
-        self._ipr.close()
+        self._sock.close()
