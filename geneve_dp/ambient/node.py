@@ -155,8 +155,7 @@ def intent(st: StateFile) -> reconcile.Intent:
     cfg = load_config(st)
     assert cfg is not None
     recs = state.load_pods_cached(st.path.parent)
-    pod_routes = [profile.route_from_dict(r.route) for r in recs.values() if r.route]
-    pod_sysctls = [(key, "0") for r in recs.values() for key in r.sysctls]
+    pod_routes, pod_sysctls, ipset_entries = _pod_intent(recs)
     return reconcile.Intent(
         role=ROLE,
         endpoints=tuple(profile.with_auth(st, node_endpoints(cfg))),
@@ -164,11 +163,31 @@ def intent(st: StateFile) -> reconcile.Intent:
         rules=tuple(node_rules()),
         routes=tuple(node_routes(cfg)),
         sysctls=tuple(node_sysctls(cfg)),
-        ipset_entries={ip: r.uid for ip, r in recs.items()},
+        ipset_entries=ipset_entries,
         chains=tuple(reconcile.ChainIntent.from_dict(d) for d in st.data.get("iptables", [])),
-        pod_routes=tuple(pod_routes),
-        pod_sysctls=tuple(pod_sysctls),
+        pod_routes=pod_routes,
+        pod_sysctls=pod_sysctls,
     )
+
+
+PodIntent = tuple[tuple[links.Route, ...], tuple[tuple[str, str], ...], dict[str, str]]
+_pod_intent_of: tuple[dict[str, state.PodRecord], PodIntent] | None = None
+
+
+def _pod_intent(recs: dict[str, state.PodRecord]) -> PodIntent:
+    """The pods' routes, sysctls and ipset entries, built again only when the records
+    are new ones (state.load_pods_cached hands back the same dict until a pod changes):
+    the watcher asks every second, a thousand pods or not."""
+    global _pod_intent_of
+    if _pod_intent_of is not None and _pod_intent_of[0] is recs:
+        return _pod_intent_of[1]
+    parts: PodIntent = (
+        tuple(profile.route_from_dict(r.route) for r in recs.values() if r.route),
+        tuple((key, "0") for r in recs.values() for key in r.sysctls),
+        {ip: r.uid for ip, r in recs.items()},
+    )
+    _pod_intent_of = (recs, parts)
+    return parts
 
 
 def up(

@@ -201,8 +201,7 @@ def repair(
     # bring its device back (stuck): start it afresh for either. Routes and sysctls of
     # its devices are put back further down.
     if intent.endpoints and intent.pidfile is not None:
-        present = set(links.link_names())
-        gone = [e.name for e in intent.endpoints if e.name not in present]
+        gone = [e.name for e in intent.endpoints if not links.link_exists(e.name)]
         pid = endpoints.running(intent.pidfile)
         waiting = False
         if gone and pid is not None and memory is not None:

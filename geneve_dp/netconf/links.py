@@ -30,9 +30,9 @@ FR_ACT_TO_TBL = 1
 FR_ACT_GOTO = 2
 
 
-# Netlink dumps made by this process, by kind ("routes", "rules"): the work that grows
+# Netlink dumps made by this process, by kind ("routes", "rules", "links"): the work that grows
 # with the size of a table, counted so that tests and benches can check who dumps what.
-DUMPS: dict[str, int] = {"routes": 0, "rules": 0}
+DUMPS: dict[str, int] = {"routes": 0, "rules": 0, "links": 0}
 
 
 _session = threading.local()  # .ipr: this thread's shared IPRoute inside session()
@@ -97,7 +97,18 @@ def link_names() -> list[str]:
     the watchers ask every second, and a pyroute2 0.9.7 link dump keeps ~2.6 KiB per
     call for good (measured); this is a read, so rule 5 (changes through pyroute2)
     is not at stake."""
+    DUMPS["links"] += 1
     return sorted(name for _index, name in socket.if_nameindex())
+
+
+def link_exists(name: str) -> bool:
+    """Whether this namespace has a device ``name``: one lookup by name (an ioctl), the
+    same however many devices there are (a node with a thousand pods has 2,000)."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def delete_link(name: str) -> bool:
