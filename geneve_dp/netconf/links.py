@@ -22,6 +22,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from . import rtdump
+
 AF_INET = 2
 SCOPE_LINK = 253
 SCOPE_HOST = 254
@@ -240,7 +242,7 @@ def del_route(r: Route) -> bool:
 
 
 # What identifies a route for "is it there": table, destination, device index, gateway.
-RouteKey = tuple[int, str, int, str | None]
+RouteKey = rtdump.Key
 
 
 def route_key(r: Route) -> RouteKey | None:
@@ -257,20 +259,9 @@ def route_key(r: Route) -> RouteKey | None:
 def route_keys(table: int | None = None) -> set[RouteKey]:
     """Keys of the IPv4 routes of ``table`` (None: every table), in one dump; the
     kernel leaves the other tables out (strict checking), so the main table's many pod
-    routes are not read to check table 100."""
-    out: set[RouteKey] = set()
-    ipr = IPRoute(strict_check=True)
-    try:
-        msgs = _dump_routes(ipr, table)
-    finally:
-        ipr.close()
-    for msg in msgs:
-        t = msg.get_attr("RTA_TABLE")
-        if table is not None and t != table:
-            continue
-        dst = f"{msg.get_attr('RTA_DST') or '0.0.0.0'}/{msg['dst_len']}"
-        out.add((t, dst, msg.get_attr("RTA_OIF"), msg.get_attr("RTA_GATEWAY")))
-    return out
+    routes are not read to check table 100 (rtdump.py reads the dump)."""
+    DUMPS["routes"] += 1
+    return set(rtdump.route_keys(table))
 
 
 def route_exists(r: Route) -> bool:
