@@ -7,6 +7,7 @@
 #include <sodium.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 
 #include "bytes.h"
 #include "geneve.h"
@@ -48,6 +49,7 @@ struct gdp_auth_ring {
 struct gdp_auth {
     _Atomic(struct gdp_auth_ring *) ring;
     _Atomic uint64_t next_seq;
+    uint64_t floor; /* no sequence number below it is accepted */
     uint16_t opt_class;
     struct window win[WINDOW_SLOTS];
 };
@@ -79,7 +81,7 @@ int gdp_auth_available(void) {
     return crypto_aead_aes256gcm_is_available() ? 0 : GDP_AUTH_E_NO_AES;
 }
 
-int gdp_auth_init(struct gdp_auth *a, uint16_t opt_class, uint64_t first_seq) {
+int gdp_auth_init(struct gdp_auth *a, uint16_t opt_class, uint64_t first_seq, uint64_t floor) {
     int rc = gdp_auth_available();
     if (rc < 0)
         return rc;
@@ -88,6 +90,7 @@ int gdp_auth_init(struct gdp_auth *a, uint16_t opt_class, uint64_t first_seq) {
     memset(a, 0, sizeof(*a));
     atomic_init(&a->ring, NULL);
     atomic_init(&a->next_seq, first_seq);
+    a->floor = floor;
     a->opt_class = opt_class;
     for (int i = 0; i < WINDOW_SLOTS; i++)
         pthread_mutex_init(&a->win[i].lock, NULL);
@@ -143,6 +146,21 @@ void gdp_auth_set_ring(struct gdp_auth *a, struct gdp_auth_ring *r, int reset_sl
 
 uint64_t gdp_auth_next_seq(const struct gdp_auth *a) {
     return atomic_load_explicit(&((struct gdp_auth *)a)->next_seq, memory_order_relaxed);
+}
+
+void gdp_auth_tick(struct gdp_auth *a, uint64_t now_seq) {
+    uint64_t cur = atomic_load_explicit(&a->next_seq, memory_order_relaxed);
+    while (cur < now_seq &&
+           !atomic_compare_exchange_weak_explicit(&a->next_seq, &cur, now_seq,
+                                                  memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
+uint64_t gdp_auth_clock_seq(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t us = (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+    return us << GDP_AUTH_SEQ_SHIFT;
 }
 
 long gdp_auth_find(const uint8_t *geneve, size_t len, uint16_t opt_class, uint8_t type) {
@@ -297,7 +315,7 @@ int gdp_auth_verify(struct gdp_auth *a, struct gdp_auth_cache *c, uint8_t *genev
         e->used = 1;
         sodium_memzero(&fresh, sizeof(fresh));
     }
-    if (!window_accept(&a->win[k->slot], seq))
+    if (seq < a->floor || !window_accept(&a->win[k->slot], seq))
         return GDP_AUTH_REPLAYED;
     *opt_off = (size_t)off;
     return GDP_AUTH_OK;

@@ -21,8 +21,12 @@
  *
  * Anti-replay: a sliding window of GDP_AUTH_WINDOW sequence numbers per (tunnel, key)
  * as RFC 6479 (a ring of 64-bit words, whole words cleared as the window moves). The
- * sequence number continues across a sender's restarts because it starts from the
- * realtime clock (GDP_AUTH_SEQ_SHIFT), so a receiver needs no per-salt window.
+ * sequence number is a clock: a sender moves its counter up to the realtime clock
+ * (microseconds << GDP_AUTH_SEQ_SHIFT) whenever it goes to send (gdp_auth_tick), so
+ * it continues across the sender's restarts (a receiver needs no per-salt window) and
+ * no packet carries a number below the time it was sent at. A receiver refuses every
+ * number below its own start time less GDP_AUTH_SLACK_US (the floor): what was sent
+ * before a receiver restarted cannot be replayed to the fresh, empty window.
  *
  * Memory: the caller allocates every struct (sizes from the *_size functions, 16-byte
  * aligned). A key ring is immutable once published with gdp_auth_set_ring; a reload
@@ -46,6 +50,7 @@
 #define GDP_AUTH_MAX_KEYS 2
 #define GDP_AUTH_WINDOW 8192 /* sequence numbers a packet may lag the newest one */
 #define GDP_AUTH_SEQ_SHIFT 12 /* a sender starts at (unix time in us) << this */
+#define GDP_AUTH_SLACK_US 2000000 /* how far a sender's clock may lag a receiver's */
 /* Offsets inside the option (from its 4-byte header). */
 #define GDP_AUTH_OFF_KEY_ID 4
 #define GDP_AUTH_OFF_SALT 8
@@ -79,8 +84,10 @@ size_t gdp_auth_cache_size(void);
 /* Check that the primitive is usable on this machine (0 or GDP_AUTH_E_*). */
 int gdp_auth_available(void);
 
-/* A tunnel's state: option class and the first sequence number to send. */
-int gdp_auth_init(struct gdp_auth *a, uint16_t opt_class, uint64_t first_seq);
+/* A tunnel's state: option class, the first sequence number to send and the lowest
+ * one to accept (the floor: this receiver's start, less the slack, as a sequence
+ * number; 0 accepts any). */
+int gdp_auth_init(struct gdp_auth *a, uint16_t opt_class, uint64_t first_seq, uint64_t floor);
 void gdp_auth_destroy(struct gdp_auth *a);
 
 /* A key ring of n keys (ids[i], keys[i*32..]); ``slots[i]`` is the window slot
@@ -113,6 +120,10 @@ long gdp_auth_find(const uint8_t *geneve, size_t len, uint16_t opt_class, uint8_
 
 /* The next sequence number this tunnel will send (for status and tests). */
 uint64_t gdp_auth_next_seq(const struct gdp_auth *a);
+/* Move the send counter up to ``now_seq`` if it is behind (never down). */
+void gdp_auth_tick(struct gdp_auth *a, uint64_t now_seq);
+/* The realtime clock as a sequence number: (unix time in us) << GDP_AUTH_SEQ_SHIFT. */
+uint64_t gdp_auth_clock_seq(void);
 /* cdef-end */
 
 #endif

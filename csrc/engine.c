@@ -112,8 +112,23 @@ static void tx_read(struct gdp_engine *e, struct tx_state *st) {
     }
 }
 
+/* Authenticated tunnels number what they send from the clock on (auth.h): the
+ * counter is moved up to the time once per round, before anything is read. */
+static void auth_tick(struct gdp_engine *e) {
+    uint64_t now_seq = 0;
+    for (uint32_t i = 0; i < e->n; i++) {
+        struct gdp_auth *a = e->tunnels[i].auth;
+        if (!a)
+            continue;
+        if (!now_seq)
+            now_seq = gdp_auth_clock_seq();
+        gdp_auth_tick(a, now_seq);
+    }
+}
+
 /* One round: read, encapsulate, send in batches. */
 static void tx_round(struct gdp_engine *e, struct tx_state *st) {
+    auth_tick(e);
     tx_read(e, st);
     if (uso_growing(e) && st->bufs < GDP_BATCH) {
         struct timespec hold = {0, USO_HOLD_NS};

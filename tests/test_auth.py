@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ def test_constants_agree_with_c() -> None:
     assert option.KEY_LEN == lib.GDP_AUTH_KEY_LEN
     assert option.WINDOW == lib.GDP_AUTH_WINDOW
     assert option.SEQ_SHIFT == lib.GDP_AUTH_SEQ_SHIFT
+    assert option.SLACK_US == lib.GDP_AUTH_SLACK_US
     assert option.MAX_KEYS == lib.GDP_AUTH_MAX_KEYS
 
 
@@ -118,8 +120,8 @@ def test_c_signs_what_python_verifies_and_back(
 ) -> None:
     keys = ring(3, 9, send=9)
     pkt, off = packet(tuple(opts), frame, min(where, len(opts)))
-    ca = CAuth(keys, CLASS, start=seq)
-    pa = mac.PyAuth(keys, CLASS, start=seq)
+    ca = CAuth(keys, CLASS, start=seq, floor=0)
+    pa = mac.PyAuth(keys, CLASS, start=seq, floor=0)
     c_sign(ca, pkt, off)
     assert option.decode(pkt[off : off + 40]).seq == seq
     assert pa.verify(pkt) == (None, off)
@@ -179,9 +181,22 @@ def test_window_matches_the_reference(order: list[int], jump: int) -> None:
             sender = CAuth(keys, CLASS, start=base + jump * option.WINDOW)
         c_sign(sender, p, off)
         pkts.append(p)
-    receiver, cache, ref = CAuth(keys, CLASS), CAuthCache(), mac.PyAuth(keys, CLASS)
+    receiver, cache = CAuth(keys, CLASS, floor=0), CAuthCache()
+    ref = mac.PyAuth(keys, CLASS, floor=0)
     for k in order:
         assert c_verify(receiver, cache, pkts[k]) == ref.verify(pkts[k])[0]
+
+
+def test_window_takes_a_jump_of_any_size_in_one_step() -> None:
+    """A sender's clock moves its numbers on by ~4e9 a second: a jump far past the
+    window starts a fresh bitmap (a bit-shift by the jump would build an integer as
+    long as the jump), and what it left behind is too old."""
+    w = mac.Window()
+    assert w.accept(1000) and w.accept(999)
+    assert w.accept(1000 + 2**60)
+    assert w.bits == 1 and w.top == 1000 + 2**60
+    assert not w.accept(1000)  # older than the window now
+    assert w.accept(2**60 + 999 - option.WINDOW + 2)  # inside the window: new to it
 
 
 def test_reordering_within_the_window_passes_and_older_is_refused() -> None:
@@ -192,7 +207,7 @@ def test_reordering_within_the_window_passes_and_older_is_refused() -> None:
         p, off = packet((), b"x", 0)
         c_sign(sender, p, off)
         pkts.append(p)
-    receiver, cache = CAuth(keys, CLASS), CAuthCache()
+    receiver, cache = CAuth(keys, CLASS, floor=0), CAuthCache()
     newest = pkts[option.WINDOW - 1]
     assert c_verify(receiver, cache, newest) is None
     shuffled = pkts[: option.WINDOW - 1]
@@ -227,6 +242,51 @@ def test_rotation_keeps_windows_and_accepts_both_keys() -> None:
     receiver.set_keys(new)
     assert c_verify(receiver, cache, sent[1]) == mac.UNKNOWN_KEY
     assert c_verify(receiver, cache, send_one()) is None
+
+
+def test_sending_numbers_from_the_clock_when_behind_it() -> None:
+    """A sender idle since long ago numbers its next packet from the clock (C: the
+    engine ticks once per round; Python: each sign), and never moves back."""
+    keys = ring(1)
+    hour_ago = mac.first_seq(time.time_ns() - 3600 * 10**9)
+    c, py = CAuth(keys, CLASS, start=hour_ago), mac.PyAuth(keys, CLASS, start=hour_ago)
+    now = mac.first_seq()
+    c.tick(now)
+    assert c.next_seq == now
+    c.tick(now - 5)
+    assert c.next_seq == now  # never down
+    p, off = packet((), b"x", 0)
+    py.sign(p, off, now_seq=now)
+    assert option.decode(p[off : off + option.OPT_LEN]).seq == now
+    py.sign(p, off, now_seq=now - 5)
+    assert option.decode(p[off : off + option.OPT_LEN]).seq == now + 1
+
+
+@pytest.mark.parametrize("receiver_kind", ["c", "python"])
+def test_a_restarted_receiver_refuses_what_was_sent_before_it(receiver_kind: str) -> None:
+    """The window of a receiver that (re)starts is empty; its floor (its start less
+    SLACK_US) refuses packets sent before that, however new they would be to the
+    window, and passes those of a sender whose clock lags by less than the slack."""
+    keys = ring(1)
+    now_ns = time.time_ns()
+
+    def signed_at(ns: int) -> bytearray:
+        sender = CAuth(keys, CLASS, start=mac.first_seq(ns))
+        p, off = packet((), b"data", 0)
+        c_sign(sender, p, off)
+        return p
+
+    old = signed_at(now_ns - 10 * 10**9)
+    lagging = signed_at(now_ns - (option.SLACK_US - 500_000) * 1000)
+    floor = mac.receive_floor(now_ns)
+    if receiver_kind == "c":
+        receiver, cache = CAuth(keys, CLASS, floor=floor), CAuthCache()
+        assert c_verify(receiver, cache, old) == mac.REPLAYED
+        assert c_verify(receiver, cache, lagging) is None
+    else:
+        ref = mac.PyAuth(keys, CLASS, floor=floor)
+        assert ref.verify(old)[0] == mac.REPLAYED
+        assert ref.verify(lagging)[0] is None
 
 
 def test_sequence_continues_across_a_restart() -> None:

@@ -139,6 +139,42 @@ def test_legit_passes_forged_tampered_replayed_are_dropped(
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_restarted_receiver_refuses_replays_of_what_came_before(
+    pair: tuple[Netns, Netns], tmp_path: Path, engine: str
+) -> None:
+    """Packets captured before a receiver restarts are refused by the new one (its
+    window is empty, but its floor is its start time), and b's traffic, numbered from
+    b's clock, passes."""
+    a, b = pair
+    key = key_file(tmp_path / "key", os.urandom(32))
+    with authed_pair(a, b, key, key, engine, engine) as (ua, _ub):
+        sniff = Sniffer(a, "ul0", 2.0, bytes([0xFF, 0xF7, auth_option.OPT_TYPE]))
+        ping(b, A_IN, 3, 0.05)
+        b_ul = bytes(map(int, B_UL.split(".")))
+        captured = [f[42:] for f in sniff.frames() if f[26:30] == b_ul]
+        assert captured
+        ua.kill()
+        # Sent more than the slack before the new receiver starts.
+        time.sleep(auth_option.SLACK_US / 1e6 + 0.5)
+        common = ["gt0", "--vni", str(VNI), "--auth-option-class", "0xfff7"]
+        again = Up(a, *common, "--remote", B_UL, "--address", f"{A_IN}/24",
+                   "--auth-key-file", str(key), "--engine", engine)  # fmt: skip
+        try:
+            before = again.tunnel("gt0")["counters"]["rx_packets"]
+            send_udp(b, [(B_UL, A_UL, 6081, 0, p) for p in captured])
+            n = len(captured)
+            assert wait_for(lambda: auth_drops(again)["auth_replayed"] == n), auth_drops(again)
+            assert again.tunnel("gt0")["counters"]["rx_packets"] == before
+            # b's packets now are above the floor and new to the window: they pass
+            # (whether the pings are answered is the neighbour caches' business).
+            b.run("ping", "-c", "3", "-i", "0.05", "-W", "1", A_IN, check=False)
+            assert wait_for(lambda: again.tunnel("gt0")["counters"]["rx_packets"] > before)
+            assert auth_drops(again)["auth_replayed"] == n
+        finally:
+            again.kill()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_rotation_under_traffic_drops_nothing(
     pair: tuple[Netns, Netns], tmp_path: Path, engine: str
 ) -> None:

@@ -51,8 +51,8 @@ static void setup(void) {
     sender = zalloc(gdp_auth_size());
     receiver = zalloc(gdp_auth_size());
     cache = zalloc(gdp_auth_cache_size());
-    CHECK(gdp_auth_init(sender, CLASS, 1000) == 0);
-    CHECK(gdp_auth_init(receiver, CLASS, 1) == 0);
+    CHECK(gdp_auth_init(sender, CLASS, 1000, 0) == 0);
+    CHECK(gdp_auth_init(receiver, CLASS, 1, 0) == 0);
     struct gdp_auth_ring *rs = zalloc(gdp_auth_ring_size());
     struct gdp_auth_ring *rr = zalloc(gdp_auth_ring_size());
     CHECK(gdp_auth_ring_init(rs, ids, keys, slots, 2, 1, 0x1234) == 0);

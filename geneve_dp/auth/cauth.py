@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import UserError
 from ..fastpath import ffi, lib
 from .keys import KeyRing
-from .mac import first_seq
+from .mac import first_seq, receive_floor
 
 RETIRED = 8
 SLOTS = 4  # csrc/auth.c WINDOW_SLOTS
@@ -34,10 +34,17 @@ def check_available() -> None:
 
 
 class CAuth:
-    def __init__(self, ring: KeyRing, opt_class: int, start: int | None = None) -> None:
+    def __init__(
+        self, ring: KeyRing, opt_class: int, start: int | None = None, floor: int | None = None
+    ) -> None:
         self._mem = ffi.new("uint8_t[]", lib.gdp_auth_size())
         self.ptr: Any = ffi.cast("struct gdp_auth *", self._mem)
-        rc = lib.gdp_auth_init(self.ptr, opt_class, first_seq() if start is None else start)
+        rc = lib.gdp_auth_init(
+            self.ptr,
+            opt_class,
+            first_seq() if start is None else start,
+            receive_floor() if floor is None else floor,
+        )
         if rc < 0:
             raise UserError(_SETUP.get(rc, f"error {rc}"), field="--auth-key-file")
         self._rings: collections.deque[Any] = collections.deque(maxlen=RETIRED + 1)
@@ -77,6 +84,11 @@ class CAuth:
     @property
     def next_seq(self) -> int:
         return int(lib.gdp_auth_next_seq(self.ptr))
+
+    def tick(self, now_seq: int) -> None:
+        """Move the send counter up to ``now_seq`` if it is behind (the engine does this
+        once per transmit round)."""
+        lib.gdp_auth_tick(self.ptr, now_seq)
 
     def close(self) -> None:
         """Only once no engine thread uses it any more."""

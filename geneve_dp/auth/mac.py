@@ -8,7 +8,6 @@ differential tests compare two implementations, not one twice.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import secrets
 import threading
 import time
@@ -24,6 +23,7 @@ from .option import (
     OFF_SEQ,
     OFF_TAG,
     SEQ_SHIFT,
+    SLACK_US,
     TAG_LEN,
     WINDOW,
     find,
@@ -60,9 +60,16 @@ def gmac(aead: AESGCM, seq: int, covered: bytes | bytearray) -> bytes:
 
 
 def first_seq(now_ns: int | None = None) -> int:
-    """Where a sender starts counting (option.SEQ_SHIFT)."""
+    """The realtime clock as a sequence number (option.SEQ_SHIFT): where a sender
+    starts counting, and what it counts from whenever it is behind."""
     us = (time.time_ns() if now_ns is None else now_ns) // 1000
     return (us << SEQ_SHIFT) & (2**64 - 1)
+
+
+def receive_floor(now_ns: int | None = None) -> int:
+    """The lowest sequence number a receiver starting now accepts (option.SLACK_US)."""
+    us = (time.time_ns() if now_ns is None else now_ns) // 1000
+    return max(0, us - SLACK_US) << SEQ_SHIFT
 
 
 class Window:
@@ -78,7 +85,13 @@ class Window:
             self.top, self.bits = seq, 1
             return True
         if seq > self.top:
-            self.bits = ((self.bits << (seq - self.top)) | 1) & ((1 << self.size) - 1)
+            # A jump of a window or more leaves nothing of the old bitmap (and a shift
+            # by the jump would build an integer as long as the jump: a sender's clock
+            # moves its numbers on by about 4e9 a second).
+            jump = seq - self.top
+            self.bits = (
+                1 if jump >= self.size else ((self.bits << jump) | 1) & ((1 << self.size) - 1)
+            )
             self.top = seq
             return True
         lag = self.top - seq
@@ -91,9 +104,12 @@ class Window:
 class PyAuth:
     """One tunnel's signing and receive check in the Python engine."""
 
-    def __init__(self, ring: KeyRing, opt_class: int, start: int | None = None) -> None:
+    def __init__(
+        self, ring: KeyRing, opt_class: int, start: int | None = None, floor: int | None = None
+    ) -> None:
         self.opt_class = opt_class
-        self._seq = itertools.count(first_seq() if start is None else start)
+        self._next = first_seq() if start is None else start
+        self.floor = receive_floor() if floor is None else floor
         self._lock = threading.Lock()
         self._windows: dict[int, Window] = {}
         self.set_keys(ring)
@@ -109,11 +125,23 @@ class PyAuth:
             self._cache: dict[tuple[int, int], AESGCM] = {}
             self._windows = {i: self._windows.get(i, Window()) for i, _ in ring.keys}
 
-    def sign(self, geneve: bytearray, opt_off: int) -> None:
-        """Fill the option at ``opt_off`` of ``geneve`` (header + inner frame)."""
+    def tick(self, now_seq: int) -> None:
+        """Move the send counter up to ``now_seq`` if it is behind (never down)."""
+        with self._lock:
+            self._next = max(self._next, now_seq)
+
+    @property
+    def next_seq(self) -> int:
+        return self._next
+
+    def sign(self, geneve: bytearray, opt_off: int, now_seq: int | None = None) -> None:
+        """Fill the option at ``opt_off`` of ``geneve`` (header + inner frame), numbered
+        from the clock (``now_seq``: what the clock says, for tests) when behind it."""
         with self._lock:
             key_id, salt, aead = self.ring.send_id, self.salt, self._send
-        seq = next(self._seq)
+            self._next = max(self._next, first_seq() if now_seq is None else now_seq)
+            seq = self._next
+            self._next += 1
         o = opt_off
         geneve[o + OFF_KEY_ID : o + OFF_SALT] = bytes([key_id, 0, 0, 0])
         geneve[o + OFF_SALT : o + OFF_SEQ] = salt.to_bytes(8, "big")
@@ -149,6 +177,6 @@ class PyAuth:
                 self._cache[(key_id, salt)] = aead
                 if len(self._cache) > 4:
                     self._cache.pop(next(iter(self._cache)))
-            if not window.accept(seq):
+            if seq < self.floor or not window.accept(seq):
                 return REPLAYED, -1
         return None, off

@@ -28,6 +28,10 @@ SEQ_SHIFT = 12
 exceeds every number it sent before a restart unless it sent over 4096 packets per
 microsecond, so no number repeats under a key across restarts (while the realtime
 clock does not go back)."""
+SLACK_US = 2_000_000
+"""How far a sender's clock may lag a receiver's. Senders number packets from the
+realtime clock (never below the time they send at); a receiver refuses numbers below
+its own start less this, so nothing sent before it (re)started can be replayed to it."""
 KDF_CTX = b"gdpauth1"
 
 OFF_KEY_ID, OFF_SALT, OFF_SEQ, OFF_TAG = 4, 8, 16, 24
