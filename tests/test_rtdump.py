@@ -1,5 +1,6 @@
 """rtdump.py against pyroute2's reading of the same dump: every table, every shape of
-IPv4 route the dataplane writes or meets (device, gateway, default, host, other tables)."""
+IPv4 route the dataplane writes or meets (device, gateway, default, host, other tables),
+and the policy rules (lookup, fwmark/mask, goto, tables past 255, the defaults)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,43 @@ def test_parse_route_reads_four_attributes_and_skips_the_rest() -> None:
     assert rtdump.parse_route(msg) == (100, "10.1.2.3/32", 9, "10.1.2.254")
     assert rtdump.parse_route(msg[:-3]) == (100, "10.1.2.3/32", 9, None)  # cut short
     assert rtdump.parse_route(rtdump.RTMSG.pack(10, 0, 0, 0, 254, 0, 0, 1, 0)) is None
+
+
+RULES = r"""
+import json
+from pyroute2 import IPRoute
+from geneve_dp.netconf import links
+
+def by_pyroute2():
+    out = []
+    with IPRoute() as ipr:
+        for m in ipr.get_rules(family=2):
+            action = m["action"]
+            table = m.get_attr("FRA_TABLE") or m["table"]
+            out.append([m.get_attr("FRA_PRIORITY") or 0,
+                        table if action == links.FR_ACT_TO_TBL else None,
+                        m.get_attr("FRA_FWMARK"), m.get_attr("FRA_FWMASK"),
+                        m.get_attr("FRA_GOTO") if action == links.FR_ACT_GOTO else None])
+    return sorted(out, key=repr)
+
+mine = [[r.priority, r.table, r.fwmark, r.fwmask, r.goto] for r in links.list_rules()]
+mine.sort(key=repr)
+print(json.dumps({"same": mine == by_pyroute2(), "n": len(mine), "mine": mine}))
+"""
+
+
+@pytest.mark.root
+def test_rule_dump_reads_what_pyroute2_reads(netns_factory: Callable[[str], Netns]) -> None:
+    ns = netns_factory("rtr")
+    for rule in (
+        "priority 100 fwmark 0x200/0x200 goto 32766",
+        "priority 101 fwmark 0x100/0x100 lookup 101",
+        "priority 102 fwmark 0x40/0xffffffff lookup 102",
+        "priority 103 lookup 100",
+        "priority 20000 fwmark 0x400/0xfff lookup 1000",
+    ):
+        ns.run("ip", "rule", "add", *rule.split())
+    got = json.loads(ns.run(sys.executable, "-c", RULES).stdout)
+    assert got["same"], got
+    assert got["n"] == 8, got  # the five and the kernel's local, main and default
+    assert [100, None, 0x200, 0x200, 32766] in got["mine"], got

@@ -18,6 +18,7 @@ of this role in this namespace that a crash left without a pidfile.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -26,7 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..netconf import links
+from ..errors import UserError
+from ..netconf import ipset, links
 from . import procs, reconcile
 from .profile import use_recorded_iptables
 from .state import StateFile, locked
@@ -93,6 +95,9 @@ def run(
     say(f"watching {directory / state_name} every {interval:g}s and on netlink changes")
     memory = reconcile.Memory()
     changes = links.Changes()
+    # One ipset socket for every pass (pyroute2 keeps a little memory for good each time
+    # one is opened), opened again after a pass that failed.
+    held = _hold_ipset(say)
     try:
         next_pass = time.monotonic() + interval
         next_routing = 0.0  # the first pass reads everything
@@ -141,12 +146,26 @@ def run(
                     return 0
             except Exception as exc:  # keep watching: the next pass may succeed
                 say(f"reconcile pass failed: {exc}")
+                held.close()
+                held = _hold_ipset(say)
             # A pass that took long (many pods) makes the next change-driven one wait
             # longer: at most a third of the time goes to passes during a burst.
             gap = max(BURST_GAP, 2 * (time.monotonic() - now))
     finally:
+        held.close()
         changes.close()
     return 0
+
+
+def _hold_ipset(say: Callable[[str], None]) -> contextlib.ExitStack:
+    """This thread's ipset calls share one socket until the stack is closed; without
+    one (the kernel refuses it) each call opens its own, as outside the watcher."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(ipset.session())
+    except UserError as exc:
+        say(f"no shared ipset socket ({exc}); each pass opens its own")
+    return stack
 
 
 def reconcile_once(

@@ -325,22 +325,18 @@ def _rule_kwargs(r: Rule) -> dict[str, Any]:
 
 
 def list_rules() -> list[Rule]:
-    out = []
+    """Every IPv4 policy rule, in one dump (rtdump.py reads it)."""
     DUMPS["rules"] += 1
-    with iproute() as ipr:
-        for msg in ipr.get_rules(family=AF_INET):
-            action = msg["action"]
-            table = msg.get_attr("FRA_TABLE") or msg["table"]
-            out.append(
-                Rule(
-                    priority=msg.get_attr("FRA_PRIORITY") or 0,
-                    table=table if action == FR_ACT_TO_TBL else None,
-                    fwmark=msg.get_attr("FRA_FWMARK"),
-                    fwmask=msg.get_attr("FRA_FWMASK"),
-                    goto=msg.get_attr("FRA_GOTO") if action == FR_ACT_GOTO else None,
-                )
-            )
-    return out
+    return [
+        Rule(
+            priority=priority,
+            table=table if action == FR_ACT_TO_TBL else None,
+            fwmark=fwmark,
+            fwmask=fwmask,
+            goto=goto if action == FR_ACT_GOTO else None,
+        )
+        for priority, action, table, fwmark, fwmask, goto in rtdump.rules()
+    ]
 
 
 def add_rule(r: Rule) -> bool:
