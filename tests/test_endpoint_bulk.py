@@ -257,6 +257,9 @@ FIELDS = [
     "udp.checksum.status",
     "tcp.checksum.status",
     "tcp.len",
+    "ip.src",
+    "tcp.seq_raw",
+    "tcp.flags",
     "ip.flags.mf",
     "ip.frag_offset",
     "ipv6.fraghdr.offset",
@@ -427,8 +430,17 @@ def test_underlay_wire(
     assert udp_wrong == [], f"outer UDP checksum status other than {udp_want}: {udp_wrong[:20]}"
     tcp_frames = [r for r in geneve if r["tcp.checksum.status"]]
     assert len(tcp_frames) > enough
+    # Each with what tells where it came from: inner source, sequence, flags, lengths.
     tcp_wrong = [
-        (r["frame.number"], r["tcp.checksum.status"])
+        (
+            r["frame.number"],
+            r["tcp.checksum.status"],
+            r["ip.src"],
+            r["tcp.seq_raw"],
+            r["tcp.flags"],
+            r["tcp.len"],
+            r["frame.len"],
+        )
         for r in tcp_frames
         if r["tcp.checksum.status"] != [str(CSUM_GOOD)]
     ]
