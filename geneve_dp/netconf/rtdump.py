@@ -90,8 +90,8 @@ def parse_route(msg: bytes) -> Key | None:
             oif = _u32(data)
         elif atype == RTA_GATEWAY and len(data) == 4:
             gateway = str(ipaddress.IPv4Address(data))
-        elif atype == RTA_TABLE and len(data) == 4:
-            table = struct.unpack("=I", data)[0]
+        elif atype == RTA_TABLE and (value := _u32(data)) is not None:
+            table = value
     return (table, f"{dst}/{dst_len}", oif, gateway)
 
 
