@@ -97,8 +97,9 @@ def _config_of(pidfile: Path) -> Path:
 
 
 def _words(pidfile: Path) -> list[str]:
-    """How the daemon of ``pidfile`` is recognised: `geneve_dp up --config <its file>`."""
-    return ["geneve_dp", "up", "--config", str(_config_of(pidfile))]
+    """How the daemon of ``pidfile`` is recognised: `geneve_dp up --config <its file>`.
+    Built as a string (the watcher asks every pass; see procs.py on pathlib)."""
+    return ["geneve_dp", "up", "--config", str(pidfile).removesuffix(".pid") + ".toml"]
 
 
 def running(pidfile: Path) -> int | None:

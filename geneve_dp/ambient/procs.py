@@ -4,6 +4,10 @@ reconcile watchers) in the current network namespace.
 A pidfile is the first way to find one; a crash or a lost state directory leaves a
 process without one, so they are also found by their command line, restricted to
 this network namespace (another namespace's node has its own).
+
+Paths under /proc are plain strings: the reconcile watcher looks at its daemon every
+pass, and pathlib interns every part it parses, so a pid interned afresh each time
+takes a new slot of CPython's interned-string table until the table grows.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ STOP_TIMEOUT = 5.0
 
 def _argv(pid: int) -> list[bytes]:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
     except OSError:
         return []
 
@@ -48,7 +53,8 @@ def find(words: Sequence[str], pidfile: Path | None = None) -> list[int]:
 
 def alive(pid: int) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -92,7 +93,15 @@ def stop_endpoints(st: StateFile, role: str, names: Iterable[str]) -> list[str]:
 def endpoint_pidfile(st: StateFile, role: str) -> Path:
     """The endpoint daemon's pidfile: as recorded, else where `start` puts it."""
     pidfile = (st.data.get("endpoints") or {}).get("pidfile")
-    return Path(pidfile) if pidfile else st.path.parent / f"{role}-endpoints.pid"
+    return _recorded_path(pidfile) if pidfile else st.path.parent / f"{role}-endpoints.pid"
+
+
+@functools.lru_cache(maxsize=8)
+def _recorded_path(text: str) -> Path:
+    # The same Path for the same recorded text: the watcher asks on every pass, and
+    # pathlib interns each part it parses, so parsing afresh would put the file's name
+    # into CPython's interned-string table again every time (tests/test_watch_memory.py).
+    return Path(text)
 
 
 def set_sysctls(st: StateFile, pairs: Iterable[tuple[str, str]]) -> None:

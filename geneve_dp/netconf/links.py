@@ -16,7 +16,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -374,8 +373,11 @@ def del_rules_at(priority: int) -> int:
 # --- sysctls ---------------------------------------------------------------------------
 
 
-def _sysctl_path(key: str) -> Path:
-    return Path("/proc/sys") / key.replace(".", "/")
+def _sysctl_path(key: str) -> str:
+    # A plain string, not a Path: pathlib interns every part of a path it parses, and
+    # a part interned afresh on each of the watcher's passes takes a new slot of
+    # CPython's interned-string table until the table grows (by about 1 MiB).
+    return "/proc/sys/" + key.replace(".", "/")
 
 
 def conf_key(dev: str, name: str) -> str:
@@ -385,7 +387,8 @@ def conf_key(dev: str, name: str) -> str:
 
 def sysctl_get(key: str) -> str | None:
     try:
-        return _sysctl_path(key).read_text().strip()
+        with open(_sysctl_path(key)) as f:
+            return f.read().strip()
     except OSError:
         return None
 
@@ -396,7 +399,8 @@ def sysctl_set(key: str, value: str) -> str | None:
     if old is None:
         return None
     if old != value:
-        _sysctl_path(key).write_text(value + "\n")
+        with open(_sysctl_path(key), "w") as f:
+            f.write(value + "\n")
     return old
 
 

@@ -1,0 +1,72 @@
+"""The node watcher's passes leave nothing behind in CPython's interned-string table.
+
+pathlib interns every part of every path it parses. A part made afresh on each pass
+(a pid, a device's sysctl path) is inserted into the table again each time it is
+interned after the previous copy died, and each insertion takes a slot for good until
+the table is rebuilt, at twice its size (about 1 MiB more RSS for the watcher, once,
+whenever the slots run out: the step `python -m bench.pods --churn-minutes 30` showed).
+
+Counted, not timed: `sys.intern` (what pathlib calls) is wrapped to count the strings it
+inserts (the call returns the very object it was given, which was not interned before:
+CPython keeps that in the string's header, read with ctypes and checked first), over
+watcher passes with pods enrolled, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.pods import make_pods, pod_ip
+from geneve_dp.ambient import topology as t
+from tests.test_ambient_node import NODE_UP
+from tests.test_ambient_node import world as world  # the fixture
+
+pytestmark = pytest.mark.root
+
+PODS = 3
+PASSES = 20
+
+SCRIPT = """
+import ctypes, gc, json, sys
+_intern = sys.intern
+def interned(s):  # PyASCIIObject.state.interned: the low 2 bits at offset 32 (3.11)
+    return ctypes.c_uint32.from_address(id(s) + 32).value & 3 != 0
+probe = "".join(["not-yet-", "interned"])
+assert not interned(probe) and interned(_intern(probe)) and interned("len"), "layout"
+inserted = []  # per pass: the strings sys.intern inserted into the table
+def counting_intern(s):
+    was = interned(s)
+    r = _intern(s)
+    if r is s and not was and inserted:
+        inserted[-1].append(s.encode())  # a copy: s itself would then live on
+    return r
+sys.intern = counting_intern
+from geneve_dp.ambient import node, pods, watch
+from geneve_dp.ambient.reconcile import Memory
+for n, ip in enumerate(json.loads(sys.argv[1])):
+    assert pods.add(ip, f"uid-{n}").changed
+path = node.state_path()
+memory = Memory()
+for i in range(6 + int(sys.argv[2])):  # a warm-up first: modules, caches, first lookups
+    if i >= 6:
+        inserted.append([])
+    watch.reconcile_once(path.parent, path.name, node.intent, print, memory, i % 2 == 0)
+    gc.collect()  # what only a cycle kept alive dies between passes, as it would
+print(json.dumps([[b.decode() for b in p] for p in inserted]))
+"""
+
+
+def test_watcher_passes_intern_no_new_strings(world: t.World) -> None:
+    w = world
+    w.gdp(w.node, *NODE_UP)
+    make_pods(w, PODS)
+    ips = [pod_ip(i) for i in range(PODS)]
+    proc = w.run(w.node, "env", f"GENEVE_DP_AMBIENT_STATE={w.state_root}", "python3", "-c",
+                 SCRIPT, json.dumps(ips), str(PASSES), timeout=300)  # fmt: skip
+    inserted = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Before: the sysctl paths' parts of the node's and the pods' devices, the daemon's
+    # pid in /proc paths and its config file's name, again on every pass.
+    again = [p for p in inserted[1:] if p]
+    assert not again, f"interned afresh on {len(again)} of {PASSES - 1} passes: {again[:2]}"
