@@ -432,6 +432,8 @@ class Changes:
 
     def __init__(self) -> None:
         self.overflows = 0
+        # The messages land here and are dropped: a drain allocates nothing.
+        self._scratch = bytearray(1 << 16)
         self._sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
             NETLINK_ROUTE,
@@ -468,7 +470,7 @@ class Changes:
     def _drain(self) -> None:
         while True:
             try:
-                self._sock.recv(1 << 16)
+                self._sock.recv_into(self._scratch)
             except BlockingIOError:
                 return
             except OSError as exc:

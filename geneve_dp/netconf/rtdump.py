@@ -138,8 +138,12 @@ def dump(kind: int, table: int | None = None) -> Iterator[tuple[int, bytes]]:
         s.bind((0, 0))
         seq = int.from_bytes(os.urandom(4), "little") | 1
         s.send(request(kind, table, seq))
+        # Each read into one buffer, copied out at its length: a recv of 64 KiB would
+        # allocate that much for every read and shrink it, in a watcher's every pass.
+        scratch = bytearray(1 << 16)
         while True:
-            for mtype, payload in messages(s.recv(1 << 16)):
+            n = s.recv_into(scratch)
+            for mtype, payload in messages(bytes(memoryview(scratch)[:n])):
                 if mtype == NLMSG_DONE:
                     return
                 if mtype == NLMSG_ERROR:
