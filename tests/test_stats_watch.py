@@ -111,6 +111,21 @@ def test_watch_counts_drops_and_prints_tables_into_a_pipe(pair: tuple[Netns, Net
     assert dropping, out
 
 
+def _task_states(pid: int) -> list[tuple[str, str, str]]:
+    """(thread name, state, wait channel) of each thread of ``pid``."""
+    out = []
+    for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"{base}/comm") as f, open(f"{base}/wchan") as g:
+                out.append((f.read().strip(), state, g.read()))
+        except OSError:
+            continue
+    return out
+
+
 def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(
     pair: tuple[Netns, Netns],
 ) -> None:
@@ -144,7 +159,13 @@ def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(
         except OSError:  # the other side closed: the program is exiting, maybe not gone
             pass
         os.close(master)
-        rc = proc.wait(15)  # a bound, not a timing: a loaded machine finalizes slowly
+        try:
+            rc = proc.wait(15)  # a bound, not a timing: a loaded machine finalizes slowly
+        except subprocess.TimeoutExpired:
+            state = _task_states(proc.pid)
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"still running 25 s after Ctrl-C: {state}") from None
     assert rc == 0
     text = screen.decode(errors="replace")
     assert "gt0" in text and "Traceback" not in text
