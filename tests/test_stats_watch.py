@@ -138,6 +138,10 @@ def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(
             stdout=slave,
             stderr=slave,
             env={**os.environ, "TERM": "xterm", "COLUMNS": "100", "LINES": "30"},
+            # What a shell gives a program it starts on a terminal: Ctrl-C's default.
+            # Started from a background job (`cmd &` without job control) the test
+            # runner ignores SIGINT, and the program would inherit that.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         os.close(slave)
         screen = b""
