@@ -164,7 +164,7 @@ def test_watch_on_a_terminal_redraws_in_place_and_ctrl_c_exits_0(
             pass
         os.close(master)
         try:
-            rc = proc.wait(15)  # a bound, not a timing: a loaded machine finalizes slowly
+            rc = proc.wait(15)  # a bound on its exit, not a timing
         except subprocess.TimeoutExpired:
             state = _task_states(proc.pid)
             proc.kill()

@@ -92,14 +92,19 @@ def start(endpoints: list[Endpoint], state_dir: Path, role: str) -> Path:
     return pidfile
 
 
+def _config_name(pidfile: Path) -> str:
+    """The daemon's config file beside its pidfile, as a string (the watcher asks
+    every pass; see procs.py on pathlib)."""
+    return str(pidfile).removesuffix(".pid") + ".toml"
+
+
 def _config_of(pidfile: Path) -> Path:
-    return Path(str(pidfile).removesuffix(".pid") + ".toml")
+    return Path(_config_name(pidfile))
 
 
 def _words(pidfile: Path) -> list[str]:
-    """How the daemon of ``pidfile`` is recognised: `geneve_dp up --config <its file>`.
-    Built as a string (the watcher asks every pass; see procs.py on pathlib)."""
-    return ["geneve_dp", "up", "--config", str(pidfile).removesuffix(".pid") + ".toml"]
+    """How the daemon of ``pidfile`` is recognised: `geneve_dp up --config <its file>`."""
+    return ["geneve_dp", "up", "--config", _config_name(pidfile)]
 
 
 def running(pidfile: Path) -> int | None:
