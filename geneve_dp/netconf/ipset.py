@@ -1,4 +1,6 @@
-"""IPv4 hash:ip sets with per-entry comments, through pyroute2's IPSet (netlink).
+"""IPv4 hash:ip sets with per-entry comments: changes through pyroute2's IPSet
+(netlink), reads through ipsetdump (no pyroute2 request, no garbage left for the
+cycle collector on a watcher's every pass).
 
 The ambient profile keeps one set of enrolled pod IPs, each entry commented with the
 pod's UID, like `ipset create NAME hash:ip family inet comment`.
@@ -14,9 +16,9 @@ from typing import Any
 
 from pyroute2 import IPSet
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.ipset import IPSET_FLAG_LIST_HEADER
 
 from ..errors import UserError
+from . import ipsetdump
 
 IPSET_ERR_EXIST = 4103  # kernel ipset: "element already added"
 IPSET_ERR_EXIST_SETNAME = 4097  # kernel ipset: "set with the same name already exists"
@@ -64,12 +66,7 @@ def session() -> Iterator[None]:
 
 
 def exists(name: str) -> bool:
-    with _ipset() as s:
-        try:
-            list(s.headers(name))  # a generator: the request is only sent when iterated
-        except NetlinkError:
-            return False
-    return True
+    return ipsetdump.listing(name, header_only=True) is not None
 
 
 def create(name: str) -> bool:
@@ -101,38 +98,17 @@ def destroy(name: str) -> bool:
 
 def entries(name: str) -> dict[str, str]:
     """IP -> comment of every entry; empty if the set does not exist."""
-    out: dict[str, str] = {}
     LISTINGS["entries"] += 1
-    with _ipset() as s:
-        try:
-            msgs = list(s.list(name))
-        except NetlinkError:
-            return out
-    for msg in msgs:
-        adt = msg.get_attr("IPSET_ATTR_ADT")
-        if adt is None:
-            continue
-        for data in adt.get_attrs("IPSET_ATTR_DATA"):
-            ip_from = data.get_attr("IPSET_ATTR_IP_FROM")
-            if ip_from is None:
-                continue
-            ip = ip_from.get_attr("IPSET_ATTR_IPADDR_IPV4")
-            out[str(ip)] = str(data.get_attr("IPSET_ATTR_COMMENT") or "")
-    return out
+    found = ipsetdump.listing(name)
+    return found.entries if found is not None else {}
 
 
 def count(name: str) -> int:
     """The number of entries, from the set's header (no listing); 0 if it does not exist."""
-    with _ipset() as s:
-        try:
-            msgs = list(s.list(name, flags=IPSET_FLAG_LIST_HEADER))
-        except NetlinkError:
-            return 0
-    for msg in msgs:
-        data = msg.get_attr("IPSET_ATTR_DATA")
-        if data is not None:
-            return int(data.get_attr("IPSET_ATTR_ELEMENTS") or 0)
-    return 0
+    found = ipsetdump.listing(name, header_only=True)
+    if found is None:
+        return 0
+    return found.elements or 0
 
 
 def add(name: str, ip: str, comment: str) -> bool:
