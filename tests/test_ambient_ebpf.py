@@ -99,6 +99,29 @@ def test_5_original_source_return_and_ztunnel_bypass(scenario: demo.Scenario) ->
 
 
 @pytest.mark.root
+def test_5_status_shows_the_programs_verdicts(scenario: demo.Scenario) -> None:
+    """`status` reads the counter maps the records name: after steps 1-5, every verdict
+    by name, the redirects counted, and no more than the maps hold a moment later."""
+    w, ev = scenario.w, steps(scenario)
+    shown = {
+        role: json.loads(w.gdp(ns, role, "status", "--json").stdout)["ebpf_verdicts"]
+        for role, ns in (("node", w.node), ("ztunnel", w.zt))
+    }
+    after = ev.counters()
+    assert sorted(shown["node"]) == sorted(facts.NODE_COUNTERS)
+    assert sorted(shown["ztunnel"]) == sorted(facts.ZTUNNEL_COUNTERS)
+    assert shown["node"]["out_redirect"] > 0 and shown["node"]["in_redirect"] > 0
+    for role, prefix in (("node", "node."), ("ztunnel", "zt.")):
+        for name, n in shown[role].items():
+            assert n <= after[prefix + name], (role, name)
+    ztunnel_taken = sum(n for name, n in shown["ztunnel"].items() if "listener" in name)
+    assert ztunnel_taken > 0 or not ev.sk_assign  # iptables TPROXY counts in ztunnel_mark
+    text = w.gdp(w.node, "node", "status").stdout
+    assert "eBPF verdicts (packets, since the programs were loaded):" in text
+    assert "    out_redirect: " in text
+
+
+@pytest.mark.root
 def test_6_pod_del_detaches_and_stops_capture(scenario: demo.Scenario) -> None:
     assert_step(steps(scenario).step6())
 

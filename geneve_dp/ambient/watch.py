@@ -95,8 +95,9 @@ def run(
     say(f"watching {directory / state_name} every {interval:g}s and on netlink changes")
     memory = reconcile.Memory()
     changes = links.Changes()
-    # One ipset socket for every pass (pyroute2 keeps a little memory for good each time
-    # one is opened), opened again after a pass that failed.
+    # One pyroute2 ipset socket for every repair of the set (pyroute2 keeps a little
+    # memory for good each time one is opened), opened again after a pass that failed.
+    # Reading the set needs none (ipsetdump).
     held = _hold_ipset(say)
     try:
         next_pass = time.monotonic() + interval

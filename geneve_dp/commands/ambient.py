@@ -317,6 +317,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     if args.role == "node":
         out["pods"] = len(state.load_pods(path.parent))
+    if (out["config"] or {}).get("redirect_mode") == "ebpf":
+        out["ebpf_verdicts"] = _ebpf_verdicts(args.role, st)
     if args.json:
         print(json.dumps(out, sort_keys=True))
         return 0
@@ -328,7 +330,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "pods" in out:
         print(f"  pods: {out['pods']}")
     print(f"  watcher: {', '.join(map(str, watcher)) if watcher else 'not running'}")
+    if "ebpf_verdicts" in out:
+        verdicts = out["ebpf_verdicts"]
+        if verdicts is None:
+            print("  eBPF verdicts: the programs' counter map is not loaded")
+        else:
+            print("  eBPF verdicts (packets, since the programs were loaded):")
+            for name, n in verdicts.items():
+                print(f"    {name}: {n}")
     return 0
+
+
+def _ebpf_verdicts(role: str, st: Any) -> dict[str, int] | None:
+    """The eBPF programs' verdict counters of this profile, summed over CPUs, by name;
+    None when the counter map the record names is not loaded (any more)."""
+    from ..ambient.ebpf import node, ztunnel
+
+    return node.counters(st) if role == "node" else ztunnel.counters(st)
 
 
 def _redirect_mode_arg(p: argparse.ArgumentParser) -> None:
