@@ -19,7 +19,6 @@ only then bound with ETH_P_ALL: no unfiltered packet can be queued before the fi
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import ipaddress
 import select
@@ -30,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import pcap
+from . import clib, pcap
 from .errors import UserError
 
 ETH_P_ALL = 0x0003
@@ -188,9 +187,7 @@ def outer_target(tunnel: Mapping[str, Any], ifname: str | None = None) -> Target
 
 def attach_filter(sock: socket.socket, prog: bytes) -> None:
     """Attach an assembled classic BPF program (SO_ATTACH_FILTER copies it)."""
-    insns = ctypes.create_string_buffer(prog, len(prog))
-    fprog = struct.pack("@HP", len(prog) // 8, ctypes.addressof(insns))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, clib.sock_fprog(prog))
 
 
 def open_socket(target: Target) -> socket.socket:

@@ -10,6 +10,7 @@ import ctypes
 import os
 from pathlib import Path
 
+from . import clib
 from .errors import UserError
 
 NAMED_DIR = Path("/run/netns")
@@ -52,8 +53,7 @@ def enter_netns(name: str, field: str = "--netns") -> None:
     except OSError as exc:
         raise UserError(f"cannot open {path}: {exc.strerror}; accepted: {ACCEPTED}", field) from exc
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
+        if clib.libc().setns(fd, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise UserError(f"cannot enter {name!r}: {os.strerror(err)}", field)
     finally:

@@ -3,7 +3,6 @@ two threads per receive socket (one per direction), with the GIL released by cff
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import random
@@ -11,6 +10,7 @@ import socket
 import threading
 from typing import Any
 
+from .. import clib
 from ..auth import option as auth_option
 from ..codec import encode_options
 from ..errors import UserError
@@ -61,8 +61,7 @@ _PR_SET_NAME = 15
 def _name_thread(name: str) -> None:
     """The thread's name as the kernel shows it (top -H, ps -L, /proc/PID/task/*/comm):
     at most 15 bytes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    clib.libc().prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 _nice_refused = threading.Event()

@@ -54,6 +54,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from .. import clib
 from ..capture import ETH_P_ALL, PACKET_OUTGOING, Insn, assemble, attach_filter
 from .endpoint import (
     IFF_NO_PI,
@@ -119,8 +120,7 @@ def _watch_socket(ident: int) -> socket.socket:
         # struct sockaddr_ll with ifindex 0 (every device), which Python's bind
         # cannot name.
         addr = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(ETH_P_ALL), 0, 0, 0, 0, b"")
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.bind(watch.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+        if clib.libc().bind(watch.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
         watch.setblocking(False)

@@ -13,12 +13,13 @@ block's size. The flow hash picks among them (csrc/encap.c).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import random
 import socket
 import struct
 from collections.abc import Callable
+
+from .. import clib
 
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
 
@@ -54,9 +55,7 @@ def attach_source_port_spread(sock: socket.socket, family: int, sockets: int) ->
     """Make the reuseport group of ``sock`` choose by outer source port (OSError if the
     kernel refuses; the group then keeps the kernel's hash)."""
     prog = source_port_program(family, sockets)
-    buf = ctypes.create_string_buffer(prog, len(prog))
-    fprog = struct.pack("HL", len(prog) // 8, ctypes.addressof(buf))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, clib.sock_fprog(prog))
 
 
 def bind_port_block(

@@ -18,6 +18,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ... import clib
+
 LIBRARY = "libbpf.so.1"
 BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_FUNC_SK_ASSIGN = 124  # bpf_sk_assign: tc programs since Linux 5.7
@@ -81,8 +83,7 @@ class _Lib:
         self.lib = lib
         self.lock = threading.Lock()  # one load at a time: the log is per load
         self.log: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
-        libc = ctypes.CDLL(None)
-        vsnprintf = libc.vsnprintf
+        vsnprintf = clib.libc().vsnprintf
         vsnprintf.restype = ctypes.c_int
         vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
 
