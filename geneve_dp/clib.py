@@ -26,6 +26,12 @@ def address_of(data: bytes) -> int:
     return ctypes.c_void_p.from_buffer(ctypes.c_char_p(data)).value or 0
 
 
+def writable_address(buf: bytearray) -> int:
+    """The address of ``buf``'s contents, valid while it lives and keeps its size; for
+    a call that writes into it (no ctypes array type made)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
 def sock_fprog(prog: bytes) -> bytes:
     """struct sock_fprog for a classic BPF program (8 bytes an instruction), for
     SO_ATTACH_FILTER and SO_ATTACH_REUSEPORT_CBPF, which copy the program: ``prog`` must

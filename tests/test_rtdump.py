@@ -118,3 +118,51 @@ def test_rule_dump_reads_what_pyroute2_reads(netns_factory: Callable[[str], Netn
     assert got["same"], got
     assert got["n"] == 8, got  # the five and the kernel's local, main and default
     assert [100, None, 0x200, 0x200, 32766] in got["mine"], got
+
+
+FILTERS = r"""
+import json, socket, subprocess
+from pyroute2 import IPRoute
+from geneve_dp.ambient.ebpf import facts, objects, tc
+from geneve_dp.netconf import rtdump
+
+obj = objects.load(objects.NODE_OBJECT)
+tc.add_clsact("tfa")
+tc.attach(tc.Attachment("tfa", "ingress", facts.APP_OUTBOUND), obj.program_fd(facts.APP_OUTBOUND))
+tc.attach(tc.Attachment("tfa", "egress", facts.APP_INBOUND), obj.program_fd(facts.APP_INBOUND))
+obj.close()
+# A classic BPF filter beside ours at priority 7: no name.
+subprocess.run(["tc", "filter", "add", "dev", "tfa", "ingress", "prio", "7", "bpf",
+                "bytecode", "1,6 0 0 0,", "classid", "1:1"], check=True)
+
+def by_pyroute2(idx, parent):
+    with IPRoute() as ipr:
+        out = []
+        for m in ipr.get_filters(index=idx, parent=parent):
+            opts = m.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+            out.append([m.get_attr("TCA_KIND"), name if m.get_attr("TCA_KIND") == "bpf" else None])
+        return out
+
+res = {}
+for dev in ("tfa", "tfb"):
+    idx = socket.if_nametoindex(dev)
+    for hook, parent in tc.PARENT.items():
+        mine = [list(f) for f in rtdump.tc_filters(idx, parent)]
+        res[f"{dev} {hook}"] = [mine == by_pyroute2(idx, parent), mine, tc.filters(dev, hook)]
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.root
+def test_tc_filter_dump_reads_what_pyroute2_reads(netns_factory: Callable[[str], Netns]) -> None:
+    """Named eBPF filters (ours, attached by tc.py), an unnamed classic one beside them
+    at another priority, and a device without clsact (no such hook: nothing)."""
+    ns = netns_factory("rtf")
+    ns.run("ip", "link", "add", "tfa", "type", "veth", "peer", "name", "tfb")
+    got = json.loads(ns.run(sys.executable, "-c", FILTERS, timeout=60).stdout)
+    assert all(same for same, _m, _n in got.values()), got
+    assert got["tfa ingress"][2] == ["geneve-dp:app_outbound"], got
+    assert got["tfa egress"][2] == ["geneve-dp:app_inbound"], got
+    assert ["bpf", None] in got["tfa ingress"][1], got  # the classic one
+    assert got["tfb ingress"][1] == [] and got["tfb egress"][1] == [], got

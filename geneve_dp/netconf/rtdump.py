@@ -1,6 +1,9 @@
 """IPv4 route and rule dumps read straight off an rtnetlink socket: the few fields a
 route key needs (table, destination, output device, gateway) and those of a policy
-rule (priority, action, table, fwmark/mask, goto), parsed with struct.
+rule (priority, action, table, fwmark/mask, goto), parsed with struct; and the tc
+filters on one hook of a device (kind, and a bpf filter's name), which the eBPF mode's
+watcher checks on every routing pass (pyroute2's request left ~140 objects a pass in
+reference cycles, garbage only the collector's rare full pass frees).
 
 The watcher compares tables 100-102 with what must be there every time rtnetlink
 announces a change; with a thousand pods in table 100 a pyroute2 dump decodes every
@@ -17,25 +20,35 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12  # the kernel filters the dump by table itself
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTM_NEWRULE, RTM_GETRULE = 32, 34
+RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 # linux/fib_rules.h
 FRA_GOTO, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 4, 6, 10, 15, 16
 RT_TABLE_UNSPEC = 0
+# linux/rtnetlink.h (TCA_*) and linux/pkt_cls.h (TCA_BPF_*)
+TCA_KIND, TCA_OPTIONS, TCA_BPF_NAME = 1, 2, 7
+NLA_F_NESTED = 1 << 15
 
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 RTMSG = struct.Struct(
     "=BBBBBBBBI"
 )  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 RTATTR = struct.Struct("=HH")  # len, type
+TCMSG = struct.Struct("=BxxxiIII")  # family, (pad), ifindex, handle, parent, info
+
+
+class Refused(OSError):
+    """The kernel answered a dump request with an error (its errno)."""
+
 
 # (table, "dst/len", output ifindex or None, gateway or None): links.RouteKey
 Key = tuple[int, str, int | None, str | None]
@@ -60,14 +73,21 @@ def request(kind: int, table: int | None = None, seq: int = 1) -> bytes:
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), kind, flags, seq, 0) + body
 
 
-def _attrs(msg: bytes) -> Iterator[tuple[int, bytes]]:
-    """(type, data) of each attribute after the 12-byte header of ``msg``."""
-    off = RTMSG.size
+def tc_filter_request(ifindex: int, parent: int, seq: int = 1) -> bytes:
+    """A dump request for the tc filters on one hook (``parent``) of device ``ifindex``."""
+    body = TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, parent, 0)
+    flags = NLM_F_REQUEST | NLM_F_DUMP
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), RTM_GETTFILTER, flags, seq, 0) + body
+
+
+def _attrs(msg: bytes, off: int = RTMSG.size) -> Iterator[tuple[int, bytes]]:
+    """(type, data) of each attribute of ``msg`` from ``off`` (after the 12-byte header
+    of a route or rule), the nested flag cleared."""
     while off + RTATTR.size <= len(msg):
         alen, atype = RTATTR.unpack_from(msg, off)
         if alen < RTATTR.size or off + alen > len(msg):
             return
-        yield atype, msg[off + RTATTR.size : off + alen]
+        yield atype & ~NLA_F_NESTED, msg[off + RTATTR.size : off + alen]
         off += _align(alen)
 
 
@@ -118,6 +138,22 @@ def parse_rule(msg: bytes) -> RuleFields | None:
     return (priority, action, table, fwmark, fwmask, goto)
 
 
+def parse_tc_filter(msg: bytes) -> tuple[str, str | None] | None:
+    """(kind, a bpf filter's name or None) of one RTM_NEWTFILTER payload; None if it
+    names no kind (the kernel also reports each chain's and priority's head)."""
+    kind, name = None, None
+    for atype, data in _attrs(msg, TCMSG.size):
+        if atype == TCA_KIND:
+            kind = data.split(b"\0", 1)[0].decode(errors="replace")
+        elif atype == TCA_OPTIONS:
+            for otype, value in _attrs(data, 0):
+                if otype == TCA_BPF_NAME:
+                    name = value.split(b"\0", 1)[0].decode(errors="replace")
+    if kind is None:
+        return None
+    return kind, name if kind == "bpf" else None
+
+
 def messages(buf: bytes) -> Iterator[tuple[int, bytes]]:
     """(type, payload) of each netlink message in ``buf``."""
     off = 0
@@ -132,12 +168,18 @@ def messages(buf: bytes) -> Iterator[tuple[int, bytes]]:
 def dump(kind: int, table: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(type, payload) of every message of one IPv4 dump of ``kind``, the kernel
     filtering by ``table`` (strict checking)."""
+    return _dump(lambda seq: request(kind, table, seq))
+
+
+def _dump(make_request: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of every reply to the dump request ``make_request(seq)`` builds;
+    Refused with the kernel's errno if it refuses."""
     sock_type = socket.SOCK_RAW | socket.SOCK_CLOEXEC
     with socket.socket(socket.AF_NETLINK, sock_type, NETLINK_ROUTE) as s:
         s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         s.bind((0, 0))
         seq = int.from_bytes(os.urandom(4), "little") | 1
-        s.send(request(kind, table, seq))
+        s.send(make_request(seq))
         # Each read into one buffer, copied out at its length: a recv of 64 KiB would
         # allocate that much for every read and shrink it, in a watcher's every pass.
         scratch = bytearray(1 << 16)
@@ -149,7 +191,7 @@ def dump(kind: int, table: int | None = None) -> Iterator[tuple[int, bytes]]:
                 if mtype == NLMSG_ERROR:
                     err = -struct.unpack_from("=i", payload)[0]
                     if err:
-                        raise OSError(err, os.strerror(err))
+                        raise Refused(err, os.strerror(err))
                     return
                 yield mtype, payload
 
@@ -164,3 +206,17 @@ def rules() -> list[RuleFields]:
     """Every IPv4 policy rule, in one dump."""
     fields = (parse_rule(p) for t, p in dump(RTM_GETRULE) if t == RTM_NEWRULE)
     return [f for f in fields if f is not None]
+
+
+def tc_filters(ifindex: int, parent: int) -> list[tuple[str, str | None]]:
+    """(kind, bpf name or None) of every filter on hook ``parent`` of device
+    ``ifindex``; empty when the kernel has no such hook (no clsact qdisc)."""
+    try:
+        found = [
+            parse_tc_filter(p)
+            for t, p in _dump(lambda seq: tc_filter_request(ifindex, parent, seq))
+            if t == RTM_NEWTFILTER
+        ]
+    except Refused:
+        return []
+    return [f for f in found if f is not None]

@@ -292,12 +292,12 @@ def update(fd: int, key: bytes, value: bytes) -> None:
 
 
 def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    buf = ctypes.create_string_buffer(value_size)
-    rc = lib().lib.bpf_map_lookup_elem(fd, key, buf)
+    buf = bytearray(value_size)
+    rc = lib().lib.bpf_map_lookup_elem(fd, key, clib.writable_address(buf))
     if rc == -errno.ENOENT:
         return None
     _check(rc, "map lookup")
-    return buf.raw
+    return bytes(buf)
 
 
 def delete(fd: int, key: bytes) -> bool:
@@ -315,11 +315,11 @@ def possible_cpus() -> int:
 def keys(fd: int, key_size: int) -> list[bytes]:
     out: list[bytes] = []
     cur: bytes | None = None
-    nxt = ctypes.create_string_buffer(key_size)
+    nxt = bytearray(key_size)
     while True:
-        rc = lib().lib.bpf_map_get_next_key(fd, cur, nxt)
+        rc = lib().lib.bpf_map_get_next_key(fd, cur, clib.writable_address(nxt))
         if rc == -errno.ENOENT:
             return out
         _check(rc, "map keys")
-        cur = nxt.raw
+        cur = bytes(nxt)
         out.append(cur)

@@ -1,4 +1,5 @@
-"""clsact qdiscs and direct-action BPF filters through pyroute2 (ARCHITECTURE rule 5).
+"""clsact qdiscs and direct-action BPF filters through pyroute2 (ARCHITECTURE rule 5),
+the filters read by rtdump.
 
 Attached as Istio attaches its programs (reference §8): the clsact qdisc, then one
 ``bpf`` filter, handle 1, prio 1, protocol ETH_P_ALL, direct-action, on the ingress or
@@ -16,7 +17,7 @@ from typing import Literal
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ...netconf import links
+from ...netconf import links, rtdump
 
 Hook = Literal["ingress", "egress"]
 PARENT: dict[Hook, int] = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
@@ -92,19 +93,8 @@ def filters(dev: str, hook: Hook) -> list[str]:
     idx = ifindex(dev)
     if idx is None:
         return []
-    out = []
-    with links.iproute() as ipr:
-        try:
-            msgs = ipr.get_filters(index=idx, parent=PARENT[hook])
-        except NetlinkError:
-            return []
-        for msg in msgs:
-            opts = msg.get_attr("TCA_OPTIONS")
-            if msg.get_attr("TCA_KIND") == "bpf" and opts is not None:
-                name = opts.get_attr("TCA_BPF_NAME")
-                if name:
-                    out.append(str(name))
-    return out
+    # Read off a plain rtnetlink socket: the watcher asks on every routing pass.
+    return [name for kind, name in rtdump.tc_filters(idx, PARENT[hook]) if name]
 
 
 def attached(a: Attachment) -> bool:
