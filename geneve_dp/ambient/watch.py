@@ -19,6 +19,7 @@ of this role in this namespace that a crash left without a pidfile.
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import subprocess
 import sys
@@ -41,6 +42,13 @@ ROUTING_INTERVAL = 30.0  # rules and routes are read at least this often without
 # length): a burst of changes (hundreds of pods enrolled) costs a few passes a second,
 # not one pass per change. A change after a quiet spell is looked at at once.
 BURST_GAP = 0.3
+# A full garbage collection after every this many passes. The interpreter keeps freed
+# tuples for reuse, up to 2,000 of each length, and a tuple built from a generator is
+# freed at a length nothing else allocates: a pass (intent tuples of 8 and 17 items)
+# filled two such lists by one each, ~15 KiB a minute for the first half hour of a
+# watcher's life. Only a full collection empties them; it also frees what a repair's
+# pyroute2 request left in reference cycles. ~15 ms of CPU, so ~0.05% of a core.
+COLLECT_EVERY = 30
 
 # What a profile's state file asks to exist (node.intent, ztunnel.intent).
 IntentOf = Callable[[StateFile], reconcile.Intent]
@@ -106,6 +114,7 @@ def run(
         gap = BURST_GAP
         pending = False  # a change seen and not yet looked at
         overflows_said = 0
+        passes = 0
         while not stop_event.is_set():
             due = min(next_pass, last_change_pass + gap) if pending else next_pass
             try:
@@ -149,6 +158,9 @@ def run(
                 say(f"reconcile pass failed: {exc}")
                 held.close()
                 held = _hold_ipset(say)
+            passes += 1
+            if passes % COLLECT_EVERY == 0:
+                gc.collect()
             # A pass that took long (many pods) makes the next change-driven one wait
             # longer: at most a third of the time goes to passes during a burst.
             gap = max(BURST_GAP, 2 * (time.monotonic() - now))
