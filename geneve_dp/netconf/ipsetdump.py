@@ -22,7 +22,17 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .rtdump import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, messages
+from .rtdump import (
+    NLA_F_NESTED,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HDR,
+    RTATTR,
+    align,
+    messages,
+)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
@@ -37,20 +47,16 @@ IPSET_ATTR_IP, IPSET_ATTR_COMMENT, IPSET_ATTR_ELEMENTS = 1, 26, 24
 IPSET_ATTR_IPADDR_IPV4 = 1  # inside IPSET_ATTR_IP
 IPSET_FLAG_LIST_HEADER = 1 << 2
 IPSET_MAXNAMELEN = 32
-NLA_F_NESTED, NLA_F_NET_BYTEORDER = 1 << 15, 1 << 14
+NLA_F_NET_BYTEORDER = 1 << 14
 NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
 
 LIST_MSG_TYPE = (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (network order)
-NLATTR = struct.Struct("=HH")  # len, type
-
-
-def _align(n: int) -> int:
-    return (n + 3) & ~3
+NLATTR = RTATTR  # struct nlattr: len, type, as rtattr
 
 
 def _attr(atype: int, data: bytes) -> bytes:
-    pad = b"\0" * (_align(len(data)) - len(data))
+    pad = b"\0" * (align(len(data)) - len(data))
     return NLATTR.pack(NLATTR.size + len(data), atype) + data + pad
 
 
@@ -77,7 +83,7 @@ def attrs(buf: bytes, off: int = 0) -> Iterator[tuple[int, bytes]]:
         if alen < NLATTR.size or off + alen > len(buf):
             return
         yield atype & NLA_TYPE_MASK, buf[off + NLATTR.size : off + alen]
-        off += _align(alen)
+        off += align(alen)
 
 
 def _entry(data: bytes) -> tuple[str, str] | None:

@@ -56,7 +56,8 @@ Key = tuple[int, str, int | None, str | None]
 RuleFields = tuple[int, int, int, int | None, int | None, int | None]
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
+    """A netlink message or attribute length rounded up to its 4-byte boundary."""
     return (n + 3) & ~3
 
 
@@ -88,7 +89,7 @@ def _attrs(msg: bytes, off: int = RTMSG.size) -> Iterator[tuple[int, bytes]]:
         if alen < RTATTR.size or off + alen > len(msg):
             return
         yield atype & ~NLA_F_NESTED, msg[off + RTATTR.size : off + alen]
-        off += _align(alen)
+        off += align(alen)
 
 
 def _u32(data: bytes) -> int | None:
@@ -162,7 +163,7 @@ def messages(buf: bytes) -> Iterator[tuple[int, bytes]]:
         if mlen < NLMSG_HDR.size or off + mlen > len(buf):
             return
         yield mtype, buf[off + NLMSG_HDR.size : off + mlen]
-        off += _align(mlen)
+        off += align(mlen)
 
 
 def dump(kind: int, table: int | None = None) -> Iterator[tuple[int, bytes]]:
