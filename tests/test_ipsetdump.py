@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from geneve_dp.netconf import ipsetdump as d
+from geneve_dp.netconf import rtdump
 from geneve_dp.netconf.rtdump import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_HDR
 from tests.netns import Netns
 
@@ -26,8 +27,10 @@ HEADER_NAMES = [
     "IPSET_CMD_LIST", "IPSET_ATTR_PROTOCOL", "IPSET_ATTR_SETNAME", "IPSET_ATTR_FLAGS",
     "IPSET_ATTR_DATA", "IPSET_ATTR_ADT", "IPSET_ATTR_IP", "IPSET_ATTR_COMMENT",
     "IPSET_ATTR_ELEMENTS", "IPSET_ATTR_IPADDR_IPV4", "IPSET_FLAG_LIST_HEADER",
-    "IPSET_MAXNAMELEN", "NLA_F_NESTED", "NLA_F_NET_BYTEORDER",
+    "IPSET_MAXNAMELEN",
 ]  # fmt: skip
+# And the attribute flag bits, from rtdump.py, which parses every netlink attribute here.
+NETLINK_NAMES = ["NLA_F_NESTED", "NLA_F_NET_BYTEORDER"]
 
 
 def test_numbers_are_the_kernel_headers(tmp_path: Path) -> None:
@@ -36,22 +39,23 @@ def test_numbers_are_the_kernel_headers(tmp_path: Path) -> None:
         "#include <stdio.h>\n#include <linux/netlink.h>\n"
         "#include <linux/netfilter/nfnetlink.h>\n#include <linux/netfilter/ipset/ip_set.h>\n"
         "int main(void) {\n"
-        + "".join(f'  printf("{n} %ld\\n", (long)({n}));\n' for n in HEADER_NAMES)
+        + "".join(f'  printf("{n} %ld\\n", (long)({n}));\n' for n in HEADER_NAMES + NETLINK_NAMES)
         + "  return 0;\n}\n"
     )
     subprocess.run(["gcc", "-o", str(tmp_path / "n"), str(src)], check=True)
     out = subprocess.run([str(tmp_path / "n")], capture_output=True, text=True, check=True)
     kernel = {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
-    assert kernel == {n: getattr(d, n) for n in HEADER_NAMES}
+    ours = {n: getattr(d, n) for n in HEADER_NAMES} | {n: getattr(rtdump, n) for n in NETLINK_NAMES}
+    assert kernel == ours
 
 
 def _nested(atype: int, *children: bytes) -> bytes:
-    return d._attr(atype | d.NLA_F_NESTED, b"".join(children))
+    return d._attr(atype | rtdump.NLA_F_NESTED, b"".join(children))
 
 
 def _entry(ip: bytes, comment: bytes | None) -> bytes:
     parts = [
-        _nested(d.IPSET_ATTR_IP, d._attr(d.IPSET_ATTR_IPADDR_IPV4 | d.NLA_F_NET_BYTEORDER, ip))
+        _nested(d.IPSET_ATTR_IP, d._attr(d.IPSET_ATTR_IPADDR_IPV4 | rtdump.NLA_F_NET_BYTEORDER, ip))
     ]
     if comment is not None:
         parts.append(d._attr(d.IPSET_ATTR_COMMENT, comment + b"\0"))
@@ -68,7 +72,7 @@ HEADER = _reply(
     d._attr(d.IPSET_ATTR_SETNAME, b"ztunnel-pods-ips\0"),
     _nested(
         d.IPSET_ATTR_DATA,
-        d._attr(d.IPSET_ATTR_ELEMENTS | d.NLA_F_NET_BYTEORDER, struct.pack(">I", 3)),
+        d._attr(d.IPSET_ATTR_ELEMENTS | rtdump.NLA_F_NET_BYTEORDER, struct.pack(">I", 3)),
     ),
 )
 ENTRIES = _reply(

@@ -226,12 +226,14 @@ def repair(
             memory.devices_gone_since = None
 
     if intent.ipset_entries is not None:
-        if not ipset.exists(k.IPSET_NAME):
+        # One look at the set's header: whether it exists, and how many entries.
+        size = ipset.size(k.IPSET_NAME)
+        if size is None:
             ipset.create(k.IPSET_NAME)
             fixed(f"ipset {k.IPSET_NAME} was destroyed; created again")
         # An entry removed shows in the count; one swapped for another does not, and
         # waits for the next full look.
-        if routing or ipset.count(k.IPSET_NAME) < len(intent.ipset_entries):
+        if routing or (size or 0) < len(intent.ipset_entries):
             have = view.ipset_entries if view is not None else ipset.entries(k.IPSET_NAME)
             for ip, comment in intent.ipset_entries.items():
                 if ip not in have and ipset.add(k.IPSET_NAME, ip, comment):

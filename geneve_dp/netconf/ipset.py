@@ -65,10 +65,6 @@ def session() -> Iterator[None]:
         s.close()
 
 
-def exists(name: str) -> bool:
-    return ipsetdump.listing(name, header_only=True) is not None
-
-
 def create(name: str) -> bool:
     """Create the set; False when it already existed (as Istio, EEXIST is fine)."""
     with _ipset() as s:
@@ -103,12 +99,11 @@ def entries(name: str) -> dict[str, str]:
     return found.entries if found is not None else {}
 
 
-def count(name: str) -> int:
-    """The number of entries, from the set's header (no listing); 0 if it does not exist."""
+def size(name: str) -> int | None:
+    """The number of entries, from the set's header (no listing); None if there is no
+    such set."""
     found = ipsetdump.listing(name, header_only=True)
-    if found is None:
-        return 0
-    return found.elements or 0
+    return None if found is None else found.elements or 0
 
 
 def add(name: str, ip: str, comment: str) -> bool:

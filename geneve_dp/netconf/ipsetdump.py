@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .rtdump import (
-    NLA_F_NESTED,
+    NLA_F_NET_BYTEORDER,
     NLM_F_DUMP,
     NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     NLMSG_HDR,
     RTATTR,
+    Refused,
     align,
-    messages,
+    attrs,
+    replies,
 )
 
 NETLINK_NETFILTER = 12
@@ -47,17 +45,14 @@ IPSET_ATTR_IP, IPSET_ATTR_COMMENT, IPSET_ATTR_ELEMENTS = 1, 26, 24
 IPSET_ATTR_IPADDR_IPV4 = 1  # inside IPSET_ATTR_IP
 IPSET_FLAG_LIST_HEADER = 1 << 2
 IPSET_MAXNAMELEN = 32
-NLA_F_NET_BYTEORDER = 1 << 14
-NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
 
 LIST_MSG_TYPE = (NFNL_SUBSYS_IPSET << 8) | IPSET_CMD_LIST
 NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (network order)
-NLATTR = RTATTR  # struct nlattr: len, type, as rtattr
 
 
 def _attr(atype: int, data: bytes) -> bytes:
     pad = b"\0" * (align(len(data)) - len(data))
-    return NLATTR.pack(NLATTR.size + len(data), atype) + data + pad
+    return RTATTR.pack(RTATTR.size + len(data), atype) + data + pad  # nlattr: as rtattr
 
 
 def request(name: str, header_only: bool, seq: int = 1) -> bytes:
@@ -75,23 +70,12 @@ def request(name: str, header_only: bool, seq: int = 1) -> bytes:
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), LIST_MSG_TYPE, nl_flags, seq, 0) + body
 
 
-def attrs(buf: bytes, off: int = 0) -> Iterator[tuple[int, bytes]]:
-    """(type without its flag bits, data) of each attribute of ``buf`` from ``off``;
-    stops at the first one whose length does not fit."""
-    while off + NLATTR.size <= len(buf):
-        alen, atype = NLATTR.unpack_from(buf, off)
-        if alen < NLATTR.size or off + alen > len(buf):
-            return
-        yield atype & NLA_TYPE_MASK, buf[off + NLATTR.size : off + alen]
-        off += align(alen)
-
-
 def _entry(data: bytes) -> tuple[str, str] | None:
     """(IPv4, comment) of one entry's IPSET_ATTR_DATA; None if it holds no IPv4."""
     ip, comment = None, ""
-    for atype, value in attrs(data):
+    for atype, value in attrs(data, 0):
         if atype == IPSET_ATTR_IP:
-            for atype2, addr in attrs(value):
+            for atype2, addr in attrs(value, 0):
                 if atype2 == IPSET_ATTR_IPADDR_IPV4 and len(addr) == 4:
                     ip = str(ipaddress.IPv4Address(addr))
         elif atype == IPSET_ATTR_COMMENT:
@@ -111,38 +95,27 @@ class Listing:
         skipped, never raised."""
         for atype, value in attrs(payload, NFGENMSG.size):
             if atype == IPSET_ATTR_DATA:
-                for atype2, v in attrs(value):
+                for atype2, v in attrs(value, 0):
                     if atype2 == IPSET_ATTR_ELEMENTS and len(v) == 4:
                         self.elements = struct.unpack(">I", v)[0]
             elif atype == IPSET_ATTR_ADT:
-                for atype2, v in attrs(value):
+                for atype2, v in attrs(value, 0):
                     if atype2 == IPSET_ATTR_DATA and (entry := _entry(v)) is not None:
                         self.entries[entry[0]] = entry[1]
 
 
 def listing(name: str, header_only: bool = False) -> Listing | None:
     """Set ``name`` as the kernel lists it; None when there is no such set. Other
-    refusals raise OSError with the kernel's errno."""
+    refusals raise rtdump.Refused (an OSError) with the kernel's errno."""
     out = Listing()
-    sock_type = socket.SOCK_RAW | socket.SOCK_CLOEXEC
-    with socket.socket(socket.AF_NETLINK, sock_type, NETLINK_NETFILTER) as s:
-        s.bind((0, 0))
-        seq = int.from_bytes(os.urandom(4), "little") | 1
-        s.send(request(name, header_only, seq))
-        scratch = bytearray(1 << 16)  # one buffer for every read (see rtdump.dump)
-        while True:
-            n = s.recv_into(scratch)
-            if n == 0:
-                return out
-            for mtype, payload in messages(bytes(memoryview(scratch)[:n])):
-                if mtype == NLMSG_DONE:
-                    return out
-                if mtype == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
-                    if err == errno.ENOENT:
-                        return None
-                    if err:
-                        raise OSError(err, os.strerror(err))
-                    return out
-                if mtype == LIST_MSG_TYPE:
-                    out.add_message(payload)
+    try:
+        for mtype, payload in replies(
+            NETLINK_NETFILTER, lambda seq: request(name, header_only, seq)
+        ):
+            if mtype == LIST_MSG_TYPE:
+                out.add_message(payload)
+    except Refused as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return out

@@ -36,7 +36,9 @@ FRA_GOTO, FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK = 4, 6, 10, 15, 16
 RT_TABLE_UNSPEC = 0
 # linux/rtnetlink.h (TCA_*) and linux/pkt_cls.h (TCA_BPF_*)
 TCA_KIND, TCA_OPTIONS, TCA_BPF_NAME = 1, 2, 7
-NLA_F_NESTED = 1 << 15
+# linux/netlink.h: flag bits of an attribute's type
+NLA_F_NESTED, NLA_F_NET_BYTEORDER = 1 << 15, 1 << 14
+NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
 
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 RTMSG = struct.Struct(
@@ -81,14 +83,15 @@ def tc_filter_request(ifindex: int, parent: int, seq: int = 1) -> bytes:
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), RTM_GETTFILTER, flags, seq, 0) + body
 
 
-def _attrs(msg: bytes, off: int = RTMSG.size) -> Iterator[tuple[int, bytes]]:
-    """(type, data) of each attribute of ``msg`` from ``off`` (after the 12-byte header
-    of a route or rule), the nested flag cleared."""
+def attrs(msg: bytes, off: int = RTMSG.size) -> Iterator[tuple[int, bytes]]:
+    """(type without its flag bits, data) of each attribute of ``msg`` from ``off``
+    (by default after the 12-byte header of a route or rule); stops at the first one
+    whose length does not fit."""
     while off + RTATTR.size <= len(msg):
         alen, atype = RTATTR.unpack_from(msg, off)
         if alen < RTATTR.size or off + alen > len(msg):
             return
-        yield atype & ~NLA_F_NESTED, msg[off + RTATTR.size : off + alen]
+        yield atype & NLA_TYPE_MASK, msg[off + RTATTR.size : off + alen]
         off += align(alen)
 
 
@@ -104,7 +107,7 @@ def parse_route(msg: bytes) -> Key | None:
     if family != socket.AF_INET:
         return None
     dst, oif, gateway = "0.0.0.0", None, None
-    for atype, data in _attrs(msg):
+    for atype, data in attrs(msg):
         if atype == RTA_DST and len(data) == 4:
             dst = str(ipaddress.IPv4Address(data))
         elif atype == RTA_OIF:
@@ -125,7 +128,7 @@ def parse_rule(msg: bytes) -> RuleFields | None:
     if family != socket.AF_INET:
         return None
     priority, fwmark, fwmask, goto = 0, None, None, None
-    for atype, data in _attrs(msg):
+    for atype, data in attrs(msg):
         if atype == FRA_PRIORITY:
             priority = _u32(data) or 0
         elif atype == FRA_TABLE:
@@ -143,11 +146,11 @@ def parse_tc_filter(msg: bytes) -> tuple[str, str | None] | None:
     """(kind, a bpf filter's name or None) of one RTM_NEWTFILTER payload; None if it
     names no kind (the kernel also reports each chain's and priority's head)."""
     kind, name = None, None
-    for atype, data in _attrs(msg, TCMSG.size):
+    for atype, data in attrs(msg, TCMSG.size):
         if atype == TCA_KIND:
             kind = data.split(b"\0", 1)[0].decode(errors="replace")
         elif atype == TCA_OPTIONS:
-            for otype, value in _attrs(data, 0):
+            for otype, value in attrs(data, 0):
                 if otype == TCA_BPF_NAME:
                     name = value.split(b"\0", 1)[0].decode(errors="replace")
     if kind is None:
@@ -169,15 +172,17 @@ def messages(buf: bytes) -> Iterator[tuple[int, bytes]]:
 def dump(kind: int, table: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(type, payload) of every message of one IPv4 dump of ``kind``, the kernel
     filtering by ``table`` (strict checking)."""
-    return _dump(lambda seq: request(kind, table, seq))
+    return replies(NETLINK_ROUTE, lambda seq: request(kind, table, seq))
 
 
-def _dump(make_request: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of every reply to the dump request ``make_request(seq)`` builds;
-    Refused with the kernel's errno if it refuses."""
+def replies(protocol: int, make_request: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of every reply to the dump request ``make_request(seq)`` builds,
+    sent on a netlink socket of ``protocol`` (rtnetlink: with strict checking); Refused
+    with the kernel's errno if it refuses."""
     sock_type = socket.SOCK_RAW | socket.SOCK_CLOEXEC
-    with socket.socket(socket.AF_NETLINK, sock_type, NETLINK_ROUTE) as s:
-        s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+    with socket.socket(socket.AF_NETLINK, sock_type, protocol) as s:
+        if protocol == NETLINK_ROUTE:
+            s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         s.bind((0, 0))
         seq = int.from_bytes(os.urandom(4), "little") | 1
         s.send(make_request(seq))
@@ -190,7 +195,7 @@ def _dump(make_request: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
                 if mtype == NLMSG_DONE:
                     return
                 if mtype == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", payload)[0]
+                    err = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
                     if err:
                         raise Refused(err, os.strerror(err))
                     return
@@ -215,7 +220,7 @@ def tc_filters(ifindex: int, parent: int) -> list[tuple[str, str | None]]:
     try:
         found = [
             parse_tc_filter(p)
-            for t, p in _dump(lambda seq: tc_filter_request(ifindex, parent, seq))
+            for t, p in replies(NETLINK_ROUTE, lambda s: tc_filter_request(ifindex, parent, s))
             if t == RTM_NEWTFILTER
         ]
     except Refused:
